@@ -1,0 +1,92 @@
+"""Input checks shared by every public entry point.
+
+Each check raises ``ValueError``/``TypeError`` whose message names the argument and says what was
+expected, so a user sees ``"x must be a 2-D float tensor of shape (N, D), got shape (3,)"`` instead of a
+shape error deep inside a matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def is_compiling() -> bool:
+    """True while ``torch.compile`` traces: data-dependent checks are skipped there (they would
+    force a device sync and a graph break)."""
+    return torch.compiler.is_compiling()
+
+
+def check_positive_int(value: int, name: str) -> int:
+    """Return ``value`` if it is an ``int`` ≥ 1, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_features(
+    x: Tensor, name: str = "x", width: int | None = None, finite: bool = True
+) -> None:
+    """Check that ``x`` is a 2-D floating tensor (N, D), of width ``width`` when given, and finite."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(
+            f"{name} must be a 2-D tensor of shape (N, D), got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if width is not None and x.size(1) != width:
+        raise ValueError(f"{name} must have {width} columns, got shape {tuple(x.shape)}")
+    if finite and not is_compiling() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        raise ValueError(f"{name} contains NaN or inf values (in {bad} of {x.size(0)} rows)")
+
+
+def check_labels(
+    y: Tensor, num_nodes: int, name: str = "y", num_classes: int | None = None
+) -> None:
+    """Check that ``y`` is a 1-D integer tensor with ``num_nodes`` entries (in ``[0, num_classes)``)."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N,), got {type(y).__name__}")
+    if y.dim() != 1 or y.numel() != num_nodes:
+        raise ValueError(
+            f"{name} must have shape ({num_nodes},) to match the embeddings, got {tuple(y.shape)}"
+        )
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {y.dtype}")
+    if num_classes is not None and y.numel() > 0 and not is_compiling():
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"{name} must lie in [0, {num_classes}), got values in [{low}, {high}]"
+            )
+
+
+def check_edge_index(
+    edge_index: Tensor, num_src: int, num_dst: int | None = None, name: str = "edge_index"
+) -> None:
+    """Check a (2, E) integer edge list whose sources index ``num_src`` and targets ``num_dst``
+    nodes."""
+    num_dst = num_src if num_dst is None else num_dst
+    if not isinstance(edge_index, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (2, E), got "
+                        f"{type(edge_index).__name__}")
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"{name} must have shape (2, E), got {tuple(edge_index.shape)}")
+    if edge_index.dtype not in (torch.long, torch.int32):
+        raise TypeError(f"{name} must be an int64 (or int32) tensor, got dtype {edge_index.dtype}")
+    if edge_index.numel() == 0 or is_compiling():
+        return
+    src_min, src_max = int(edge_index[0].min()), int(edge_index[0].max())
+    dst_min, dst_max = int(edge_index[1].min()), int(edge_index[1].max())
+    if src_min < 0 or src_max >= num_src:
+        raise ValueError(
+            f"{name}[0] (sources) must lie in [0, {num_src}), got values in [{src_min}, {src_max}]"
+        )
+    if dst_min < 0 or dst_max >= num_dst:
+        raise ValueError(
+            f"{name}[1] (targets) must lie in [0, {num_dst}), got values in [{dst_min}, {dst_max}]"
+        )
