@@ -1,0 +1,236 @@
+"""Retrieval and clustering metrics: Recall@K, MAP@R, R-Precision, NMI.
+
+Every kNN metric reads the labels of each query's nearest neighbours by cosine similarity (the
+query itself excluded), found by the package's one chunked search :func:`bgf_pyg.knn.cosine_topk`,
+so 60,000 × 60,000 (SOP) never holds the full similarity matrix. :func:`evaluate_retrieval` computes
+all of them from a single search.
+
+Definitions: Recall@K as in the DML literature (a hit when any of the K neighbours shares the
+query's class); MAP@R and R-Precision as Musgrave et al., "A Metric Learning Reality Check", ECCV
+2020 (R = the number of *other* samples of the query's class; queries with R = 0 are left out),
+matching pytorch-metric-learning's ``AccuracyCalculator``; NMI as the original intra-batch /
+ProxyGML code (KMeans into #classes clusters, ``n_init=10``, arithmetic NMI), with a fixed seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bgf_pyg.checks import check_features, check_labels
+from bgf_pyg.knn import cosine_topk
+
+BACKENDS = ("torch", "faiss", "auto")
+
+
+def _check_retrieval_inputs(
+    emb: Tensor, labels: Tensor, name: str = "emb", labels_name: str = "labels"
+) -> None:
+    check_features(emb, name)
+    check_labels(labels, emb.size(0), labels_name)
+    if emb.size(0) < 2:
+        raise ValueError(f"{name} needs at least 2 samples for retrieval, got {emb.size(0)}")
+
+
+def _check_ks(ks: Sequence[int], candidates: int) -> list[int]:
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1 or max(ks) > candidates:
+        raise ValueError(f"ks must be non-empty integers in [1, {candidates}], got {ks}")
+    return ks
+
+
+def _faiss_topk(query: Tensor, reference: Tensor, k: int, exclude_self: bool) -> Tensor:
+    """Exact inner-product search of the normalised embeddings with faiss: (Q, k) indices."""
+    import faiss
+
+    q = F.normalize(query.float(), dim=1).cpu().numpy()
+    r = q if reference is query else F.normalize(reference.float(), dim=1).cpu().numpy()
+    index = faiss.IndexFlatIP(r.shape[1])
+    index.add(r)
+    found = torch.from_numpy(index.search(q, k + int(exclude_self))[1]).long()
+    if not exclude_self:
+        return found
+    # Drop the query itself where faiss returned it, else the (k+1)-th neighbour.
+    keep = found != torch.arange(found.size(0)).unsqueeze(1)
+    keep[keep.all(dim=1), -1] = False
+    return found[keep].view(-1, k)
+
+
+def _use_faiss(backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        if backend == "faiss":
+            raise ImportError("backend='faiss' needs faiss (pip install faiss-cpu)") from None
+        return False
+    return True
+
+
+def _neighbour_labels(
+    query: Tensor,
+    query_labels: Tensor,
+    k: int,
+    reference: Tensor | None = None,
+    reference_labels: Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str = "torch",
+) -> Tensor:
+    """Labels (Q, k) of each query's k nearest references; self-search excludes the query."""
+    self_search = reference is None
+    reference = query if self_search else reference
+    reference_labels = query_labels if self_search else reference_labels
+    if _use_faiss(backend):
+        index = _faiss_topk(query, reference, k, exclude_self=self_search)
+    else:
+        index = cosine_topk(query, reference, k, exclude_self=self_search, chunk_size=chunk_size)[1]
+    return reference_labels.to(index.device)[index]
+
+
+def _recall_from_neighbours(hits: Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """Recall@K from a (Q, ≥max K) boolean matrix of same-class neighbours."""
+    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def _map_and_r_precision(hits: Tensor, labels: Tensor) -> tuple[float, float]:
+    """MAP@R and R-Precision from a (N, ≥max R) boolean matrix of same-class neighbours."""
+    counts = torch.bincount(labels - labels.min())
+    r = (counts[labels - labels.min()] - 1).to(hits.device)
+    keep = r > 0
+    if not bool(keep.any()):
+        raise ValueError("MAP@R and R-Precision need a class with at least 2 samples, got none")
+    hits, r = hits[keep].float(), r[keep]
+    rank = torch.arange(1, hits.size(1) + 1, device=hits.device)
+    within_r = rank.unsqueeze(0) <= r.unsqueeze(1)
+    hits = hits * within_r
+    precision_at_i = hits.cumsum(dim=1) / rank
+    map_r = ((precision_at_i * hits).sum(dim=1) / r).mean().item()
+    r_prec = (hits.sum(dim=1) / r).mean().item()
+    return map_r, r_prec
+
+
+def _max_r(labels: Tensor) -> int:
+    return int(torch.bincount(labels - labels.min()).max()) - 1
+
+
+def recall_at_k(
+    emb: Tensor,
+    labels: Tensor,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    *,
+    chunk_size: int | None = None,
+    backend: str = "torch",
+) -> dict[int, float]:
+    """Recall@K: the fraction of samples whose K cosine nearest neighbours (self excluded) contain
+    a sample of the same class.
+
+    Args:
+        emb: (N, D) embeddings. labels: (N,) integer classes. ks: the K values (each ≤ N − 1).
+        chunk_size: query rows per similarity chunk (see :func:`bgf_pyg.knn.cosine_topk`).
+        backend: ``"torch"`` (default), ``"faiss"``, or ``"auto"`` (faiss when installed).
+
+    Returns:
+        ``{K: recall}``.
+    """
+    _check_retrieval_inputs(emb, labels)
+    ks = _check_ks(ks, emb.size(0) - 1)
+    nn_labels = _neighbour_labels(emb, labels, max(ks), chunk_size=chunk_size, backend=backend)
+    return _recall_from_neighbours(nn_labels == labels.to(nn_labels.device).unsqueeze(1), ks)
+
+
+def _map_r_and_r_precision(
+    emb: Tensor, labels: Tensor, chunk_size: int | None, backend: str
+) -> tuple[float, float]:
+    _check_retrieval_inputs(emb, labels)
+    k = max(_max_r(labels), 1)
+    nn_labels = _neighbour_labels(emb, labels, k, chunk_size=chunk_size, backend=backend)
+    return _map_and_r_precision(nn_labels == labels.to(nn_labels.device).unsqueeze(1), labels)
+
+
+def map_at_r(
+    emb: Tensor, labels: Tensor, *, chunk_size: int | None = None, backend: str = "torch"
+) -> float:
+    """MAP@R (Musgrave et al. 2020): for each query with R ≥ 1 other samples of its class, the mean
+    over its top R neighbours of precision@i at every correct neighbour i (0 at the wrong ones)."""
+    return _map_r_and_r_precision(emb, labels, chunk_size, backend)[0]
+
+
+def r_precision(
+    emb: Tensor, labels: Tensor, *, chunk_size: int | None = None, backend: str = "torch"
+) -> float:
+    """R-Precision (Musgrave et al. 2020): the fraction of same-class samples among each query's top
+    R neighbours, R = the number of other samples of its class (queries with R = 0 left out)."""
+    return _map_r_and_r_precision(emb, labels, chunk_size, backend)[1]
+
+
+def nmi(emb: Tensor, labels: Tensor, seed: int = 0) -> float:
+    """Normalized mutual information between ``labels`` and a KMeans clustering of the L2-normalised
+    embeddings into as many clusters as classes (``n_init=10``, ``random_state=seed``)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
+    _check_retrieval_inputs(emb, labels)
+    x = F.normalize(emb.detach().float(), dim=1).cpu().numpy()
+    y = labels.cpu().numpy()
+    num_clusters = len(set(y.tolist()))
+    clusters = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit_predict(x)
+    return float(normalized_mutual_info_score(y, clusters))
+
+
+def recall_at_k_query_gallery(
+    query_emb: Tensor,
+    query_labels: Tensor,
+    gallery_emb: Tensor,
+    gallery_labels: Tensor,
+    ks: Sequence[int] = (1, 10, 20, 30, 40),
+    *,
+    chunk_size: int | None = None,
+    backend: str = "torch",
+) -> dict[int, float]:
+    """Recall@K of query samples searched against a separate gallery (In-Shop protocol): a hit when
+    any of the K gallery samples most cosine-similar to the query shares its class."""
+    _check_retrieval_inputs(query_emb, query_labels, "query_emb", "query_labels")
+    check_features(gallery_emb, "gallery_emb", width=query_emb.size(1))
+    check_labels(gallery_labels, gallery_emb.size(0), "gallery_labels")
+    ks = _check_ks(ks, gallery_emb.size(0))
+    nn_labels = _neighbour_labels(
+        query_emb, query_labels, max(ks), gallery_emb, gallery_labels, chunk_size, backend
+    )
+    return _recall_from_neighbours(nn_labels == query_labels.to(nn_labels.device).unsqueeze(1), ks)
+
+
+def evaluate_retrieval(
+    emb: Tensor,
+    labels: Tensor,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    with_nmi: bool = True,
+    *,
+    chunk_size: int | None = None,
+    backend: str = "torch",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Recall@K, MAP@R, R-Precision (and NMI) from one chunked top-k search.
+
+    The search depth is ``max(max(ks), largest class count − 1)``, so memory stays at
+    O(chunk_size · N + N · depth).
+
+    Returns:
+        ``{"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ...}`` (``"nmi"`` only with
+        ``with_nmi``).
+    """
+    _check_retrieval_inputs(emb, labels)
+    ks = _check_ks(ks, emb.size(0) - 1)
+    k = max(max(ks), _max_r(labels))
+    nn_labels = _neighbour_labels(emb, labels, k, chunk_size=chunk_size, backend=backend)
+    hits = nn_labels == labels.to(nn_labels.device).unsqueeze(1)
+    out = {f"recall@{k}": v for k, v in _recall_from_neighbours(hits, ks).items()}
+    out["map@r"], out["r_precision"] = _map_and_r_precision(hits, labels)
+    if with_nmi:
+        out["nmi"] = nmi(emb, labels, seed=seed)
+    return out

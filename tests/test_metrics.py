@@ -1,0 +1,169 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bgf_pyg.metrics import (
+    evaluate_retrieval,
+    map_at_r,
+    nmi,
+    r_precision,
+    recall_at_k,
+    recall_at_k_query_gallery,
+)
+
+
+def dense_ranking(query, reference, exclude_self):
+    """Brute force: reference indices sorted by cosine similarity (self pushed last)."""
+    sim = F.normalize(query, dim=1) @ F.normalize(reference, dim=1).t()
+    if exclude_self:
+        sim.fill_diagonal_(-math.inf)
+    order = sim.argsort(dim=1, descending=True, stable=True)
+    return order[:, : reference.size(0) - int(exclude_self)]
+
+
+def brute_recall(query, q_labels, reference, r_labels, k, exclude_self=True):
+    order = dense_ranking(query, reference, exclude_self)
+    return (r_labels[order[:, :k]] == q_labels[:, None]).any(1).float().mean().item()
+
+
+def brute_map_r(x, y):
+    order = dense_ranking(x, x, exclude_self=True)
+    aps, rps = [], []
+    for i in range(x.size(0)):
+        r = int((y == y[i]).sum()) - 1
+        if r == 0:
+            continue
+        hits = (y[order[i, :r]] == y[i]).tolist()
+        correct, ap = 0, 0.0
+        for rank, hit in enumerate(hits, start=1):
+            if hit:
+                correct += 1
+                ap += correct / rank
+        aps.append(ap / r)
+        rps.append(correct / r)
+    return sum(aps) / len(aps), sum(rps) / len(rps)
+
+
+def on_circle(degrees):
+    angles = torch.tensor(degrees, dtype=torch.float64).deg2rad()
+    return torch.stack([angles.cos(), angles.sin()], dim=1)
+
+
+def random_data(n=120, dim=6, classes=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_recall_hand_example():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    y = torch.tensor([0, 0, 1, 0])
+    # 0 and 1 find each other (hit); 2 and 3 find each other across classes (miss).
+    assert recall_at_k(x, y, ks=(1,)) == {1: 0.5}
+    # Sample 2 is its class's only member, so it never hits.
+    assert recall_at_k(x, y, ks=(1, 3))[3] == 0.75
+
+
+def test_map_at_r_hand_example():
+    # Class 0 (4 samples, R = 3) at 0°, 25°, 45°, 100°; singletons 1 and 2 (R = 0, left out).
+    x = on_circle([0, 10, 25, 45, 70, 100])
+    y = torch.tensor([0, 1, 0, 0, 2, 0])
+    # Top-3 hits per query: 0°: (miss, hit, hit), 25°: same, 45°: (hit, miss, miss), 100°: as 0°.
+    assert map_at_r(x, y) == pytest.approx((3 * (1 / 2 + 2 / 3) / 3 + 1 / 3) / 4)
+    assert r_precision(x, y) == pytest.approx((3 * 2 / 3 + 1 / 3) / 4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_against_brute_force(seed):
+    x, y = random_data(seed=seed)
+    ks = (1, 2, 4, 8, 16)
+    expected = {k: brute_recall(x, y, x, y, k) for k in ks}
+    assert recall_at_k(x, y, ks) == pytest.approx(expected)
+    expected_map, expected_rp = brute_map_r(x, y)
+    assert map_at_r(x, y) == pytest.approx(expected_map)
+    assert r_precision(x, y) == pytest.approx(expected_rp)
+
+
+def test_query_gallery_against_brute_force():
+    q, qy = random_data(n=40, seed=3)
+    g, gy = random_data(n=90, seed=4)
+    ks = (1, 10, 20, 30, 40)
+    expected = {k: brute_recall(q, qy, g, gy, k, exclude_self=False) for k in ks}
+    assert recall_at_k_query_gallery(q, qy, g, gy) == pytest.approx(expected)
+
+
+def test_chunked_equals_unchunked():
+    x, y = random_data(n=150, seed=5)
+    assert evaluate_retrieval(x, y, chunk_size=7, with_nmi=False) == evaluate_retrieval(
+        x, y, with_nmi=False
+    )
+    q, qy, g, gy = x[:50], y[:50], x[50:], y[50:]
+    assert recall_at_k_query_gallery(q, qy, g, gy, chunk_size=3) == recall_at_k_query_gallery(
+        q, qy, g, gy
+    )
+
+
+def test_evaluate_retrieval_matches_single_metrics():
+    x, y = random_data(seed=6)
+    out = evaluate_retrieval(x, y, ks=(1, 4))
+    assert out == pytest.approx(
+        {
+            "recall@1": recall_at_k(x, y, (1,))[1],
+            "recall@4": recall_at_k(x, y, (4,))[4],
+            "map@r": map_at_r(x, y),
+            "r_precision": r_precision(x, y),
+            "nmi": nmi(x, y),
+        }
+    )
+
+
+def test_map_at_r_matches_pytorch_metric_learning():
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    x, y = random_data(n=200, dim=8, classes=12, seed=7)
+    calculator = AccuracyCalculator(
+        include=("mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+        knn_func=CustomKNN(CosineSimilarity()),
+    )
+    expected = calculator.get_accuracy(x, y)
+    assert map_at_r(x, y) == pytest.approx(expected["mean_average_precision_at_r"], abs=1e-6)
+    assert r_precision(x, y) == pytest.approx(expected["r_precision"], abs=1e-6)
+
+
+def test_nmi():
+    centres = torch.eye(4) * 10
+    y = torch.arange(4).repeat_interleave(10)
+    x = centres[y] + 0.01 * torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    assert nmi(x, y) == pytest.approx(1.0)
+    x, y = random_data(seed=8)
+    assert nmi(x, y, seed=3) == nmi(x, y, seed=3)
+    assert 0.0 <= nmi(x, y) < 0.5
+
+
+def test_input_errors():
+    x, y = random_data(n=10)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        recall_at_k(x[:1], y[:1])
+    with pytest.raises(ValueError, match="labels"):
+        map_at_r(x, y[:5])
+    bad = x.clone()
+    bad[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_retrieval(bad, y)
+    with pytest.raises(ValueError, match="ks"):
+        recall_at_k(x, y, ks=(1, 10))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        map_at_r(x[:3], torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="backend"):
+        recall_at_k(x, y, backend="annoy")
+    with pytest.raises(ValueError, match="gallery_emb"):
+        recall_at_k_query_gallery(x, y, x[:, :3], y)
+
+
+def test_auto_backend_falls_back_to_torch():
+    x, y = random_data(seed=9)
+    assert recall_at_k(x, y, backend="auto") == recall_at_k(x, y)
