@@ -1,0 +1,32 @@
+"""Backbones with embedding heads and the method wrappers (plain / bgformer / intra-batch /
+proxygml)."""
+
+from .backbones import BACKBONES, EmbeddingNet, SmallCNN, build_backbone, load_imagenet_weights
+from .methods import (
+    LOSSES,
+    METHODS,
+    BGFormerMethod,
+    IntraBatchMethod,
+    Method,
+    PlainMethod,
+    ProxyGMLMethod,
+    build_method,
+    build_metric_loss,
+)
+
+__all__ = [
+    "BACKBONES",
+    "LOSSES",
+    "METHODS",
+    "BGFormerMethod",
+    "EmbeddingNet",
+    "IntraBatchMethod",
+    "Method",
+    "PlainMethod",
+    "ProxyGMLMethod",
+    "SmallCNN",
+    "build_backbone",
+    "build_method",
+    "build_metric_loss",
+    "load_imagenet_weights",
+]

@@ -1,0 +1,157 @@
+"""Backbones with an embedding head: torchvision ResNet-50/18 and a small CNN for the demo set.
+
+Every backbone is an :class:`EmbeddingNet`: a ``trunk`` that maps images to pooled features
+(B × ``feature_dim``) and a ``head`` Linear(``feature_dim``, ``embedding_dim``). The method wrappers
+(:mod:`bgf_pyg.models.methods`) use the two parts separately (BGFormer refines trunk features before
+the head); at test time the embedding is ``head(trunk(images))``.
+
+ImageNet weights are only read from a local file (no download): pass the path of a torchvision
+ResNet state dict (e.g. ``resnet50-19c8e357.pth``). Its ``fc.*`` entries are skipped, as in the
+intra-batch original (``net/load_trained_net.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet18, resnet50
+
+from ..checks import check_positive_int
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("resnet50", "resnet18", "smallcnn")
+POOLINGS = ("avg", "max")
+#: Channel widths of the small CNN's three conv blocks.
+SMALLCNN_WIDTHS = (32, 64, 128)
+
+
+class EmbeddingNet(nn.Module):
+    """``trunk`` (images → pooled features) followed by a linear embedding ``head``.
+
+    Args:
+        trunk: module mapping (B, C, H, W) images to (B, ``feature_dim``) features.
+        feature_dim: width of the trunk's output.
+        embedding_dim: width of the embedding.
+
+    **Shapes:** images (B, C, H, W) → embedding (B, ``embedding_dim``), un-normalised.
+    """
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.feature_dim = check_positive_int(feature_dim, "feature_dim")
+        self.embedding_dim = check_positive_int(embedding_dim, "embedding_dim")
+        self.head = nn.Linear(feature_dim, embedding_dim)
+
+    def features(self, images: Tensor) -> Tensor:
+        """Pooled trunk features (B, ``feature_dim``)."""
+        return self.trunk(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.trunk(images))
+
+    def __repr__(self) -> str:
+        name = type(self.trunk).__name__
+        return f"{type(self).__name__}({name}, {self.feature_dim}, {self.embedding_dim})"
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU blocks and global pooling, for the 28×28 demo set.
+
+    **Shapes:** (B, ``in_channels``, H, W) → (B, 128).
+    """
+
+    def __init__(self, in_channels: int = 1, pooling: str = "avg") -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width_in = in_channels
+        for i, width in enumerate(SMALLCNN_WIDTHS):
+            layers += [nn.Conv2d(width_in, width, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            if i < len(SMALLCNN_WIDTHS) - 1:
+                layers.append(nn.MaxPool2d(2))
+            width_in = width
+        self.body = nn.Sequential(*layers)
+        self.pool = _global_pool(pooling)
+        self.out_channels = SMALLCNN_WIDTHS[-1]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.pool(self.body(images)).flatten(1)
+
+
+def _global_pool(pooling: str) -> nn.Module:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    return nn.AdaptiveMaxPool2d(1) if pooling == "max" else nn.AdaptiveAvgPool2d(1)
+
+
+def load_imagenet_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a torchvision ImageNet state dict from ``path`` into ``model`` (its ``fc.*`` skipped).
+
+    Raises ``FileNotFoundError`` for a missing file and ``RuntimeError`` (naming ``path``) for a file
+    that is not a readable state dict of this architecture.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        raise RuntimeError(f"could not read pretrained weights from {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{path} does not match the backbone: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
+        )
+
+
+def _resnet_trunk(name: str, pretrained: str | None, pooling: str) -> tuple[nn.Module, int]:
+    model = (resnet50 if name == "resnet50" else resnet18)(weights=None)
+    if pretrained is not None:
+        load_imagenet_weights(model, pretrained)
+        log.info("%s: loaded ImageNet weights from %s", name, pretrained)
+    feature_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    model.avgpool = _global_pool(pooling)  # torchvision flattens after this layer
+    return model, feature_dim
+
+
+def build_backbone(
+    name: str,
+    embedding_dim: int,
+    pretrained: str | None = None,
+    pooling: str = "avg",
+    in_channels: int = 1,
+) -> EmbeddingNet:
+    """Build ``resnet50`` | ``resnet18`` | ``smallcnn`` with a Linear embedding head.
+
+    Args:
+        name: backbone name.
+        embedding_dim: width of the embedding head.
+        pretrained: local path of a torchvision ImageNet state dict (ResNets only); ``None`` means
+            random initialisation (logged once).
+        pooling: global ``"avg"`` or ``"max"`` pooling (the intra-batch original uses max).
+        in_channels: input channels of ``smallcnn`` (ResNets take RGB).
+    """
+    check_positive_int(embedding_dim, "embedding_dim")
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name == "smallcnn":
+        if pretrained is not None:
+            raise ValueError("smallcnn has no ImageNet weights; drop --pretrained or use a ResNet")
+        trunk: nn.Module = SmallCNN(check_positive_int(in_channels, "in_channels"), pooling)
+        feature_dim = trunk.out_channels
+    else:
+        trunk, feature_dim = _resnet_trunk(name, pretrained, pooling)
+    if pretrained is None:
+        log.info("%s backbone is randomly initialised (no --pretrained weights file given)", name)
+    return EmbeddingNet(trunk, feature_dim, embedding_dim)

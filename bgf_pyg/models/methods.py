@@ -1,0 +1,214 @@
+"""The four training methods around one backbone: plain, BGFormer, intra-batch and ProxyGML.
+
+Each method is an ``nn.Module`` with
+
+- ``forward(images, labels) -> loss`` (training; the batch graph, if any, is built here),
+- ``embed(images) -> (B, D)`` L2-normalised embedding (evaluation: ``head(trunk(images))``, no
+  graph and no labels, as in both BGFormer and intra-batch at test time),
+- ``param_groups(lr, proxy_lr)``: optimiser groups, loss parameters (proxies) at ``proxy_lr``.
+
+:func:`build_method` picks one by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from pytorch_metric_learning import losses as pml_losses
+from torch import Tensor, nn
+
+from ..checks import check_positive_int
+from ..graph import build_batch_graph
+from ..losses import LabelSmoothingCE, ProxyGMLLoss
+from ..nn import BGFormer, IntraBatchMPN
+from .backbones import EmbeddingNet
+
+#: Metric losses from pytorch-metric-learning; proxy-based ones take (num_classes, embedding_dim).
+PAIR_LOSSES: dict[str, Callable[[], nn.Module]] = {
+    "multi_similarity": pml_losses.MultiSimilarityLoss,
+    "contrastive": pml_losses.ContrastiveLoss,
+    "triplet": pml_losses.TripletMarginLoss,
+}
+PROXY_LOSSES: dict[str, Callable[[int, int], nn.Module]] = {
+    "proxy_anchor": pml_losses.ProxyAnchorLoss,
+    "normalized_softmax": pml_losses.NormalizedSoftmaxLoss,
+}
+LOSSES = tuple(PAIR_LOSSES) + tuple(PROXY_LOSSES)
+METHODS = ("plain", "bgformer", "intra-batch", "proxygml")
+
+#: BGFormer's default weight α of the backbone-feature loss (1 − α goes to the refined tokens).
+DEFAULT_ALPHA = 0.5
+#: Temperature of the intra-batch CE (the original's CUB value) and its label smoothing ε.
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_SMOOTHING = 0.1
+
+
+def build_metric_loss(name: str, num_classes: int | None, embedding_dim: int) -> nn.Module:
+    """A pytorch-metric-learning loss by name; proxy-based ones need ``num_classes``."""
+    if name in PAIR_LOSSES:
+        return PAIR_LOSSES[name]()
+    if name in PROXY_LOSSES:
+        if num_classes is None:
+            raise ValueError(f"loss {name!r} is proxy-based and needs num_classes")
+        return PROXY_LOSSES[name](num_classes, embedding_dim)
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+
+
+class Method(nn.Module):
+    """Base of the method wrappers: a backbone plus loss modules.
+
+    Subclasses set ``loss_fn`` (its parameters, e.g. proxies, form the ``proxy_lr`` group) and
+    implement ``forward``.
+    """
+
+    def __init__(self, backbone: EmbeddingNet, loss_fn: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.loss_fn = loss_fn
+
+    def embed(self, images: Tensor) -> Tensor:
+        """L2-normalised test-time embedding ``head(trunk(images))``."""
+        return F.normalize(self.backbone(images), dim=1)
+
+    def param_groups(self, lr: float, proxy_lr: float) -> list[dict]:
+        """One group for the networks at ``lr``, one for the loss parameters at ``proxy_lr``."""
+        proxy_ids = {id(p) for p in self.loss_fn.parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in proxy_ids], "lr": lr}]
+        proxies = list(self.loss_fn.parameters())
+        if proxies:
+            groups.append({"params": proxies, "lr": proxy_lr})
+        return groups
+
+
+class PlainMethod(Method):
+    """Backbone + head + metric loss, no graph: the ablation every table needs."""
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.loss_fn(self.backbone(images), labels)
+
+
+class BGFormerMethod(Method):
+    """BGFormer training (Batch Graph Transformer, TMM 2023; our default from the authors'
+    related code): trunk features f, a batch graph on ``f.detach()`` (kNN visual edges and
+    same-label semantic edges), refined tokens g = BGFormer(f, edges), and
+    loss = α·L(head(f), y) + (1 − α)·L(head(g), y) with the *same* head.
+    """
+
+    def __init__(
+        self,
+        backbone: EmbeddingNet,
+        loss_fn: nn.Module,
+        k: int = 10,
+        alpha: float = DEFAULT_ALPHA,
+        num_layers: int = 2,
+        heads: int = 8,
+        dropout: float = 0.0,
+        lam: float = 0.5,
+    ) -> None:
+        super().__init__(backbone, loss_fn)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        self.k = check_positive_int(k, "k")
+        self.alpha = alpha
+        self.bgformer = BGFormer(
+            backbone.feature_dim, num_layers=num_layers, heads=heads, dropout=dropout, lam=lam
+        )
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        f = self.backbone.features(images)
+        graph = build_batch_graph(f.detach(), labels, self.k)
+        g = self.bgformer(f, graph.visual_edge_index, graph.semantic_edge_index)
+        head = self.backbone.head
+        return (self.alpha * self.loss_fn(head(f), labels)
+                + (1.0 - self.alpha) * self.loss_fn(head(g), labels))
+
+
+class IntraBatchMethod(Method):
+    """Intra-batch (Seidenschwarz et al., ICML 2021): an encoder classifier on the un-normalised
+    embedding and :class:`~bgf_pyg.nn.IntraBatchMPN` on the L2-normalised embedding over the
+    complete batch graph; loss = LS-CE(enc / T) + LS-CE(mpn / T)."""
+
+    def __init__(
+        self,
+        backbone: EmbeddingNet,
+        num_classes: int,
+        temperature: float = DEFAULT_TEMPERATURE,
+        epsilon: float = DEFAULT_SMOOTHING,
+        num_layers: int = 1,
+        heads: int = 2,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__(backbone, LabelSmoothingCE(temperature, epsilon))
+        dim = backbone.embedding_dim
+        self.classifier = nn.Linear(dim, num_classes)
+        self.mpn = IntraBatchMPN(dim, num_layers, heads, dropout, num_classes=num_classes)
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        emb = self.backbone(images)
+        mpn_logits, _ = self.mpn(F.normalize(emb, dim=1))
+        return self.loss_fn(self.classifier(emb), labels) + self.loss_fn(mpn_logits, labels)
+
+
+class ProxyGMLMethod(Method):
+    """ProxyGML (Zhu et al., NeurIPS 2020): :class:`~bgf_pyg.losses.ProxyGMLLoss` on the
+    L2-normalised embedding; its proxies train at ``proxy_lr``."""
+
+    def __init__(
+        self,
+        backbone: EmbeddingNet,
+        num_classes: int,
+        proxies_per_class: int = 12,
+        r: float = 0.05,
+        weight_lambda: float = 0.3,
+    ) -> None:
+        loss_fn = ProxyGMLLoss(num_classes, backbone.embedding_dim, proxies_per_class, r,
+                               weight_lambda)
+        super().__init__(backbone, loss_fn)
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.loss_fn(self.embed(images), labels)
+
+
+def build_method(
+    name: str,
+    backbone: EmbeddingNet,
+    num_classes: int | None = None,
+    *,
+    loss: str = "multi_similarity",
+    samples_per_class: int | None = None,
+    **hparams,
+) -> Method:
+    """Build ``plain`` | ``bgformer`` | ``intra-batch`` | ``proxygml`` around ``backbone``.
+
+    Args:
+        name: method name.
+        backbone: the :class:`EmbeddingNet` to train.
+        num_classes: training classes (needed by intra-batch, ProxyGML and proxy losses).
+        loss: metric loss of ``plain`` and ``bgformer`` (see :data:`LOSSES`).
+        samples_per_class: samples of each class in a batch (``None``: not class-balanced). A
+            pair loss or BGFormer's semantic edges with 1 sample per class → ``ValueError``.
+        **hparams: keyword arguments of the method's class (e.g. ``k``, ``alpha``,
+            ``temperature``, ``proxies_per_class``).
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    if name in ("intra-batch", "proxygml") and num_classes is None:
+        raise ValueError(f"method {name!r} needs num_classes")
+    if samples_per_class == 1 and (name == "bgformer" or name == "plain" and loss in PAIR_LOSSES):
+        what = "BGFormer's semantic edges" if name == "bgformer" else f"the {loss!r} pair loss"
+        raise ValueError(
+            f"--samples-per-class 1 leaves no positive pairs for {what}; use >= 2 samples per "
+            "class or a proxy-based loss/method (proxy_anchor, normalized_softmax, proxygml)"
+        )
+    if name == "intra-batch":
+        method: Method = IntraBatchMethod(backbone, num_classes, **hparams)
+    elif name == "proxygml":
+        method = ProxyGMLMethod(backbone, num_classes, **hparams)
+    else:
+        loss_fn = build_metric_loss(loss, num_classes, backbone.embedding_dim)
+        if name == "plain":
+            method = PlainMethod(backbone, loss_fn, **hparams)
+        else:
+            method = BGFormerMethod(backbone, loss_fn, **hparams)
+    return method
