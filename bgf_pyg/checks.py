@@ -1,8 +1,8 @@
 """Input checks shared by every public entry point.
 
 Each check raises ``ValueError``/``TypeError`` whose message names the argument and says what was
-expected, so a user sees ``"x must be a 2-D float tensor of shape (N, D), got shape (3,)"`` instead of a
-shape error deep inside a matmul.
+expected, so a user sees ``"x must be a 2-D tensor of shape (N, D), got shape (3,)"`` instead
+of a shape error deep inside a matmul.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def check_positive_int(value: int, name: str) -> int:
 def check_features(
     x: Tensor, name: str = "x", width: int | None = None, finite: bool = True
 ) -> None:
-    """Check that ``x`` is a 2-D floating tensor (N, D), of width ``width`` when given, and finite."""
+    """Check that ``x`` is a 2-D float tensor (N, D), ``width`` wide when given, and finite."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(x).__name__}")
     if x.dim() != 2:
@@ -48,7 +48,7 @@ def check_features(
 def check_labels(
     y: Tensor, num_nodes: int, name: str = "y", num_classes: int | None = None
 ) -> None:
-    """Check that ``y`` is a 1-D integer tensor with ``num_nodes`` entries (in ``[0, num_classes)``)."""
+    """Check that ``y`` is a 1-D integer tensor of ``num_nodes`` entries in ``[0, num_classes)``."""
     if not isinstance(y, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N,), got {type(y).__name__}")
     if y.dim() != 1 or y.numel() != num_nodes:

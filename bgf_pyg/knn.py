@@ -1,11 +1,11 @@
 """Chunked cosine top-k: the one nearest-neighbour search of the package.
 
-Both the batch graph's visual edges and retrieval metrics (Recall@K, MAP@R) need, for each query row,
-the k most cosine-similar reference rows. Doing it in row chunks keeps memory at
+Both the batch graph's visual edges and retrieval metrics (Recall@K, MAP@R) need, for each query
+row, the k most cosine-similar reference rows. Doing it in row chunks keeps memory at
 O(chunk_size · N_ref) instead of O(N_query · N_ref), so N = 100,000 works on a laptop.
 
-Tie rule (deterministic on every device): among equal similarities the lower reference index wins, both
-for which neighbours are selected and for their order.
+Tie rule (deterministic on every device): among equal similarities the lower reference index wins,
+both for which neighbours are selected and for their order.
 """
 
 from __future__ import annotations

@@ -1,8 +1,14 @@
 """Graph neural network modules."""
 
+from .bgformer import BGFormer, BGFormerLayer, DualSSA
+from .conv import BatchGraphConv
 from .intra_batch import IntraBatchAttention, IntraBatchMPN
 
 __all__ = [
+    "BatchGraphConv",
+    "DualSSA",
+    "BGFormerLayer",
+    "BGFormer",
     "IntraBatchAttention",
     "IntraBatchMPN",
 ]

@@ -1,0 +1,248 @@
+"""BGFormer: dual structure-constrained self-attention, GraphNorm and an FFN over the batch graph.
+
+Wang, Jiang, Wang, Luo: "Rethinking Batch Sample Relationships for Data Representation: A
+Batch-Graph Transformer based Approach", arXiv 2211.10622 (TMM 2023). No official code exists; the
+block follows the paper's description and the first author's related SGFormer module (see
+``shared/research/papers.md``), with PyG's ``GraphNorm`` in place of LayerNorm as the paper names.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from torch import Tensor, nn
+from torch_geometric.data import Data
+from torch_geometric.nn import GCNConv, GraphNorm
+
+from ..checks import check_positive_int
+from .conv import BatchGraphConv
+
+SEMANTIC_BRANCHES = ("attention", "propagation")
+
+
+def _has_edges(edge_index: Optional[Tensor]) -> bool:
+    return edge_index is not None and edge_index.size(-1) > 0
+
+
+class DualSSA(nn.Module):
+    r"""Dual structure-constrained self-attention: one SSA branch per edge set, mixed by
+    :math:`\lambda`, then an output projection.
+
+    .. math::
+        \mathbf{s} = \mathbf{W}_O \left( \lambda\, \mathrm{SSA}_{vis}(\mathbf{x}, \mathcal{E}_{vis})
+        + (1 - \lambda)\, \mathrm{SSA}_{sem}(\mathbf{x}, \mathcal{E}_{sem}) \right)
+
+    Each branch is a :class:`BatchGraphConv` with its own projections (``channels // heads`` per
+    head). Without semantic edges (``None`` or empty: test time, unlabeled data) the visual branch
+    alone is used, :math:`\mathbf{s} = \mathbf{W}_O\, \mathrm{SSA}_{vis}`.
+
+    Args:
+        channels (int): Input and output width; must be divisible by :obj:`heads`.
+        heads (int, optional): Attention heads per branch. (default: :obj:`8`)
+        dropout (float, optional): Attention dropout. (default: :obj:`0.`)
+        lam (float, optional): Weight :math:`\lambda` of the visual branch. (default: :obj:`0.5`)
+        semantic_branch (str, optional): ``"attention"`` (SSA on the semantic edges) or
+            ``"propagation"``: :math:`\hat{D}^{-1/2}(A + I)\hat{D}^{-1/2} \mathbf{W} \mathbf{x}`
+            (PyG's ``GCNConv``), as in the authors' related SGFormer code.
+            (default: :obj:`"attention"`)
+        add_self_loops (bool, optional): Passed to the attention branches. (default: :obj:`True`)
+        attention_path (str, optional): Passed to the attention branches. (default: :obj:`"sparse"`)
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int = 8,
+        dropout: float = 0.0,
+        lam: float = 0.5,
+        semantic_branch: str = "attention",
+        add_self_loops: bool = True,
+        attention_path: str = "sparse",
+    ) -> None:
+        super().__init__()
+        check_positive_int(channels, "channels")
+        check_positive_int(heads, "heads")
+        if channels % heads != 0:
+            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        if semantic_branch not in SEMANTIC_BRANCHES:
+            raise ValueError(
+                f"semantic_branch must be one of {SEMANTIC_BRANCHES}, got {semantic_branch!r}"
+            )
+        self.channels = channels
+        self.heads = heads
+        self.lam = lam
+        self.semantic_branch = semantic_branch
+
+        def attention() -> BatchGraphConv:
+            return BatchGraphConv(
+                channels, channels // heads, heads=heads, dropout=dropout,
+                add_self_loops=add_self_loops, attention_path=attention_path,
+            )
+
+        self.visual = attention()
+        self.semantic = attention() if semantic_branch == "attention" else GCNConv(
+            channels, channels
+        )
+        self.lin_out = nn.Linear(channels, channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.visual.reset_parameters()
+        self.semantic.reset_parameters()
+        self.lin_out.reset_parameters()
+
+    def forward(
+        self,
+        x: Tensor,
+        visual_edge_index: Tensor,
+        semantic_edge_index: Optional[Tensor] = None,
+    ) -> Tensor:
+        out = self.visual(x, visual_edge_index)
+        if _has_edges(semantic_edge_index):
+            out = self.lam * out + (1.0 - self.lam) * self.semantic(x, semantic_edge_index)
+        return self.lin_out(out)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}({self.channels}, heads={self.heads}, lam={self.lam}, "
+            f"semantic_branch={self.semantic_branch!r})"
+        )
+
+
+class BGFormerLayer(nn.Module):
+    r"""One pre-norm BGFormer block:
+
+    .. math::
+        \mathbf{h} &= \mathbf{x} + \mathrm{Dropout}(\mathrm{DualSSA}(
+        \mathrm{GraphNorm}(\mathbf{x}), \mathcal{E}_{vis}, \mathcal{E}_{sem})) \\
+        \mathbf{x}' &= \mathbf{h} + \mathrm{Dropout}(\mathrm{FFN}(\mathrm{GraphNorm}(\mathbf{h})))
+
+    with FFN = Linear(C, rC) → GELU → Dropout → Linear(rC, C). ``GraphNorm`` normalises over the
+    nodes of each graph in ``batch`` (all nodes when ``batch`` is ``None``) and keeps no running
+    statistics, so outputs depend on the batch they are computed in, at test time too.
+
+    Args:
+        channels (int): Node feature width C.
+        heads (int, optional): Attention heads. (default: :obj:`8`)
+        ffn_ratio (int, optional): FFN expansion r. (default: :obj:`4`)
+        dropout (float, optional): Dropout on attention, residual branches and the FFN.
+            (default: :obj:`0.`)
+        lam (float, optional): Visual-branch weight of :class:`DualSSA`. (default: :obj:`0.5`)
+        **ssa_kwargs: ``semantic_branch``, ``add_self_loops``, ``attention_path`` of
+            :class:`DualSSA`.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int = 8,
+        ffn_ratio: int = 4,
+        dropout: float = 0.0,
+        lam: float = 0.5,
+        **ssa_kwargs,
+    ) -> None:
+        super().__init__()
+        check_positive_int(ffn_ratio, "ffn_ratio")
+        self.channels = channels
+        self.norm1 = GraphNorm(channels)
+        self.attn = DualSSA(channels, heads=heads, dropout=dropout, lam=lam, **ssa_kwargs)
+        self.norm2 = GraphNorm(channels)
+        self.ffn = nn.Sequential(
+            nn.Linear(channels, ffn_ratio * channels),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(ffn_ratio * channels, channels),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.norm1.reset_parameters()
+        self.attn.reset_parameters()
+        self.norm2.reset_parameters()
+        for module in self.ffn:
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+
+    def forward(
+        self,
+        x: Tensor,
+        visual_edge_index: Tensor,
+        semantic_edge_index: Optional[Tensor] = None,
+        batch: Optional[Tensor] = None,
+        batch_size: Optional[int] = None,
+    ) -> Tensor:
+        h = self.norm1(x, batch, batch_size)
+        x = x + self.dropout(self.attn(h, visual_edge_index, semantic_edge_index))
+        h = self.norm2(x, batch, batch_size)
+        return x + self.dropout(self.ffn(h))
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.channels}, heads={self.attn.heads})"
+
+
+class BGFormer(nn.Module):
+    r"""A stack of :class:`BGFormerLayer` blocks refining a batch's embeddings.
+
+    ``forward`` takes tensors ``(x, visual_edge_index, semantic_edge_index, batch)`` or a
+    :class:`~bgf_pyg.BatchGraph` / PyG ``Batch`` of them. The authors' runs used depth 2, 8 heads
+    and K ≈ 30 visual neighbours.
+
+    Args:
+        channels (int): Node feature width.
+        num_layers (int, optional): Number of blocks. (default: :obj:`2`)
+        heads, ffn_ratio, dropout, lam, **ssa_kwargs: as :class:`BGFormerLayer`.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_layers: int = 2,
+        heads: int = 8,
+        ffn_ratio: int = 4,
+        dropout: float = 0.0,
+        lam: float = 0.5,
+        **ssa_kwargs,
+    ) -> None:
+        super().__init__()
+        check_positive_int(num_layers, "num_layers")
+        self.channels = channels
+        self.num_layers = num_layers
+        self.heads = heads
+        self.layers = nn.ModuleList(
+            BGFormerLayer(channels, heads, ffn_ratio, dropout, lam, **ssa_kwargs)
+            for _ in range(num_layers)
+        )
+
+    def reset_parameters(self) -> None:
+        for layer in self.layers:
+            layer.reset_parameters()
+
+    def forward(
+        self,
+        x: Union[Tensor, Data],
+        visual_edge_index: Optional[Tensor] = None,
+        semantic_edge_index: Optional[Tensor] = None,
+        batch: Optional[Tensor] = None,
+        batch_size: Optional[int] = None,
+    ) -> Tensor:
+        if isinstance(x, Data):
+            graph = x
+            x = graph.x
+            visual_edge_index = graph.visual_edge_index
+            semantic_edge_index = graph.get("semantic_edge_index")
+            batch = graph.get("batch")
+            batch_size = graph.num_graphs if batch is not None else None
+        if visual_edge_index is None:
+            raise ValueError("visual_edge_index is required (or pass a BatchGraph)")
+        for layer in self.layers:
+            x = layer(x, visual_edge_index, semantic_edge_index, batch, batch_size)
+        return x
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}({self.channels}, num_layers={self.num_layers}, "
+            f"heads={self.heads})"
+        )

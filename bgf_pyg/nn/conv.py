@@ -1,0 +1,345 @@
+"""``BatchGraphConv``: structure-constrained self-attention (SSA) as a PyG convolution."""
+
+from __future__ import annotations
+
+import math
+import typing
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch_geometric.nn.conv import MessagePassing
+from torch_geometric.nn.dense.linear import Linear
+from torch_geometric.typing import Adj, NoneType, OptTensor, PairTensor, SparseTensor
+from torch_geometric.utils import add_self_loops, is_torch_sparse_tensor, remove_self_loops, softmax
+from torch_geometric.utils.sparse import set_sparse_value
+
+from ..checks import check_edge_index, check_features
+from .dense import dense_adjacency, dense_attention
+
+if typing.TYPE_CHECKING:
+    from typing import overload
+else:
+    from torch.jit import _overload_method as overload
+
+ATTENTION_PATHS = ("sparse", "dense")
+
+
+class BatchGraphConv(MessagePassing):
+    r"""Structure-constrained self-attention (SSA) from `"Rethinking Batch Sample Relationships for
+    Data Representation: A Batch-Graph Transformer based Approach"
+    <https://arxiv.org/abs/2211.10622>`_: multi-head scaled dot-product attention whose softmax runs
+    over each node's in-edges only (a *sparse* softmax).
+
+    .. math::
+        \mathbf{x}^{\prime}_i = \Big\Vert_{h=1}^{H} \sum_{j \in \mathcal{N}(i)}
+        \alpha^{h}_{i,j} \left(\mathbf{W}^{h}_V \mathbf{x}_j + \mathbf{W}^{h}_E \mathbf{e}_{j,i}
+        \right) \; \left[ + \mathbf{W}_S \mathbf{x}_i \right]
+
+    with the attention coefficients
+
+    .. math::
+        \alpha^{h}_{i,j} = \operatorname{softmax}_{j \in \mathcal{N}(i)} \left(
+        \frac{(\mathbf{W}^{h}_Q \mathbf{x}_i)^{\top}
+        (\mathbf{W}^{h}_K \mathbf{x}_j + \mathbf{W}^{h}_E \mathbf{e}_{j,i})}{\sqrt{d}} \right),
+
+    where :math:`\mathcal{N}(i)` are the sources of the edges j→i (plus i itself when
+    :obj:`add_self_loops`), :math:`d` = :obj:`out_channels` and :math:`\Vert` concatenates the
+    :math:`H` heads (or averages them when :obj:`concat=False`). A node without in-edges gets zeros
+    (never NaN). A duplicated edge is counted as often as it appears. With
+    :obj:`add_self_loops=False`, :obj:`root_weight=False` and :obj:`bias=False` the layer computes
+    exactly :class:`~torch_geometric.nn.conv.TransformerConv` and loads its weights (same parameter
+    names).
+
+    Two equivalent implementations are available: the edge-list ``"sparse"`` path (gathers per edge
+    and a scatter softmax, O(|E|) memory) and the ``"dense"`` path (masked attention on an
+    (N, N) adjacency, O(N²) memory; one matmul, faster for small or nearly complete graphs). Edge
+    features always use the sparse path.
+
+    Args:
+        in_channels (int or tuple): Size of each input sample, or :obj:`-1` to derive it from the
+            first input. A tuple gives the source and target sizes (bipartite graphs).
+        out_channels (int): Size of each head's output :math:`d`.
+        heads (int, optional): Number of attention heads. (default: :obj:`1`)
+        concat (bool, optional): Concatenate the heads; if :obj:`False`, average them.
+            (default: :obj:`True`)
+        dropout (float, optional): Dropout probability of the normalised attention coefficients.
+            (default: :obj:`0.`)
+        add_self_loops (bool, optional): Remove existing self-loops and add one per node, so that
+            every node attends to itself exactly once. This masking is data dependent and breaks
+            ``torch.compile`` graphs: for compiled models build the graph with its self-loops
+            (:func:`~bgf_pyg.build_batch_graph` with :obj:`loop=True`) and set this to
+            :obj:`False`. (default: :obj:`True`)
+        edge_dim (int, optional): Edge feature dimensionality; edge features are projected by
+            :math:`\mathbf{W}_E` and added to keys and values. (default: :obj:`None`)
+        bias (bool, optional): Learn additive biases in the query/key/value/skip projections (as
+            :class:`~torch_geometric.nn.conv.TransformerConv`). (default: :obj:`True`)
+        root_weight (bool, optional): Add the projected root features
+            :math:`\mathbf{W}_S \mathbf{x}_i`. (default: :obj:`False`)
+        fill_value (float or str, optional): Edge features of added self-loops (see
+            :meth:`torch_geometric.utils.add_self_loops`). (default: :obj:`"mean"`)
+        attention_path (str, optional): ``"sparse"`` (edge list) or ``"dense"`` (masked dense
+            attention). (default: :obj:`"sparse"`)
+        **kwargs (optional): Additional arguments of
+            :class:`torch_geometric.nn.conv.MessagePassing`.
+
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}|, F_{in})` or
+          :math:`((|\mathcal{V}_s|, F_s), (|\mathcal{V}_t|, F_t))` if bipartite, edge indices
+          :math:`(2, |\mathcal{E}|)` (or a ``SparseTensor`` / ``torch.sparse`` adjacency
+          ``adj_t``), edge features :math:`(|\mathcal{E}|, D)` *(optional)*
+        - **output:** node features :math:`(|\mathcal{V}_t|, H \cdot d)` or
+          :math:`(|\mathcal{V}_t|, d)` if :obj:`concat=False`; with
+          :obj:`return_attention_weights=True` also :math:`((2, |\mathcal{E}'|),
+          (|\mathcal{E}'|, H))`, where :math:`\mathcal{E}'` includes the added self-loops.
+    """
+
+    _alpha: OptTensor
+
+    def __init__(
+        self,
+        in_channels: Union[int, tuple[int, int]],
+        out_channels: int,
+        heads: int = 1,
+        concat: bool = True,
+        dropout: float = 0.0,
+        add_self_loops: bool = True,
+        edge_dim: Optional[int] = None,
+        bias: bool = True,
+        root_weight: bool = False,
+        fill_value: Union[float, str] = "mean",
+        attention_path: str = "sparse",
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("aggr", "add")
+        super().__init__(node_dim=0, **kwargs)
+        if attention_path not in ATTENTION_PATHS:
+            raise ValueError(
+                f"attention_path must be one of {ATTENTION_PATHS}, got {attention_path!r}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.heads = heads
+        self.concat = concat
+        self.dropout = dropout
+        self.add_self_loops = add_self_loops
+        self.edge_dim = edge_dim
+        self.root_weight = root_weight
+        self.fill_value = fill_value
+        self.attention_path = attention_path
+        self._alpha = None
+
+        src_channels, dst_channels = (
+            (in_channels, in_channels) if isinstance(in_channels, int) else in_channels
+        )
+        width = heads * out_channels
+        self.lin_key = Linear(src_channels, width, bias=bias)
+        self.lin_query = Linear(dst_channels, width, bias=bias)
+        self.lin_value = Linear(src_channels, width, bias=bias)
+        if edge_dim is not None:
+            self.lin_edge = Linear(edge_dim, width, bias=False)
+        else:
+            self.register_parameter("lin_edge", None)
+        if root_weight:
+            self.lin_skip = Linear(dst_channels, width if concat else out_channels, bias=bias)
+        else:
+            self.register_parameter("lin_skip", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.lin_key.reset_parameters()
+        self.lin_query.reset_parameters()
+        self.lin_value.reset_parameters()
+        if self.lin_edge is not None:
+            self.lin_edge.reset_parameters()
+        if self.lin_skip is not None:
+            self.lin_skip.reset_parameters()
+
+    @overload
+    def forward(
+        self,
+        x: Union[Tensor, PairTensor],
+        edge_index: Adj,
+        edge_attr: OptTensor = None,
+        return_attention_weights: NoneType = None,
+    ) -> Tensor:
+        pass
+
+    @overload
+    def forward(  # noqa: F811
+        self,
+        x: Union[Tensor, PairTensor],
+        edge_index: Tensor,
+        edge_attr: OptTensor = None,
+        return_attention_weights: bool = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        pass
+
+    @overload
+    def forward(  # noqa: F811
+        self,
+        x: Union[Tensor, PairTensor],
+        edge_index: SparseTensor,
+        edge_attr: OptTensor = None,
+        return_attention_weights: bool = None,
+    ) -> tuple[Tensor, SparseTensor]:
+        pass
+
+    def forward(  # noqa: F811
+        self,
+        x: Union[Tensor, PairTensor],
+        edge_index: Adj,
+        edge_attr: OptTensor = None,
+        return_attention_weights: Optional[bool] = None,
+    ) -> Union[Tensor, tuple[Tensor, tuple[Tensor, Tensor]], tuple[Tensor, SparseTensor]]:
+        r"""Runs the forward pass of the module.
+
+        Args:
+            x (torch.Tensor or (torch.Tensor, torch.Tensor)): The input node features.
+            edge_index (torch.Tensor or SparseTensor): Edge indices (2, E), row 0 = source, or a
+                ``SparseTensor`` / ``torch.sparse`` adjacency ``adj_t`` (rows = targets).
+            edge_attr (torch.Tensor, optional): Edge features (E, edge_dim).
+                (default: :obj:`None`)
+            return_attention_weights (bool, optional): If truthy, also return
+                :obj:`(edge_index, attention_weights)` (PyG ≥ 2.8 ``GATConv`` semantics: a
+                value of :obj:`False` returns only the output). (default: :obj:`None`)
+        """
+        x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
+        self._check_inputs(x_src, x_dst, edge_index, edge_attr)
+        num_src, num_dst = x_src.size(0), x_dst.size(0)
+
+        if self.add_self_loops:
+            edge_index, edge_attr = self._with_self_loops(edge_index, edge_attr, num_src, num_dst)
+
+        heads, channels = self.heads, self.out_channels
+        query = self.lin_query(x_dst).view(-1, heads, channels)
+        key = self.lin_key(x_src).view(-1, heads, channels)
+        value = self.lin_value(x_src).view(-1, heads, channels)
+
+        if self._use_dense(edge_index, edge_attr):
+            out, alpha = self._dense_forward(
+                query, key, value, edge_index, bool(return_attention_weights)
+            )
+        else:
+            # propagate_type: (query: Tensor, key: Tensor, value: Tensor, edge_attr: OptTensor)
+            out = self.propagate(
+                edge_index, query=query, key=key, value=value, edge_attr=edge_attr,
+                size=(num_src, num_dst),
+            )
+            alpha = self._alpha
+        self._alpha = None
+
+        out = out.reshape(-1, heads * channels) if self.concat else out.mean(dim=1)
+        if self.lin_skip is not None:
+            out = out + self.lin_skip(x_dst)
+
+        if return_attention_weights:
+            assert alpha is not None
+            if isinstance(edge_index, SparseTensor):
+                return out, edge_index.set_value(alpha, layout="coo")
+            if is_torch_sparse_tensor(edge_index):
+                return out, (set_sparse_value(edge_index, alpha), alpha)
+            return out, (edge_index, alpha)
+        return out
+
+    def message(
+        self,
+        query_i: Tensor,
+        key_j: Tensor,
+        value_j: Tensor,
+        edge_attr: OptTensor,
+        index: Tensor,
+        ptr: OptTensor,
+        size_i: Optional[int],
+    ) -> Tensor:
+        if self.lin_edge is not None:
+            edge = self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
+            key_j = key_j + edge
+            value_j = value_j + edge
+        alpha = (query_i * key_j).sum(dim=-1) / math.sqrt(self.out_channels)
+        alpha = softmax(alpha, index, ptr, size_i)
+        self._alpha = alpha
+        alpha = F.dropout(alpha, p=self.dropout, training=self.training)
+        return value_j * alpha.unsqueeze(-1)
+
+    def _check_inputs(
+        self, x_src: Tensor, x_dst: Tensor, edge_index: Adj, edge_attr: OptTensor
+    ) -> None:
+        src_width = self.lin_key.in_channels if self.lin_key.in_channels > 0 else None
+        dst_width = self.lin_query.in_channels if self.lin_query.in_channels > 0 else None
+        check_features(x_src, "x" if x_src is x_dst else "x[0]", src_width, finite=False)
+        check_features(x_dst, "x" if x_src is x_dst else "x[1]", dst_width, finite=False)
+        if isinstance(edge_index, Tensor) and not edge_index.is_sparse and (
+            edge_index.layout == torch.strided
+        ):
+            check_edge_index(edge_index, x_src.size(0), x_dst.size(0), "edge_index")
+            num_edges = edge_index.size(1)
+        else:
+            num_edges = None
+        if self.lin_edge is not None:
+            if edge_attr is None:
+                raise ValueError(f"edge_attr is required: the layer has edge_dim={self.edge_dim}")
+            if edge_attr.dim() == 1:
+                raise ValueError(
+                    f"edge_attr must have shape (E, {self.edge_dim}), got {tuple(edge_attr.shape)}"
+                )
+            if num_edges is not None and edge_attr.size(0) != num_edges:
+                raise ValueError(
+                    f"edge_attr must have one row per edge ({num_edges}), got "
+                    f"{tuple(edge_attr.shape)}"
+                )
+        elif edge_attr is not None:
+            raise ValueError("edge_attr was given but the layer has edge_dim=None")
+
+    def _with_self_loops(
+        self, edge_index: Adj, edge_attr: OptTensor, num_src: int, num_dst: int
+    ) -> tuple[Adj, OptTensor]:
+        if isinstance(edge_index, SparseTensor):
+            if edge_attr is not None:
+                raise NotImplementedError(
+                    "edge_attr together with add_self_loops=True is not supported for a "
+                    "SparseTensor edge_index; add the loops to the graph first"
+                )
+            import torch_sparse
+
+            return torch_sparse.set_diag(edge_index), None
+        edge_index, edge_attr = remove_self_loops(edge_index, edge_attr)
+        return add_self_loops(
+            edge_index, edge_attr, fill_value=self.fill_value, num_nodes=min(num_src, num_dst)
+        )
+
+    def _use_dense(self, edge_index: Adj, edge_attr: OptTensor) -> bool:
+        return (
+            self.attention_path == "dense"
+            and edge_attr is None
+            and isinstance(edge_index, Tensor)
+            and edge_index.layout == torch.strided
+        )
+
+    def _dense_forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        edge_index: Tensor,
+        return_weights: bool,
+    ) -> tuple[Tensor, OptTensor]:
+        adj = dense_adjacency(edge_index, key.size(0), query.size(0), dtype=query.dtype)
+        out, alpha = dense_attention(
+            query, key, value, adj, self.dropout, self.training, return_weights
+        )
+        if alpha is not None:
+            # Per-edge weights: a pair with c duplicate edges carries c shares of the softmax.
+            src, dst = edge_index
+            alpha = (alpha[:, dst, src] / adj[dst, src]).t()
+        return out, alpha
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
+            f"heads={self.heads})"
+        )
