@@ -1,0 +1,116 @@
+"""The image-list dataset shared by every benchmark loader, and the parsing helpers they use.
+
+Each benchmark module (``cub.py``, ``cars.py``, ``sop.py``, ``inshop.py``) only parses its official
+annotation files into image paths and class ids; this module turns them into a ``Dataset`` with
+labels re-indexed to ``0..C-1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+TRAIN_TEST = ("train", "test")
+
+
+def check_split(split: str, splits: Sequence[str] = TRAIN_TEST) -> str:
+    """Return ``split`` if it is one of ``splits``, else raise a ``ValueError`` listing them."""
+    if split not in splits:
+        raise ValueError(f"split must be one of {tuple(splits)}, got {split!r}")
+    return split
+
+
+def require(path: Path) -> Path:
+    """Return ``path`` if it exists, else raise ``FileNotFoundError`` naming it."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return path
+
+
+def read_rows(path: Path, num_fields: int, skip: int = 0) -> list[tuple[int, list[str]]]:
+    """Whitespace-separated rows of a text annotation file, after ``skip`` header lines.
+
+    Returns ``(line_number, fields)`` pairs (1-based line numbers, blank lines skipped); a row with
+    fewer than ``num_fields`` fields raises a ``ValueError`` naming the file and line.
+    """
+    rows = []
+    lines = require(path).read_text().splitlines()
+    if len(lines) < skip:
+        raise ValueError(f"{path}: expected {skip} header line(s), the file has {len(lines)}")
+    for number, line in enumerate(lines[skip:], start=skip + 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < num_fields:
+            raise ValueError(
+                f"{path}, line {number}: expected {num_fields} fields, got {len(fields)}: {line!r}"
+            )
+        rows.append((number, fields))
+    return rows
+
+
+def parse_int(value: str, path: Path, number: int) -> int:
+    """``int(value)``, or a ``ValueError`` naming the file and line."""
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{path}, line {number}: expected an integer, got {value!r}") from None
+
+
+def reindex(class_ids: Sequence[Hashable]) -> list[int]:
+    """Map class ids to ``0..C-1`` in sorted id order."""
+    index = {c: i for i, c in enumerate(sorted(set(class_ids)))}
+    return [index[c] for c in class_ids]
+
+
+class ImageListDataset(Dataset):
+    """Images read from ``paths`` with integer ``labels``.
+
+    Args:
+        paths: image files. labels: one class index in ``0..C-1`` per image.
+        transform: applied to the RGB ``PIL.Image``.
+        class_ids: the dataset's original class id of each image (kept for reference).
+
+    Items are ``(image, label)``. ``labels`` is a (N,) ``LongTensor`` (what samplers need).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        transform: Callable | None = None,
+        class_ids: Sequence[Hashable] | None = None,
+    ) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"got {len(paths)} paths but {len(labels)} labels")
+        self.paths = [Path(p) for p in paths]
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.class_ids = list(labels if class_ids is None else class_ids)
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct labels."""
+        return int(self.labels.unique().numel())
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise RuntimeError(f"cannot read image {path}: {error}") from error
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes)"

@@ -1,0 +1,239 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.io import savemat
+from torch.utils.data import DataLoader
+
+from bgf_pyg.data import (
+    CUB200,
+    Cars196,
+    ClassBalancedBatchSampler,
+    DigitsDemo,
+    InShop,
+    StanfordOnlineProducts,
+    build_dataset,
+    build_transform,
+    eval_transform,
+    load_digits_demo,
+    train_transform,
+)
+from bgf_pyg.metrics import recall_at_k
+
+# Unequal class sizes: the split must follow the class id, not the counts.
+CUB_IMAGES = {1: 3, 2: 1, 101: 2, 102: 2}
+CARS_IMAGES = {97: 1, 98: 2, 99: 3, 100: 1}
+
+
+def write_image(path, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def make_cub(tmp_path):
+    root = tmp_path / "CUB_200_2011"
+    images, labels, image_id = [], [], 0
+    for class_id, count in CUB_IMAGES.items():
+        for i in range(count):
+            image_id += 1
+            rel = f"{class_id:03d}.Bird/img_{i}.jpg"
+            write_image(root / "images" / rel, image_id)
+            images.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {class_id}")
+    (root / "images.txt").write_text("\n".join(images) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    return root
+
+
+def make_cars(tmp_path):
+    root = tmp_path / "cars"
+    records = [(f"car_ims/{c}_{i}.jpg", c) for c, n in CARS_IMAGES.items() for i in range(n)]
+    annotations = np.zeros((1, len(records)), dtype=[("relative_im_path", "O"), ("class", "O")])
+    for j, (rel, class_id) in enumerate(records):
+        write_image(root / rel, j)
+        annotations[0, j] = (rel, np.array([[class_id]], dtype=np.uint8))
+    savemat(root / "cars_annos.mat", {"annotations": annotations})
+    return root
+
+
+def make_sop(tmp_path):
+    root = tmp_path / "Stanford_Online_Products"
+    splits = {"train": [(1, 3), (2, 1)], "test": [(11319, 2), (11320, 2)]}
+    image_id = 0
+    for split, classes in splits.items():
+        lines = ["image_id class_id super_class_id path"]
+        for class_id, count in classes:
+            for i in range(count):
+                image_id += 1
+                rel = f"bicycle_final/{class_id}_{i}.JPG"
+                write_image(root / rel, image_id)
+                lines.append(f"{image_id} {class_id} 1 {rel}")
+        (root / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_inshop(tmp_path):
+    root = tmp_path / "In_shop"
+    rows = [
+        ("id_00000001", "train"), ("id_00000001", "train"), ("id_00000003", "train"),
+        ("id_00000002", "query"), ("id_00000002", "gallery"), ("id_00000005", "query"),
+        ("id_00000005", "gallery"), ("id_00000004", "gallery"),
+    ]
+    lines = [str(len(rows)), "image_name item_id evaluation_status"]
+    for i, (item, status) in enumerate(rows):
+        rel = f"img/MEN/Denim/{item}/{i:02d}_front.jpg"
+        write_image(root / "Img" / rel, i)
+        lines.append(f"{rel} {item} {status}")
+    (root / "Eval").mkdir()
+    (root / "Eval" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_cub_splits(tmp_path):
+    root = make_cub(tmp_path)
+    train, test = CUB200(root, "train"), CUB200(root, "test")
+    assert (len(train), len(test)) == (4, 4)
+    assert set(train.class_ids) == {1, 2} and set(test.class_ids) == {101, 102}
+    assert train.labels.tolist() == [0, 0, 0, 1] and test.labels.tolist() == [0, 0, 1, 1]
+    assert train.num_classes == test.num_classes == 2
+
+
+def test_cars_splits(tmp_path):
+    root = make_cars(tmp_path)
+    train, test = Cars196(root, "train"), Cars196(root, "test")
+    assert (len(train), len(test)) == (3, 4)
+    assert set(train.class_ids) == {97, 98} and set(test.class_ids) == {99, 100}
+    assert test.labels.tolist() == [0, 0, 0, 1]
+
+
+def test_sop_splits(tmp_path):
+    root = make_sop(tmp_path)
+    train, test = StanfordOnlineProducts(root, "train"), StanfordOnlineProducts(root, "test")
+    assert (len(train), len(test)) == (4, 4)
+    assert set(test.class_ids) == {11319, 11320} and test.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_inshop_splits_share_query_gallery_labels(tmp_path):
+    root = make_inshop(tmp_path)
+    train, query, gallery = (InShop(root, s) for s in ("train", "query", "gallery"))
+    assert (len(train), len(query), len(gallery)) == (3, 2, 3)
+    assert train.labels.tolist() == [0, 0, 1]
+    assert query.class_ids == ["id_00000002", "id_00000005"]
+    label_of = dict(zip(gallery.class_ids, gallery.labels.tolist(), strict=True))
+    assert query.labels.tolist() == [label_of["id_00000002"], label_of["id_00000005"]]
+    assert sorted(label_of.values()) == [0, 1, 2]
+    with pytest.raises(ValueError, match="split"):
+        InShop(root, "test")
+
+
+@pytest.mark.parametrize("make", [make_cub, make_cars, make_sop, make_inshop])
+def test_images_load_with_transforms(tmp_path, make):
+    name = {make_cub: "cub", make_cars: "cars", make_sop: "sop", make_inshop: "inshop"}[make]
+    root = make(tmp_path)
+    split = "gallery" if name == "inshop" else "test"
+    image, label = build_dataset(name, root, "train", train_transform(16))[0]
+    assert image.shape == (3, 16, 16) and label == 0
+    image, _ = build_dataset(name, root, split, eval_transform(16))[1]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+
+
+def test_missing_root_and_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        CUB200(tmp_path / "nowhere")
+    root = make_sop(tmp_path)
+    (root / "Ebay_test.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="Ebay_test.txt"):
+        StanfordOnlineProducts(root, "test")
+    with pytest.raises(FileNotFoundError, match="cars_annos.mat"):
+        Cars196(tmp_path)
+
+
+def test_truncated_annotations(tmp_path):
+    root = make_cub(tmp_path)
+    lines = (root / "images.txt").read_text().splitlines()
+    (root / "images.txt").write_text("\n".join(lines[:2] + ["3"]))
+    with pytest.raises(ValueError, match=r"images.txt, line 3"):
+        CUB200(root)
+    root = make_sop(tmp_path)
+    (root / "Ebay_train.txt").write_text("image_id class_id super_class_id path\n1 x 1 a.jpg\n")
+    with pytest.raises(ValueError, match=r"Ebay_train.txt, line 2"):
+        StanfordOnlineProducts(root)
+    root = make_cars(tmp_path)
+    data = (root / "cars_annos.mat").read_bytes()
+    (root / "cars_annos.mat").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cars_annos.mat"):
+        Cars196(root)
+
+
+def test_corrupt_image_names_path(tmp_path):
+    root = make_cub(tmp_path)
+    dataset = CUB200(root, "test")
+    dataset.paths[1].write_bytes(b"not a jpeg")
+    dataset[0]
+    with pytest.raises(RuntimeError, match=f"cannot read image {dataset.paths[1]}"):
+        dataset[1]
+
+
+def batches(sampler):
+    return [list(batch) for batch in sampler]
+
+
+def test_class_balanced_sampler():
+    labels = torch.tensor([0] * 10 + [1] * 2 + [2] * 7 + [3] * 5 + [4] * 6)
+    sampler = ClassBalancedBatchSampler(labels, classes_per_batch=3, samples_per_class=4, seed=1)
+    assert len(sampler) == 30 // 12
+    first = batches(sampler)
+    for batch in first:
+        counts = Counter(labels[batch].tolist())
+        assert len(batch) == 12 and len(counts) == 3 and set(counts.values()) == {4}
+    assert batches(sampler) == first
+    sampler.set_epoch(1)
+    assert batches(sampler) != first
+    sampler.set_epoch(0)
+    assert batches(sampler) == first
+    other = ClassBalancedBatchSampler(labels, 3, 4, num_batches=50, seed=2)
+    assert len(batches(other)) == 50
+
+
+def test_sampler_in_dataloader():
+    dataset = DigitsDemo("train")
+    sampler = ClassBalancedBatchSampler(dataset.labels, 5, 2, num_batches=3)
+    images, labels = next(iter(DataLoader(dataset, batch_sampler=sampler)))
+    assert images.shape == (10, 1, 28, 28) and labels.bincount().tolist() == [2] * 5
+
+
+def test_sampler_errors():
+    labels = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="classes_per_batch"):
+        ClassBalancedBatchSampler(labels, 3, 2)
+    with pytest.raises(ValueError, match="samples_per_class"):
+        ClassBalancedBatchSampler(labels, 2, 0)
+
+
+def test_digits_demo():
+    train, test = DigitsDemo("train"), DigitsDemo("test")
+    assert set(train.class_ids) == set(range(5)) and set(test.class_ids) == set(range(5, 10))
+    assert len(train) + len(test) == 1797
+    image, label = test[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert 0 <= label < 5 and test.num_classes == 5
+    images, digits = load_digits_demo("test")
+    again, _ = load_digits_demo("test")
+    assert torch.equal(images, again) and not torch.equal(images, load_digits_demo("test", 1)[0])
+    # The distortion keeps raw pixels well below the plain digits' R@1 ≈ 0.99.
+    assert 0.45 < recall_at_k(images.flatten(1), digits, (1,))[1] < 0.65
+
+
+def test_build_dataset_and_transforms():
+    demo = build_dataset("demo", None, "test")
+    assert isinstance(demo, DigitsDemo) and demo.transform is None
+    assert build_transform("demo", train=False) is None
+    image = build_transform("demo", train=True)(demo[0][0])
+    assert image.shape == (1, 28, 28)
+    with pytest.raises(ValueError, match="name"):
+        build_dataset("mnist", None, "train")
+    with pytest.raises(ValueError, match="root"):
+        build_dataset("cub", None, "train")
