@@ -100,8 +100,8 @@ def _recall_from_neighbours(hits: Tensor, ks: Sequence[int]) -> dict[int, float]
 
 def _map_and_r_precision(hits: Tensor, labels: Tensor) -> tuple[float, float]:
     """MAP@R and R-Precision from a (N, ≥max R) boolean matrix of same-class neighbours."""
-    counts = torch.bincount(labels - labels.min())
-    r = (counts[labels - labels.min()] - 1).to(hits.device)
+    _, inverse, counts = labels.unique(return_inverse=True, return_counts=True)
+    r = (counts[inverse] - 1).to(hits.device)
     keep = r > 0
     if not bool(keep.any()):
         raise ValueError("MAP@R and R-Precision need a class with at least 2 samples, got none")
@@ -116,7 +116,7 @@ def _map_and_r_precision(hits: Tensor, labels: Tensor) -> tuple[float, float]:
 
 
 def _max_r(labels: Tensor) -> int:
-    return int(torch.bincount(labels - labels.min()).max()) - 1
+    return int(labels.unique(return_counts=True)[1].max()) - 1
 
 
 def recall_at_k(

@@ -1,5 +1,8 @@
 import math
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,6 +167,36 @@ def test_input_errors():
         recall_at_k_query_gallery(x, y, x[:, :3], y)
 
 
-def test_auto_backend_falls_back_to_torch():
+def test_auto_backend_falls_back_to_torch(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
     x, y = random_data(seed=9)
     assert recall_at_k(x, y, backend="auto") == recall_at_k(x, y)
+    with pytest.raises(ImportError, match="faiss"):
+        recall_at_k(x, y, backend="faiss")
+
+
+class FakeFaissIndex:
+    """numpy stand-in for ``faiss.IndexFlatIP`` (faiss is optional and not installed in CI)."""
+
+    def __init__(self, dim):
+        self.data = np.zeros((0, dim), dtype=np.float32)
+
+    def add(self, x):
+        self.data = np.concatenate([self.data, x])
+
+    def search(self, q, k):
+        sim = q @ self.data.T
+        index = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sim, index, axis=1), index
+
+
+def test_faiss_backend_matches_torch(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=FakeFaissIndex))
+    x, y = random_data(seed=10)
+    x[5] = x[4]  # a duplicate may rank before the query itself: it must still be dropped
+    torch_out = evaluate_retrieval(x, y, with_nmi=False)
+    assert evaluate_retrieval(x, y, with_nmi=False, backend="faiss") == pytest.approx(torch_out)
+    q, qy, g, gy = x[:50], y[:50], x[50:], y[50:]
+    assert recall_at_k_query_gallery(q, qy, g, gy, backend="auto") == pytest.approx(
+        recall_at_k_query_gallery(q, qy, g, gy)
+    )
