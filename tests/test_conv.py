@@ -1,0 +1,264 @@
+"""BatchGraphConv: against an edge-by-edge float64 reference, PyG's TransformerConv and itself across
+adjacency layouts."""
+
+import pytest
+import torch
+import torch_geometric.typing
+from torch_geometric.nn import TransformerConv
+from torch_geometric.utils import to_torch_coo_tensor, to_torch_csc_tensor
+
+from bgf_pyg.nn import BatchGraphConv
+from tests.reference import ssa_reference
+
+
+def random_graph(num_nodes: int = 12, num_edges: int = 40, isolated: int = 2) -> torch.Tensor:
+    """Random directed edges with duplicates and self-loops; the last ``isolated`` nodes have no
+    in-edges."""
+    src = torch.randint(0, num_nodes, (num_edges,))
+    dst = torch.randint(0, num_nodes - isolated, (num_edges,))
+    edge_index = torch.stack([src, dst])
+    loops = torch.arange(3).repeat(2, 1)
+    duplicates = edge_index[:, :5]
+    return torch.cat([edge_index, loops, duplicates], dim=1)
+
+
+def projections(conv: BatchGraphConv, x: torch.Tensor):
+    h, c = conv.heads, conv.out_channels
+    return (
+        conv.lin_query(x).view(-1, h, c),
+        conv.lin_key(x).view(-1, h, c),
+        conv.lin_value(x).view(-1, h, c),
+    )
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("concat", [True, False])
+def test_matches_reference_without_self_loops(path, concat):
+    x = torch.randn(12, 6, dtype=torch.float64)
+    edge_index = random_graph()
+    conv = BatchGraphConv(6, 4, heads=3, concat=concat, add_self_loops=False, attention_path=path)
+    conv = conv.double()
+    out, (ei, alpha) = conv(x, edge_index, return_attention_weights=True)
+    ref, ref_weights = ssa_reference(*projections(conv, x), edge_index)
+    ref = ref.reshape(12, -1) if concat else ref.mean(dim=1)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    assert torch.equal(ei, edge_index)
+    for e, weight in ref_weights.items():
+        torch.testing.assert_close(alpha[e], weight, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_self_loops_replace_existing_ones(path):
+    x = torch.randn(12, 6, dtype=torch.float64)
+    edge_index = random_graph()
+    conv = BatchGraphConv(6, 4, heads=2, attention_path=path).double()
+    out = conv(x, edge_index)
+    not_loop = edge_index[0] != edge_index[1]
+    looped = torch.cat([edge_index[:, not_loop], torch.arange(12).repeat(2, 1)], dim=1)
+    ref, _ = ssa_reference(*projections(conv, x), looped)
+    torch.testing.assert_close(out, ref.reshape(12, -1), atol=1e-10, rtol=1e-10)
+
+
+def test_isolated_nodes_get_zeros_not_nan():
+    x = torch.randn(12, 6)
+    for path in ("sparse", "dense"):
+        conv = BatchGraphConv(6, 4, heads=2, add_self_loops=False, attention_path=path)
+        out = conv(x, random_graph(isolated=2))
+        assert torch.isfinite(out).all()
+        assert torch.equal(out[-2:], torch.zeros(2, 8))
+
+
+def test_attention_weights_sum_to_one_per_target_and_head():
+    conv = BatchGraphConv(6, 4, heads=3)
+    edge_index = random_graph()
+    _, (ei, alpha) = conv(torch.randn(12, 6), edge_index, return_attention_weights=True)
+    assert alpha.shape == (ei.size(1), 3)
+    sums = torch.zeros(12, 3).index_add_(0, ei[1], alpha)
+    torch.testing.assert_close(sums, torch.ones(12, 3))
+
+
+def test_output_ignores_nodes_outside_the_neighbourhood():
+    x = torch.randn(12, 6)
+    edge_index = random_graph()
+    conv = BatchGraphConv(6, 4, heads=2)
+    out = conv(x, edge_index)
+    target = int(edge_index[1, 0])
+    in_neighbours = set(edge_index[0, edge_index[1] == target].tolist()) | {target}
+    outsider = next(j for j in range(12) if j not in in_neighbours)
+    x_changed = x.clone()
+    x_changed[outsider] += 10.0
+    torch.testing.assert_close(conv(x_changed, edge_index)[target], out[target])
+
+
+def test_return_attention_weights_false_returns_only_the_output():
+    conv = BatchGraphConv(6, 4)
+    out = conv(torch.randn(5, 6), random_graph(5, 10, 0), return_attention_weights=False)
+    assert isinstance(out, torch.Tensor)
+    assert conv._alpha is None
+
+
+@pytest.mark.parametrize("concat", [True, False])
+def test_equals_transformer_conv_with_its_weights(concat):
+    x = torch.randn(12, 6)
+    edge_index = random_graph()
+    reference = TransformerConv(6, 4, heads=3, concat=concat, root_weight=False, bias=False)
+    conv = BatchGraphConv(6, 4, heads=3, concat=concat, add_self_loops=False, bias=False)
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("lin_skip")}
+    conv.load_state_dict(state)
+    torch.testing.assert_close(conv(x, edge_index), reference(x, edge_index))
+
+
+def test_root_weight_and_edge_features_match_transformer_conv():
+    x, edge_attr = torch.randn(12, 6), torch.randn(40, 3)
+    edge_index = random_graph(isolated=0)[:, :40]
+    reference = TransformerConv(6, 4, heads=2, edge_dim=3, root_weight=True)
+    conv = BatchGraphConv(6, 4, heads=2, edge_dim=3, root_weight=True, add_self_loops=False)
+    conv.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(
+        conv(x, edge_index, edge_attr), reference(x, edge_index, edge_attr)
+    )
+
+
+def test_edge_features_with_added_self_loops_use_the_mean():
+    x, edge_attr = torch.randn(12, 6), torch.randn(30, 3)
+    edge_index = random_graph(isolated=0)[:, :30]
+    edge_index = edge_index[:, edge_index[0] != edge_index[1]]
+    edge_attr = edge_attr[: edge_index.size(1)]
+    conv = BatchGraphConv(6, 4, heads=2, edge_dim=3)
+    out = conv(x, edge_index, edge_attr)
+    looped = torch.cat([edge_index, torch.arange(12).repeat(2, 1)], dim=1)
+    mean_attr = torch.zeros(12, 3).index_add_(0, edge_index[1], edge_attr)
+    mean_attr /= torch.bincount(edge_index[1], minlength=12).clamp(min=1).unsqueeze(1)
+    manual = BatchGraphConv(6, 4, heads=2, edge_dim=3, add_self_loops=False)
+    manual.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(out, manual(x, looped, torch.cat([edge_attr, mean_attr])))
+
+
+def coalesced_graph():
+    edge_index = random_graph(isolated=1)
+    return torch.unique(edge_index, dim=1)  # sparse layouts merge duplicates
+
+
+def test_torch_sparse_adjacency_matches_edge_list():
+    x = torch.randn(12, 6)
+    edge_index = coalesced_graph()
+    conv = BatchGraphConv(6, 4, heads=2)
+    out, (_, alpha) = conv(x, edge_index, return_attention_weights=True)
+    for adj in (to_torch_csc_tensor(edge_index, size=(12, 12)).t(),
+                to_torch_coo_tensor(edge_index.flip(0), size=(12, 12))):
+        torch.testing.assert_close(conv(x, adj), out, atol=1e-6, rtol=1e-5)
+        _, (adj_alpha, _) = conv(x, adj, return_attention_weights=True)
+        assert adj_alpha.is_sparse or adj_alpha.layout != torch.strided
+
+
+@pytest.mark.skipif(not torch_geometric.typing.WITH_TORCH_SPARSE, reason="needs torch-sparse")
+def test_sparse_tensor_matches_edge_list():
+    from torch_sparse import SparseTensor
+
+    x = torch.randn(12, 6)
+    edge_index = coalesced_graph()
+    adj_t = SparseTensor.from_edge_index(edge_index, sparse_sizes=(12, 12)).t()
+    for add_loops in (True, False):
+        conv = BatchGraphConv(6, 4, heads=2, add_self_loops=add_loops)
+        torch.testing.assert_close(conv(x, adj_t), conv(x, edge_index), atol=1e-6, rtol=1e-5)
+    out, adj_alpha = conv(x, adj_t, return_attention_weights=True)
+    assert adj_alpha.storage.value().shape == (adj_t.nnz(), 2)
+
+
+def test_bipartite_and_lazy_input():
+    x_src, x_dst = torch.randn(7, 5), torch.randn(4, 3)
+    edge_index = torch.stack([torch.randint(0, 7, (15,)), torch.randint(0, 4, (15,))])
+    conv = BatchGraphConv((5, 3), 8, heads=2, add_self_loops=False, root_weight=True)
+    assert str(conv) == "BatchGraphConv((5, 3), 8, heads=2)"
+    assert conv((x_src, x_dst), edge_index).shape == (4, 16)
+    lazy = BatchGraphConv(-1, 8, heads=2, add_self_loops=False)
+    assert lazy((x_src, x_dst), edge_index).shape == (4, 16)
+    lazy.reset_parameters()
+
+
+def test_to_hetero():
+    from torch_geometric.data import HeteroData
+    from torch_geometric.nn import to_hetero
+
+    data = HeteroData()
+    data["image"].x = torch.randn(6, 5)
+    data["proxy"].x = torch.randn(3, 4)
+    data["image", "near", "image"].edge_index = torch.randint(0, 6, (2, 12))
+    data["proxy", "of", "image"].edge_index = torch.stack(
+        [torch.randint(0, 3, (8,)), torch.randint(0, 6, (8,))]
+    )
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = BatchGraphConv(-1, 4, heads=2, add_self_loops=False)
+
+        def forward(self, x, edge_index):
+            return self.conv(x, edge_index)
+
+    model = to_hetero(Net(), data.metadata(), aggr="sum")
+    out = model(data.x_dict, data.edge_index_dict)
+    assert out["image"].shape == (6, 8)
+
+
+def test_repr_and_reset_parameters():
+    conv = BatchGraphConv(16, 32, heads=8)
+    assert str(conv) == "BatchGraphConv(16, 32, heads=8)"
+    before = conv.lin_query.weight.clone()
+    conv.reset_parameters()
+    assert not torch.equal(before, conv.lin_query.weight)
+    assert conv.lin_skip is None and conv.lin_edge is None
+
+
+def test_attention_dropout_only_in_training():
+    x, edge_index = torch.randn(12, 6), random_graph(isolated=0)
+    conv = BatchGraphConv(6, 4, heads=2, dropout=0.5)
+    conv.eval()
+    torch.testing.assert_close(conv(x, edge_index), conv(x, edge_index))
+    conv.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(conv(x, edge_index), conv.eval()(x, edge_index))
+
+
+def test_empty_graph():
+    conv = BatchGraphConv(6, 4, heads=2, add_self_loops=False)
+    out = conv(torch.randn(5, 6), torch.empty(2, 0, dtype=torch.long))
+    assert torch.equal(out, torch.zeros(5, 8))
+    assert conv(torch.randn(0, 6), torch.empty(2, 0, dtype=torch.long)).shape == (0, 8)
+
+
+def test_gradcheck():
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    edge_index = random_graph(6, 14, 1)
+    for path in ("sparse", "dense"):
+        conv = BatchGraphConv(4, 3, heads=2, root_weight=True, attention_path=path).double()
+        assert torch.autograd.gradcheck(lambda t, c=conv: c(t, edge_index), (x,))
+
+
+@pytest.mark.parametrize(
+    ("x", "edge_index", "match"),
+    [
+        (torch.randn(5), torch.zeros(2, 1, dtype=torch.long), "x must be a 2-D tensor"),
+        (torch.randn(5, 7), torch.zeros(2, 1, dtype=torch.long), "x must have 6 columns"),
+        (torch.randn(5, 6), torch.zeros(3, 1, dtype=torch.long), r"edge_index must have shape \(2, E\)"),
+        (torch.randn(5, 6), torch.zeros(2, 1), "edge_index must be an int64"),
+        (torch.randn(5, 6), torch.tensor([[0], [5]]), r"edge_index\[1\] \(targets\) must lie in"),
+        (torch.randn(5, 6), torch.tensor([[-1], [0]]), r"edge_index\[0\] \(sources\) must lie in"),
+    ],
+)
+def test_bad_input_names_the_argument(x, edge_index, match):
+    conv = BatchGraphConv(6, 4)
+    with pytest.raises((ValueError, TypeError), match=match):
+        conv(x, edge_index)
+
+
+def test_edge_attr_errors():
+    x, edge_index = torch.randn(5, 6), torch.tensor([[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match="edge_attr is required"):
+        BatchGraphConv(6, 4, edge_dim=3)(x, edge_index)
+    with pytest.raises(ValueError, match="edge_attr must have one row per edge"):
+        BatchGraphConv(6, 4, edge_dim=3, add_self_loops=False)(x, edge_index, torch.randn(3, 3))
+    with pytest.raises(ValueError, match="edge_dim=None"):
+        BatchGraphConv(6, 4)(x, edge_index, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="attention_path"):
+        BatchGraphConv(6, 4, attention_path="fast")
