@@ -32,7 +32,7 @@ def ssa_reference(
         )  # (deg, H)
         scores = scores - scores.max(dim=0).values
         alpha = scores.exp() / scores.exp().sum(dim=0)
-        for e, j, a in zip(positions, sources, alpha):
+        for e, j, a in zip(positions, sources, alpha, strict=True):
             out[i] += a.unsqueeze(-1) * value[j]
             weights[e] = a
     return out, weights

@@ -160,5 +160,5 @@ def test_compiled_forward_backward_matches_eager():
     torch.testing.assert_close(out, model(x, *args), atol=1e-5, rtol=1e-4)
     out.square().sum().backward()
     torch.testing.assert_close(x_compiled.grad, x_eager.grad, atol=1e-4, rtol=1e-4)
-    for p, g in zip(model.parameters(), grads):
+    for p, g in zip(model.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)

@@ -1,5 +1,5 @@
-"""BatchGraphConv: against an edge-by-edge float64 reference, PyG's TransformerConv and itself across
-adjacency layouts."""
+"""BatchGraphConv against an edge-by-edge float64 reference, PyG's TransformerConv, and itself
+across adjacency layouts."""
 
 import pytest
 import torch
@@ -240,7 +240,7 @@ def test_gradcheck():
     [
         (torch.randn(5), torch.zeros(2, 1, dtype=torch.long), "x must be a 2-D tensor"),
         (torch.randn(5, 7), torch.zeros(2, 1, dtype=torch.long), "x must have 6 columns"),
-        (torch.randn(5, 6), torch.zeros(3, 1, dtype=torch.long), r"edge_index must have shape \(2, E\)"),
+        (torch.randn(5, 6), torch.zeros(3, 1, dtype=torch.long), r"must have shape \(2, E\)"),
         (torch.randn(5, 6), torch.zeros(2, 1), "edge_index must be an int64"),
         (torch.randn(5, 6), torch.tensor([[0], [5]]), r"edge_index\[1\] \(targets\) must lie in"),
         (torch.randn(5, 6), torch.tensor([[-1], [0]]), r"edge_index\[0\] \(sources\) must lie in"),
