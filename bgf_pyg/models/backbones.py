@@ -92,8 +92,8 @@ def _global_pool(pooling: str) -> nn.Module:
 def load_imagenet_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a torchvision ImageNet state dict from ``path`` into ``model`` (its ``fc.*`` skipped).
 
-    Raises ``FileNotFoundError`` for a missing file and ``RuntimeError`` (naming ``path``) for a file
-    that is not a readable state dict of this architecture.
+    Raises ``FileNotFoundError`` for a missing file and ``RuntimeError`` (naming ``path``) for a
+    file that is not a readable state dict of this architecture.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -105,7 +105,10 @@ def load_imagenet_weights(model: nn.Module, path: str | os.PathLike) -> None:
     if not isinstance(state, dict):
         raise RuntimeError(f"{path} does not hold a state dict (got {type(state).__name__})")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise RuntimeError(f"{path} does not match the backbone: {err}") from err
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise RuntimeError(

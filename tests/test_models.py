@@ -1,0 +1,175 @@
+"""Backbones (shapes, local ImageNet weights) and the four method wrappers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.models import resnet18
+
+from bgf_pyg.data import ClassBalancedBatchSampler
+from bgf_pyg.models import METHODS, build_backbone, build_method
+
+NUM_CLASSES, PER_CLASS, DIM = 4, 4, 16
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(PER_CLASS)
+    images = torch.randn(labels.numel(), 1, 28, 28) + labels.view(-1, 1, 1, 1).float()
+    return images, labels
+
+
+def small_method(name: str, **hparams):
+    if name == "bgformer":
+        hparams = {"k": 5, "heads": 4, **hparams}
+    return build_method(name, build_backbone("smallcnn", DIM), NUM_CLASSES, **hparams)
+
+
+@pytest.mark.parametrize("name,feature_dim", [("resnet18", 512), ("resnet50", 2048)])
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_resnet_shapes(name, feature_dim, pooling):
+    net = build_backbone(name, 32, pooling=pooling).eval()
+    images = torch.randn(2, 3, 64, 64)
+    assert net.features(images).shape == (2, feature_dim)
+    assert net(images).shape == (2, 32)
+    pool = torch.nn.AdaptiveMaxPool2d if pooling == "max" else torch.nn.AdaptiveAvgPool2d
+    assert isinstance(net.trunk.avgpool, pool)
+
+
+def test_smallcnn_shapes():
+    net = build_backbone("smallcnn", 8)
+    assert net(torch.randn(3, 1, 28, 28)).shape == (3, 8)
+    assert build_backbone("smallcnn", 8, in_channels=3)(torch.randn(2, 3, 28, 28)).shape == (2, 8)
+
+
+def test_random_init_is_logged(caplog):
+    with caplog.at_level("INFO", logger="bgf_pyg"):
+        build_backbone("smallcnn", 8)
+    assert "randomly initialised" in caplog.text
+
+
+def test_pretrained_loads_local_state_dict(tmp_path):
+    reference = resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)  # fc.* included, as torchvision ships it
+    net = build_backbone("resnet18", 8, pretrained=str(path))
+    torch.testing.assert_close(net.trunk.conv1.weight, reference.conv1.weight, atol=0, rtol=0)
+    torch.testing.assert_close(net.trunk.layer4[1].bn2.running_var,
+                               reference.layer4[1].bn2.running_var, atol=0, rtol=0)
+
+
+def test_pretrained_missing_file_names_path(tmp_path):
+    path = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        build_backbone("resnet18", 8, pretrained=str(path))
+
+
+def test_pretrained_corrupt_or_foreign_file(tmp_path):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="corrupt.pth"):
+        build_backbone("resnet18", 8, pretrained=str(corrupt))
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, foreign)
+    with pytest.raises(RuntimeError, match="does not match"):
+        build_backbone("resnet18", 8, pretrained=str(foreign))
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("vgg", 8)
+    with pytest.raises(ValueError, match="unknown method"):
+        build_method("arcface", build_backbone("smallcnn", 8), 3)
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_method("plain", build_backbone("smallcnn", 8), 3, loss="npair")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_few_steps_lower_the_loss(name, batch):
+    torch.manual_seed(0)
+    method = small_method(name)
+    optimizer = torch.optim.Adam(method.param_groups(1e-3, 1e-2))
+    images, labels = batch
+    method.train()
+    before = method(images, labels).item()
+    for _ in range(5):
+        optimizer.zero_grad()
+        method(images, labels).backward()
+        optimizer.step()
+    assert method(images, labels).item() < before
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_embed_is_normalised_and_graph_free(name, batch):
+    method = small_method(name).eval()
+    emb = method.embed(batch[0])
+    assert emb.shape == (batch[0].size(0), DIM)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(emb.size(0)))
+    # Test time is head(trunk(x)) only: one image's embedding does not depend on the batch.
+    torch.testing.assert_close(method.embed(batch[0][:1]), emb[:1])
+
+
+@pytest.mark.parametrize("name,loss,proxy_groups", [
+    ("plain", "multi_similarity", 0),
+    ("plain", "proxy_anchor", 1),
+    ("plain", "normalized_softmax", 1),
+    ("bgformer", "proxy_anchor", 1),
+    ("proxygml", None, 1),
+])
+def test_param_groups_put_proxies_apart(name, loss, proxy_groups):
+    hparams = {} if loss is None else {"loss": loss}
+    method = small_method(name, **hparams)
+    groups = method.param_groups(0.1, 0.5)
+    assert len(groups) == 1 + proxy_groups
+    if proxy_groups:
+        assert groups[1]["lr"] == 0.5
+        assert {id(p) for p in groups[1]["params"]} == {id(p) for p in method.loss_fn.parameters()}
+    total = sum(p.numel() for g in groups for p in g["params"])
+    assert total == sum(p.numel() for p in method.parameters())
+
+
+@pytest.mark.parametrize("name,loss", [("plain", "multi_similarity"), ("plain", "contrastive"),
+                                       ("plain", "triplet"), ("bgformer", "proxy_anchor")])
+def test_one_sample_per_class_with_pairs_is_refused(name, loss):
+    with pytest.raises(ValueError, match="no positive pairs"):
+        build_method(name, build_backbone("smallcnn", 8), 3, loss=loss, samples_per_class=1)
+
+
+def test_one_sample_per_class_with_proxies_is_fine():
+    build_method("plain", build_backbone("smallcnn", 8), 3, loss="proxy_anchor",
+                 samples_per_class=1)
+    build_method("intra-batch", build_backbone("smallcnn", 8), 3, samples_per_class=1)
+
+
+def test_intra_batch_loss_is_the_sum_of_two_label_smoothed_ces(batch):
+    method = small_method("intra-batch", temperature=0.5).eval()
+    images, labels = batch
+    emb = method.backbone(images)
+    mpn_logits, _ = method.mpn(F.normalize(emb, dim=1))
+    expected = (F.cross_entropy(method.classifier(emb) / 0.5, labels, label_smoothing=0.1)
+                + F.cross_entropy(mpn_logits / 0.5, labels, label_smoothing=0.1))
+    torch.testing.assert_close(method(images, labels), expected)
+
+
+def test_bgformer_alpha_one_is_the_plain_loss(batch):
+    torch.manual_seed(0)
+    method = small_method("bgformer", alpha=1.0).eval()
+    images, labels = batch
+    plain = method.loss_fn(method.backbone(images), labels)
+    torch.testing.assert_close(method(images, labels), plain)
+
+
+def test_sampler_batches_feed_every_method(batch):
+    images, labels = batch
+    loader = DataLoader(TensorDataset(images, labels),
+                        batch_sampler=ClassBalancedBatchSampler(labels, 3, 2, num_batches=2))
+    for name in METHODS:
+        method = small_method(name)
+        for x, y in loader:
+            assert x.shape[0] == 6 and y.unique().numel() == 3
+            loss = method(x, y)
+            loss.backward()
+            assert torch.isfinite(loss)
