@@ -23,7 +23,16 @@ if typing.TYPE_CHECKING:
 else:
     from torch.jit import _overload_method as overload
 
-ATTENTION_PATHS = ("sparse", "dense")
+ATTENTION_PATHS = ("auto", "sparse", "dense")
+
+#: ``attention_path="auto"`` runs the dense path when N_src·N_dst ≤ this × |E| (self-loops
+#: counted): the N² masked attention (SDPA, no per-edge gathers or scatters) then costs less than
+#: the sparse path. Measured with ``benchmarks/sparse_vs_dense.py --threads 1 --methods bgc_sparse
+#: bgc_dense`` (CPU, D = 512, 8 heads, forward+backward, kNN graphs with loops, N = 256…2048,
+#: k = 5, 10, 30; ``benchmarks/results/cpu_threshold.json``): dense and sparse tied at
+#: N²/|E| ≈ 85 for k = 5, crossed between 46 and 93 for k = 10, and dense still won at 66 for
+#: k = 30.
+DENSE_PAIRS_PER_EDGE = 80
 
 
 class BatchGraphConv(MessagePassing):
@@ -54,8 +63,11 @@ class BatchGraphConv(MessagePassing):
 
     Two equivalent implementations are available: the edge-list ``"sparse"`` path (gathers per edge
     and a scatter softmax, O(|E|) memory) and the ``"dense"`` path (masked attention on an
-    (N, N) adjacency, O(N²) memory; one matmul, faster for small or nearly complete graphs). Edge
-    features always use the sparse path.
+    (N, N) adjacency, O(N²) memory; one matmul, faster for small or nearly complete graphs);
+    ``"auto"`` picks one from N and |E|. Edge features always use the sparse path. When every
+    target has the same number k of in-edges, sorted by target (the kNN graphs of
+    :func:`~bgf_pyg.build_batch_graph`), the sparse path reshapes the edges to (N, k) and takes a
+    dense softmax over the k slots instead of a scatter softmax (not under ``torch.compile``).
 
     Args:
         in_channels (int or tuple): Size of each input sample, or :obj:`-1` to derive it from the
@@ -79,8 +91,9 @@ class BatchGraphConv(MessagePassing):
             :math:`\mathbf{W}_S \mathbf{x}_i`. (default: :obj:`False`)
         fill_value (float or str, optional): Edge features of added self-loops (see
             :meth:`torch_geometric.utils.add_self_loops`). (default: :obj:`"mean"`)
-        attention_path (str, optional): ``"sparse"`` (edge list) or ``"dense"`` (masked dense
-            attention). (default: :obj:`"sparse"`)
+        attention_path (str, optional): ``"sparse"`` (edge list), ``"dense"`` (masked dense
+            attention) or ``"auto"``: dense when :math:`N_s N_t \le` :data:`DENSE_PAIRS_PER_EDGE`
+            :math:`\cdot |\mathcal{E}|`, else sparse. (default: :obj:`"auto"`)
         **kwargs (optional): Additional arguments of
             :class:`torch_geometric.nn.conv.MessagePassing`.
 
@@ -109,7 +122,7 @@ class BatchGraphConv(MessagePassing):
         bias: bool = True,
         root_weight: bool = False,
         fill_value: Union[float, str] = "mean",
-        attention_path: str = "sparse",
+        attention_path: str = "auto",
         **kwargs,
     ) -> None:
         kwargs.setdefault("aggr", "add")
@@ -211,33 +224,37 @@ class BatchGraphConv(MessagePassing):
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         self._check_inputs(x_src, x_dst, edge_index, edge_attr)
         num_src, num_dst = x_src.size(0), x_dst.size(0)
+        query, key, value = self._project(x_src, x_dst)
+        return_weights = bool(return_attention_weights)
 
-        if self.add_self_loops:
-            edge_index, edge_attr = self._with_self_loops(edge_index, edge_attr, num_src, num_dst)
-
-        heads, channels = self.heads, self.out_channels
-        query = self.lin_query(x_dst).view(-1, heads, channels)
-        key = self.lin_key(x_src).view(-1, heads, channels)
-        value = self.lin_value(x_src).view(-1, heads, channels)
-
-        if self._use_dense(edge_index, edge_attr):
-            out, alpha = self._dense_forward(
-                query, key, value, edge_index, bool(return_attention_weights)
+        if self._use_dense(edge_index, edge_attr, num_src, num_dst):
+            out, alpha, edge_index = self._dense_forward(
+                query, key, value, edge_index, return_weights
             )
         else:
-            # propagate_type: (query: Tensor, key: Tensor, value: Tensor, edge_attr: OptTensor)
-            out = self.propagate(
-                edge_index, query=query, key=key, value=value, edge_attr=edge_attr,
-                size=(num_src, num_dst),
-            )
-            alpha = self._alpha
-        self._alpha = None
+            source = self._regular_sources(edge_index, edge_attr, num_src, num_dst)
+            if source is not None:
+                out, alpha, edge_index = self._regular_forward(
+                    query, key, value, source, edge_index, edge_attr
+                )
+            else:
+                if self.add_self_loops:
+                    edge_index, edge_attr = self._with_self_loops(
+                        edge_index, edge_attr, num_src, num_dst
+                    )
+                # propagate_type: (query: Tensor, key: Tensor, value: Tensor, edge_attr: OptTensor)
+                out = self.propagate(
+                    edge_index, query=query, key=key, value=value, edge_attr=edge_attr,
+                    size=(num_src, num_dst),
+                )
+                alpha = self._alpha
+                self._alpha = None
 
-        out = out.reshape(-1, heads * channels) if self.concat else out.mean(dim=1)
+        out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(dim=1)
         if self.lin_skip is not None:
             out = out + self.lin_skip(x_dst)
 
-        if return_attention_weights:
+        if return_weights:
             assert alpha is not None
             if isinstance(edge_index, SparseTensor):
                 return out, edge_index.set_value(alpha, layout="coo")
@@ -312,13 +329,38 @@ class BatchGraphConv(MessagePassing):
             edge_index, edge_attr, fill_value=self.fill_value, num_nodes=min(num_src, num_dst)
         )
 
-    def _use_dense(self, edge_index: Adj, edge_attr: OptTensor) -> bool:
-        return (
-            self.attention_path == "dense"
-            and edge_attr is None
+    def _project(self, x_src: Tensor, x_dst: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Query (N_dst, H, d), key and value (N_src, H, d); one fused matmul when possible."""
+        shape = (-1, self.heads, self.out_channels)
+        lins = (self.lin_query, self.lin_key, self.lin_value)
+        fusable = x_src is x_dst and all(
+            lin.in_channels > 0 and (lin.bias is None) == (self.lin_query.bias is None)
+            for lin in lins
+        )
+        if not fusable:
+            return (
+                self.lin_query(x_dst).view(shape),
+                self.lin_key(x_src).view(shape),
+                self.lin_value(x_src).view(shape),
+            )
+        # One (N, F) × (F, 3·H·d) GEMM instead of three; the parameters stay separate so that
+        # TransformerConv state dicts still load.
+        weight = torch.cat([lin.weight for lin in lins])
+        bias = None if self.lin_query.bias is None else torch.cat([lin.bias for lin in lins])
+        query, key, value = F.linear(x_dst, weight, bias).chunk(3, dim=-1)
+        return query.view(shape), key.view(shape), value.view(shape)
+
+    def _use_dense(self, edge_index: Adj, edge_attr: OptTensor, num_src: int, num_dst: int) -> bool:
+        if not (
+            edge_attr is None
             and isinstance(edge_index, Tensor)
             and edge_index.layout == torch.strided
-        )
+        ):
+            return False
+        if self.attention_path != "auto":
+            return self.attention_path == "dense"
+        num_edges = edge_index.size(1) + (min(num_src, num_dst) if self.add_self_loops else 0)
+        return num_src * num_dst <= DENSE_PAIRS_PER_EDGE * num_edges
 
     def _dense_forward(
         self,
@@ -327,16 +369,84 @@ class BatchGraphConv(MessagePassing):
         value: Tensor,
         edge_index: Tensor,
         return_weights: bool,
-    ) -> tuple[Tensor, OptTensor]:
-        adj = dense_adjacency(edge_index, key.size(0), query.size(0), dtype=query.dtype)
+    ) -> tuple[Tensor, OptTensor, Tensor]:
+        """Masked dense attention; returns ``(out, alpha (E', H) or None, edge_index')``."""
+        num_src, num_dst = key.size(0), query.size(0)
+        adj = dense_adjacency(
+            edge_index, num_src, num_dst, dtype=query.dtype, self_loops=self.add_self_loops
+        )
         out, alpha = dense_attention(
             query, key, value, adj, self.dropout, self.training, return_weights
         )
         if alpha is not None:
+            if self.add_self_loops:
+                edge_index, _ = self._with_self_loops(edge_index, None, num_src, num_dst)
             # Per-edge weights: a pair with c duplicate edges carries c shares of the softmax.
             src, dst = edge_index
             alpha = (alpha[:, dst, src] / adj[dst, src]).t()
-        return out, alpha
+        return out, alpha, edge_index
+
+    def _regular_sources(
+        self, edge_index: Adj, edge_attr: OptTensor, num_src: int, num_dst: int
+    ) -> OptTensor:
+        """(N_dst, k) sources when every target has the same k in-edges, sorted by target (the
+        kNN graphs of :func:`~bgf_pyg.build_batch_graph`); with :obj:`add_self_loops` the loop
+        becomes slot 0 (only when the input has no loops). ``None`` when the layout differs.
+
+        The check reads the edge list once (O(|E|), no sort), but its outcome is data dependent:
+        under ``torch.compile`` the generic path runs instead, so the graph stays unbroken.
+        """
+        if (
+            torch.compiler.is_compiling()
+            or not isinstance(edge_index, Tensor)
+            or edge_index.layout != torch.strided
+            or num_dst == 0
+            or edge_index.size(1) % num_dst != 0
+            or (self.add_self_loops and (edge_attr is not None or num_dst > num_src))
+        ):
+            return None
+        source, target = edge_index.view(2, num_dst, -1)
+        node = torch.arange(num_dst, device=edge_index.device).view(-1, 1)
+        regular = target == node
+        if self.add_self_loops:
+            regular = regular & (source != node)
+        if not bool(regular.all()):
+            return None
+        if self.add_self_loops:
+            source = torch.cat([node, source], dim=1)
+        return source
+
+    def _regular_forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        source: Tensor,
+        edge_index: Tensor,
+        edge_attr: OptTensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The sparse softmax on a regular graph: a dense softmax over each target's k slots,
+        with no scatter. Returns ``(out (N_dst, H, d), alpha (E', H), edge_index')`` in the edge
+        order of the generic path (added loops last)."""
+        num_dst, degree = source.shape
+        heads, channels = self.heads, self.out_channels
+        key_j = key.index_select(0, source.reshape(-1)).view(num_dst, degree, heads, channels)
+        value_j = value.index_select(0, source.reshape(-1)).view(num_dst, degree, heads, channels)
+        if self.lin_edge is not None:
+            edge = self.lin_edge(edge_attr).view(num_dst, degree, heads, channels)
+            key_j = key_j + edge
+            value_j = value_j + edge
+        # Broadcast products, not einsum: einsum's bmm over N·H tiny (1, d) @ (d, k) matrices
+        # copies every batch entry on CPU and was 3× slower.
+        score = (query.unsqueeze(1) * key_j).sum(dim=-1) / math.sqrt(channels)  # (N_dst, k, H)
+        alpha = score.softmax(dim=1)
+        weight = F.dropout(alpha, p=self.dropout, training=self.training)
+        out = (weight.unsqueeze(-1) * value_j).sum(dim=1)
+        if self.add_self_loops:
+            loop = source[:, :1].t().expand(2, -1)
+            edge_index = torch.cat([edge_index, loop], dim=1)
+            alpha = torch.cat([alpha[:, 1:].reshape(-1, heads), alpha[:, 0]])
+        return out, alpha.reshape(-1, heads), edge_index
 
     def __repr__(self) -> str:
         return (

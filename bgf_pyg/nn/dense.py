@@ -19,13 +19,25 @@ from torch import Tensor
 
 
 def dense_adjacency(
-    edge_index: Tensor, num_src: int, num_dst: int, dtype: torch.dtype = torch.float
+    edge_index: Tensor,
+    num_src: int,
+    num_dst: int,
+    dtype: torch.dtype = torch.float,
+    self_loops: bool = False,
 ) -> Tensor:
-    """(num_dst, num_src) edge-count matrix, ``adj[target, source]``, of a (2, E) edge list."""
+    """(num_dst, num_src) edge-count matrix, ``adj[target, source]``, of a (2, E) edge list.
+
+    With ``self_loops`` the diagonal is set to exactly one edge i→i for i < min(num_src, num_dst),
+    as ``remove_self_loops`` followed by ``add_self_loops`` would give, but without their
+    data-dependent masking (so ``torch.compile`` keeps one graph).
+    """
     adj = torch.zeros(num_dst * num_src, dtype=dtype, device=edge_index.device)
     flat = edge_index[1] * num_src + edge_index[0]
     adj.index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
-    return adj.view(num_dst, num_src)
+    adj = adj.view(num_dst, num_src)
+    if self_loops:
+        adj.diagonal().fill_(1.0)
+    return adj
 
 
 def dense_attention(
@@ -55,13 +67,11 @@ def dense_attention(
     Returns:
         ``(out (N_dst, H, d), alpha or None)``.
     """
-    has_edge = adj > 0
-    has_neighbour = has_edge.any(dim=1)
-    # log-counts as an additive mask: -inf where no edge, log 2 for a doubled edge. Rows without
-    # neighbours get a zero mask (a finite softmax) and are zeroed afterwards.
-    log_adj = torch.where(has_edge, adj.log(), adj.new_full((), float("-inf")))
-    log_adj = torch.where(has_neighbour.unsqueeze(1), log_adj, torch.zeros_like(log_adj))
-    log_adj = log_adj.to(query.dtype)
+    has_neighbour = adj.any(dim=1)
+    # log-counts as an additive mask: log 0 = -inf where no edge, log 2 for a doubled edge. Rows
+    # without neighbours get a zero mask (a finite softmax) and are zeroed afterwards. Three passes
+    # over the N² matrix in all: this mask is the dense path's main cost beyond the two matmuls.
+    log_adj = adj.to(query.dtype).masked_fill(~has_neighbour.unsqueeze(1), 1.0).log_()
     q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # (H, N, d)
     alpha = None
     if return_weights:
