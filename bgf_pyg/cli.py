@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-augment", action="store_true",
+                   help="train on test-time transforms (no random augmentation)")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -84,11 +86,12 @@ class Splits:
     gallery: Dataset | None = None
 
 
-def load_splits(dataset: str, root: str | None) -> Splits:
+def load_splits(dataset: str, root: str | None, augment: bool = True) -> Splits:
     """Training and evaluation splits (In-Shop: query against gallery)."""
     if dataset != "demo" and root is None:
         raise ValueError(f"--data-root is required for --dataset {dataset}")
-    train_tf, test_tf = build_transform(dataset, train=True), build_transform(dataset, train=False)
+    train_tf = build_transform(dataset, train=augment)
+    test_tf = build_transform(dataset, train=False)
     train = build_dataset(dataset, root, "train", train_tf)
     if dataset == "inshop":
         return Splits(train, build_dataset(dataset, root, "query", test_tf),
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     backbone_name = args.backbone or ("smallcnn" if args.dataset == "demo" else "resnet50")
     out = Path(args.out or f"runs/{args.dataset}-{args.method}-s{args.seed}")
     seed_all(args.seed)
-    splits = load_splits(args.dataset, args.data_root)
+    splits = load_splits(args.dataset, args.data_root, augment=not args.no_augment)
     num_classes = splits.train.num_classes
     samples_per_class = None if args.method == "proxygml" else args.samples_per_class
     backbone = build_backbone(backbone_name, args.embedding_dim, args.pretrained,

@@ -74,7 +74,7 @@ def test_unknown_method(capsys):
 def test_tiny_demo_run_prints_the_table(tmp_path, capsys):
     code = main(["--method", "plain", "--epochs", "1", "--embedding-dim", "16",
                  "--classes-per-batch", "5", "--samples-per-class", "4", "--lr", "1e-3",
-                 "--out", str(tmp_path), "--device", "cpu", "--no-progress"])
+                 "--out", str(tmp_path), "--device", "cpu", "--no-augment", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
     assert "| method | R@1 | R@2 | R@4 | R@8 | NMI | MAP@R |" in out

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import resnet18
 
 from bgf_pyg.data import ClassBalancedBatchSampler
-from bgf_pyg.models import METHODS, build_backbone, build_method
+from bgf_pyg.models import METHODS, EmbeddingNet, build_backbone, build_method
 
 NUM_CLASSES, PER_CLASS, DIM = 4, 4, 16
 
@@ -22,17 +23,24 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
+def tiny_backbone() -> EmbeddingNet:
+    """A conv + linear trunk of 32 features: keeps the method tests fast."""
+    trunk = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.BatchNorm2d(2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(2 * 13 * 13, 32))
+    return EmbeddingNet(trunk, 32, DIM)
+
+
 def small_method(name: str, **hparams):
     if name == "bgformer":
         hparams = {"k": 5, "heads": 4, **hparams}
-    return build_method(name, build_backbone("smallcnn", DIM), NUM_CLASSES, **hparams)
+    return build_method(name, tiny_backbone(), NUM_CLASSES, **hparams)
 
 
-@pytest.mark.parametrize("name,feature_dim", [("resnet18", 512), ("resnet50", 2048)])
-@pytest.mark.parametrize("pooling", ["avg", "max"])
+@pytest.mark.parametrize("name,feature_dim,pooling", [("resnet18", 512, "avg"),
+                                                      ("resnet50", 2048, "max")])
 def test_resnet_shapes(name, feature_dim, pooling):
     net = build_backbone(name, 32, pooling=pooling).eval()
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randn(2, 3, 32, 32)
     assert net.features(images).shape == (2, feature_dim)
     assert net(images).shape == (2, 32)
     pool = torch.nn.AdaptiveMaxPool2d if pooling == "max" else torch.nn.AdaptiveAvgPool2d
@@ -41,6 +49,7 @@ def test_resnet_shapes(name, feature_dim, pooling):
 
 def test_smallcnn_shapes():
     net = build_backbone("smallcnn", 8)
+    assert net.features(torch.randn(3, 1, 28, 28)).shape == (3, net.feature_dim)
     assert net(torch.randn(3, 1, 28, 28)).shape == (3, 8)
     assert build_backbone("smallcnn", 8, in_channels=3)(torch.randn(2, 3, 28, 28)).shape == (2, 8)
 
