@@ -60,6 +60,7 @@ METHODS = ("bgc_sparse", "bgc_dense", "bgc_auto", "transformer", "gat", "sdpa_ma
 #: Fixed glibc mmap threshold (bytes): larger buffers are mmapped and unmapped on free.
 MMAP_THRESHOLD = 65536
 MIB = 2**20
+COMPILE_CACHE_SIZE = 256
 
 
 class SDPAttention(nn.Module):
@@ -321,6 +322,10 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device available")
+    if args.compile:
+        # Every BatchGraphConv instance shares one forward code object: without a larger cache,
+        # dynamo stops recompiling after 8 variants and silently runs the rest eagerly.
+        torch._dynamo.config.cache_size_limit = COMPILE_CACHE_SIZE
     ns = args.n or (QUICK_GRID_N if args.quick else FULL_GRID_N if args.full else DEFAULT_GRID_N)
     ks = args.k or (QUICK_GRID_K if args.quick else GRID_K)
     rows: list[dict] = []
