@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 from torch_geometric import seed_everything
 from tqdm.auto import tqdm
@@ -324,7 +324,8 @@ def fit(
     method.to(device)
     start, best, best_epoch, best_metrics, last_metrics = 0, None, None, {}, {}
     if resume:
-        state = load_checkpoint(out / LAST_CHECKPOINT, map_location=device)
+        # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        state = load_checkpoint(out / LAST_CHECKPOINT)
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -336,6 +337,8 @@ def fit(
         if state.get("loader_generator") is not None and train_loader.generator is not None:
             train_loader.generator.set_state(state["loader_generator"])
         log.info("resumed from %s after epoch %d", out / LAST_CHECKPOINT, start)
+    else:  # a fresh run: nothing of an earlier run in ``out`` may pass for this one's
+        (out / BEST_CHECKPOINT).unlink(missing_ok=True)
     keep_metrics_until(out, start)
     sampler = _epoch_sampler(train_loader)
     for epoch in range(start, epochs):
@@ -383,7 +386,3 @@ def build_optimizer(
     """AdamW over ``method.param_groups(lr, proxy_lr)``."""
     return torch.optim.AdamW(method.param_groups(lr, proxy_lr), weight_decay=weight_decay)
 
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
