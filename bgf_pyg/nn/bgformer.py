@@ -46,7 +46,7 @@ class DualSSA(nn.Module):
             (PyG's ``GCNConv``), as in the authors' related SGFormer code.
             (default: :obj:`"attention"`)
         add_self_loops (bool, optional): Passed to the attention branches. (default: :obj:`True`)
-        attention_path (str, optional): Passed to the attention branches. (default: :obj:`"sparse"`)
+        attention_path (str, optional): Passed to the attention branches. (default: :obj:`"auto"`)
     """
 
     def __init__(
@@ -57,7 +57,7 @@ class DualSSA(nn.Module):
         lam: float = 0.5,
         semantic_branch: str = "attention",
         add_self_loops: bool = True,
-        attention_path: str = "sparse",
+        attention_path: str = "auto",
     ) -> None:
         super().__init__()
         check_positive_int(channels, "channels")
