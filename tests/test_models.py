@@ -182,3 +182,12 @@ def test_sampler_batches_feed_every_method(batch):
             loss = method(x, y)
             loss.backward()
             assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["plain", "bgformer"])
+def test_a_batch_with_one_class_is_refused_by_pair_losses(name):
+    extra = {"k": 2} if name == "bgformer" else {}
+    method = build_method(name, build_backbone("smallcnn", 8), 3, loss="multi_similarity", **extra)
+    images = torch.randn(4, 1, 28, 28)
+    with pytest.raises(ValueError, match="same class.*no negative pair"):
+        method(images, torch.zeros(4, dtype=torch.long))

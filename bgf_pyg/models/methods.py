@@ -34,6 +34,7 @@ PROXY_LOSSES: dict[str, Callable[[int, int], nn.Module]] = {
     "proxy_anchor": pml_losses.ProxyAnchorLoss,
     "normalized_softmax": pml_losses.NormalizedSoftmaxLoss,
 }
+PAIR_LOSS_TYPES = tuple(PAIR_LOSSES.values())
 LOSSES = tuple(PAIR_LOSSES) + tuple(PROXY_LOSSES)
 METHODS = ("plain", "bgformer", "intra-batch", "proxygml")
 
@@ -42,6 +43,16 @@ DEFAULT_ALPHA = 0.5
 #: Temperature of the intra-batch CE (the original's CUB value) and its label smoothing ε.
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_SMOOTHING = 0.1
+
+
+def check_two_classes(labels: Tensor) -> None:
+    """A pair-based loss needs a negative pair: refuse a batch whose samples all share one class
+    (its loss would be 0 and the step would silently train nothing)."""
+    if labels.numel() > 0 and bool((labels == labels[0]).all()):
+        raise ValueError(
+            "labels: every sample of the batch has the same class, so a pair-based metric loss "
+            "has no negative pair; sample at least 2 classes per batch (--classes-per-batch >= 2)"
+        )
 
 
 def build_metric_loss(name: str, num_classes: int | None, embedding_dim: int) -> nn.Module:
@@ -85,6 +96,8 @@ class PlainMethod(Method):
     """Backbone + head + metric loss, no graph: the ablation every table needs."""
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        if isinstance(self.loss_fn, PAIR_LOSS_TYPES):
+            check_two_classes(labels)
         return self.loss_fn(self.backbone(images), labels)
 
 
@@ -116,6 +129,8 @@ class BGFormerMethod(Method):
         )
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        if isinstance(self.loss_fn, PAIR_LOSS_TYPES):
+            check_two_classes(labels)
         f = self.backbone.features(images)
         graph = build_batch_graph(f.detach(), labels, self.k)
         g = self.bgformer(f, graph.visual_edge_index, graph.semantic_edge_index)
