@@ -262,3 +262,29 @@ def test_edge_attr_errors():
         BatchGraphConv(6, 4)(x, edge_index, torch.randn(2, 3))
     with pytest.raises(ValueError, match="attention_path"):
         BatchGraphConv(6, 4, attention_path="fast")
+
+
+def test_explainer_masks_exactly_the_in_edges():
+    from torch_geometric.explain import Explainer, GNNExplainer
+
+    from bgf_pyg import build_batch_graph
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = BatchGraphConv(8, 4, heads=2)  # auto path: dense or kNN outside explain
+            self.lin = torch.nn.Linear(8, 3)
+
+        def forward(self, x, edge_index):
+            return self.lin(self.conv(x, edge_index).relu())
+
+    graph = build_batch_graph(torch.randn(20, 8), k=4)
+    explainer = Explainer(
+        Net(), algorithm=GNNExplainer(epochs=5), explanation_type="model",
+        node_mask_type="attributes", edge_mask_type="object",
+        model_config={"mode": "multiclass_classification", "task_level": "node",
+                      "return_type": "raw"},
+    )
+    edge_mask = explainer(graph.x, graph.visual_edge_index, index=3).edge_mask
+    assert edge_mask.shape == (graph.num_visual_edges,)
+    assert torch.equal(edge_mask > 0, graph.visual_edge_index[1] == 3)

@@ -227,12 +227,15 @@ class BatchGraphConv(MessagePassing):
         query, key, value = self._project(x_src, x_dst)
         return_weights = bool(return_attention_weights)
 
-        if self._use_dense(edge_index, edge_attr, num_src, num_dst):
+        # PyG's explainers mask the messages inside ``propagate``: explain mode takes that path.
+        if not self.explain and self._use_dense(edge_index, edge_attr, num_src, num_dst):
             out, alpha, edge_index = self._dense_forward(
                 query, key, value, edge_index, return_weights
             )
         else:
-            source = self._regular_sources(edge_index, edge_attr, num_src, num_dst)
+            source = None
+            if not self.explain:
+                source = self._regular_sources(edge_index, edge_attr, num_src, num_dst)
             if source is not None:
                 out, alpha, edge_index = self._regular_forward(
                     query, key, value, source, edge_index, edge_attr
