@@ -1,3 +1,4 @@
+import importlib.util
 import math
 import sys
 import types
@@ -175,8 +176,19 @@ def test_auto_backend_falls_back_to_torch(monkeypatch):
         recall_at_k(x, y, backend="faiss")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="needs faiss-cpu")
+def test_real_faiss_matches_torch():
+    x, y = random_data(seed=11)
+    torch_out = evaluate_retrieval(x, y, with_nmi=False)
+    assert evaluate_retrieval(x, y, with_nmi=False, backend="faiss") == pytest.approx(torch_out)
+    q, qy, g, gy = x[:50], y[:50], x[50:], y[50:]
+    assert recall_at_k_query_gallery(q, qy, g, gy, backend="faiss") == pytest.approx(
+        recall_at_k_query_gallery(q, qy, g, gy)
+    )
+
+
 class FakeFaissIndex:
-    """numpy stand-in for ``faiss.IndexFlatIP`` (faiss is optional and not installed in CI)."""
+    """numpy stand-in for ``faiss.IndexFlatIP``, so the faiss branch is tested without faiss."""
 
     def __init__(self, dim):
         self.data = np.zeros((0, dim), dtype=np.float32)
