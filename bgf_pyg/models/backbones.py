@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 BACKBONES = ("resnet50", "resnet18", "smallcnn")
 POOLINGS = ("avg", "max")
-#: Small CNN: channel widths of its conv blocks and side of the flattened map.
-SMALLCNN_WIDTHS = (16,)
-SMALLCNN_GRID = 4
+#: Small CNN: channel widths of its conv blocks (a 2×2 max-pool follows all but the last) and
+#: side of the grid its last map is pooled to (average and max, concatenated) before the head.
+SMALLCNN_WIDTHS = (32, 64, 64)
+SMALLCNN_GRID = 2
 
 
 class EmbeddingNet(nn.Module):
@@ -61,28 +62,37 @@ class EmbeddingNet(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Conv-BN-ReLU-maxpool blocks whose map, pooled to 4×4, is flattened: for the 28×28 demo set.
+    """Conv-BN-ReLU blocks (2×2 max-pool between them), then average and max pooling of the last
+    map to a ``SMALLCNN_GRID``² grid, concatenated: for the 28×28 demo set.
 
-    Not globally pooled: digits are told apart by where their strokes are. Kept shallow on
-    purpose: with only 5 training digits, deeper or fully connected trunks fit the training
-    classes and transfer worse to the 5 unseen test digits (measured on the demo set).
+    Three 3×3 blocks (receptive field 18 pixels at 28×28) see whole strokes and their junctions;
+    the coarse 2×2 grid keeps roughly where they lie (digits are told apart by it) while
+    tolerating the demo's random shifts and rotations. Measured on the demo (σ = 0.3, one seed,
+    BGFormer, 30 epochs): R@1 0.70 with the 2×2 grid against 0.65 with global (1×1) pooling;
+    the former trunk (one 16-channel block flattened at 4×4, 5 epochs) stayed at the level of raw
+    pixels.
 
-    **Shapes:** (B, ``in_channels``, H, W) → (B, 16·4·4 = 256).
+    **Shapes:** (B, ``in_channels``, H, W) → (B, 2·64·``SMALLCNN_GRID``² = 512).
     """
 
     def __init__(self, in_channels: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width_in = in_channels
-        for width in SMALLCNN_WIDTHS:
+        for i, width in enumerate(SMALLCNN_WIDTHS):
             layers += [nn.Conv2d(width_in, width, 3, padding=1, bias=False),
-                       nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            if i < len(SMALLCNN_WIDTHS) - 1:
+                layers.append(nn.MaxPool2d(2))
             width_in = width
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(SMALLCNN_GRID), nn.Flatten())
-        self.out_channels = width_in * SMALLCNN_GRID**2
+        self.body = nn.Sequential(*layers)
+        self.avg_pool = nn.AdaptiveAvgPool2d(SMALLCNN_GRID)
+        self.max_pool = nn.AdaptiveMaxPool2d(SMALLCNN_GRID)
+        self.out_channels = 2 * width_in * SMALLCNN_GRID**2
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.body(images)
+        x = self.body(images)
+        return torch.cat([self.avg_pool(x).flatten(1), self.max_pool(x).flatten(1)], dim=1)
 
 
 def _global_pool(pooling: str) -> nn.Module:
@@ -145,7 +155,7 @@ def build_backbone(
         pretrained: local path of a torchvision ImageNet state dict (ResNets only); ``None`` means
             random initialisation (logged once).
         pooling: ResNet global ``"avg"`` or ``"max"`` pooling (the intra-batch original: max);
-            ``smallcnn`` flattens its small map instead.
+            ``smallcnn`` pools avg + max to a small grid instead.
         in_channels: input channels of ``smallcnn`` (ResNets take RGB).
     """
     check_positive_int(embedding_dim, "embedding_dim")
