@@ -1,7 +1,8 @@
 """BatchGraphConv inside an ordinary PyG model: node classification on Zachary's karate club.
 
-PyG's built-in ``KarateClub`` graph needs no download. The model is a ``torch_geometric.nn.Sequential``
-of two ``BatchGraphConv`` layers, trained on the 4 labelled members and evaluated on the rest.
+PyG's built-in ``KarateClub`` graph needs no download. The model is a
+``torch_geometric.nn.Sequential`` of two ``BatchGraphConv`` layers, trained on the 4 labelled
+members and evaluated on the rest.
 
     python examples/karate_club.py
 """
