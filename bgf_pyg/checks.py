@@ -11,6 +11,12 @@ import torch
 from torch import Tensor
 
 
+class InputError(RuntimeError):
+    """A file or setting the user supplied cannot be used (an unreadable image, a checkpoint that
+    does not fit, a diverging loss). The CLI reports it in one line; a plain ``RuntimeError`` from
+    torch is a bug and keeps its traceback."""
+
+
 def is_compiling() -> bool:
     """True while ``torch.compile`` traces: data-dependent checks are skipped there (they would
     force a device sync and a graph break)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import InputError
 from .data import ClassBalancedBatchSampler, build_dataset, build_transform
 from .metrics import evaluate_retrieval
 from .models import BACKBONES, LOSSES, METHODS, build_backbone, build_method
@@ -36,7 +37,8 @@ EVAL_BATCH_SIZE = 128
 PROXY_LR_FACTOR = 100.0
 EXIT_USAGE = 2
 #: What a user can cause (bad paths, broken files, impossible settings): one line, exit code 2.
-USER_ERRORS = (ValueError, OSError, RuntimeError)
+#: Other errors (torch's RuntimeErrors included) are bugs and keep their traceback.
+USER_ERRORS = (ValueError, OSError, InputError)
 
 
 def build_parser() -> argparse.ArgumentParser:

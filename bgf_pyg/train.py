@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from torch_geometric import seed_everything
 from tqdm.auto import tqdm
 
+from .checks import InputError
 from .metrics import evaluate_retrieval, recall_at_k_query_gallery
 from .models import Method
 
@@ -119,7 +120,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a truncated or foreign file raises several types
-        raise RuntimeError(f"could not read checkpoint {path}: {err}") from err
+        raise InputError(f"could not read checkpoint {path}: {err}") from err
 
 
 # ---------------------------------------------------------------------------- logging
@@ -226,7 +227,7 @@ def train_one_epoch(
         with precision.autocast():
             loss = method(images, labels)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"training loss became {loss.item()}; lower the learning rate")
+            raise InputError(f"training loss became {loss.item()}; lower the learning rate")
         precision.scaler.scale(loss).backward()
         precision.scaler.step(optimizer)
         precision.scaler.update()
@@ -234,7 +235,7 @@ def train_one_epoch(
         steps += 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
     if steps == 0:
-        raise RuntimeError("the training loader yielded no batch (dataset smaller than a batch?)")
+        raise InputError("the training loader yielded no batch (dataset smaller than a batch?)")
     return total / steps
 
 

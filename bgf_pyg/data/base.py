@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..checks import InputError
+
 TRAIN_TEST = ("train", "test")
 
 
@@ -107,7 +109,7 @@ class ImageListDataset(Dataset):
             with Image.open(path) as image:
                 image = image.convert("RGB")
         except (OSError, ValueError) as error:
-            raise RuntimeError(f"cannot read image {path}: {error}") from error
+            raise InputError(f"cannot read image {path}: {error}") from error
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])

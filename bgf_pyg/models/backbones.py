@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 
-from ..checks import check_positive_int
+from ..checks import InputError, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _global_pool(pooling: str) -> nn.Module:
 def load_imagenet_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a torchvision ImageNet state dict from ``path`` into ``model`` (its ``fc.*`` skipped).
 
-    Raises ``FileNotFoundError`` for a missing file and ``RuntimeError`` (naming ``path``) for a
+    Raises ``FileNotFoundError`` for a missing file and ``InputError`` (naming ``path``) for a
     file that is not a readable state dict of this architecture.
     """
     path = os.fspath(path)
@@ -113,17 +113,17 @@ def load_imagenet_weights(model: nn.Module, path: str | os.PathLike) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise RuntimeError(f"could not read pretrained weights from {path}: {err}") from err
+        raise InputError(f"could not read pretrained weights from {path}: {err}") from err
     if not isinstance(state, dict):
-        raise RuntimeError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        raise InputError(f"{path} does not hold a state dict (got {type(state).__name__})")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise RuntimeError(f"{path} does not match the backbone: {err}") from err
+        raise InputError(f"{path} does not match the backbone: {err}") from err
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise RuntimeError(
+        raise InputError(
             f"{path} does not match the backbone: {len(missing)} missing keys "
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
         )
