@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..checks import InputError
@@ -70,15 +71,44 @@ def reindex(class_ids: Sequence[Hashable]) -> list[int]:
     return [index[c] for c in class_ids]
 
 
-class ImageListDataset(Dataset):
+class LabelledDataset(Dataset):
+    """Items ``(sample, label)`` with ``labels`` a (N,) ``LongTensor`` in ``0..C-1`` (what samplers
+    need), ``class_ids`` the original class of each item and an optional ``transform``.
+    Subclasses set those attributes and implement :meth:`load`."""
+
+    labels: Tensor
+    class_ids: list[Hashable]
+    transform: Callable | None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct labels."""
+        return int(self.labels.unique().numel())
+
+    def load(self, index: int) -> Any:
+        """The untransformed sample ``index``."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        sample = self.load(index)
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return sample, int(self.labels[index])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} samples, {self.num_classes} classes)"
+
+
+class ImageListDataset(LabelledDataset):
     """Images read from ``paths`` with integer ``labels``.
 
     Args:
         paths: image files. labels: one class index in ``0..C-1`` per image.
         transform: applied to the RGB ``PIL.Image``.
         class_ids: the dataset's original class id of each image (kept for reference).
-
-    Items are ``(image, label)``. ``labels`` is a (N,) ``LongTensor`` (what samplers need).
     """
 
     def __init__(
@@ -95,24 +125,10 @@ class ImageListDataset(Dataset):
         self.class_ids = list(labels if class_ids is None else class_ids)
         self.transform = transform
 
-    @property
-    def num_classes(self) -> int:
-        """Number of distinct labels."""
-        return int(self.labels.unique().numel())
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def load(self, index: int) -> Image.Image:
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                return image.convert("RGB")
         except (OSError, ValueError) as error:
             raise InputError(f"cannot read image {path}: {error}") from error
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index])
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes)"

@@ -15,9 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from bgf_pyg.data.base import check_split, reindex
+from bgf_pyg.data.base import LabelledDataset, check_split, reindex
 
 DEMO_SIZE = 28
 DEMO_TRAIN_DIGITS = range(0, 5)
@@ -69,7 +68,7 @@ def load_digits_demo(split: str = "train", seed: int = 0) -> tuple[Tensor, Tenso
     return images[keep], classes[keep]
 
 
-class DigitsDemo(Dataset):
+class DigitsDemo(LabelledDataset):
     """The demo set as a ``Dataset`` of ``(image (1, 28, 28) float tensor, label int)``.
 
     Args:
@@ -87,16 +86,5 @@ class DigitsDemo(Dataset):
         self.labels = torch.tensor(reindex(self.class_ids), dtype=torch.long)
         self.transform = transform
 
-    @property
-    def num_classes(self) -> int:
-        """Number of distinct labels."""
-        return int(self.labels.unique().numel())
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index])
+    def load(self, index: int) -> Tensor:
+        return self.images[index]
