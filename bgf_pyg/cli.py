@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--proxy-lr", type=float, default=None, help="default: 100 × --lr")
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--lr-milestones", type=int, nargs="+", default=None, metavar="EPOCH",
+                   help="multiply every learning rate by --lr-gamma after these epochs "
+                        "(ProxyGML's original: 20 40)")
+    p.add_argument("--lr-gamma", type=float, default=0.1)
     p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-METHOD-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -145,11 +149,16 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                           samples_per_class=samples_per_class, **hparams)
     proxy_lr = args.proxy_lr if args.proxy_lr is not None else PROXY_LR_FACTOR * args.lr
     optimizer = build_optimizer(method, args.lr, proxy_lr, args.weight_decay)
+    scheduler = None
+    if args.lr_milestones:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma
+        )
     start = time.perf_counter()
     result = fit(
         method, train_loader(args, splits.train, args.seed), optimizer, out,
         epochs=args.epochs, eval_loader=eval_loader(args, splits.test),
-        gallery_loader=eval_loader(args, splits.gallery), device=device,
+        gallery_loader=eval_loader(args, splits.gallery), scheduler=scheduler, device=device,
         eval_every=args.eval_every, resume=args.resume, amp=args.amp,
         progress=False if args.no_progress else None,
     )

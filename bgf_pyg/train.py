@@ -345,11 +345,12 @@ def fit(
     for epoch in range(start, epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
         loss = train_one_epoch(method, train_loader, optimizer, precision, progress=progress,
                                desc=f"epoch {epoch + 1}/{epochs}")
         if scheduler is not None:
             scheduler.step()
-        record: dict = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"]}
+        record: dict = {"epoch": epoch + 1, "loss": loss, "lr": lr}
         if eval_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             last_metrics = evaluate(method, eval_loader, device, gallery_loader=gallery_loader,
                                     progress=progress)

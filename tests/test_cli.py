@@ -3,6 +3,7 @@ the results table."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,16 @@ def test_tiny_demo_run_prints_the_table(tmp_path, capsys):
     assert "| method | R@1 | R@2 | R@4 | R@8 | NMI | MAP@R |" in out
     assert out.strip().splitlines()[-1].startswith("| plain |")
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_lr_milestones_decay_the_learning_rate(tmp_path):
+    code = main(["--method", "proxygml", "--epochs", "2", "--embedding-dim", "16",
+                 "--batch-size", "60", "--lr", "1e-3", "--lr-milestones", "1", "--eval-every", "2",
+                 "--out", str(tmp_path), "--device", "cpu", "--no-augment", "--no-progress"])
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([1e-3, 1e-4])
+    assert records[0]["epoch"] == 1
 
 
 def test_format_table_mean_and_std():
