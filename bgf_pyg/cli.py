@@ -33,6 +33,8 @@ TABLE_COLUMNS = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"),
 #: The intra-batch original pools ResNet-50 features with global max pooling.
 METHOD_POOLING = {"intra-batch": "max"}
 EVAL_BATCH_SIZE = 128
+#: P of the intra-batch original's CUB batches (6 classes × 9 samples).
+DEFAULT_CLASSES_PER_BATCH = 6
 #: --proxy-lr default relative to --lr (proxies move faster than the network, as in the originals).
 PROXY_LR_FACTOR = 100.0
 EXIT_USAGE = 2
@@ -56,12 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="local ImageNet state dict of the ResNet")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=32, help="random batches (proxygml)")
-    p.add_argument("--classes-per-batch", type=int, default=6, help="P of a P×M batch")
+    p.add_argument("--classes-per-batch", type=int, default=None,
+                   help=f"P of a P×M batch (default: {DEFAULT_CLASSES_PER_BATCH}, or every "
+                        "class when there are fewer)")
     p.add_argument("--samples-per-class", type=int, default=9, help="M of a P×M batch")
     p.add_argument("--k", type=int, default=30, help="BGFormer's kNN neighbours")
     p.add_argument("--proxies-per-class", type=int, default=12, help="ProxyGML's N")
     p.add_argument("--proxygml-r", type=float, default=0.05,
                    help="ProxyGML's r: it keeps the top ceil(r·C·N) proxies of each sample")
+    p.add_argument("--graph-layers", type=int, default=None,
+                   help="layers of BGFormer (default 2) or of the intra-batch MPN (default 1)")
+    p.add_argument("--graph-heads", type=int, default=None,
+                   help="attention heads of BGFormer (default 8) or of the MPN (default 2)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="BGFormer: weight of the loss on the backbone features (default 0.5)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="BGFormer: weight of the visual branch in dual SSA (default 0.5)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="intra-batch: logit temperature T (default 0.2, the CUB original)")
     p.add_argument("--embedding-dim", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--proxy-lr", type=float, default=None, help="default: 100 × --lr")
@@ -113,7 +127,10 @@ def train_loader(args: argparse.Namespace, dataset: Dataset, seed: int) -> DataL
     if args.method == "proxygml":
         return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                           **common)
-    sampler = ClassBalancedBatchSampler(dataset.labels, args.classes_per_batch,
+    classes_per_batch = args.classes_per_batch
+    if classes_per_batch is None:
+        classes_per_batch = min(DEFAULT_CLASSES_PER_BATCH, dataset.num_classes)
+    sampler = ClassBalancedBatchSampler(dataset.labels, classes_per_batch,
                                         args.samples_per_class, seed=seed)
     return DataLoader(dataset, batch_sampler=sampler, **common)
 
@@ -125,12 +142,18 @@ def eval_loader(args: argparse.Namespace, dataset: Dataset | None) -> DataLoader
 
 
 def method_hparams(args: argparse.Namespace) -> dict:
-    """The method-specific keyword arguments of :func:`~bgf_pyg.models.build_method`."""
-    if args.method == "bgformer":
-        return {"k": args.k}
+    """The method-specific keyword arguments of :func:`~bgf_pyg.models.build_method` (options
+    left unset keep the method's own defaults)."""
     if args.method == "proxygml":
         return {"proxies_per_class": args.proxies_per_class, "r": args.proxygml_r}
-    return {}
+    graph = {"num_layers": args.graph_layers, "heads": args.graph_heads}
+    if args.method == "bgformer":
+        hparams = {"k": args.k, "alpha": args.alpha, "lam": args.lam, **graph}
+    elif args.method == "intra-batch":
+        hparams = {"temperature": args.temperature, **graph}
+    else:
+        hparams = {}
+    return {name: value for name, value in hparams.items() if value is not None}
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:

@@ -73,8 +73,9 @@ def test_unknown_method(capsys):
 
 
 def test_tiny_demo_run_prints_the_table(tmp_path, capsys):
+    # No --classes-per-batch: the default P (6) is capped at the demo's 5 training classes.
     code = main(["--method", "plain", "--epochs", "1", "--embedding-dim", "16",
-                 "--classes-per-batch", "5", "--samples-per-class", "4", "--lr", "1e-3",
+                 "--samples-per-class", "4", "--lr", "1e-3",
                  "--out", str(tmp_path), "--device", "cpu", "--no-augment", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
@@ -91,6 +92,17 @@ def test_lr_milestones_decay_the_learning_rate(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records] == pytest.approx([1e-3, 1e-4])
     assert records[0]["epoch"] == 1
+
+
+def test_graph_options_reach_the_method():
+    from bgf_pyg.cli import build_parser, method_hparams
+
+    args = build_parser().parse_args(["--method", "bgformer", "--graph-layers", "1",
+                                      "--graph-heads", "4", "--lam", "0.2", "--k", "5"])
+    assert method_hparams(args) == {"k": 5, "lam": 0.2, "num_layers": 1, "heads": 4}
+    args = build_parser().parse_args(["--method", "intra-batch", "--temperature", "0.6"])
+    assert method_hparams(args) == {"temperature": 0.6}
+    assert method_hparams(build_parser().parse_args(["--method", "plain"])) == {}
 
 
 def test_format_table_mean_and_std():
