@@ -15,7 +15,7 @@ from torch_geometric.typing import Adj, NoneType, OptTensor, PairTensor, SparseT
 from torch_geometric.utils import add_self_loops, is_torch_sparse_tensor, remove_self_loops, softmax
 from torch_geometric.utils.sparse import set_sparse_value
 
-from ..checks import check_edge_index, check_features
+from ..checks import check_edge_index, check_features, is_compiling
 from .dense import dense_adjacency, dense_attention
 
 if typing.TYPE_CHECKING:
@@ -24,6 +24,11 @@ else:
     from torch.jit import _overload_method as overload
 
 ATTENTION_PATHS = ("auto", "sparse", "dense")
+
+
+def _is_edge_list(edge_index: Adj) -> bool:
+    """A plain (2, E) index tensor, not a ``SparseTensor`` or ``torch.sparse`` adjacency."""
+    return isinstance(edge_index, Tensor) and edge_index.layout == torch.strided
 
 #: ``attention_path="auto"`` runs the dense path when N_src·N_dst ≤ this × |E| (self-loops
 #: counted): the N² masked attention (SDPA, no per-edge gathers or scatters) then costs less than
@@ -293,9 +298,7 @@ class BatchGraphConv(MessagePassing):
         dst_width = self.lin_query.in_channels if self.lin_query.in_channels > 0 else None
         check_features(x_src, "x" if x_src is x_dst else "x[0]", src_width, finite=False)
         check_features(x_dst, "x" if x_src is x_dst else "x[1]", dst_width, finite=False)
-        if isinstance(edge_index, Tensor) and not edge_index.is_sparse and (
-            edge_index.layout == torch.strided
-        ):
+        if _is_edge_list(edge_index):
             check_edge_index(edge_index, x_src.size(0), x_dst.size(0), "edge_index")
             num_edges = edge_index.size(1)
         else:
@@ -346,11 +349,7 @@ class BatchGraphConv(MessagePassing):
         )
 
     def _use_dense(self, edge_index: Adj, edge_attr: OptTensor, num_src: int, num_dst: int) -> bool:
-        if not (
-            edge_attr is None
-            and isinstance(edge_index, Tensor)
-            and edge_index.layout == torch.strided
-        ):
+        if edge_attr is not None or not _is_edge_list(edge_index):
             return False
         if self.attention_path != "auto":
             return self.attention_path == "dense"
@@ -392,9 +391,8 @@ class BatchGraphConv(MessagePassing):
         under ``torch.compile`` the generic path runs instead, so the graph stays unbroken.
         """
         if (
-            torch.compiler.is_compiling()
-            or not isinstance(edge_index, Tensor)
-            or edge_index.layout != torch.strided
+            is_compiling()
+            or not _is_edge_list(edge_index)
             or num_dst == 0
             or edge_index.size(1) % num_dst != 0
             or (self.add_self_loops and (edge_attr is not None or num_dst > num_src))
