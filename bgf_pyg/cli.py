@@ -119,9 +119,11 @@ def load_splits(dataset: str, root: str | None, augment: bool = True) -> Splits:
     return Splits(train, build_dataset(dataset, root, "test", test_tf))
 
 
-def train_loader(args: argparse.Namespace, dataset: Dataset, seed: int) -> DataLoader:
-    """Random batches for ProxyGML (as the original), class-balanced P×M batches otherwise."""
-    generator = torch.Generator().manual_seed(seed)
+def train_loader(
+    args: argparse.Namespace, dataset: Dataset, generator: torch.Generator
+) -> DataLoader:
+    """Random batches for ProxyGML (as the original), class-balanced P×M batches otherwise
+    (seeded by ``args.seed``); ``generator`` drives the shuffling and the workers' seeds."""
     common = {"num_workers": args.num_workers, "worker_init_fn": seed_worker,
               "generator": generator}
     if args.method == "proxygml":
@@ -131,7 +133,7 @@ def train_loader(args: argparse.Namespace, dataset: Dataset, seed: int) -> DataL
     if classes_per_batch is None:
         classes_per_batch = min(DEFAULT_CLASSES_PER_BATCH, dataset.num_classes)
     sampler = ClassBalancedBatchSampler(dataset.labels, classes_per_batch,
-                                        args.samples_per_class, seed=seed)
+                                        args.samples_per_class, seed=args.seed)
     return DataLoader(dataset, batch_sampler=sampler, **common)
 
 
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone_name = args.backbone or ("smallcnn" if args.dataset == "demo" else "resnet50")
     out = Path(args.out or f"runs/{args.dataset}-{args.method}-s{args.seed}")
-    seed_all(args.seed)
+    generator = seed_all(args.seed)
     splits = load_splits(args.dataset, args.data_root, augment=not args.no_augment)
     num_classes = splits.train.num_classes
     samples_per_class = None if args.method == "proxygml" else args.samples_per_class
@@ -179,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         )
     start = time.perf_counter()
     result = fit(
-        method, train_loader(args, splits.train, args.seed), optimizer, out,
+        method, train_loader(args, splits.train, generator), optimizer, out,
         epochs=args.epochs, eval_loader=eval_loader(args, splits.test),
         gallery_loader=eval_loader(args, splits.gallery), scheduler=scheduler, device=device,
         eval_every=args.eval_every, resume=args.resume, amp=args.amp,
