@@ -47,7 +47,7 @@ def graph_module_step(method: Method, images: Tensor, labels: Tensor) -> Callabl
     if isinstance(method, BGFormerMethod):
         def step() -> None:
             f = features.detach().requires_grad_(True)
-            graph = build_batch_graph(f.detach(), labels, method.k)
+            graph = build_batch_graph(f.detach(), labels, method.graph_loss.k)
             method.bgformer(f, graph.visual_edge_index, graph.semantic_edge_index).sum().backward()
     elif isinstance(method, IntraBatchMethod):
         def step() -> None:

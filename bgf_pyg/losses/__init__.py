@@ -1,6 +1,8 @@
-"""Metric-learning losses: ProxyGML and the intra-batch method's label-smoothed CE."""
+"""Metric-learning losses: ProxyGML, the intra-batch method's label-smoothed CE, and
+:class:`BatchGraphLoss`, which adds the batch graph and BGFormer to any of them."""
 
+from .batch_graph import BatchGraphLoss
 from .label_smoothing import LabelSmoothingCE
 from .proxygml import ProxyGMLLoss
 
-__all__ = ["LabelSmoothingCE", "ProxyGMLLoss"]
+__all__ = ["BatchGraphLoss", "LabelSmoothingCE", "ProxyGMLLoss"]

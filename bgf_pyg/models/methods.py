@@ -18,9 +18,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
-from ..checks import check_positive_int
-from ..graph import build_batch_graph
-from ..losses import LabelSmoothingCE, ProxyGMLLoss
+from ..losses import BatchGraphLoss, LabelSmoothingCE, ProxyGMLLoss
 from ..nn import BGFormer, IntraBatchMPN
 from .backbones import EmbeddingNet
 
@@ -105,7 +103,11 @@ class BGFormerMethod(Method):
     """BGFormer training (Batch Graph Transformer, TMM 2023; our default from the authors'
     related code): trunk features f, a batch graph on ``f.detach()`` (kNN visual edges and
     same-label semantic edges), refined tokens g = BGFormer(f, edges), and
-    loss = α·L(head(f), y) + (1 − α)·L(head(g), y) with the *same* head.
+    loss = α·L(head(f), y) + (1 − α)·L(head(g), y) with the *same* head, computed by the
+    :class:`~bgf_pyg.losses.BatchGraphLoss` submodule ``graph_loss``.
+
+    ``loss_fn`` and ``bgformer`` are the wrapper's ``graph_loss.loss`` and ``graph_loss.bgformer``;
+    checkpoints saved before the wrapper existed (keys ``loss_fn.*``, ``bgformer.*``) still load.
     """
 
     def __init__(
@@ -120,23 +122,37 @@ class BGFormerMethod(Method):
         lam: float = 0.5,
     ) -> None:
         super().__init__(backbone, loss_fn)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        self.k = check_positive_int(k, "k")
-        self.alpha = alpha
-        self.bgformer = BGFormer(
+        del self.loss_fn  # registered once, inside graph_loss; ``loss_fn`` is an alias below
+        bgformer = BGFormer(
             backbone.feature_dim, num_layers=num_layers, heads=heads, dropout=dropout, lam=lam
         )
+        self.graph_loss = BatchGraphLoss(loss_fn, bgformer, k=k, alpha=alpha)
+        self.register_load_state_dict_pre_hook(_rename_pre_wrapper_keys)
+
+    @property
+    def loss_fn(self) -> nn.Module:
+        return self.graph_loss.loss
+
+    @property
+    def bgformer(self) -> BGFormer:
+        return self.graph_loss.bgformer
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         if isinstance(self.loss_fn, PAIR_LOSS_TYPES):
             check_two_classes(labels)
-        f = self.backbone.features(images)
-        graph = build_batch_graph(f.detach(), labels, self.k)
-        g = self.bgformer(f, graph.visual_edge_index, graph.semantic_edge_index)
-        head = self.backbone.head
-        return (self.alpha * self.loss_fn(head(f), labels)
-                + (1.0 - self.alpha) * self.loss_fn(head(g), labels))
+        return self.graph_loss(self.backbone.features(images), labels, head=self.backbone.head)
+
+
+#: State-dict prefixes of BGFormerMethod before BatchGraphLoss held its loss and BGFormer.
+_PRE_WRAPPER_PREFIXES = {"loss_fn.": "graph_loss.loss.", "bgformer.": "graph_loss.bgformer."}
+
+
+def _rename_pre_wrapper_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: rename the keys of an older checkpoint in place."""
+    for key in list(state_dict):
+        for old, new in _PRE_WRAPPER_PREFIXES.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
 
 
 class IntraBatchMethod(Method):

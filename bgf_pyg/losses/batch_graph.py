@@ -1,0 +1,129 @@
+"""BatchGraphLoss: add the batch graph and BGFormer to any metric loss, in the style of
+pytorch-metric-learning (PML).
+
+BGFormer training (Wang et al., "Rethinking Batch Sample Relationships for Data Representation: A
+Batch-Graph Transformer based Approach", arXiv 2211.10622, TMM 2023; loss form from the first
+author's released training code, see ``shared/research/papers.md`` §1.2): trunk features f, a batch
+graph on ``f.detach()``, refined tokens g = BGFormer(f, graph), and
+α·L(head(f), y) + (1 − α)·L(head(g), y) with the *same* head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from torch import Tensor, nn
+
+from ..checks import check_features, check_labels, check_positive_int
+from ..graph import build_batch_graph
+
+
+class BatchGraphLoss(nn.Module):
+    r"""Wrap a metric loss so that it also trains a BGFormer on the batch graph:
+
+    .. math::
+        \mathcal{L} = \alpha\, L(h(\mathbf{f}), \mathbf{y})
+        + (1 - \alpha)\, L(h(\mathrm{BGFormer}(\mathbf{f}, \mathcal{G})), \mathbf{y})
+
+    where :math:`\mathbf{f}` are the backbone's features, :math:`h` the embedding head shared by
+    both terms, and :math:`\mathcal{G}` = :func:`~bgf_pyg.build_batch_graph` of the detached
+    features (``k`` visual neighbours, same-label semantic edges). At test time the model is
+    ``head(trunk(x))`` alone: the wrapper is training-only.
+
+    ``loss`` is any module called as ``loss(embeddings, labels)``: a PML loss with its own
+    reducer and distance (pair- or proxy-based), :class:`~bgf_pyg.losses.ProxyGMLLoss`, or a PCE
+    loss. The wrapper owns ``loss`` and ``bgformer``, so ``criterion.parameters()`` holds exactly
+    what training adds to the model (BGFormer's weights and the loss's proxies, if any)::
+
+        criterion = BatchGraphLoss(losses.MultiSimilarityLoss(), BGFormer(512), k=30, alpha=0.01)
+        optimizer = torch.optim.AdamW([*model.parameters(), *criterion.parameters()])
+        loss = criterion(model.trunk(images), labels, head=model.head)
+
+    The head is an argument of the call, not of the constructor, because it belongs to the model
+    (it makes the test-time embedding): held by the wrapper too, it would be listed twice among
+    the parameters and saved twice in checkpoints.
+
+    Args:
+        loss (nn.Module): The metric loss ``L``.
+        bgformer (nn.Module): Called as ``bgformer(f, visual_edge_index, semantic_edge_index)``,
+            e.g. :class:`~bgf_pyg.nn.BGFormer` of the feature width.
+        k (int, optional): Visual neighbours of each sample in the batch graph (clamped to the
+            batch size − 1). (default: :obj:`30`, the authors' runs)
+        alpha (float, optional): Weight :math:`\alpha` of the loss on the backbone features.
+            (default: :obj:`0.01`, the authors' CUB and In-Shop value)
+        miner (callable, optional): A PML miner; like PML's own wrappers it takes the miner at
+            construction and mines each term on its own embeddings (hard pairs of
+            :math:`h(\mathbf{f})` and :math:`h(\mathbf{g})` differ), passing the indices to
+            ``loss(embeddings, labels, indices_tuple)``. Needs a PML loss. (default: :obj:`None`)
+
+    **Shapes:** features (B, C), labels (B,), ``head``: (B, C) → (B, E) → scalar loss.
+    """
+
+    def __init__(
+        self,
+        loss: nn.Module,
+        bgformer: nn.Module,
+        k: int = 30,
+        alpha: float = 0.01,
+        miner: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        for value, name in ((loss, "loss"), (bgformer, "bgformer")):
+            if not isinstance(value, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        if miner is not None and not isinstance(loss, BaseMetricLossFunction):
+            raise TypeError(
+                "miner needs a pytorch-metric-learning loss (one that takes indices_tuple), got "
+                f"loss {type(loss).__name__}"
+            )
+        self.bgformer = bgformer
+        self.loss = loss
+        self.miner = miner
+        self.k = check_positive_int(k, "k")
+        self.alpha = alpha
+
+    def forward(
+        self, features: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """α·L(head(features)) + (1 − α)·L(head(BGFormer(features, batch graph))).
+
+        ``head=None`` is the identity (BGFormer then refines the embeddings themselves).
+        """
+        width = getattr(self.bgformer, "channels", None)
+        check_features(features, "features", width=width, finite=False)
+        check_labels(labels, features.size(0), "labels")
+        head = head if head is not None else nn.Identity()
+        # The head runs first, so a head that does not fit the features fails before BGFormer.
+        emb_f = _apply_head(head, features)
+        graph = build_batch_graph(features.detach(), labels, self.k)
+        g = self.bgformer(features, graph.visual_edge_index, graph.semantic_edge_index)
+        emb_g = _apply_head(head, g)
+        return (self.alpha * self._metric_loss(emb_f, labels)
+                + (1.0 - self.alpha) * self._metric_loss(emb_g, labels))
+
+    def _metric_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        if self.miner is None:
+            return self.loss(embeddings, labels)
+        return self.loss(embeddings, labels, self.miner(embeddings, labels))
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.loss.__class__.__name__}, "
+                f"{self.bgformer!r}, k={self.k}, alpha={self.alpha})")
+
+
+def _apply_head(head: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``head(x)``, with a shape mismatch reported as an error naming ``head``."""
+    try:
+        out = head(x)
+    except RuntimeError as err:  # torch reports a width mismatch as a RuntimeError
+        raise ValueError(
+            f"head cannot be applied to features of shape {tuple(x.shape)} (a head taking "
+            f"{x.size(1)} input features is expected): {err}"
+        ) from err
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.size(0) != x.size(0):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"head must map (N, C) features to (N, E) embeddings, got {shape}")
+    return out

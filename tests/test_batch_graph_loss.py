@@ -1,0 +1,157 @@
+"""BatchGraphLoss: the PML-style wrapper adding the batch graph and BGFormer to a metric loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pytorch_metric_learning import losses, miners
+from torch import nn
+
+from bgf_pyg import build_batch_graph
+from bgf_pyg.losses import BatchGraphLoss, ProxyGMLLoss
+from bgf_pyg.models import BGFormerMethod, EmbeddingNet, build_method
+from bgf_pyg.nn import BGFormer
+
+NUM_CLASSES, PER_CLASS, FEAT, EMB = 4, 3, 16, 8
+
+
+def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(PER_CLASS)
+    features = torch.randn(labels.numel(), FEAT, generator=gen) + labels.view(-1, 1).float()
+    return features.requires_grad_(True), labels
+
+
+def reference(loss_fn, bgformer, head, features, labels, k, alpha, miner=None):
+    """The loss as BGFormerMethod.forward wrote it before the wrapper existed (with a miner:
+    each term mined on its own embeddings)."""
+    graph = build_batch_graph(features.detach(), labels, k)
+    g = bgformer(features, graph.visual_edge_index, graph.semantic_edge_index)
+
+    def term(emb):
+        return loss_fn(emb, labels) if miner is None else loss_fn(emb, labels, miner(emb, labels))
+
+    return alpha * term(head(features)) + (1.0 - alpha) * term(head(g))
+
+
+def grads(loss, params):
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def assert_same_loss_and_grads(got, want, params):
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads(got, params), grads(want, params), strict=True):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_method_matches_the_pre_wrapper_formula(seed):
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Linear(10, FEAT), nn.ReLU())
+    method = build_method("bgformer", EmbeddingNet(trunk, FEAT, EMB), NUM_CLASSES, k=4, alpha=0.3,
+                          heads=2)
+    images = torch.randn(NUM_CLASSES * PER_CLASS, 10)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(PER_CLASS)
+    want = reference(method.loss_fn, method.bgformer, method.backbone.head,
+                     method.backbone.features(images), labels, k=4, alpha=0.3)
+    params = list(method.parameters())
+    assert_same_loss_and_grads(method(images, labels), want, params)
+
+
+def test_method_loads_a_pre_wrapper_checkpoint():
+    torch.manual_seed(0)
+    trunk = nn.Linear(10, FEAT)
+    method = build_method("bgformer", EmbeddingNet(trunk, FEAT, EMB), NUM_CLASSES,
+                          loss="proxy_anchor", k=4, heads=2)
+    old = {key.replace("graph_loss.loss.", "loss_fn.").replace("graph_loss.bgformer.", "bgformer."):
+           value + 1.0 for key, value in method.state_dict().items()}
+    assert any(key.startswith("loss_fn.proxies") for key in old)
+    fresh = build_method("bgformer", EmbeddingNet(nn.Linear(10, FEAT), FEAT, EMB), NUM_CLASSES,
+                         loss="proxy_anchor", k=4, heads=2)
+    fresh.load_state_dict(old)  # strict: every key renamed and used
+    torch.testing.assert_close(fresh.loss_fn.proxies, old["loss_fn.proxies"])
+    layer = "bgformer.layers.0.attn.lin_out.weight"
+    torch.testing.assert_close(fresh.bgformer.layers[0].attn.lin_out.weight, old[layer])
+
+
+def test_parameters_are_registered_once():
+    method = build_method("bgformer", EmbeddingNet(nn.Linear(10, FEAT), FEAT, EMB), NUM_CLASSES,
+                          loss="proxy_anchor", k=4, heads=2)
+    keys = list(method.state_dict())
+    assert len(keys) == len(set(keys))
+    assert not any(key.startswith(("loss_fn.", "bgformer.")) for key in keys)
+    assert isinstance(method, BGFormerMethod) and method.loss_fn is method.graph_loss.loss
+
+
+def test_multi_similarity_with_a_miner():
+    torch.manual_seed(0)
+    features, labels = batch(0)
+    head = nn.Linear(FEAT, EMB)
+    loss_fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner(epsilon=0.05)
+    criterion = BatchGraphLoss(loss_fn, BGFormer(FEAT, heads=2), k=4, alpha=0.2, miner=miner)
+    want = reference(loss_fn, criterion.bgformer, head, features, labels, 4, 0.2, miner)
+    params = [features, *head.parameters(), *criterion.bgformer.parameters()]
+    assert_same_loss_and_grads(criterion(features, labels, head=head), want, params)
+    # The miner mines each term on its own embeddings: it drops pairs, so the loss changes.
+    unmined = BatchGraphLoss(loss_fn, criterion.bgformer, k=4, alpha=0.2)(features, labels,
+                                                                           head=head)
+    assert not torch.allclose(unmined, want)
+
+
+@pytest.mark.parametrize("make_loss", [
+    lambda: losses.ProxyAnchorLoss(NUM_CLASSES, EMB),
+    lambda: ProxyGMLLoss(NUM_CLASSES, EMB, proxies_per_class=2, r=0.5),
+], ids=["proxy_anchor", "proxygml"])
+def test_proxy_losses_train_their_proxies(make_loss):
+    torch.manual_seed(0)
+    features, labels = batch(1)
+    head = nn.Sequential(nn.Linear(FEAT, EMB), nn.Tanh())
+    loss_fn = make_loss()
+    criterion = BatchGraphLoss(loss_fn, BGFormer(FEAT, heads=2), k=4, alpha=0.5)
+    names = {name for name, _ in criterion.named_parameters()}
+    assert "loss.proxies" in names and any(n.startswith("bgformer.") for n in names)
+    want = reference(loss_fn, criterion.bgformer, head, features, labels, 4, 0.5)
+    assert_same_loss_and_grads(criterion(features, labels, head=head), want,
+                               [*criterion.parameters(), *head.parameters()])
+    optimizer = torch.optim.SGD(criterion.parameters(), lr=0.1)
+    before = loss_fn.proxies.detach().clone()
+    criterion(features, labels, head=head).backward()
+    assert loss_fn.proxies.grad is not None and loss_fn.proxies.grad.abs().sum() > 0
+    optimizer.step()
+    assert not torch.equal(loss_fn.proxies, before)
+
+
+def test_identity_head_and_alpha_weights():
+    torch.manual_seed(0)
+    features, labels = batch(2)
+    loss_fn = losses.MultiSimilarityLoss()
+    bgformer = BGFormer(FEAT, heads=2)
+    only_f = BatchGraphLoss(loss_fn, bgformer, k=3, alpha=1.0)(features, labels)
+    torch.testing.assert_close(only_f, loss_fn(features, labels))
+    graph = build_batch_graph(features.detach(), labels, 3)
+    g = bgformer(features, graph.visual_edge_index, graph.semantic_edge_index)
+    only_g = BatchGraphLoss(loss_fn, bgformer, k=3, alpha=0.0)(features, labels)
+    torch.testing.assert_close(only_g, loss_fn(g, labels))
+
+
+def test_bad_calls_name_the_argument():
+    features, labels = batch(0)
+    criterion = BatchGraphLoss(losses.MultiSimilarityLoss(), BGFormer(FEAT, heads=2), k=3)
+    with pytest.raises(ValueError, match=r"labels must have shape \(12,\)"):
+        criterion(features, labels[:-1], head=nn.Linear(FEAT, EMB))
+    with pytest.raises(ValueError, match="head cannot be applied to features of shape"):
+        criterion(features, labels, head=nn.Linear(FEAT + 1, EMB))
+    with pytest.raises(ValueError, match="features must have 16 columns"):
+        criterion(features[:, :-1], labels, head=nn.Linear(FEAT - 1, EMB))
+    with pytest.raises(ValueError, match="head must map"):
+        criterion(features, labels, head=lambda x: x.sum(1))
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        BatchGraphLoss(losses.MultiSimilarityLoss(), BGFormer(FEAT, heads=2), k=0)
+    with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\], got 1.5"):
+        BatchGraphLoss(losses.MultiSimilarityLoss(), BGFormer(FEAT, heads=2), alpha=1.5)
+    with pytest.raises(TypeError, match="miner needs a pytorch-metric-learning loss"):
+        BatchGraphLoss(ProxyGMLLoss(NUM_CLASSES, EMB), BGFormer(FEAT, heads=2),
+                       miner=miners.MultiSimilarityMiner())
+    with pytest.raises(TypeError, match="loss must be an nn.Module"):
+        BatchGraphLoss(lambda e, y: e.sum(), BGFormer(FEAT, heads=2))
