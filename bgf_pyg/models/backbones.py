@@ -63,7 +63,8 @@ class EmbeddingNet(nn.Module):
 
 class SmallCNN(nn.Module):
     """Conv-BN-ReLU blocks (2×2 max-pool between them), then average and max pooling of the last
-    map to a ``SMALLCNN_GRID``² grid, concatenated: for the 28×28 demo set.
+    map to a grid of ``SMALLCNN_GRID`` × ``SMALLCNN_GRID`` cells, concatenated: for the 28×28
+    demo set.
 
     Three 3×3 blocks (receptive field 18 pixels at 28×28) see whole strokes and their junctions;
     the coarse 2×2 grid keeps roughly where they lie (digits are told apart by it) while
@@ -72,7 +73,7 @@ class SmallCNN(nn.Module):
     the former trunk (one 16-channel block flattened at 4×4, 5 epochs) stayed at the level of raw
     pixels.
 
-    **Shapes:** (B, ``in_channels``, H, W) → (B, 2·64·``SMALLCNN_GRID``² = 512).
+    **Shapes:** (B, ``in_channels``, H, W) → (B, 2 · 64 · SMALLCNN_GRID² = 512).
     """
 
     def __init__(self, in_channels: int = 1) -> None:

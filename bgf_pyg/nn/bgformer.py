@@ -193,7 +193,7 @@ class BGFormer(nn.Module):
     Args:
         channels (int): Node feature width.
         num_layers (int, optional): Number of blocks. (default: :obj:`2`)
-        heads, ffn_ratio, dropout, lam, **ssa_kwargs: as :class:`BGFormerLayer`.
+        heads, ffn_ratio, dropout, lam, \*\*ssa_kwargs: as :class:`BGFormerLayer`.
     """
 
     def __init__(

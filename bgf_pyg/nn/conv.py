@@ -67,10 +67,10 @@ class BatchGraphConv(MessagePassing):
     names).
 
     Two equivalent implementations are available: the edge-list ``"sparse"`` path (gathers per edge
-    and a scatter softmax, O(|E|) memory) and the ``"dense"`` path (masked attention on an
-    (N, N) adjacency, O(N²) memory; one matmul, faster for small or nearly complete graphs);
-    ``"auto"`` picks one from N and |E|. Edge features always use the sparse path. When every
-    target has the same number k of in-edges, sorted by target (the kNN graphs of
+    and a scatter softmax, :math:`O(|E|)` memory) and the ``"dense"`` path (masked attention on
+    an (N, N) adjacency, O(N²) memory; one matmul, faster for small or nearly complete graphs);
+    ``"auto"`` picks one from :math:`N` and :math:`|E|`. Edge features always use the sparse path.
+    When every target has the same number k of in-edges, sorted by target (the kNN graphs of
     :func:`~bgf_pyg.build_batch_graph`), the sparse path reshapes the edges to (N, k) and takes a
     dense softmax over the k slots instead of a scatter softmax (not under ``torch.compile``).
 

@@ -1,0 +1,71 @@
+"""The docs build without warnings, and the tour's code (README and docs page) runs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def readme_section(title: str) -> str:
+    """The text of README's ``## title`` section."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert match, f"README has no '## {title}' section"
+    return match.group(1)
+
+
+def markdown_code(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def rst_code(path: Path) -> list[str]:
+    """The ``.. code-block:: python`` blocks of a reST page, dedented."""
+    blocks = re.findall(r"^\.\. code-block:: python\n\n((?:(?: {4}.*)?\n)+)",
+                        path.read_text(encoding="utf-8"), re.M)
+    return [textwrap.dedent(block) for block in blocks]
+
+
+def normalise(code: str) -> str:
+    """Code with blank lines dropped: the docs page splits the tour where the README has none."""
+    return "\n".join(line.rstrip() for line in code.splitlines() if line.strip())
+
+
+def test_readme_tour_runs():
+    (code,) = markdown_code(readme_section("A short tour"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md (A short tour)", "exec"), {"__name__": "tour"})
+    assert re.search(r"'recall@1': \d", out.getvalue())
+
+
+def test_docs_tour_is_the_readme_tour():
+    (readme,) = markdown_code(readme_section("A short tour"))
+    docs = "\n".join(rst_code(DOCS / "tour.rst"))
+    assert normalise(docs) == normalise(readme)
+
+
+def test_pml_snippet_is_the_same_in_readme_and_docs():
+    (readme,) = markdown_code(readme_section("Add BGFormer to your own training loop"))
+    (docs,) = rst_code(DOCS / "pml_loop.rst")
+    assert normalise(readme) == normalise(docs)
+
+
+# Sphinx 9's napoleon uses a deprecated autodoc interface of Sphinx itself; nothing of ours.
+@pytest.mark.filterwarnings("ignore:The mapping interface for autodoc options")
+def test_docs_build_without_warnings(tmp_path):
+    pytest.importorskip("sphinx", reason="the docs need Sphinx (pip install -e '.[test]')")
+    from sphinx.cmd.build import build_main
+
+    # -W: every warning (a broken docstring, a missing reference target page) fails the build.
+    status = build_main(["-W", "--keep-going", "-E", "-q", "-b", "html", str(DOCS),
+                         str(tmp_path / "html")])
+    assert status == 0
+    assert "BatchGraphLoss" in (tmp_path / "html" / "api" / "losses.html").read_text("utf-8")
