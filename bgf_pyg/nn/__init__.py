@@ -1,5 +1,6 @@
 """Graph neural network modules."""
 
+from .attention_stats import AttentionEntropy, attention_entropy
 from .bgformer import BGFormer, BGFormerLayer, DualSSA
 from .conv import BatchGraphConv
 from .intra_batch import IntraBatchAttention, IntraBatchMPN
@@ -11,4 +12,6 @@ __all__ = [
     "BGFormer",
     "IntraBatchAttention",
     "IntraBatchMPN",
+    "AttentionEntropy",
+    "attention_entropy",
 ]
