@@ -22,6 +22,7 @@ from .checks import InputError
 from .data import ClassBalancedBatchSampler, build_dataset, build_transform
 from .metrics import evaluate_retrieval
 from .models import BACKBONES, LOSSES, METHODS, build_backbone, build_method
+from .monitor import TensorBoardLogger
 from .train import build_optimizer, fit, seed_all, seed_worker
 
 log = logging.getLogger("bgf_pyg")
@@ -38,6 +39,8 @@ DEFAULT_CLASSES_PER_BATCH = 6
 #: --proxy-lr default relative to --lr (proxies move faster than the network, as in the originals).
 PROXY_LR_FACTOR = 100.0
 EXIT_USAGE = 2
+#: Folder of the TensorBoard event files inside the run folder.
+TENSORBOARD_DIR = "tensorboard"
 #: What a user can cause (bad paths, broken files, impossible settings): one line, exit code 2.
 #: Other errors (torch's RuntimeErrors included) are bugs and keep their traceback.
 USER_ERRORS = (ValueError, OSError, InputError)
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on test-time transforms (no random augmentation)")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="log losses, learning rates, metrics and BGFormer's attention entropy "
+                        "to <out>/tensorboard (needs the tensorboard package)")
     return p
 
 
@@ -179,14 +185,17 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma
         )
+    logger = TensorBoardLogger(out / TENSORBOARD_DIR, method) if args.tensorboard else None
     start = time.perf_counter()
     result = fit(
         method, train_loader(args, splits.train, generator), optimizer, out,
         epochs=args.epochs, eval_loader=eval_loader(args, splits.test),
         gallery_loader=eval_loader(args, splits.gallery), scheduler=scheduler, device=device,
         eval_every=args.eval_every, resume=args.resume, amp=args.amp,
-        progress=False if args.no_progress else None,
+        progress=False if args.no_progress else None, callback=logger,
     )
+    if logger is not None:  # each epoch flushes, so a run that stops early keeps its curves
+        logger.close()
     log.info("%s on %s: %d epochs in %.0f s, best R@1 %.4f at epoch %s; checkpoints in %s",
              args.method, args.dataset, result.epochs, time.perf_counter() - start,
              result.best_metric, result.best_epoch, out)

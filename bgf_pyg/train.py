@@ -207,6 +207,20 @@ class Precision:
         return torch.autocast(self.device.type, enabled=self.enabled)
 
 
+class FitCallback:
+    """What :func:`fit` reports to a logger (e.g. :class:`bgf_pyg.monitor.TensorBoardLogger`);
+    every hook does nothing here. ``step`` counts optimiser steps over the whole run."""
+
+    def before_step(self, step: int) -> None:
+        """Before the forward pass of step ``step``."""
+
+    def after_step(self, step: int, loss: float, optimizer: torch.optim.Optimizer) -> None:
+        """After the optimiser step; ``loss`` is the step's loss."""
+
+    def after_epoch(self, epoch: int, record: dict) -> None:
+        """After epoch ``epoch`` (1-based) with its ``metrics.jsonl`` record."""
+
+
 def train_one_epoch(
     method: Method,
     loader: Iterable,
@@ -215,15 +229,20 @@ def train_one_epoch(
     *,
     progress: bool = False,
     desc: str = "train",
+    callback: FitCallback | None = None,
+    first_step: int = 0,
 ) -> float:
-    """One pass over ``loader`` of ``(images, labels)`` batches; returns the mean loss."""
+    """One pass over ``loader`` of ``(images, labels)`` batches; returns the mean loss.
+    ``callback`` hears of each step, numbered from ``first_step``."""
     method.train()
     device = precision.device
+    callback = callback or FitCallback()
     total, steps = 0.0, 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
     for images, labels in bar:
         images, labels = images.to(device), labels.to(device)
         optimizer.zero_grad(set_to_none=True)
+        callback.before_step(first_step + steps)
         with precision.autocast():
             loss = method(images, labels)
         if not torch.isfinite(loss):
@@ -232,6 +251,7 @@ def train_one_epoch(
         precision.scaler.step(optimizer)
         precision.scaler.update()
         total += loss.item()
+        callback.after_step(first_step + steps, loss.item(), optimizer)
         steps += 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
     if steps == 0:
@@ -309,13 +329,14 @@ def fit(
     resume: bool = False,
     amp: bool = False,
     progress: bool | None = None,
+    callback: FitCallback | None = None,
 ) -> FitResult:
     """Train ``method`` for ``epochs`` epochs, evaluating every ``eval_every`` epochs (and after
     the last), keeping ``last.pt`` / ``best.pt`` in ``out``.
 
     With ``resume`` the run continues from ``<out>/last.pt``: weights, optimiser, scheduler, grad
     scaler, RNG states, the loader's generator and the sampler's epoch are restored, so the result
-    equals an uninterrupted run.
+    equals an uninterrupted run. ``callback`` hears of every step and epoch (logging).
     """
     device = torch.device(device)
     out = Path(out)
@@ -347,7 +368,8 @@ def fit(
             sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
         loss = train_one_epoch(method, train_loader, optimizer, precision, progress=progress,
-                               desc=f"epoch {epoch + 1}/{epochs}")
+                               desc=f"epoch {epoch + 1}/{epochs}", callback=callback,
+                               first_step=epoch * len(train_loader))
         if scheduler is not None:
             scheduler.step()
         record: dict = {"epoch": epoch + 1, "loss": loss, "lr": lr}
@@ -361,6 +383,8 @@ def fit(
                                                         "epoch": epoch + 1,
                                                         "metrics": last_metrics})
         append_metrics(out, record)
+        if callback is not None:
+            callback.after_epoch(epoch + 1, record)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                        if k != "epoch"))
         save_checkpoint(out / LAST_CHECKPOINT, {
