@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import bgf_pyg  # noqa: F401  (imported first, it silences PyG's import-time jit warnings)
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
