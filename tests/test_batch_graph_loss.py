@@ -8,7 +8,7 @@ from pytorch_metric_learning import losses, miners
 from torch import nn
 
 from bgf_pyg import build_batch_graph
-from bgf_pyg.losses import BatchGraphLoss, ProxyGMLLoss
+from bgf_pyg.losses import BatchGraphLoss, LabelSmoothingCE, ProxyGMLLoss
 from bgf_pyg.models import BGFormerMethod, EmbeddingNet, build_method
 from bgf_pyg.nn import BGFormer
 
@@ -122,6 +122,18 @@ def test_proxy_losses_train_their_proxies(make_loss):
     assert not torch.equal(loss_fn.proxies, before)
 
 
+def test_any_loss_of_embeddings_and_labels():
+    """Not only PML: our label-smoothed CE on a head that outputs class logits."""
+    torch.manual_seed(0)
+    features, labels = batch(3)
+    head = nn.Linear(FEAT, NUM_CLASSES)
+    loss_fn = LabelSmoothingCE(temperature=0.5, epsilon=0.1)
+    criterion = BatchGraphLoss(loss_fn, BGFormer(FEAT, heads=2), k=4, alpha=0.3)
+    want = reference(loss_fn, criterion.bgformer, head, features, labels, 4, 0.3)
+    assert_same_loss_and_grads(criterion(features, labels, head=head), want,
+                               [features, *head.parameters(), *criterion.parameters()])
+
+
 def test_identity_head_and_alpha_weights():
     torch.manual_seed(0)
     features, labels = batch(2)
@@ -140,7 +152,7 @@ def test_bad_calls_name_the_argument():
     criterion = BatchGraphLoss(losses.MultiSimilarityLoss(), BGFormer(FEAT, heads=2), k=3)
     with pytest.raises(ValueError, match=r"labels must have shape \(12,\)"):
         criterion(features, labels[:-1], head=nn.Linear(FEAT, EMB))
-    with pytest.raises(ValueError, match="head cannot be applied to features of shape"):
+    with pytest.raises(ValueError, match=r"head could not be applied to features of shape \(12,"):
         criterion(features, labels, head=nn.Linear(FEAT + 1, EMB))
     with pytest.raises(ValueError, match="features must have 16 columns"):
         criterion(features[:, :-1], labels, head=nn.Linear(FEAT - 1, EMB))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import Tensor, nn
 
@@ -118,10 +119,12 @@ def _apply_head(head: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """``head(x)``, with a shape mismatch reported as an error naming ``head``."""
     try:
         out = head(x)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as err:  # torch reports a width mismatch as a RuntimeError
         raise ValueError(
-            f"head cannot be applied to features of shape {tuple(x.shape)} (a head taking "
-            f"{x.size(1)} input features is expected): {err}"
+            f"head could not be applied to features of shape {tuple(x.shape)} (is it a head "
+            f"taking {x.size(1)} input features on {x.device}?): {err}"
         ) from err
     if not isinstance(out, Tensor) or out.dim() != 2 or out.size(0) != x.size(0):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
