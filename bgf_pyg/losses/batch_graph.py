@@ -41,6 +41,9 @@ class BatchGraphLoss(nn.Module):
         optimizer = torch.optim.AdamW([*model.parameters(), *criterion.parameters()])
         loss = criterion(model.trunk(images), labels, head=model.head)
 
+    For separate learning rates, ``criterion.bgformer.parameters()`` are the graph blocks and
+    ``criterion.loss.parameters()`` the proxies.
+
     The head is an argument of the call, not of the constructor, because it belongs to the model
     (it makes the test-time embedding): held by the wrapper too, it would be listed twice among
     the parameters and saved twice in checkpoints.
