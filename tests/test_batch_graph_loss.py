@@ -134,6 +134,19 @@ def test_any_loss_of_embeddings_and_labels():
                                [features, *head.parameters(), *criterion.parameters()])
 
 
+def test_pce_loss():
+    """The authors' loss (Hyp-ViT's pairwise cross-entropy) in the wrapper, as they train."""
+    pce = pytest.importorskip("bgf_pyg.losses.pce", reason="the PCE loss is not merged yet (#8)")
+    torch.manual_seed(0)
+    features, labels = batch(4)  # P × m consecutive samples, the layout PCE needs
+    head = nn.Linear(FEAT, EMB)
+    loss_fn = pce.PairwiseCrossEntropyLoss(samples_per_class=PER_CLASS)
+    criterion = BatchGraphLoss(loss_fn, BGFormer(FEAT, heads=2), k=4, alpha=0.01)
+    want = reference(loss_fn, criterion.bgformer, head, features, labels, 4, 0.01)
+    assert_same_loss_and_grads(criterion(features, labels, head=head), want,
+                               [features, *head.parameters(), *criterion.parameters()])
+
+
 def test_identity_head_and_alpha_weights():
     torch.manual_seed(0)
     features, labels = batch(2)
