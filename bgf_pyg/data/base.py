@@ -79,6 +79,9 @@ class LabelledDataset(Dataset):
     labels: Tensor
     class_ids: list[Hashable]
     transform: Callable | None
+    #: The folder layout and the standard class-id split, one line each (``bgf-train --help``).
+    LAYOUT = ""
+    SPLIT = ""
 
     @property
     def num_classes(self) -> int:
@@ -116,10 +119,6 @@ class ImageListDataset(LabelledDataset):
             /data/CUB_200_2011"``).
     """
 
-    #: The folder layout and the class-id split, one line each (``bgf-train --help`` shows them).
-    LAYOUT = ""
-    SPLIT = ""
-
     def __init__(
         self,
         paths: Sequence[Path],
@@ -133,6 +132,7 @@ class ImageListDataset(LabelledDataset):
         if not paths:
             split = f" (the standard split: {self.SPLIT})" if self.SPLIT else ""
             raise ValueError(f"{source} is empty{split}")
+        self.source = source
         self.paths = [Path(p) for p in paths]
         missing = [p for p in self.paths if not p.is_file()]
         if missing:
@@ -174,5 +174,5 @@ def check_image_headers(dataset: ImageListDataset, level: str = "header") -> Non
         except (OSError, ValueError, SyntaxError) as error:  # PIL's plugins raise all three
             bad.append(f"{path} ({error})")
     if bad:
-        raise InputError(f"{len(bad)} of {len(dataset.paths)} images cannot be read, e.g. "
-                         + "; ".join(bad[:3]))
+        raise InputError(f"cannot read {len(bad)} of the {len(dataset.paths)} images of "
+                         f"{dataset.source}, e.g. " + "; ".join(bad[:3]))
