@@ -75,7 +75,8 @@ class Number:
     def expected(self) -> str:
         """The domain in words, e.g. ``an integer >= 1`` or ``a finite number in (0, 1]``."""
         what = "an integer" if self.kind is int else "a finite number"
-        low, high = (None if b is None else self.kind(b) for b in (self.low, self.high))
+        low, high = (None if b is None else f"{b:g}" if self.kind is float else str(int(b))
+                     for b in (self.low, self.high))
         if low is not None and high is not None:
             return (f"{what} in {'(' if self.low_open else '['}{low}, "
                     f"{high}{')' if self.high_open else ']'}")

@@ -200,7 +200,7 @@ def train_one_epoch(
                 raise InputError(f"step {steps + 1}: the input images contain NaN or inf") \
                     from err
             raise DivergenceError(f"training diverged at step {steps + 1} (learning rate {lr:g}): "
-                                  f"{err}") from err
+                                  f"the network's outputs stopped being finite ({err})") from err
         if not torch.isfinite(loss):
             raise DivergenceError(f"training diverged at step {steps + 1} (learning rate {lr:g}): "
                                   f"the loss became {loss.item()}")
@@ -355,8 +355,9 @@ def fit(
             start, best, best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
             best_metrics, last_metrics = state["best_metrics"], state["last_metrics"]
             if start > epochs:
-                raise InputError(f"epochs is {epochs}, but {out / LAST_CHECKPOINT} has already "
-                                 f"trained {start}; pass --epochs above {start} to train on")
+                raise InputError(f"--epochs {epochs} is below the {start} epochs that "
+                                 f"{out / LAST_CHECKPOINT} has already trained; pass --epochs "
+                                 f"{start + 1} or more to train on")
             log.info("resumed from %s after epoch %d", out / LAST_CHECKPOINT, start)
             if start == epochs:
                 log.info("the run has already trained its %d epochs; nothing to do", epochs)
