@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -17,3 +19,44 @@ def test_karate_club_learns_the_communities(capsys):
     accuracy = load_example("karate_club").main(["--epochs", "200", "--seed", "0"])
     assert accuracy >= 0.7  # 4 communities: chance is 0.25
     assert "BatchGraphConv(34, 8, heads=4)" in capsys.readouterr().out
+
+
+#: A tiny demo run of examples/cub.py (16-d, one epoch, no augmentation).
+TINY = ["--embedding-dim", "16", "--epochs", "1", "--device", "cpu", "--no-progress",
+        "--no-augment"]
+
+
+def test_cub_example_honours_out(tmp_path, capsys):
+    cub = load_example("cub")
+    assert cub.main(["--method", "proxygml", "--out", str(tmp_path / "mine"), *TINY]) == 0
+    assert (tmp_path / "mine" / "last.pt").is_file()
+    assert "| proxygml |" in capsys.readouterr().out
+
+
+def test_method_all_reports_the_finished_and_the_failed(tmp_path, capsys):
+    cub = load_example("cub")
+    # T = 1e-38 makes the intra-batch loss infinite at its first step; the others train.
+    code = cub.main(["--method", "all", "--out", str(tmp_path), "--temperature", "1e-38",
+                     "--k", "3", *TINY])
+    captured = capsys.readouterr()
+    assert code == 2
+    rows = [line.split("|")[1].strip() for line in captured.out.splitlines()
+            if line.startswith("| ") and "method" not in line]
+    assert rows == ["raw pixels", "plain", "bgformer", "proxygml"]
+    failures = [line for line in captured.err.splitlines() if line.startswith("cub.py: error:")]
+    assert len(failures) == 1
+    assert "intra-batch (seed 0)" in failures[0] and "--temperature 1e-38" in failures[0]
+    assert "Traceback" not in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bgformer-s0", "intra-batch-s0", "plain-s0", "proxygml-s0"]
+
+
+def test_cub_example_checks_every_run_before_the_first(tmp_path, capsys):
+    cub = load_example("cub")
+    with_bad = ["--method", "all", "--out", str(tmp_path), "--lr", "-1", *TINY]
+    with pytest.raises(SystemExit) as exit_info:
+        cub.main(with_bad)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "cub.py: error: argument --lr: expected a finite number > 0, got '-1'")
+    assert not any(tmp_path.iterdir())
