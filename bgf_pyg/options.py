@@ -20,12 +20,17 @@ option, so a new option is covered by registering it:
 
        SCOPES["graph_lr"] = (Scope(method=("bgformer",)),)
 
-   Options missing from the table apply everywhere.
+   Options missing from the table apply everywhere. Only options given on the command line are
+   checked (:func:`explicit_dests`): defaults, the demo's defaults and values a preset supplies
+   never trip it. ``examples/cub.py --method all`` passes ``methods``: an option read by any one
+   of them is accepted.
 3. **Cross-option rules** — small functions in :data:`RULES` (increasing ``--lr-milestones`` below
    ``--epochs``, ``--resume`` with ``--overwrite``, ``--amp`` without CUDA); each returns an error
    message or ``None``.
 
 :data:`DIVERGENCE_OPTIONS` lists the options a diverging (non-finite) loss names as likely causes.
+:class:`HelpFormatter` appends every option's default to its help text (every option needs one;
+the tests check both).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
@@ -134,15 +139,12 @@ def device(text: str) -> str:
 IS_SET = ("<set>",)
 
 
-@dataclass(frozen=True)
 class Scope:
     """Where an option is read: every constraint must hold (a ``dest`` → allowed values, or
-    :data:`IS_SET`)."""
-
-    constraints: dict[str, tuple] = field(default_factory=dict)
+    :data:`IS_SET`), e.g. ``Scope(method=("bgformer",))``."""
 
     def __init__(self, **constraints: tuple) -> None:
-        object.__setattr__(self, "constraints", constraints)
+        self.constraints = constraints
 
     def matches(self, args: argparse.Namespace) -> bool:
         for dest, allowed in self.constraints.items():

@@ -21,16 +21,21 @@ def test_karate_club_learns_the_communities(capsys):
     assert "BatchGraphConv(34, 8, heads=4)" in capsys.readouterr().out
 
 
-#: A tiny demo run of examples/cub.py (16-d, one epoch, no augmentation).
+#: A tiny demo run of examples/cub.py (16-d, one epoch of 5 batches of 180, no augmentation).
 TINY = ["--embedding-dim", "16", "--epochs", "1", "--device", "cpu", "--no-progress",
-        "--no-augment"]
+        "--no-augment", "--samples-per-class", "36", "--batch-size", "180"]
 
 
-def test_cub_example_honours_out(tmp_path, capsys):
+def test_cub_example_honours_out(tmp_path):
+    from bgf_pyg.cli import parse_args
+
     cub = load_example("cub")
-    assert cub.main(["--method", "proxygml", "--out", str(tmp_path / "mine"), *TINY]) == 0
-    assert (tmp_path / "mine" / "last.pt").is_file()
-    assert "| proxygml |" in capsys.readouterr().out
+    options, rest = cub.parse(["--method", "plain", "--out", str(tmp_path / "mine")])
+    argv = cub.run_argv(options, rest, "plain", 0, single=True)
+    assert parse_args(argv).out == str(tmp_path / "mine")
+    options, rest = cub.parse(["--method", "all", "--out", str(tmp_path), *TINY])
+    argv = cub.run_argv(options, rest, "plain", 1, single=False)
+    assert parse_args(argv, methods=cub.METHODS).out == str(tmp_path / "plain-s1")
 
 
 def test_method_all_reports_the_finished_and_the_failed(tmp_path, capsys):
