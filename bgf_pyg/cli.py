@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     out = Path(args.out)
     generator = seed_all(args.seed)
     splits = load_splits(args.dataset, args.data_root, augment=not args.no_augment,
-                         check_images=args.check_images if args.dataset != "demo" else "off")
+                         check_images=args.check_images)
     check_against_data(args, splits.train)
     samples_per_class = None if args.method == "proxygml" else args.samples_per_class
     backbone = build_backbone(args.backbone, args.embedding_dim, args.pretrained,

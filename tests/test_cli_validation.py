@@ -120,6 +120,17 @@ def test_cross_option_rules(argv, fragment, capsys):
     assert_one_line_error(main(argv), capsys.readouterr().err, fragment)
 
 
+@pytest.mark.parametrize("argv,fragment", [
+    (["--method", "proxygml", "--batch-size", "5000"],
+     "--batch-size 5000 exceeds the 901 training images"),
+    (["--classes-per-batch", "6"], "--classes-per-batch 6 exceeds the 5 training classes"),
+])
+def test_sampling_options_against_the_data(tmp_path, argv, fragment, capsys):
+    code = main([*argv, "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_absent_devices_are_refused(capsys):
     assert_one_line_error(main(["--device", "cuda"]), capsys.readouterr().err,
