@@ -54,6 +54,7 @@ from .options import (
     seed_int,
     validate,
 )
+from .run_folder import check_run_folder
 from .train import DivergenceError, build_optimizer, fit, seed_all, seed_worker
 
 log = logging.getLogger("bgf_pyg")
@@ -299,6 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     """Train and evaluate one method as ``args`` (from :func:`parse_args`) says; return the last
     evaluation's metrics."""
     out = Path(args.out)
+    check_run_folder(out, args.resume, args.overwrite)  # before any data is read
     generator = seed_all(args.seed)
     splits = load_splits(args.dataset, args.data_root, augment=not args.no_augment,
                          check_images=args.check_images)

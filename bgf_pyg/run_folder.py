@@ -208,16 +208,28 @@ def remove_stale_temp_files(out: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def prepare_run_folder(out: str | os.PathLike, resume: bool, overwrite: bool) -> None:
-    """Make ``out`` ready: remove stale temporary files and, for a fresh run, refuse a folder
-    that holds a run unless ``overwrite`` (then its run files, and only those, are deleted)."""
+def check_run_folder(out: str | os.PathLike, resume: bool, overwrite: bool) -> list[str]:
+    """Refuse a fresh run in a folder that holds a run (unless ``overwrite``) and a resume without
+    ``last.pt``; return the run files a fresh run will replace. Cheap: callers run it before
+    loading any data."""
     out = Path(out)
-    remove_stale_temp_files(out)
     if resume:
-        return
+        if not (out / LAST_CHECKPOINT).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {out / LAST_CHECKPOINT} (nothing to "
+                                    "--resume; drop it to start a fresh run)")
+        return []
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not overwrite:
         raise InputError(f"{out} already holds a run ({', '.join(existing)}); continue it with "
                          "--resume, replace it with --overwrite, or choose another --out")
-    for name in existing:
+    return existing
+
+
+def prepare_run_folder(out: str | os.PathLike, resume: bool, overwrite: bool) -> None:
+    """Make ``out`` ready (call it with the folder locked): remove stale temporary files and, for a
+    fresh run, refuse a folder that holds a run unless ``overwrite`` (then its run files, and only
+    those, are deleted)."""
+    out = Path(out)
+    remove_stale_temp_files(out)
+    for name in check_run_folder(out, resume, overwrite):
         (out / name).unlink()

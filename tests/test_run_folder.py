@@ -26,8 +26,8 @@ from bgf_pyg.run_folder import (
 )
 from bgf_pyg.train import build_optimizer, fit
 
-#: A tiny demo run (about a second): plain method, 16-d, no augmentation.
-TINY = ["--method", "plain", "--embedding-dim", "16", "--samples-per-class", "4",
+#: A tiny demo run (about a second): plain method, 16-d, 5 batches of 5×36, no augmentation.
+TINY = ["--method", "plain", "--embedding-dim", "16", "--samples-per-class", "36",
         "--device", "cpu", "--no-progress", "--no-augment"]
 
 
@@ -63,17 +63,23 @@ def test_fresh_run_refuses_a_folder_holding_a_run(run_copy, capsys):
     line = last_error(capsys)
     assert str(run_copy) in line and "--resume" in line and "--overwrite" in line
     assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()} == before
-    assert train(run_copy, "--overwrite") == 0
-    assert [r["epoch"] for r in read_metrics(run_copy)] == [1]
 
 
 @pytest.mark.parametrize("name", [BEST_CHECKPOINT, METRICS_FILE])
 def test_a_partial_run_is_protected_too(tmp_path, name):
     (tmp_path / name).write_text("x")
+    (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match=name):
         prepare_run_folder(tmp_path, resume=False, overwrite=False)
     prepare_run_folder(tmp_path, resume=False, overwrite=True)
     assert not (tmp_path / name).exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's files go
+
+
+def test_resume_without_a_checkpoint_stops_before_loading_data(tmp_path, capsys):
+    assert main([*TINY, "--out", str(tmp_path), "--resume"]) == 2
+    line = last_error(capsys)
+    assert "checkpoint not found" in line and "last.pt" in line
 
 
 def test_stale_temp_files_are_removed_and_nothing_else(tmp_path):
@@ -83,7 +89,7 @@ def test_stale_temp_files_are_removed_and_nothing_else(tmp_path):
     for path in stale + kept:
         path.write_bytes(b"partial")
     with lock_run_folder(tmp_path):
-        prepare_run_folder(tmp_path, resume=True, overwrite=False)
+        prepare_run_folder(tmp_path, resume=False, overwrite=False)
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in kept)
 
