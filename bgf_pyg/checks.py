@@ -17,6 +17,18 @@ class InputError(RuntimeError):
     torch is a bug and keeps its traceback."""
 
 
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or inf. The training loop reads it as divergence and names the options
+    that set the step size; elsewhere it is the ``ValueError`` of a bad argument."""
+
+
+def show_value(value: object) -> str:
+    """A setting as a message shows it: lists space-separated, ``None`` as ``unset``."""
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value)) or "[]"
+    return "unset" if value is None else str(value)
+
+
 def is_compiling() -> bool:
     """True while ``torch.compile`` traces: data-dependent checks are skipped there (they would
     force a device sync and a graph break)."""
@@ -48,7 +60,7 @@ def check_features(
         raise ValueError(f"{name} must have {width} columns, got shape {tuple(x.shape)}")
     if finite and not is_compiling() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
-        raise ValueError(f"{name} contains NaN or inf values (in {bad} of {x.size(0)} rows)")
+        raise NonFiniteError(f"{name} contains NaN or inf values (in {bad} of {x.size(0)} rows)")
 
 
 def check_labels(

@@ -1,7 +1,10 @@
 """``bgf-train``: train one method on one dataset, evaluate it and print a results table.
 
-Errors a user can cause (a wrong data root, a truncated annotation file, a corrupt image, an
-impossible sampling setting) end with one line on stderr and exit code 2, never a traceback.
+Every option is checked before any work starts (:mod:`bgf_pyg.options`: value domains, the
+methods and datasets each option applies to, cross-option rules). Errors a user can cause (a bad
+option, a wrong data root, a truncated annotation file, a corrupt image, an impossible sampling
+setting, a run folder in use, a diverging loss) end with one line on stderr and exit code 2,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -10,23 +13,54 @@ import argparse
 import logging
 import statistics
 import sys
+import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checks import InputError
-from .data import ClassBalancedBatchSampler, build_dataset, build_transform
+from .checks import InputError, show_value
+from .data import (
+    DATASETS as IMAGE_DATASETS,
+)
+from .data import (
+    IMAGE_CHECKS,
+    ClassBalancedBatchSampler,
+    DigitsDemo,
+    ImageListDataset,
+    build_dataset,
+    build_transform,
+    check_image_headers,
+)
 from .metrics import evaluate_retrieval
 from .models import BACKBONES, LOSSES, METHODS, build_backbone, build_method
 from .monitor import TensorBoardLogger
-from .train import build_optimizer, fit, seed_all, seed_worker
+from .options import (
+    DIVERGENCE_OPTIONS,
+    HelpFormatter,
+    OneLineParser,
+    applies,
+    device,
+    explicit_dests,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    option_name,
+    positive_float,
+    positive_int,
+    probability,
+    seed_int,
+    validate,
+)
+from .run_folder import check_run_folder
+from .train import DivergenceError, build_optimizer, fit, seed_all, seed_worker
 
 log = logging.getLogger("bgf_pyg")
 
+PROG = "bgf-train"
 DATASETS = ("cub", "cars", "sop", "inshop", "demo")
 #: Columns of the results table: (metric key, header).
 TABLE_COLUMNS = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"),
@@ -41,58 +75,111 @@ PROXY_LR_FACTOR = 100.0
 EXIT_USAGE = 2
 #: Folder of the TensorBoard event files inside the run folder.
 TENSORBOARD_DIR = "tensorboard"
+HELP_WIDTH = 90
 #: What a user can cause (bad paths, broken files, impossible settings): one line, exit code 2.
 #: Other errors (torch's RuntimeErrors included) are bugs and keep their traceback.
 USER_ERRORS = (ValueError, OSError, InputError)
 
+#: The demo configuration: the defaults of ``--dataset demo`` (so ``bgf-train`` with no options and
+#: ``examples/cub.py`` without ``--data-root`` run the same thing). 30 epochs are about 450 steps
+#: of 5×12 batches with the augmentation of ``demo_train_transform``; 5 epochs left the trained
+#: methods at the level of raw pixels, and the training losses still fall slowly at 30 (40 did not
+#: help BGFormer in a one-seed check). ProxyGML keeps the original's N = 12 proxies per class (with
+#: N = 2 its R@1 fell to the raw-pixel level as training went on).
+DEMO_DEFAULTS = {
+    "backbone": "smallcnn", "embedding_dim": 64, "epochs": 30, "eval_every": 10, "lr": 1e-3,
+    "classes_per_batch": 5, "samples_per_class": 12, "batch_size": 60, "k": 10,
+    "proxies_per_class": 12, "proxygml_r": 0.5,
+}
+#: Options that may change on ``--resume``; every other one must match the checkpoint's.
+RESUMABLE_OPTIONS = frozenset({"epochs", "eval_every", "resume", "overwrite", "out", "data_root",
+                               "device", "num_workers", "no_progress", "check_images"})
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``bgf-train`` argument parser."""
-    p = argparse.ArgumentParser(
-        prog="bgf-train", description="Train and evaluate a batch-graph metric-learning method."
+
+def dataset_help() -> str:
+    """Each dataset's folder layout and class-id split, for ``--help``."""
+    classes = {**IMAGE_DATASETS, "demo": DigitsDemo}
+    lines = ["datasets (--data-root is the folder named first; the test classes are unseen):"]
+    for name in DATASETS:
+        text = f"{classes[name].LAYOUT}; split: {classes[name].SPLIT}"
+        lines.append(textwrap.fill(text, HELP_WIDTH, initial_indent=f"  {name:8s}",
+                                   subsequent_indent=" " * 10, break_on_hyphens=False))
+    demo = " ".join(f"{option_name(k)} {v}" for k, v in DEMO_DEFAULTS.items())
+    lines += ["", textwrap.fill("with --dataset demo (the default) these defaults change, so that "
+                                "bgf-train with no options runs the demo of examples/cub.py: "
+                                + demo, HELP_WIDTH),
+              "", "a bad option ends with one line naming it and exit code 2, before any work "
+              "starts"]
+    return "\n".join(lines)
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The ``bgf-train`` argument parser (numeric options declare their domain, see
+    :mod:`bgf_pyg.options`)."""
+    p = OneLineParser(
+        prog=prog, description="Train and evaluate a batch-graph metric-learning method.",
+        epilog=dataset_help(), formatter_class=HelpFormatter,
     )
-    p.add_argument("--dataset", choices=DATASETS, default="demo")
-    p.add_argument("--data-root", default=None, help="dataset folder (not needed for demo)")
-    p.add_argument("--method", choices=METHODS, default="bgformer")
+    p.add_argument("--dataset", choices=DATASETS, default="demo", help="benchmark (see below)")
+    p.add_argument("--data-root", default=None, help="dataset folder (not for demo; see below)")
+    p.add_argument("--check-images", choices=IMAGE_CHECKS, default="header",
+                   help="before training, open every image: read its header (about 0.02 ms an "
+                        "image with a warm file cache), decode it (about 2 ms), or skip; missing "
+                        "files are always found")
+    p.add_argument("--method", choices=METHODS, default="bgformer", help="training method")
     p.add_argument("--loss", choices=LOSSES, default="multi_similarity",
                    help="metric loss of plain and bgformer")
-    p.add_argument("--backbone", choices=BACKBONES, default=None,
-                   help="default: smallcnn for demo, resnet50 otherwise")
-    p.add_argument("--pretrained", default=None, help="local ImageNet state dict of the ResNet")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=32, help="random batches (proxygml)")
-    p.add_argument("--classes-per-batch", type=int, default=None,
+    p.add_argument("--backbone", choices=BACKBONES, default="resnet50", help="image network")
+    p.add_argument("--pretrained", default=None,
+                   help="local ImageNet state dict of the ResNet (default: random weights)")
+    p.add_argument("--epochs", type=positive_int, default=30, help="epochs to train in all")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="size of proxygml's random batches")
+    p.add_argument("--classes-per-batch", type=positive_int, default=None,
                    help=f"P of a P×M batch (default: {DEFAULT_CLASSES_PER_BATCH}, or every "
                         "class when there are fewer)")
-    p.add_argument("--samples-per-class", type=int, default=9, help="M of a P×M batch")
-    p.add_argument("--k", type=int, default=30, help="BGFormer's kNN neighbours")
-    p.add_argument("--proxies-per-class", type=int, default=12, help="ProxyGML's N")
-    p.add_argument("--proxygml-r", type=float, default=0.05,
+    p.add_argument("--samples-per-class", type=positive_int, default=9, help="M of a P×M batch")
+    p.add_argument("--k", type=positive_int, default=30, help="BGFormer's kNN neighbours")
+    p.add_argument("--proxies-per-class", type=positive_int, default=12, help="ProxyGML's N")
+    p.add_argument("--proxygml-r", type=fraction, default=0.05,
                    help="ProxyGML's r: it keeps the top ceil(r·C·N) proxies of each sample")
-    p.add_argument("--graph-layers", type=int, default=None,
+    p.add_argument("--graph-layers", type=positive_int, default=None,
                    help="layers of BGFormer (default 2) or of the intra-batch MPN (default 1)")
-    p.add_argument("--graph-heads", type=int, default=None,
+    p.add_argument("--graph-heads", type=positive_int, default=None,
                    help="attention heads of BGFormer (default 8) or of the MPN (default 2)")
-    p.add_argument("--alpha", type=float, default=None,
+    p.add_argument("--alpha", type=probability, default=None,
                    help="BGFormer: weight of the loss on the backbone features (default 0.5)")
-    p.add_argument("--lam", type=float, default=None,
+    p.add_argument("--lam", type=probability, default=None,
                    help="BGFormer: weight of the visual branch in dual SSA (default 0.5)")
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--temperature", type=positive_float, default=None,
                    help="intra-batch: logit temperature T (default 0.2, the CUB original)")
-    p.add_argument("--embedding-dim", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--proxy-lr", type=float, default=None, help="default: 100 × --lr")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--lr-milestones", type=int, nargs="+", default=None, metavar="EPOCH",
+    p.add_argument("--embedding-dim", type=positive_int, default=512,
+                   help="width of the embedding head")
+    p.add_argument("--lr", type=positive_float, default=1e-4,
+                   help="AdamW learning rate of the networks")
+    p.add_argument("--proxy-lr", type=positive_float, default=None,
+                   help=f"learning rate of the loss's proxies (default: {PROXY_LR_FACTOR:g} × "
+                        "--lr)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
+                   help="AdamW weight decay")
+    p.add_argument("--lr-milestones", type=positive_int, nargs="+", default=None, metavar="EPOCH",
                    help="multiply every learning rate by --lr-gamma after these epochs "
-                        "(ProxyGML's original: 20 40)")
-    p.add_argument("--lr-gamma", type=float, default=0.1)
+                        "(strictly increasing, below --epochs; ProxyGML's original: 20 40)")
+    p.add_argument("--lr-gamma", type=fraction, default=0.1,
+                   help="factor of each --lr-milestones step")
     p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-METHOD-sSEED)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last.pt (same options; --epochs may "
+                        "grow)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, such a folder is refused)")
+    p.add_argument("--device", type=device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seeds every random choice")
+    p.add_argument("--eval-every", type=positive_int, default=5,
+                   help="evaluate every N epochs (and after the last)")
+    p.add_argument("--num-workers", type=non_negative_int, default=0,
+                   help="DataLoader worker processes")
     p.add_argument("--no-augment", action="store_true",
                    help="train on test-time transforms (no random augmentation)")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
@@ -101,6 +188,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log losses, learning rates, metrics and BGFormer's attention entropy "
                         "to <out>/tensorboard (needs the tensorboard package)")
     return p
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+    methods: Collection[str] | None = None,
+    prog: str = PROG,
+) -> argparse.Namespace:
+    """Parse, resolve the defaults (the demo's for ``--dataset demo``, the device, ``--out``) and
+    validate ``argv``; a bad option exits with one line and code 2. ``methods``: the methods these
+    options are used for (``examples/cub.py --method all``), for the option-scope check."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    explicit = explicit_dests(lambda: build_parser(prog), argv)
+    if args.dataset == "demo":
+        for dest, value in DEMO_DEFAULTS.items():
+            if dest not in explicit:
+                setattr(args, dest, value)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.out is None:
+        args.out = f"runs/{args.dataset}-{args.method}-s{args.seed}"
+    if args.proxy_lr is None:
+        args.proxy_lr = PROXY_LR_FACTOR * args.lr
+    validate(parser, args, explicit, methods)
+    return args
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The options a resumed run must share with its checkpoint, by option name."""
+    return {option_name(k): v for k, v in sorted(vars(args).items())
+            if k not in RESUMABLE_OPTIONS}
 
 
 @dataclass
@@ -112,17 +231,36 @@ class Splits:
     gallery: Dataset | None = None
 
 
-def load_splits(dataset: str, root: str | None, augment: bool = True) -> Splits:
-    """Training and evaluation splits (In-Shop: query against gallery)."""
+def load_splits(
+    dataset: str, root: str | None, augment: bool = True, check_images: str = "off"
+) -> Splits:
+    """Training and evaluation splits (In-Shop: query against gallery); with ``check_images``
+    every image is opened now (:func:`~bgf_pyg.data.check_image_headers`)."""
     if dataset != "demo" and root is None:
         raise ValueError(f"--data-root is required for --dataset {dataset}")
     train_tf = build_transform(dataset, train=augment)
     test_tf = build_transform(dataset, train=False)
     train = build_dataset(dataset, root, "train", train_tf)
     if dataset == "inshop":
-        return Splits(train, build_dataset(dataset, root, "query", test_tf),
-                      build_dataset(dataset, root, "gallery", test_tf))
-    return Splits(train, build_dataset(dataset, root, "test", test_tf))
+        splits = Splits(train, build_dataset(dataset, root, "query", test_tf),
+                        build_dataset(dataset, root, "gallery", test_tf))
+    else:
+        splits = Splits(train, build_dataset(dataset, root, "test", test_tf))
+    for split in (splits.train, splits.test, splits.gallery):
+        if isinstance(split, ImageListDataset):
+            check_image_headers(split, check_images)
+    return splits
+
+
+def check_against_data(args: argparse.Namespace, train: Dataset) -> None:
+    """The sampling options against the training split's size, before the model is built."""
+    if args.method == "proxygml" and args.batch_size > len(train):
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train)} training "
+                         "images, so an epoch would have no batch")
+    if (args.method != "proxygml" and args.classes_per_batch is not None
+            and args.classes_per_batch > train.num_classes):
+        raise ValueError(f"--classes-per-batch {args.classes_per_batch} exceeds the "
+                         f"{train.num_classes} training classes")
 
 
 def train_loader(
@@ -165,21 +303,23 @@ def method_hparams(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
-    """Train and evaluate one method as ``args`` says; return the last evaluation's metrics."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone_name = args.backbone or ("smallcnn" if args.dataset == "demo" else "resnet50")
-    out = Path(args.out or f"runs/{args.dataset}-{args.method}-s{args.seed}")
+    """Train and evaluate one method as ``args`` (from :func:`parse_args`) says; return the last
+    evaluation's metrics."""
+    out = Path(args.out)
+    check_run_folder(out, args.resume, args.overwrite)  # before any data is read
     generator = seed_all(args.seed)
-    splits = load_splits(args.dataset, args.data_root, augment=not args.no_augment)
-    num_classes = splits.train.num_classes
+    splits = load_splits(args.dataset, args.data_root, augment=not args.no_augment,
+                         check_images=args.check_images)
+    check_against_data(args, splits.train)
     samples_per_class = None if args.method == "proxygml" else args.samples_per_class
-    backbone = build_backbone(backbone_name, args.embedding_dim, args.pretrained,
+    backbone = build_backbone(args.backbone, args.embedding_dim, args.pretrained,
                               pooling=METHOD_POOLING.get(args.method, "avg"))
-    hparams = method_hparams(args)
-    method = build_method(args.method, backbone, num_classes, loss=args.loss,
-                          samples_per_class=samples_per_class, **hparams)
-    proxy_lr = args.proxy_lr if args.proxy_lr is not None else PROXY_LR_FACTOR * args.lr
-    optimizer = build_optimizer(method, args.lr, proxy_lr, args.weight_decay)
+    if not args.resume and args.pretrained is None:
+        log.info("%s backbone is randomly initialised (no --pretrained weights file given)",
+                 args.backbone)
+    method = build_method(args.method, backbone, splits.train.num_classes, loss=args.loss,
+                          samples_per_class=samples_per_class, **method_hparams(args))
+    optimizer = build_optimizer(method, args.lr, args.proxy_lr, args.weight_decay)
     scheduler = None
     if args.lr_milestones:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -190,16 +330,37 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     result = fit(
         method, train_loader(args, splits.train, generator), optimizer, out,
         epochs=args.epochs, eval_loader=eval_loader(args, splits.test),
-        gallery_loader=eval_loader(args, splits.gallery), scheduler=scheduler, device=device,
-        eval_every=args.eval_every, resume=args.resume, amp=args.amp,
+        gallery_loader=eval_loader(args, splits.gallery), scheduler=scheduler,
+        device=args.device, eval_every=args.eval_every, resume=args.resume,
+        overwrite=args.overwrite, config=run_config(args), amp=args.amp,
         progress=False if args.no_progress else None, callback=logger,
     )
     if logger is not None:  # each epoch flushes, so a run that stops early keeps its curves
         logger.close()
-    log.info("%s on %s: %d epochs in %.0f s, best R@1 %.4f at epoch %s; checkpoints in %s",
-             args.method, args.dataset, result.epochs, time.perf_counter() - start,
-             result.best_metric, result.best_epoch, out)
+    trained = result.epochs - result.start_epoch
+    log.info("%s on %s: trained %s (%s) in %.0f s, best R@1 %.4f at epoch %s; checkpoints in %s",
+             args.method, args.dataset, plural(trained, "epoch"),
+             f"{result.start_epoch + 1}–{result.epochs}" if trained else "none left",
+             time.perf_counter() - start, result.best_metric or float("nan"), result.best_epoch,
+             out)
     return result.last_metrics
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def error_message(err: BaseException, args: argparse.Namespace) -> str:
+    """The one-line message of a user error; a diverging loss also names the options that set
+    the run's step size and logit scale."""
+    message = " ".join(str(err).split("\n"))
+    if isinstance(err, DivergenceError):
+        options = ", ".join(f"{option_name(d)} {show_value(getattr(args, d))}"
+                            for d in DIVERGENCE_OPTIONS if applies(d, args))
+        message += (f"; the options that set this run's step size and logit scale are {options}"
+                    " (a smaller learning rate usually fixes it)")
+    return message
 
 
 def raw_pixel_metrics(dataset: Dataset) -> dict[str, float]:
@@ -235,7 +396,7 @@ class _StderrHandler(logging.Handler):
 
 
 def setup_logging() -> None:
-    """Show the package's INFO lines (e.g. "backbone is randomly initialised") on stderr."""
+    """Show the package's INFO lines (e.g. "resumed from ...") on stderr."""
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         log.addHandler(_StderrHandler())
     log.setLevel(logging.INFO)
@@ -243,12 +404,15 @@ def setup_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bgf-train``; returns the exit code (2 for a user error)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a bad option (2), already printed
+        return int(exit_.code or 0)
     setup_logging()
     try:
         metrics = run(args)
     except USER_ERRORS as err:
-        print(f"bgf-train: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {error_message(err, args)}", file=sys.stderr)
         return EXIT_USAGE
     print(format_table([(args.method, [metrics])]))
     return 0

@@ -1,19 +1,18 @@
 """Fit / evaluate loop: one epoch of training, embedding + retrieval evaluation, checkpoints
 (atomic, resumable to the bit), JSON-lines metrics and a PNG of the curves.
 
-The pieces are small functions; :func:`fit` strings them together. A run directory ``out`` holds
-``last.pt`` (written after every epoch), ``best.pt`` (best Recall@1 so far), ``metrics.jsonl`` (one
-JSON object per epoch) and ``curves.png``.
+The pieces are small functions; :func:`fit` strings them together. The run folder ``out``
+(``last.pt`` after every epoch, ``best.pt``, ``metrics.jsonl``, ``curves.png``) is kept by
+:mod:`bgf_pyg.run_folder`. A loss or embedding that stops being finite ends the run with a
+:class:`DivergenceError`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,16 +25,30 @@ from torch.utils.data import DataLoader
 from torch_geometric import seed_everything
 from tqdm.auto import tqdm
 
-from .checks import InputError
+from .checks import InputError, NonFiniteError, check_positive_int
 from .metrics import evaluate_retrieval, recall_at_k_query_gallery
 from .models import Method
+from .run_folder import (
+    BEST_CHECKPOINT,
+    CURVES_FILE,
+    LAST_CHECKPOINT,
+    append_metrics,
+    atomic_write,
+    check_config,
+    keep_metrics_until,
+    load_checkpoint,
+    lock_run_folder,
+    prepare_run_folder,
+    read_metrics,
+    require_keys,
+    save_checkpoint,
+)
+from .run_folder import (
+    METRICS_FILE as METRICS_FILE,  # re-exported: the run-folder names were defined here
+)
 
 log = logging.getLogger(__name__)
 
-LAST_CHECKPOINT = "last.pt"
-BEST_CHECKPOINT = "best.pt"
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
 #: The metric that selects the best checkpoint.
 BEST_METRIC = "recall@1"
 #: Recall@K values reported by evaluation.
@@ -91,62 +104,7 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then
-    ``os.replace``, so a killed run leaves either the old checkpoint or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only``)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # a truncated or foreign file raises several types
-        raise InputError(f"could not read checkpoint {path}: {err}") from err
-
-
-# ---------------------------------------------------------------------------- logging
-
-
-def append_metrics(out: str | os.PathLike, record: dict) -> None:
-    """Append ``record`` as one JSON line to ``<out>/metrics.jsonl``."""
-    with open(Path(out) / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def keep_metrics_until(out: str | os.PathLike, epoch: int) -> None:
-    """Drop the records after ``epoch`` (a run killed after logging but before its checkpoint
-    repeats that epoch on resume); ``epoch=0`` starts a fresh log."""
-    records = [r for r in read_metrics(out) if r["epoch"] <= epoch]
-    (Path(out) / METRICS_FILE).write_text(
-        "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8"
-    )
-
-
-def read_metrics(out: str | os.PathLike) -> list[dict]:
-    """All records of ``<out>/metrics.jsonl`` (empty when there is none)."""
-    path = Path(out) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+# ---------------------------------------------------------------------------- curves
 
 
 def plot_curves(out: str | os.PathLike) -> Path | None:
@@ -175,7 +133,7 @@ def plot_curves(out: str | os.PathLike) -> Path | None:
         ax_eval.legend()
     fig.tight_layout()
     path = Path(out) / CURVES_FILE
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return path
 
@@ -221,6 +179,11 @@ class FitCallback:
         """After epoch ``epoch`` (1-based) with its ``metrics.jsonl`` record."""
 
 
+class DivergenceError(InputError):
+    """Training diverged: the loss or the network's outputs stopped being finite (usually a step
+    size or logit scale too large for the model); the CLI adds the options that set them."""
+
+
 def train_one_epoch(
     method: Method,
     loader: Iterable,
@@ -233,7 +196,11 @@ def train_one_epoch(
     first_step: int = 0,
 ) -> float:
     """One pass over ``loader`` of ``(images, labels)`` batches; returns the mean loss.
-    ``callback`` hears of each step, numbered from ``first_step``."""
+    ``callback`` hears of each step, numbered from ``first_step``.
+
+    A non-finite loss, or a ``NonFiniteError`` from a check inside the forward pass (e.g. the
+    batch graph's features), raises a :class:`DivergenceError` naming the step and learning rate.
+    """
     method.train()
     device = precision.device
     callback = callback or FitCallback()
@@ -243,10 +210,19 @@ def train_one_epoch(
         images, labels = images.to(device), labels.to(device)
         optimizer.zero_grad(set_to_none=True)
         callback.before_step(first_step + steps)
-        with precision.autocast():
-            loss = method(images, labels)
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            with precision.autocast():
+                loss = method(images, labels)
+        except NonFiniteError as err:
+            if not bool(torch.isfinite(images).all()):
+                raise InputError(f"step {steps + 1}: the input images contain NaN or inf") \
+                    from err
+            raise DivergenceError(f"training diverged at step {steps + 1} (learning rate {lr:g}): "
+                                  f"the network's outputs stopped being finite ({err})") from err
         if not torch.isfinite(loss):
-            raise InputError(f"training loss became {loss.item()}; lower the learning rate")
+            raise DivergenceError(f"training diverged at step {steps + 1} (learning rate {lr:g}): "
+                                  f"the loss became {loss.item()}")
         precision.scaler.scale(loss).backward()
         precision.scaler.step(optimizer)
         precision.scaler.update()
@@ -269,7 +245,12 @@ def compute_embeddings(
     for images, y in tqdm(loader, desc="embed", disable=not progress, leave=False):
         embs.append(method.embed(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(y))
-    return torch.cat(embs), torch.cat(labels)
+    if not embs:
+        raise InputError("the evaluation loader yielded no batch (empty evaluation split?)")
+    emb = torch.cat(embs)
+    if not bool(torch.isfinite(emb).all()):
+        raise DivergenceError("training diverged: the evaluation embeddings contain NaN or inf")
+    return emb, torch.cat(labels)
 
 
 def evaluate(
@@ -305,13 +286,50 @@ def _epoch_sampler(loader: DataLoader):
 
 @dataclass
 class FitResult:
-    """What :func:`fit` ends with: last epoch's and best evaluation metrics."""
+    """What :func:`fit` ends with: the epochs trained by this call (``start_epoch`` to
+    ``epochs``), last epoch's and best evaluation metrics."""
 
     epochs: int
     best_metric: float | None
     best_epoch: int | None
     last_metrics: dict[str, float]
     best_metrics: dict[str, float]
+    start_epoch: int = 0
+
+
+#: What a ``last.pt`` must hold to resume from it.
+RESUME_KEYS = ("model", "optimizer", "scaler", "epoch", "best_metric", "best_epoch",
+               "best_metrics", "last_metrics", "rng")
+
+
+def restore(
+    path: Path,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    precision: Precision,
+    train_loader: DataLoader,
+    config: dict | None,
+) -> dict:
+    """Load ``path`` into the run's objects; a checkpoint of another configuration or model ends
+    in an ``InputError`` naming the file (and the differing options when ``config`` is given)."""
+    # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
+    state = load_checkpoint(path)
+    require_keys(state, RESUME_KEYS, path)
+    check_config(state.get("config"), config, path)
+    try:
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        precision.scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError) as err:  # size mismatch, missing keys
+        first = str(err).strip().splitlines()[0]
+        raise InputError(f"{path} does not fit this model or optimiser: {first}") from err
+    set_rng_state(state["rng"])
+    if state.get("loader_generator") is not None and train_loader.generator is not None:
+        train_loader.generator.set_state(state["loader_generator"])
+    return state
 
 
 def fit(
@@ -327,6 +345,8 @@ def fit(
     device: str | torch.device = "cpu",
     eval_every: int = 1,
     resume: bool = False,
+    overwrite: bool = False,
+    config: dict | None = None,
     amp: bool = False,
     progress: bool | None = None,
     callback: FitCallback | None = None,
@@ -336,74 +356,82 @@ def fit(
 
     With ``resume`` the run continues from ``<out>/last.pt``: weights, optimiser, scheduler, grad
     scaler, RNG states, the loader's generator and the sampler's epoch are restored, so the result
-    equals an uninterrupted run. ``callback`` hears of every step and epoch (logging).
+    equals an uninterrupted run. ``callback`` hears of every step and epoch (logging). Without
+    ``resume``, a folder that already holds a run is refused unless ``overwrite`` (see
+    :func:`~bgf_pyg.run_folder.prepare_run_folder`). ``config`` (the run's options, JSON-like) is
+    stored in the checkpoints; a resume with a different one is refused.
     """
+    check_positive_int(epochs, "epochs")
+    check_positive_int(eval_every, "eval_every")
     device = torch.device(device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     progress = show_progress(progress)
-    precision = Precision(device, amp)
-    method.to(device)
-    start, best, best_epoch, best_metrics, last_metrics = 0, None, None, {}, {}
-    if resume:
-        # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        state = load_checkpoint(out / LAST_CHECKPOINT)
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        precision.scaler.load_state_dict(state["scaler"])
-        start, best, best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
-        best_metrics, last_metrics = state["best_metrics"], state["last_metrics"]
-        set_rng_state(state["rng"])
-        if state.get("loader_generator") is not None and train_loader.generator is not None:
-            train_loader.generator.set_state(state["loader_generator"])
-        log.info("resumed from %s after epoch %d", out / LAST_CHECKPOINT, start)
-    else:  # a fresh run: nothing of an earlier run in ``out`` may pass for this one's
-        (out / BEST_CHECKPOINT).unlink(missing_ok=True)
-    keep_metrics_until(out, start)
-    sampler = _epoch_sampler(train_loader)
-    for epoch in range(start, epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
-        loss = train_one_epoch(method, train_loader, optimizer, precision, progress=progress,
-                               desc=f"epoch {epoch + 1}/{epochs}", callback=callback,
-                               first_step=epoch * len(train_loader))
-        if scheduler is not None:
-            scheduler.step()
-        record: dict = {"epoch": epoch + 1, "loss": loss, "lr": lr}
-        if eval_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
-            last_metrics = evaluate(method, eval_loader, device, gallery_loader=gallery_loader,
-                                    progress=progress)
-            record.update(last_metrics)
-            if best is None or last_metrics[BEST_METRIC] > best:
-                best, best_epoch, best_metrics = last_metrics[BEST_METRIC], epoch + 1, last_metrics
-                save_checkpoint(out / BEST_CHECKPOINT, {"model": method.state_dict(),
-                                                        "epoch": epoch + 1,
-                                                        "metrics": last_metrics})
-        append_metrics(out, record)
-        if callback is not None:
-            callback.after_epoch(epoch + 1, record)
-        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in record.items()
-                                                       if k != "epoch"))
-        save_checkpoint(out / LAST_CHECKPOINT, {
-            "model": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "scaler": precision.scaler.state_dict(),
-            "epoch": epoch + 1,
-            "sampler_epoch": epoch + 1,
-            "best_metric": best,
-            "best_epoch": best_epoch,
-            "best_metrics": best_metrics,
-            "last_metrics": last_metrics,
-            "rng": rng_state(),
-            "loader_generator": None if train_loader.generator is None
-            else train_loader.generator.get_state(),
-        })
-    plot_curves(out)
-    return FitResult(epochs, best, best_epoch, last_metrics, best_metrics)
+    with lock_run_folder(out):
+        prepare_run_folder(out, resume, overwrite)
+        precision = Precision(device, amp)
+        method.to(device)
+        start, best, best_epoch, best_metrics, last_metrics = 0, None, None, {}, {}
+        if resume:
+            state = restore(out / LAST_CHECKPOINT, method, optimizer, scheduler, precision,
+                            train_loader, config)
+            start, best, best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
+            best_metrics, last_metrics = state["best_metrics"], state["last_metrics"]
+            if start > epochs:
+                raise InputError(f"--epochs {epochs} is below the {start} epochs that "
+                                 f"{out / LAST_CHECKPOINT} has already trained; pass --epochs "
+                                 f"{start + 1} or more to train on")
+            log.info("resumed from %s after epoch %d", out / LAST_CHECKPOINT, start)
+            if start == epochs:
+                log.info("the run has already trained its %d epochs; nothing to do", epochs)
+        keep_metrics_until(out, start)
+        sampler = _epoch_sampler(train_loader)
+        for epoch in range(start, epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
+            try:
+                loss = train_one_epoch(method, train_loader, optimizer, precision,
+                                       progress=progress, desc=f"epoch {epoch + 1}/{epochs}",
+                                       callback=callback,
+                                       first_step=epoch * len(train_loader))
+            except DivergenceError as err:
+                raise DivergenceError(f"epoch {epoch + 1}: {err}") from err
+            if scheduler is not None:
+                scheduler.step()
+            record: dict = {"epoch": epoch + 1, "loss": loss, "lr": lr}
+            if eval_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+                last_metrics = evaluate(method, eval_loader, device,
+                                        gallery_loader=gallery_loader, progress=progress)
+                record.update(last_metrics)
+                if best is None or last_metrics[BEST_METRIC] > best:
+                    best, best_epoch = last_metrics[BEST_METRIC], epoch + 1
+                    best_metrics = last_metrics
+                    save_checkpoint(out / BEST_CHECKPOINT, {
+                        "model": method.state_dict(), "epoch": epoch + 1,
+                        "metrics": last_metrics, "config": config})
+            append_metrics(out, record)
+            if callback is not None:
+                callback.after_epoch(epoch + 1, record)
+            log.info("epoch %d: %s", epoch + 1,
+                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+            save_checkpoint(out / LAST_CHECKPOINT, {
+                "model": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "scaler": precision.scaler.state_dict(),
+                "epoch": epoch + 1,
+                "sampler_epoch": epoch + 1,
+                "best_metric": best,
+                "best_epoch": best_epoch,
+                "best_metrics": best_metrics,
+                "last_metrics": last_metrics,
+                "config": config,
+                "rng": rng_state(),
+                "loader_generator": None if train_loader.generator is None
+                else train_loader.generator.get_state(),
+            })
+        plot_curves(out)
+        return FitResult(epochs, best, best_epoch, last_metrics, best_metrics, start_epoch=start)
 
 
 def build_optimizer(

@@ -4,7 +4,10 @@
     python examples/cub.py                              # demo, BGFormer, about a minute
     python examples/cub.py --method all --seeds 0 1 2   # the README's demo table
 
-Every other option is passed to ``bgf-train`` (see ``bgf-train --help``).
+Every other option is passed to ``bgf-train`` (see ``bgf-train --help``); the demo runs
+``bgf-train``'s ``--dataset demo`` defaults (``bgf_pyg.cli.DEMO_DEFAULTS``). Every run's options are
+checked before the first one starts; a run that fails does not stop the others: the table shows
+those that finished, the failures are named and the exit code is non-zero.
 """
 
 from __future__ import annotations
@@ -12,74 +15,90 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 
 from bgf_pyg.cli import (
+    EXIT_USAGE,
     USER_ERRORS,
-    build_parser,
+    error_message,
     format_table,
+    parse_args,
     raw_pixel_metrics,
     run,
     setup_logging,
 )
 from bgf_pyg.data import build_dataset
 from bgf_pyg.models import METHODS
+from bgf_pyg.options import OneLineParser, seed_int
 
-#: The demo's schedule: 30 epochs (about 450 steps of 5×12 batches) with the augmentation of
-#: ``demo_train_transform``; 5 epochs left the trained methods at the level of raw pixels. The
-#: training losses still fall slowly at 30 epochs (40 did not help BGFormer in a one-seed check).
-#: ProxyGML keeps the original's N = 12 proxies per class (with N = 2 its R@1 fell to the
-#: raw-pixel level as training went on).
-DEMO_ARGS = [
-    "--dataset", "demo", "--backbone", "smallcnn", "--embedding-dim", "64",
-    "--epochs", "30", "--eval-every", "10", "--lr", "1e-3",
-    "--classes-per-batch", "5", "--samples-per-class", "12", "--batch-size", "60",
-    "--k", "10", "--proxies-per-class", "12", "--proxygml-r", "0.5",
-]
+PROG = "cub.py"
+#: Exit code when a run failed with a bug (a traceback was printed).
+EXIT_FAILURE = 1
 
 
 def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=None, help="CUB_200_2011 folder; none: the demo set")
-    p.add_argument("--method", choices=(*METHODS, "all"), default="bgformer")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--method", choices=(*METHODS, "all"), default="bgformer",
+                   help="one method, or all four one after the other")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0], help="one run per seed")
+    p.add_argument("--out", default=None,
+                   help="the run folder of a single run; with several methods or seeds, the "
+                        "parent of one METHOD-sSEED folder per run (default: bgf-train's "
+                        "runs/DATASET-METHOD-sSEED)")
     return p.parse_known_args(argv)
+
+
+def run_argv(args: argparse.Namespace, rest: list[str], method: str, seed: int,
+             single: bool) -> list[str]:
+    """The ``bgf-train`` options of one run."""
+    argv = ["--dataset", "demo"] if args.data_root is None else [
+        "--dataset", "cub", "--data-root", args.data_root]
+    argv += [*rest, "--method", method, "--seed", str(seed)]
+    if args.out is not None:
+        argv += ["--out", args.out if single else f"{args.out}/{method}-s{seed}"]
+    return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parse(argv)
+    methods = METHODS if args.method == "all" else (args.method,)
+    single = len(methods) == 1 and len(args.seeds) == 1
+    # Every run's options are checked before the first run starts.
+    plan = {(m, s): parse_args(run_argv(args, rest, m, s, single), methods=methods, prog=PROG)
+            for m in methods for s in args.seeds}
     if args.data_root is None:
         print("No --data-root given: training on the embedded digits demo set (28×28, smallcnn) "
               "instead of CUB-200-2011.")
-        base = DEMO_ARGS
-    else:
-        base = ["--dataset", "cub", "--data-root", args.data_root]
-    methods = METHODS if args.method == "all" else (args.method,)
     setup_logging()
-    rows = []
+    rows, failures, exit_code = [], [], 0
     start = time.perf_counter()
-    try:
-        if args.data_root is None:
-            rows.append(("raw pixels", [raw_pixel_metrics(build_dataset("demo", None, "test"))]))
-        for method in methods:
-            runs = []
-            for seed in args.seeds:
-                dataset = "demo" if args.data_root is None else "cub"
-                run_args = build_parser().parse_args([
-                    *base, *rest, "--method", method, "--seed", str(seed),
-                    "--out", f"runs/{dataset}-{method}-s{seed}",
-                ])
-                runs.append(run(run_args))
-            rows.append((method, runs))
-    except USER_ERRORS as err:
-        print(f"cub.py: error: {err}", file=sys.stderr)
-        return 2
-    seeds = ", ".join(map(str, args.seeds))
-    spread = " (mean ± std)" if len(args.seeds) > 1 else ""
-    print(f"\nTest-split retrieval, last epoch, seeds {seeds}{spread}, in %; "
-          f"{time.perf_counter() - start:.0f} s in all:")
-    print(format_table(rows))
-    return 0
+    if args.data_root is None:
+        rows.append(("raw pixels", [raw_pixel_metrics(build_dataset("demo", None, "test"))]))
+    for method in methods:
+        finished = []
+        for seed in args.seeds:
+            try:
+                finished.append(run(plan[method, seed]))
+            except USER_ERRORS as err:
+                failures.append(f"{method} (seed {seed}): {error_message(err, plan[method, seed])}")
+                exit_code = exit_code or EXIT_USAGE
+            except Exception as err:  # a bug: keep its traceback, still run the other methods
+                traceback.print_exc()
+                failures.append(f"{method} (seed {seed}): {type(err).__name__}: {err}")
+                exit_code = EXIT_FAILURE
+        if finished:
+            rows.append((method, finished))
+    if any(name in methods for name, _ in rows):
+        seeds = ", ".join(map(str, args.seeds))
+        spread = " (mean ± std)" if len(args.seeds) > 1 else ""
+        print(f"\nTest-split retrieval, last epoch, seeds {seeds}{spread}, in %; "
+              f"{time.perf_counter() - start:.0f} s in all:")
+        print(format_table(rows))
+    for failure in failures:
+        print(f"{PROG}: error: {failure}", file=sys.stderr)
+    return exit_code
 
 
 if __name__ == "__main__":

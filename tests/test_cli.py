@@ -44,7 +44,7 @@ def test_truncated_annotation_file(tmp_path, capsys):
     assert_user_error(capsys, code, "images.txt", "line 3")
 
 
-def test_corrupt_image(tmp_path, capsys):
+def test_corrupt_image_is_found_before_training(tmp_path, capsys):
     root = fake_cub(tmp_path / "CUB_200_2011", "1 a/1.jpg\n2 a/2.jpg\n3 b/3.jpg\n",
                     "1 1\n2 1\n3 101\n")
     for rel in ("a/1.jpg", "a/2.jpg", "b/3.jpg"):
@@ -53,7 +53,8 @@ def test_corrupt_image(tmp_path, capsys):
     code = main(["--dataset", "cub", "--data-root", str(root), "--backbone", "resnet18",
                  "--classes-per-batch", "1", "--samples-per-class", "2", "--epochs", "1",
                  "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"])
-    assert_user_error(capsys, code, "cannot read image")
+    assert_user_error(capsys, code, "cannot read 2 of the 2 images", "a/1.jpg")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -66,10 +67,7 @@ def test_one_sample_per_class_with_pairs(tmp_path, capsys, argv, fragment):
 
 
 def test_unknown_method(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--method", "arcface"])
-    assert exit_info.value.code == 2
-    assert "invalid choice: 'arcface'" in capsys.readouterr().err
+    assert_user_error(capsys, main(["--method", "arcface"]), "invalid choice: 'arcface'")
 
 
 def test_tiny_demo_run_prints_the_table(tmp_path, capsys):

@@ -237,3 +237,81 @@ def test_build_dataset_and_transforms():
         build_dataset("mnist", None, "train")
     with pytest.raises(ValueError, match="root"):
         build_dataset("cub", None, "train")
+
+
+def rewrite_cub_labels(root, class_of):
+    lines = (root / "image_class_labels.txt").read_text().split()
+    pairs = zip(lines[0::2], lines[1::2], strict=True)
+    (root / "image_class_labels.txt").write_text(
+        "".join(f"{i} {class_of(int(c))}\n" for i, c in pairs))
+
+
+def test_empty_split_says_which_and_why(tmp_path):
+    root = make_cub(tmp_path)
+    rewrite_cub_labels(root, lambda c: c if c <= 100 else c - 100)  # every class id in 1–100
+    assert len(CUB200(root, "train")) == 8
+    with pytest.raises(ValueError, match=r"CUB-200-2011 test split of .* is empty \(the standard "
+                                         r"split: classes 1–100 train, 101–200 test"):
+        CUB200(root, "test")
+    root = make_cars(tmp_path)
+    annotations = np.zeros((1, 1), dtype=[("relative_im_path", "O"), ("class", "O")])
+    annotations[0, 0] = ("car_ims/99_0.jpg", np.array([[99]], dtype=np.uint8))
+    savemat(root / "cars_annos.mat", {"annotations": annotations})
+    with pytest.raises(ValueError, match="Cars196 train split .* is empty .*classes 1–98 train"):
+        Cars196(root, "train")
+    root = make_sop(tmp_path)
+    (root / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n")
+    with pytest.raises(ValueError, match="SOP test split .*Ebay_test.txt.* is empty"):
+        StanfordOnlineProducts(root, "test")
+    root = make_inshop(tmp_path)
+    partition = root / "Eval" / "list_eval_partition.txt"
+    partition.write_text(partition.read_text().replace(" query", " gallery"))
+    with pytest.raises(ValueError, match="In-Shop query split .* is empty"):
+        InShop(root, "query")
+
+
+def test_empty_split_stops_the_cli_before_training(tmp_path, capsys):
+    from bgf_pyg.cli import main
+
+    root = make_cub(tmp_path)
+    rewrite_cub_labels(root, lambda c: c if c <= 100 else c - 100)
+    code = main(["--dataset", "cub", "--data-root", str(root), "--out", str(tmp_path / "run"),
+                 "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "classes_per_batch" not in err
+    assert "test split" in err.splitlines()[-1] and "101–200 test" in err.splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("make", [make_cub, make_cars, make_sop, make_inshop])
+def test_missing_listed_image_is_found_at_build_time(tmp_path, make):
+    name = {make_cub: "cub", make_cars: "cars", make_sop: "sop", make_inshop: "inshop"}[make]
+    root = make(tmp_path)
+    victim = build_dataset(name, root, "train").paths[0]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"1 of the \d+ listed images do not exist, "
+                                                rf"e.g. {victim}"):
+        build_dataset(name, root, "train")
+
+
+def test_image_checks(tmp_path):
+    from bgf_pyg.checks import InputError
+    from bgf_pyg.data import check_image_headers
+
+    root = make_cub(tmp_path)
+    dataset = CUB200(root, "train")
+    for level in ("off", "header", "decode"):
+        check_image_headers(dataset, level)
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(dataset.paths[0])
+    data = dataset.paths[0].read_bytes()
+    dataset.paths[0].write_bytes(data[: len(data) // 2])  # header intact, pixels cut off
+    check_image_headers(dataset, "header")
+    with pytest.raises(InputError, match=rf"cannot read 1 of the 4 images of the CUB-200-2011 "
+                                         rf"train split .*{dataset.paths[0].name}"):
+        check_image_headers(dataset, "decode")
+    dataset.paths[1].write_bytes(b"<html>not an image</html>")
+    with pytest.raises(InputError, match="cannot read 1 of the 4 images"):
+        check_image_headers(dataset, "header")
+    with pytest.raises(ValueError, match="level"):
+        check_image_headers(dataset, "full")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -34,3 +36,47 @@ def test_pml_loop_trains_with_bgformer_in_a_plain_loop():
     losses = [float(m) for m in re.findall(r"epoch \d+: loss ([\d.]+)", result.stdout)]
     assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
     assert re.search(r"after 2 epochs .*test R@1 0\.\d{3}", result.stdout)
+#: A tiny demo run of examples/cub.py (16-d, one epoch of 5 batches of 180, no augmentation).
+TINY = ["--embedding-dim", "16", "--epochs", "1", "--device", "cpu", "--no-progress",
+        "--no-augment", "--samples-per-class", "36", "--batch-size", "180"]
+
+
+def test_cub_example_honours_out(tmp_path):
+    from bgf_pyg.cli import parse_args
+
+    cub = load_example("cub")
+    options, rest = cub.parse(["--method", "plain", "--out", str(tmp_path / "mine")])
+    argv = cub.run_argv(options, rest, "plain", 0, single=True)
+    assert parse_args(argv).out == str(tmp_path / "mine")
+    options, rest = cub.parse(["--method", "all", "--out", str(tmp_path), *TINY])
+    argv = cub.run_argv(options, rest, "plain", 1, single=False)
+    assert parse_args(argv, methods=cub.METHODS).out == str(tmp_path / "plain-s1")
+
+
+def test_method_all_reports_the_finished_and_the_failed(tmp_path, capsys):
+    cub = load_example("cub")
+    # T = 1e-38 makes the intra-batch loss infinite at its first step; the others train.
+    code = cub.main(["--method", "all", "--out", str(tmp_path), "--temperature", "1e-38",
+                     "--k", "3", *TINY])
+    captured = capsys.readouterr()
+    assert code == 2
+    rows = [line.split("|")[1].strip() for line in captured.out.splitlines()
+            if line.startswith("| ") and "method" not in line]
+    assert rows == ["raw pixels", "plain", "bgformer", "proxygml"]
+    failures = [line for line in captured.err.splitlines() if line.startswith("cub.py: error:")]
+    assert len(failures) == 1
+    assert "intra-batch (seed 0)" in failures[0] and "--temperature 1e-38" in failures[0]
+    assert "Traceback" not in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bgformer-s0", "intra-batch-s0", "plain-s0", "proxygml-s0"]
+
+
+def test_cub_example_checks_every_run_before_the_first(tmp_path, capsys):
+    cub = load_example("cub")
+    with_bad = ["--method", "all", "--out", str(tmp_path), "--lr", "-1", *TINY]
+    with pytest.raises(SystemExit) as exit_info:
+        cub.main(with_bad)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "cub.py: error: argument --lr: expected a finite number > 0, got '-1'")
+    assert not any(tmp_path.iterdir())

@@ -54,12 +54,6 @@ def test_smallcnn_shapes():
     assert build_backbone("smallcnn", 8, in_channels=3)(torch.randn(2, 3, 28, 28)).shape == (2, 8)
 
 
-def test_random_init_is_logged(caplog):
-    with caplog.at_level("INFO", logger="bgf_pyg"):
-        build_backbone("smallcnn", 8)
-    assert "randomly initialised" in caplog.text
-
-
 def test_pretrained_loads_local_state_dict(tmp_path):
     reference = resnet18(weights=None)
     path = tmp_path / "resnet18.pth"

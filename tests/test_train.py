@@ -67,14 +67,14 @@ def make_run(demo, method_name: str):
     return method, loader, optimizer, scheduler, test
 
 
-def run_fit(demo, method_name, out, epochs, resume=False):
+def run_fit(demo, method_name, out, epochs, resume=False, overwrite=False):
     method, loader, optimizer, scheduler, test = make_run(demo, method_name)
     if resume:  # a new process: nothing of the killed run's RNG state survives
         torch.manual_seed(1234)
         np.random.seed(1234)
         random.seed(1234)
     fit(method, loader, optimizer, out, epochs=epochs, eval_loader=test, scheduler=scheduler,
-        resume=resume, progress=False)
+        resume=resume, overwrite=overwrite, progress=False)
     return method, optimizer
 
 
@@ -106,9 +106,9 @@ def test_run_folder_contents(demo, tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
-def test_fresh_run_restarts_the_log(demo, tmp_path):
+def test_fresh_run_with_overwrite_restarts_the_log(demo, tmp_path):
     run_fit(demo, "plain", tmp_path, epochs=1)
-    run_fit(demo, "plain", tmp_path, epochs=1)
+    run_fit(demo, "plain", tmp_path, epochs=1, overwrite=True)
     assert len(read_metrics(tmp_path)) == 1
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from bgf_pyg.data.base import ImageListDataset
+from bgf_pyg.data.base import IMAGE_CHECKS, ImageListDataset, check_image_headers
 from bgf_pyg.data.cars import Cars196
 from bgf_pyg.data.cub import CUB200
 from bgf_pyg.data.demo import DigitsDemo, load_digits_demo
@@ -45,6 +45,8 @@ def build_dataset(
 
 
 __all__ = [
+    "DATASETS",
+    "IMAGE_CHECKS",
     "CUB200",
     "Cars196",
     "ClassBalancedBatchSampler",
@@ -54,6 +56,7 @@ __all__ = [
     "StanfordOnlineProducts",
     "build_dataset",
     "build_transform",
+    "check_image_headers",
     "demo_train_transform",
     "eval_transform",
     "load_digits_demo",

@@ -79,6 +79,9 @@ class LabelledDataset(Dataset):
     labels: Tensor
     class_ids: list[Hashable]
     transform: Callable | None
+    #: The folder layout and the standard class-id split, one line each (``bgf-train --help``).
+    LAYOUT = ""
+    SPLIT = ""
 
     @property
     def num_classes(self) -> int:
@@ -105,10 +108,15 @@ class LabelledDataset(Dataset):
 class ImageListDataset(LabelledDataset):
     """Images read from ``paths`` with integer ``labels``.
 
+    What is cheap is checked when the dataset is built: the list is not empty and every listed
+    file exists (one ``stat`` per image); :func:`check_image_headers` reads the headers.
+
     Args:
         paths: image files. labels: one class index in ``0..C-1`` per image.
         transform: applied to the RGB ``PIL.Image``.
         class_ids: the dataset's original class id of each image (kept for reference).
+        source: what the list is, for error messages (e.g. ``"CUB-200-2011 test split of
+            /data/CUB_200_2011"``).
     """
 
     def __init__(
@@ -117,10 +125,21 @@ class ImageListDataset(LabelledDataset):
         labels: Sequence[int],
         transform: Callable | None = None,
         class_ids: Sequence[Hashable] | None = None,
+        source: str = "the image list",
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"got {len(paths)} paths but {len(labels)} labels")
+        if not paths:
+            split = f" (the standard split: {self.SPLIT})" if self.SPLIT else ""
+            raise ValueError(f"{source} is empty{split}")
+        self.source = source
         self.paths = [Path(p) for p in paths]
+        missing = [p for p in self.paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{source}: {len(missing)} of the {len(self.paths)} listed images do not exist, "
+                f"e.g. {missing[0]}"
+            )
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
         self.class_ids = list(labels if class_ids is None else class_ids)
         self.transform = transform
@@ -132,3 +151,28 @@ class ImageListDataset(LabelledDataset):
                 return image.convert("RGB")
         except (OSError, ValueError) as error:
             raise InputError(f"cannot read image {path}: {error}") from error
+
+
+#: Levels of :func:`check_image_headers`: ``off``, ``header`` (PIL identifies the format and size:
+#: reads the first bytes of each file) or ``decode`` (decodes every image: finds truncated files).
+IMAGE_CHECKS = ("off", "header", "decode")
+
+
+def check_image_headers(dataset: ImageListDataset, level: str = "header") -> None:
+    """Open every image of ``dataset`` before training, so that a corrupt file is found now and
+    not at the first evaluation; raise an ``InputError`` naming the bad files."""
+    if level not in IMAGE_CHECKS:
+        raise ValueError(f"level must be one of {IMAGE_CHECKS}, got {level!r}")
+    if level == "off":
+        return
+    bad = []
+    for path in dataset.paths:
+        try:
+            with Image.open(path) as image:
+                if level == "decode":
+                    image.load()
+        except (OSError, ValueError, SyntaxError) as error:  # PIL's plugins raise all three
+            bad.append(f"{path} ({error})")
+    if bad:
+        raise InputError(f"cannot read {len(bad)} of the {len(dataset.paths)} images of "
+                         f"{dataset.source}, e.g. " + "; ".join(bad[:3]))

@@ -39,10 +39,15 @@ class Cars196(ImageListDataset):
         transform: applied to each RGB ``PIL.Image``.
     """
 
+    LAYOUT = "a folder holding cars_annos.mat and car_ims/"
+    SPLIT = (f"classes 1–{CARS_TRAIN_CLASSES} train, {CARS_TRAIN_CLASSES + 1}–196 test "
+             "(the 'class' field of cars_annos.mat; its 'test' flag is not used)")
+
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None):
         root = require(Path(root))
         train = check_split(split) == "train"
         records = read_cars_annotations(root / "cars_annos.mat")
         chosen = [(path, c) for path, c in records if (c <= CARS_TRAIN_CLASSES) == train]
         class_ids = [c for _, c in chosen]
-        super().__init__([root / p for p, _ in chosen], reindex(class_ids), transform, class_ids)
+        super().__init__([root / p for p, _ in chosen], reindex(class_ids), transform, class_ids,
+                         source=f"the Cars196 {split} split of {root}")

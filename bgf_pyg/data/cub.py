@@ -32,6 +32,10 @@ class CUB200(ImageListDataset):
         transform: applied to each RGB ``PIL.Image``.
     """
 
+    LAYOUT = "CUB_200_2011/ holding images.txt, image_class_labels.txt and images/"
+    SPLIT = (f"classes 1–{CUB_TRAIN_CLASSES} train, {CUB_TRAIN_CLASSES + 1}–200 test "
+             "(ids of image_class_labels.txt; train_test_split.txt is not used)")
+
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None):
         root = require(Path(root))
         train = check_split(split) == "train"
@@ -47,4 +51,5 @@ class CUB200(ImageListDataset):
             if (class_id <= CUB_TRAIN_CLASSES) == train:
                 paths.append(root / "images" / relpaths[image_id])
                 class_ids.append(class_id)
-        super().__init__(paths, reindex(class_ids), transform, class_ids)
+        super().__init__(paths, reindex(class_ids), transform, class_ids,
+                         source=f"the CUB-200-2011 {split} split of {root}")

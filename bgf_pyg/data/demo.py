@@ -80,6 +80,10 @@ class DigitsDemo(LabelledDataset):
     the digits.
     """
 
+    LAYOUT = "embedded (scikit-learn's digits, distorted once, seeded; no download, no --data-root)"
+    SPLIT = (f"digits {DEMO_TRAIN_DIGITS.start}–{DEMO_TRAIN_DIGITS.stop - 1} train, "
+             f"{DEMO_TRAIN_DIGITS.stop}–9 test")
+
     def __init__(self, split: str = "train", seed: int = 0, transform: Callable | None = None):
         self.images, digits = load_digits_demo(split, seed)
         self.class_ids = digits.tolist()

@@ -27,6 +27,10 @@ class InShop(ImageListDataset):
     ``class_ids`` holds the item ids (strings such as ``"id_00000001"``).
     """
 
+    LAYOUT = "a folder holding Eval/list_eval_partition.txt and Img/"
+    SPLIT = ("the evaluation_status column of Eval/list_eval_partition.txt: train (3,997 items), "
+             "query and gallery (the other 3,985 items)")
+
     def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None):
         root = require(Path(root))
         check_split(split, INSHOP_SPLITS)
@@ -48,4 +52,5 @@ class InShop(ImageListDataset):
             [labels[i] for i in chosen],
             transform,
             [items[i][1] for i in chosen],
+            source=f"the In-Shop {split} split ({file})",
         )

@@ -154,7 +154,7 @@ def build_backbone(
         name: backbone name.
         embedding_dim: width of the embedding head.
         pretrained: local path of a torchvision ImageNet state dict (ResNets only); ``None`` means
-            random initialisation (logged once).
+            random initialisation (``bgf-train`` logs it).
         pooling: ResNet global ``"avg"`` or ``"max"`` pooling (the intra-batch original: max);
             ``smallcnn`` pools avg + max to a small grid instead.
         in_channels: input channels of ``smallcnn`` (ResNets take RGB).
@@ -169,6 +169,4 @@ def build_backbone(
         feature_dim = trunk.out_channels
     else:
         trunk, feature_dim = _resnet_trunk(name, pretrained, pooling)
-    if pretrained is None:
-        log.info("%s backbone is randomly initialised (no --pretrained weights file given)", name)
     return EmbeddingNet(trunk, feature_dim, embedding_dim)

@@ -1,0 +1,293 @@
+"""Validation of ``bgf-train``'s options: one declarative table, checked before any work starts.
+
+Every user error in the options ends as one line on stderr, ``bgf-train: error: ...`` naming the
+option, and exit code 2 (:class:`OneLineParser`). Three kinds of rule, each declared in one line per
+option, so a new option is covered by registering it:
+
+1. **Value** — the option's ``type=`` is a :class:`Number` (or :func:`device`): a declared domain
+   such as :data:`positive_int` (≥ 1), :data:`non_negative_float` (≥ 0), :data:`positive_float`
+   (finite, > 0), :data:`probability` ([0, 1]), :data:`fraction` ((0, 1]) or :data:`seed_int`.
+   NaN and ±inf are never accepted. Example::
+
+       p.add_argument("--clip-grad", type=positive_float, default=None, help="...")
+
+   ``tests/test_cli_validation.py`` enumerates every numeric option of the parser and checks 0, -1,
+   NaN and ±inf against the declared domain, so an option declared with a bare ``int``/``float``
+   fails that test.
+2. **Scope** — :data:`SCOPES` maps an option's ``dest`` to where it is read (methods, datasets,
+   losses, backbones, or another option it needs). Setting it explicitly where it is ignored (say
+   ``--proxies-per-class`` with ``--method bgformer``) is an error. One line per option::
+
+       SCOPES["graph_lr"] = (Scope(method=("bgformer",)),)
+
+   Options missing from the table apply everywhere. Only options given on the command line are
+   checked (:func:`explicit_dests`): defaults, the demo's defaults and values a preset supplies
+   never trip it. ``examples/cub.py --method all`` passes ``methods``: an option read by any one
+   of them is accepted.
+3. **Cross-option rules** — small functions in :data:`RULES` (increasing ``--lr-milestones`` below
+   ``--epochs``, ``--resume`` with ``--overwrite``, ``--amp`` without CUDA); each returns an error
+   message or ``None``.
+
+:data:`DIVERGENCE_OPTIONS` lists the options a diverging (non-finite) loss names as likely causes.
+:class:`HelpFormatter` appends every option's default to its help text (every option needs one;
+the tests check both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+import torch
+
+from .checks import show_value
+from .models.methods import PROXY_LOSSES
+
+SEED_MAX = 2**32 - 1  # NumPy's seed range
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+@dataclass(frozen=True)
+class Number:
+    """An argparse ``type=``: parse ``kind`` (``int`` or ``float``) and require a finite value in
+    the declared interval (``None``: unbounded; ``*_open``: the bound itself is excluded)."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` lies in the domain (NaN and ±inf never do)."""
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or self.low_open and value == self.low):
+            return False
+        return not (self.high is not None
+                    and (value > self.high or self.high_open and value == self.high))
+
+    @property
+    def expected(self) -> str:
+        """The domain in words, e.g. ``an integer >= 1`` or ``a finite number in (0, 1]``."""
+        what = "an integer" if self.kind is int else "a finite number"
+        low, high = (None if b is None else f"{b:g}" if self.kind is float else str(int(b))
+                     for b in (self.low, self.high))
+        if low is not None and high is not None:
+            return (f"{what} in {'(' if self.low_open else '['}{low}, "
+                    f"{high}{')' if self.high_open else ']'}")
+        if low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {low}"
+        if high is not None:
+            return f"{what} {'<' if self.high_open else '<='} {high}"
+        return what
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.expected}, got {text!r}") from None
+        if not self.contains(value):
+            raise argparse.ArgumentTypeError(f"expected {self.expected}, got {text!r}")
+        return value
+
+
+positive_int = Number(int, low=1)
+non_negative_int = Number(int, low=0)
+seed_int = Number(int, low=0, high=SEED_MAX)
+finite_float = Number(float)
+positive_float = Number(float, low=0, low_open=True)
+non_negative_float = Number(float, low=0)
+probability = Number(float, low=0, high=1)
+fraction = Number(float, low=0, high=1, low_open=True)
+
+
+def device(text: str) -> str:
+    """An argparse ``type=``: a torch device that exists on this machine (``cpu``, ``cuda``,
+    ``cuda:N``, ``mps``)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+# ---------------------------------------------------------------------------- scopes
+
+#: A scope value that matches any setting except ``None`` / empty (``--lr-gamma`` needs
+#: ``--lr-milestones``).
+IS_SET = ("<set>",)
+
+
+class Scope:
+    """Where an option is read: every constraint must hold (a ``dest`` → allowed values, or
+    :data:`IS_SET`), e.g. ``Scope(method=("bgformer",))``."""
+
+    def __init__(self, **constraints: tuple) -> None:
+        self.constraints = constraints
+
+    def matches(self, args: argparse.Namespace) -> bool:
+        for dest, allowed in self.constraints.items():
+            value = getattr(args, dest)
+            if not (bool(value) if allowed is IS_SET else value in allowed):
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return " with ".join(f"{option_name(d)} {'set' if a is IS_SET else '|'.join(a)}"
+                             for d, a in self.constraints.items())
+
+
+IMAGE_DATASETS = ("cub", "cars", "sop", "inshop")
+BALANCED_METHODS = ("plain", "bgformer", "intra-batch")
+GRAPH_METHODS = ("bgformer", "intra-batch")
+RESNETS = ("resnet50", "resnet18")
+
+#: Where each option is read (alternatives: any one suffices); absent options apply everywhere.
+SCOPES: dict[str, tuple[Scope, ...]] = {
+    "data_root": (Scope(dataset=IMAGE_DATASETS),),
+    "check_images": (Scope(dataset=IMAGE_DATASETS),),
+    "pretrained": (Scope(backbone=RESNETS),),
+    "loss": (Scope(method=("plain", "bgformer")),),
+    "batch_size": (Scope(method=("proxygml",)),),
+    "classes_per_batch": (Scope(method=BALANCED_METHODS),),
+    "samples_per_class": (Scope(method=BALANCED_METHODS),),
+    "k": (Scope(method=("bgformer",)),),
+    "alpha": (Scope(method=("bgformer",)),),
+    "lam": (Scope(method=("bgformer",)),),
+    "proxies_per_class": (Scope(method=("proxygml",)),),
+    "proxygml_r": (Scope(method=("proxygml",)),),
+    "graph_layers": (Scope(method=GRAPH_METHODS),),
+    "graph_heads": (Scope(method=GRAPH_METHODS),),
+    "temperature": (Scope(method=("intra-batch",)),),
+    "proxy_lr": (Scope(method=("proxygml",)),
+                 Scope(method=("plain", "bgformer"), loss=tuple(PROXY_LOSSES))),
+    "lr_gamma": (Scope(lr_milestones=IS_SET),),
+}
+
+#: Options that set a step size or a logit scale: a diverging loss names those that apply.
+DIVERGENCE_OPTIONS = ("lr", "proxy_lr", "temperature")
+
+
+def option_name(dest: str) -> str:
+    """``lr_milestones`` → ``--lr-milestones``."""
+    return "--" + dest.replace("_", "-")
+
+
+def applies(dest: str, args: argparse.Namespace, methods: Collection[str] | None = None) -> bool:
+    """Whether option ``dest`` is read by the run ``args`` describes (or, with ``methods``, by
+    the run of any one of them: ``examples/cub.py --method all``)."""
+    scopes = SCOPES.get(dest)
+    if scopes is None:
+        return True
+    candidates = [args] if methods is None else [
+        argparse.Namespace(**{**vars(args), "method": m}) for m in methods]
+    return any(s.matches(a) for s in scopes for a in candidates)
+
+
+def check_scopes(
+    args: argparse.Namespace, explicit: Collection[str], methods: Collection[str] | None = None
+) -> str | None:
+    """The error for the first explicitly set option that the run ignores, else ``None``."""
+    for dest in explicit:
+        if not applies(dest, args, methods):
+            where = " or ".join(str(s) for s in SCOPES[dest])
+            used = ", ".join(f"{option_name(d)} {show_value(getattr(args, d))}"
+                             for d in dict.fromkeys(c for s in SCOPES[dest] for c in s.constraints))
+            return f"{option_name(dest)} has no effect here ({used}); it applies to {where}"
+    return None
+
+
+
+# ---------------------------------------------------------------------------- cross-option rules
+
+
+def check_milestones(args: argparse.Namespace) -> str | None:
+    milestones = args.lr_milestones or []
+    if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
+        return f"--lr-milestones must be strictly increasing, got {show_value(milestones)}"
+    if milestones and milestones[-1] >= args.epochs:
+        return (f"--lr-milestones {milestones[-1]} is not below --epochs {args.epochs}, so it "
+                "never takes effect")
+    return None
+
+
+def check_data_root(args: argparse.Namespace) -> str | None:
+    if args.dataset in IMAGE_DATASETS and args.data_root is None:
+        return f"--data-root is required for --dataset {args.dataset}"
+    return None
+
+
+def check_resume_overwrite(args: argparse.Namespace) -> str | None:
+    if args.resume and args.overwrite:
+        return "--resume continues the run in --out and --overwrite replaces it: pass one"
+    return None
+
+
+def check_amp(args: argparse.Namespace) -> str | None:
+    if args.amp and torch.device(args.device).type != "cuda":
+        return f"--amp needs a CUDA --device, got {args.device}"
+    return None
+
+
+#: Rules over several options, run after parsing (and after the dataset's defaults are set).
+RULES: list[Callable[[argparse.Namespace], str | None]] = [
+    check_data_root, check_milestones, check_resume_overwrite, check_amp,
+]
+
+
+def validate(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    explicit: Collection[str],
+    methods: Collection[str] | None = None,
+) -> None:
+    """Run the scope check and :data:`RULES`; the first failure ends in ``parser.error``."""
+    for rule in (lambda a: check_scopes(a, explicit, methods), *RULES):
+        message = rule(args)
+        if message is not None:
+            parser.error(message)
+
+
+def explicit_dests(build: Callable[[], argparse.ArgumentParser], argv: Sequence[str]) -> set[str]:
+    """The ``dest`` of every option given in ``argv`` (parsed again with every default
+    suppressed, so abbreviations and ``--opt=value`` count as well)."""
+    parser = build()
+    for action in parser._actions:  # argparse has no public way to list the actions
+        action.default = argparse.SUPPRESS
+    parser.set_defaults(**{k: argparse.SUPPRESS for k in parser._defaults})
+    return set(vars(parser.parse_args(argv)))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks and appends ``(default: X)`` to every option whose default is
+    a value (``None`` and switches say their default in their help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is not None and default is not False and default != argparse.SUPPRESS
+                and "%(default)" not in text and action.option_strings):
+            text += f" (default: {show_value(default)})"
+        return text
+

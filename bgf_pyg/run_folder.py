@@ -1,0 +1,235 @@
+"""The run folder of :func:`bgf_pyg.train.fit`, kept so that nothing a user has is lost silently.
+
+A run folder holds ``last.pt`` (after every epoch), ``best.pt`` (best Recall@1), ``metrics.jsonl``
+(one JSON object per epoch) and ``curves.png``.
+
+- :func:`prepare_run_folder`: a fresh run refuses a folder that holds a run unless asked to
+  overwrite it; temporary files left by a killed checkpoint write are removed (under
+  :func:`lock_run_folder`, so never those of a run still writing).
+- :func:`atomic_write`: a temporary file in the same folder, then ``os.replace``: a kill leaves the
+  old file or the new one; a failed write (a full disk) ends in an ``InputError`` naming the file
+  and saying that the previous version is intact.
+- :func:`read_metrics` drops a half-written last line (a kill during the append) with a warning
+  and names the file and line of any other corrupt line.
+- :func:`check_config` compares the configuration recorded in a checkpoint with the current one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from .checks import InputError, show_value
+
+try:  # POSIX; on Windows runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+#: The files that make up a run (what a fresh run would replace).
+RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_FILE, CURVES_FILE)
+LOCK_FILE = ".lock"
+TMP_SUFFIX = ".tmp"
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def reporting_write_errors(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``path`` (e.g. ``ENOSPC``) into an ``InputError`` that
+    names the file."""
+    try:
+        yield
+    except OSError as err:
+        hint = (": no space left on device; free some space and continue with --resume"
+                if err.errno in (errno.ENOSPC, errno.EDQUOT) else f": {err.strerror or err}")
+        raise InputError(f"could not write {path}{hint} (its previous version is intact)") \
+            from err
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with reporting_write_errors(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only``)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a truncated or foreign file raises several types
+        raise InputError(f"could not read checkpoint {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise InputError(f"{path} does not hold a checkpoint dict (got {type(state).__name__})")
+    return state
+
+
+def require_keys(state: Mapping, keys: tuple[str, ...], path: str | os.PathLike) -> None:
+    """Raise an ``InputError`` naming ``path`` and the keys it lacks."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}: it is not a checkpoint of this "
+                         "training loop (or was written by an older version)")
+
+
+def check_config(
+    saved: Mapping | None, current: Mapping | None, path: str | os.PathLike
+) -> None:
+    """Refuse to resume from a checkpoint written with another configuration, naming every
+    differing option. A checkpoint without a recorded configuration is not compared."""
+    if current is None:
+        return
+    if saved is None:
+        log.warning("%s records no configuration; the options are not compared", path)
+        return
+    differ = [k for k in sorted({*saved, *current}) if saved.get(k) != current.get(k)]
+    if differ:
+        changes = "; ".join(f"{k} {show_value(current.get(k))} now, "
+                            f"{show_value(saved.get(k))} in the checkpoint" for k in differ)
+        raise InputError(f"{path} was written with other options ({changes}); resume with the "
+                         "same options, or start a fresh run in another folder")
+
+
+
+# ---------------------------------------------------------------------------- the metrics log
+
+
+def append_metrics(out: str | os.PathLike, record: dict) -> None:
+    """Append ``record`` as one JSON line to ``<out>/metrics.jsonl``."""
+    path = Path(out) / METRICS_FILE
+    with reporting_write_errors(path), open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(out: str | os.PathLike) -> list[dict]:
+    """All records of ``<out>/metrics.jsonl`` (empty when there is none).
+
+    A last line that is not valid JSON (a run killed while appending) is dropped with a warning;
+    a corrupt line elsewhere raises an ``InputError`` naming the file and line.
+    """
+    path = Path(out) / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("expected an object with an integer 'epoch'")
+        except ValueError as err:
+            if number == last:
+                log.warning("%s: dropped its last line %d, which is incomplete (%s)",
+                            path, number, err)
+                break
+            raise InputError(f"{path}, line {number}: not a metrics record ({err})") from err
+        records.append(record)
+    return records
+
+
+def keep_metrics_until(out: str | os.PathLike, epoch: int) -> None:
+    """Drop the records after ``epoch`` (a run killed after logging but before its checkpoint
+    repeats that epoch on resume); ``epoch=0`` starts a fresh log."""
+    records = [r for r in read_metrics(out) if r["epoch"] <= epoch]
+    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    atomic_write(Path(out) / METRICS_FILE, lambda f: f.write(text))
+
+
+# ---------------------------------------------------------------------------- the folder
+
+
+@contextlib.contextmanager
+def lock_run_folder(out: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` while a run uses it; a second process is refused."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(out / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another process is training in {out}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def remove_stale_temp_files(out: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files a killed :func:`atomic_write` left for a run file (call it with
+    the folder locked); return them."""
+    stale = [p for name in RUN_FILES for p in Path(out).glob(f".{name}.*{TMP_SUFFIX}")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary file(s) of an interrupted checkpoint write in %s",
+                 len(stale), out)
+    return stale
+
+
+def check_run_folder(out: str | os.PathLike, resume: bool, overwrite: bool) -> list[str]:
+    """Refuse a fresh run in a folder that holds a run (unless ``overwrite``) and a resume without
+    ``last.pt``; return the run files a fresh run will replace. Cheap: callers run it before
+    loading any data."""
+    out = Path(out)
+    if resume:
+        if not (out / LAST_CHECKPOINT).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {out / LAST_CHECKPOINT} (nothing to "
+                                    "--resume; drop it to start a fresh run)")
+        return []
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise InputError(f"{out} already holds a run ({', '.join(existing)}); continue it with "
+                         "--resume, replace it with --overwrite, or choose another --out")
+    return existing
+
+
+def prepare_run_folder(out: str | os.PathLike, resume: bool, overwrite: bool) -> None:
+    """Make ``out`` ready (call it with the folder locked): remove stale temporary files and, for a
+    fresh run, refuse a folder that holds a run unless ``overwrite`` (then its run files, and only
+    those, are deleted)."""
+    out = Path(out)
+    remove_stale_temp_files(out)
+    for name in check_run_folder(out, resume, overwrite):
+        (out / name).unlink()

@@ -1,0 +1,184 @@
+"""Run folders: nothing a user has is lost without ``--overwrite``, killed writes are cleaned up,
+a full disk, a foreign checkpoint or a half-written log end in one clear line."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from bgf_pyg.checks import InputError
+from bgf_pyg.cli import main
+from bgf_pyg.models import build_backbone, build_method
+from bgf_pyg.run_folder import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    load_checkpoint,
+    lock_run_folder,
+    prepare_run_folder,
+    read_metrics,
+    save_checkpoint,
+)
+from bgf_pyg.train import build_optimizer, fit
+
+#: A tiny demo run (about a second): plain method, 16-d, 5 batches of 5×36, no augmentation.
+TINY = ["--method", "plain", "--embedding-dim", "16", "--samples-per-class", "36",
+        "--device", "cpu", "--no-progress", "--no-augment"]
+
+
+def train(out, *extra):
+    return main([*TINY, "--out", str(out), "--epochs", "1", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch run, copied by each test that changes it."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert train(out) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def last_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_fresh_run_refuses_a_folder_holding_a_run(run_copy, capsys):
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()}
+    assert {LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_FILE} <= set(before)
+    assert train(run_copy) == 2
+    line = last_error(capsys)
+    assert str(run_copy) in line and "--resume" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("name", [BEST_CHECKPOINT, METRICS_FILE])
+def test_a_partial_run_is_protected_too(tmp_path, name):
+    (tmp_path / name).write_text("x")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=name):
+        prepare_run_folder(tmp_path, resume=False, overwrite=False)
+    prepare_run_folder(tmp_path, resume=False, overwrite=True)
+    assert not (tmp_path / name).exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's files go
+
+
+def test_resume_without_a_checkpoint_stops_before_loading_data(tmp_path, capsys):
+    assert main([*TINY, "--out", str(tmp_path), "--resume"]) == 2
+    line = last_error(capsys)
+    assert "checkpoint not found" in line and "last.pt" in line
+
+
+def test_stale_temp_files_are_removed_and_nothing_else(tmp_path):
+    stale = [tmp_path / ".last.pt.k1ll3d.tmp", tmp_path / ".best.pt.x.tmp",
+             tmp_path / ".metrics.jsonl.y.tmp"]
+    kept = [tmp_path / ".notes.tmp", tmp_path / "last.pt.backup", tmp_path / "mine.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    with lock_run_folder(tmp_path):
+        prepare_run_folder(tmp_path, resume=False, overwrite=False)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+
+
+def test_a_second_process_cannot_use_a_locked_folder(tmp_path):
+    with lock_run_folder(tmp_path):
+        with pytest.raises(InputError, match="another process is training"):
+            with lock_run_folder(tmp_path):
+                pass
+    with lock_run_folder(tmp_path):  # released
+        pass
+
+
+def test_full_disk_names_the_file_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / LAST_CHECKPOINT
+    save_checkpoint(path, {"epoch": 1})
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("bgf_pyg.run_folder.os.fsync", no_space)
+    with pytest.raises(InputError, match=f"could not write {path}: no space left on device"):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [LAST_CHECKPOINT]
+
+
+def test_full_disk_during_a_run_is_one_line(tmp_path, monkeypatch, capsys):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("bgf_pyg.run_folder.os.fsync", no_space)
+    assert train(tmp_path / "run") == 2
+    assert "no space left on device" in last_error(capsys)
+
+
+def test_resume_with_other_options_names_them(run_copy, capsys):
+    assert main([*TINY, "--out", str(run_copy), "--epochs", "2", "--resume", "--lr", "0.01",
+                 "--weight-decay", "0"]) == 2
+    line = last_error(capsys)
+    assert "--lr 0.01 now, 0.001 in the checkpoint" in line
+    assert "--weight-decay 0.0 now, 0.0001 in the checkpoint" in line
+
+
+def test_resume_from_a_checkpoint_lacking_keys(run_copy, capsys):
+    torch.save({"model": {}, "epoch": 1}, run_copy / LAST_CHECKPOINT)
+    assert main([*TINY, "--out", str(run_copy), "--epochs", "2", "--resume"]) == 2
+    line = last_error(capsys)
+    assert "last.pt lacks optimizer, scaler" in line
+
+
+def test_resume_into_another_model_is_refused(tmp_path):
+    loader = DataLoader(TensorDataset(torch.randn(8, 1, 28, 28), torch.arange(4).repeat(2)),
+                        batch_size=8)
+
+    def fit_width(width, resume):
+        method = build_method("proxygml", build_backbone("smallcnn", width), 4)
+        fit(method, loader, build_optimizer(method, 1e-3, 1e-2), tmp_path, epochs=2 if resume
+            else 1, resume=resume, progress=False)
+
+    fit_width(8, resume=False)
+    with pytest.raises(InputError, match="does not fit this model"):
+        fit_width(16, resume=True)
+
+
+def test_resume_below_the_checkpoints_epoch_is_an_error(run_copy, capsys):
+    assert main([*TINY, "--out", str(run_copy), "--epochs", "1", "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    state = load_checkpoint(run_copy / LAST_CHECKPOINT)
+    state["epoch"] = 3
+    torch.save(state, run_copy / LAST_CHECKPOINT)
+    assert main([*TINY, "--out", str(run_copy), "--epochs", "2", "--resume"]) == 2
+    assert "--epochs 2 is below the 3 epochs" in last_error(capsys)
+
+
+def test_half_written_last_line_is_dropped_on_resume(run_copy, capsys):
+    with open(run_copy / METRICS_FILE, "a") as f:
+        f.write('{"epoch": 2, "lo')  # killed while appending epoch 2
+    assert main([*TINY, "--out", str(run_copy), "--epochs", "2", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"{run_copy / METRICS_FILE}: dropped its last line 2" in err
+    assert "resumed from" in err and "randomly initialised" not in err
+    assert "trained 1 epoch (2–2)" in err
+    assert [r["epoch"] for r in read_metrics(run_copy)] == [1, 2]
+
+
+def test_corrupt_line_elsewhere_names_file_and_line(tmp_path):
+    lines = [json.dumps({"epoch": 1}), "{not json", json.dumps({"epoch": 3})]
+    (tmp_path / METRICS_FILE).write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=rf"{METRICS_FILE}, line 2: not a metrics record"):
+        read_metrics(tmp_path)
