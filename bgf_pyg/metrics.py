@@ -17,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bgf_pyg.checks import check_features, check_labels
-from bgf_pyg.knn import cosine_topk
+from bgf_pyg.knn import cosine_topk, normalize_rows
 
 BACKENDS = ("torch", "faiss", "auto")
 
@@ -46,8 +45,8 @@ def _faiss_topk(query: Tensor, reference: Tensor, k: int, exclude_self: bool) ->
     """Exact inner-product search of the normalised embeddings with faiss: (Q, k) indices."""
     import faiss
 
-    q = F.normalize(query.float(), dim=1).cpu().numpy()
-    r = q if reference is query else F.normalize(reference.float(), dim=1).cpu().numpy()
+    q = normalize_rows(query, dtype=torch.float32).cpu().numpy()
+    r = q if reference is query else normalize_rows(reference, dtype=torch.float32).cpu().numpy()
     index = faiss.IndexFlatIP(r.shape[1])
     index.add(r)
     found = torch.from_numpy(index.search(q, k + int(exclude_self))[1]).long()
@@ -176,7 +175,7 @@ def nmi(emb: Tensor, labels: Tensor, seed: int = 0) -> float:
     from sklearn.metrics import normalized_mutual_info_score
 
     _check_retrieval_inputs(emb, labels)
-    x = F.normalize(emb.detach().float(), dim=1).cpu().numpy()
+    x = normalize_rows(emb.detach(), dtype=torch.float32).cpu().numpy()
     y = labels.cpu().numpy()
     num_clusters = len(set(y.tolist()))
     clusters = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit_predict(x)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
 from ..checks import check_positive_int
 from ..graph import build_batch_graph
+from ..knn import normalize_rows
 from ..losses import LabelSmoothingCE, ProxyGMLLoss
 from ..nn import BGFormer, IntraBatchMPN
 from .backbones import EmbeddingNet
@@ -80,7 +80,8 @@ class Method(nn.Module):
 
     def embed(self, images: Tensor) -> Tensor:
         """L2-normalised test-time embedding ``head(trunk(images))``."""
-        return F.normalize(self.backbone(images), dim=1)
+        emb = self.backbone(images)
+        return normalize_rows(emb, dtype=emb.dtype)
 
     def param_groups(self, lr: float, proxy_lr: float) -> list[dict]:
         """One group for the networks at ``lr``, one for the loss parameters at ``proxy_lr``."""
@@ -161,7 +162,7 @@ class IntraBatchMethod(Method):
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         emb = self.backbone(images)
-        mpn_logits, _ = self.mpn(F.normalize(emb, dim=1))
+        mpn_logits, _ = self.mpn(normalize_rows(emb, dtype=emb.dtype))
         return self.loss_fn(self.classifier(emb), labels) + self.loss_fn(mpn_logits, labels)
 
 
