@@ -32,6 +32,34 @@ def check_positive_int(value: int, name: str) -> int:
     return value
 
 
+def check_channels(value: int, name: str, lazy: bool = False) -> int:
+    """Return ``value`` if it is a channel count ≥ 1 (or ``-1``, "infer at first call", when
+    ``lazy``), else raise naming ``name``."""
+    if lazy and not isinstance(value, bool) and value == -1:
+        return value
+    return check_positive_int(value, name)
+
+
+def check_divides(heads: int, channels: int, heads_name: str = "heads",
+                  channels_name: str = "channels") -> None:
+    """Check that ``heads`` splits ``channels`` into equal per-head widths."""
+    if channels % heads != 0:
+        raise ValueError(
+            f"{channels_name} ({channels}) must be divisible by {heads_name} ({heads})"
+        )
+
+
+def check_probability(value: float, name: str, allow_one: bool = False) -> float:
+    """Return ``value`` if it is a real number in [0, 1) ([0, 1] with ``allow_one``), else raise
+    naming ``name`` (NaN included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (value >= 0.0 and upper_ok):
+        raise ValueError(f"{name} must lie in [0, 1{']' if allow_one else ')'}, got {value}")
+    return float(value)
+
+
 def check_features(
     x: Tensor, name: str = "x", width: int | None = None, finite: bool = True
 ) -> None:

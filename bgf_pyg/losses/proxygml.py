@@ -34,9 +34,8 @@ class ProxyGMLLoss(nn.Module):
         Z_{ic} = \sum_{j \in \mathcal{I}_i,\ \lfloor j/N \rfloor = c} S_{ij},
 
     with :math:`k = \lceil r C N \rceil` (at most :math:`CN`), so every positive proxy enters the
-    sub-graph while :math:`k \ge N`. Classes without a selected proxy
-    (:math:`\mathcal{C}_i`, the classes of :math:`\mathcal{I}_i`, holds the others) are masked out of
-    the softmax:
+    sub-graph while :math:`k \ge N`. Classes without a selected proxy are masked out of the
+    softmax (:math:`\mathcal{C}_i` = the classes of the proxies in :math:`\mathcal{I}_i`):
 
     .. math::
         \mathcal{L}_s = -\frac{1}{B} \sum_i \log \frac{\exp(Z_{i y_i})}
@@ -60,9 +59,10 @@ class ProxyGMLLoss(nn.Module):
     every proxy) gives :math:`\log |\mathcal{C}_i|`, where the original gives NaN. The
     embeddings are L2-normalised here (the original expects its network to do it; normalising
     twice changes nothing), in float32 for half-precision input and in float64 for float64
-    input (the proxies are cast to it); the loss has that dtype. Proxies are stored as a :math:`(CN, D)` parameter
-    (the original stores the transpose) with the same :math:`U(\pm 1/\sqrt{CN})` init. The
-    original's second output :math:`\mathcal{L}_s` is not returned.
+    input (the proxies are cast to it); the loss has that dtype. Proxies are stored as a
+    :math:`(CN, D)` parameter (the original stores the transpose) with the same
+    :math:`U(\pm 1/\sqrt{CN})` init. The original's second output :math:`\mathcal{L}_s` is not
+    returned.
 
     Args:
         num_classes (int): number of training classes :math:`C`.
@@ -90,8 +90,8 @@ class ProxyGMLLoss(nn.Module):
         self.proxies_per_class = check_positive_int(proxies_per_class, "proxies_per_class")
         if not 0.0 < r <= 1.0:
             raise ValueError(f"r must lie in (0, 1], got {r}")
-        if not weight_lambda >= 0.0:
-            raise ValueError(f"weight_lambda must be >= 0, got {weight_lambda}")
+        if not 0.0 <= weight_lambda < math.inf:
+            raise ValueError(f"weight_lambda must be a finite number >= 0, got {weight_lambda}")
         self.r = r
         self.weight_lambda = weight_lambda
         num_proxies = num_classes * proxies_per_class

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 from torch_geometric.nn import GCNConv, GraphNorm
 
-from ..checks import check_positive_int
+from ..checks import check_divides, check_positive_int, check_probability
 from .conv import BatchGraphConv
 
 SEMANTIC_BRANCHES = ("attention", "propagation")
@@ -62,8 +62,8 @@ class DualSSA(nn.Module):
         super().__init__()
         check_positive_int(channels, "channels")
         check_positive_int(heads, "heads")
-        if channels % heads != 0:
-            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        check_divides(heads, channels)
+        check_probability(dropout, "dropout")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         if semantic_branch not in SEMANTIC_BRANCHES:
@@ -144,7 +144,9 @@ class BGFormerLayer(nn.Module):
         **ssa_kwargs,
     ) -> None:
         super().__init__()
+        check_positive_int(channels, "channels")
         check_positive_int(ffn_ratio, "ffn_ratio")
+        check_probability(dropout, "dropout")
         self.channels = channels
         self.norm1 = GraphNorm(channels)
         self.attn = DualSSA(channels, heads=heads, dropout=dropout, lam=lam, **ssa_kwargs)
