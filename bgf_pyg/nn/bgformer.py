@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor, nn
 from torch_geometric.data import Data
 from torch_geometric.nn import GCNConv, GraphNorm
@@ -24,6 +25,17 @@ def _has_edges(edge_index: Optional[Tensor]) -> bool:
     return edge_index is not None and edge_index.size(-1) > 0
 
 
+def _graphs_with_edges(
+    edge_index: Tensor, batch: Tensor, batch_size: Optional[int] = None
+) -> Tensor:
+    """(N,) bool: does the node's graph (``batch``) hold at least one of the edges? Edges never
+    cross graphs in a PyG ``Batch``, so an edge's target names its graph."""
+    if batch_size is None:
+        batch_size = int(batch.max()) + 1 if batch.numel() > 0 else 0
+    has = torch.zeros(batch_size, dtype=torch.bool, device=batch.device)
+    return has.index_fill_(0, batch[edge_index[1]], True)[batch]
+
+
 class DualSSA(nn.Module):
     r"""Dual structure-constrained self-attention: one SSA branch per edge set, mixed by
     :math:`\lambda`, then an output projection.
@@ -34,7 +46,9 @@ class DualSSA(nn.Module):
 
     Each branch is a :class:`BatchGraphConv` with its own projections (``channels // heads`` per
     head). Without semantic edges (``None`` or empty: test time, unlabeled data) the visual branch
-    alone is used, :math:`\mathbf{s} = \mathbf{W}_O\, \mathrm{SSA}_{vis}`.
+    alone is used, :math:`\mathbf{s} = \mathbf{W}_O\, \mathrm{SSA}_{vis}`. The choice is made per
+    graph of ``batch``: in a PyG ``Batch`` of labelled and unlabelled graphs each graph gets what
+    it would get alone.
 
     Args:
         channels (int): Input and output width; must be divisible by :obj:`heads`.
@@ -98,10 +112,17 @@ class DualSSA(nn.Module):
         x: Tensor,
         visual_edge_index: Tensor,
         semantic_edge_index: Optional[Tensor] = None,
+        batch: Optional[Tensor] = None,
+        batch_size: Optional[int] = None,
     ) -> Tensor:
         out = self.visual(x, visual_edge_index)
         if _has_edges(semantic_edge_index):
-            out = self.lam * out + (1.0 - self.lam) * self.semantic(x, semantic_edge_index)
+            mixed = self.lam * out + (1.0 - self.lam) * self.semantic(x, semantic_edge_index)
+            if batch is None:
+                out = mixed
+            else:
+                keep = _graphs_with_edges(semantic_edge_index, batch, batch_size)
+                out = torch.where(keep.unsqueeze(-1), mixed, out)
         return self.lin_out(out)
 
     def __repr__(self) -> str:
@@ -177,7 +198,9 @@ class BGFormerLayer(nn.Module):
         batch_size: Optional[int] = None,
     ) -> Tensor:
         h = self.norm1(x, batch, batch_size)
-        x = x + self.dropout(self.attn(h, visual_edge_index, semantic_edge_index))
+        x = x + self.dropout(
+            self.attn(h, visual_edge_index, semantic_edge_index, batch, batch_size)
+        )
         h = self.norm2(x, batch, batch_size)
         return x + self.dropout(self.ffn(h))
 

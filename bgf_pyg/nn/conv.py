@@ -127,7 +127,8 @@ class BatchGraphConv(MessagePassing):
     (never NaN). A duplicated edge is counted as often as it appears. With
     :obj:`add_self_loops=False`, :obj:`root_weight=False` and :obj:`bias=False` the layer computes
     exactly :class:`~torch_geometric.nn.conv.TransformerConv` and loads its weights (same parameter
-    names).
+    names; strict loading works, the unused ``lin_skip`` of a TransformerConv with
+    :obj:`root_weight=False` is ignored when this layer has none).
 
     Two equivalent implementations are available: the edge-list ``"sparse"`` path (gathers per edge
     and a scatter softmax, O(|E|) memory) and the ``"dense"`` path (masked attention on an
@@ -230,6 +231,14 @@ class BatchGraphConv(MessagePassing):
         else:
             self.register_parameter("lin_skip", None)
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # TransformerConv always holds ``lin_skip``, unused when root_weight=False; without a
+        # root weight we hold none, so exactly those keys are dropped and strict loading works.
+        if self.lin_skip is None:
+            for name in ("weight", "bias"):
+                state_dict.pop(f"{prefix}lin_skip.{name}", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
