@@ -61,9 +61,15 @@ def check_probability(value: float, name: str, allow_one: bool = False) -> float
 
 
 def check_features(
-    x: Tensor, name: str = "x", width: int | None = None, finite: bool = True
+    x: Tensor,
+    name: str = "x",
+    width: int | None = None,
+    finite: bool = True,
+    min_rows: int = 0,
+    purpose: str = "",
 ) -> None:
-    """Check that ``x`` is a 2-D float tensor (N, D), ``width`` wide when given, and finite."""
+    """Check that ``x`` is a 2-D float tensor (N, D), ``width`` wide when given, finite, with at
+    least ``min_rows`` samples (``purpose`` says why in the message, e.g. "for retrieval")."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(x).__name__}")
     if x.dim() != 2:
@@ -74,6 +80,11 @@ def check_features(
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if width is not None and x.size(1) != width:
         raise ValueError(f"{name} must have {width} columns, got shape {tuple(x.shape)}")
+    if x.size(0) < min_rows:
+        why = f" {purpose}" if purpose else ""
+        raise ValueError(
+            f"{name} needs at least {min_rows} samples (rows){why}, got shape {tuple(x.shape)}"
+        )
     if finite and not is_compiling() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
         raise ValueError(f"{name} contains NaN or inf values (in {bad} of {x.size(0)} rows)")

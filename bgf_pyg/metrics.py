@@ -28,10 +28,8 @@ BACKENDS = ("torch", "faiss", "auto")
 def _check_retrieval_inputs(
     emb: Tensor, labels: Tensor, name: str = "emb", labels_name: str = "labels"
 ) -> None:
-    check_features(emb, name)
+    check_features(emb, name, min_rows=2, purpose="for retrieval")
     check_labels(labels, emb.size(0), labels_name)
-    if emb.size(0) < 2:
-        raise ValueError(f"{name} needs at least 2 samples for retrieval, got {emb.size(0)}")
 
 
 def _check_ks(ks: Sequence[int], candidates: int) -> list[int]:

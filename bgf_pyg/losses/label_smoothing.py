@@ -34,7 +34,7 @@ class LabelSmoothingCE(nn.Module):
         self.epsilon = epsilon
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        check_features(logits, "logits")
+        check_features(logits, "logits", min_rows=1)
         check_labels(labels, logits.size(0), "labels", num_classes=logits.size(1))
         return F.cross_entropy(logits / self.temperature, labels, label_smoothing=self.epsilon)
 

@@ -111,9 +111,7 @@ class ProxyGMLLoss(nn.Module):
         )
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_features(embeddings, "embeddings", width=self.embedding_dim)
-        if embeddings.size(0) == 0:
-            raise ValueError("embeddings must hold at least one row, got shape (0, D)")
+        check_features(embeddings, "embeddings", width=self.embedding_dim, min_rows=1)
         check_labels(labels, embeddings.size(0), "labels", num_classes=self.num_classes)
         # Half-precision embeddings are compared in float32, float64 ones in float64 (with the
         # proxies cast to it), so any float dtype works and a zero row never gives 0/0.

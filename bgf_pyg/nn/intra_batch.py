@@ -237,7 +237,12 @@ class IntraBatchMPN(nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
         """Return ``(logits, h)``; ``edge_index=None`` is the complete graph with self-loops."""
-        check_features(x, "x", width=self.in_channels)
+        # The BNNeck's batch statistics need two samples; say so before any work is done.
+        training_bn = self.training and self.bottleneck is not None
+        check_features(
+            x, "x", width=self.in_channels, min_rows=2 if training_bn else 0,
+            purpose="in training mode (the BNNeck's BatchNorm1d needs batch statistics)",
+        )
         if edge_index is None:
             edge_index = complete_edge_index(x.size(0), x.device)
         else:
