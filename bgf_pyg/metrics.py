@@ -193,7 +193,8 @@ def recall_at_k_query_gallery(
     """Recall@K of query samples searched against a separate gallery (In-Shop protocol): a hit when
     any of the K gallery samples most cosine-similar to the query shares its class."""
     _check_retrieval_inputs(query_emb, query_labels, "query_emb", "query_labels")
-    check_features(gallery_emb, "gallery_emb", width=query_emb.size(1))
+    check_features(gallery_emb, "gallery_emb", width=query_emb.size(1), min_rows=1,
+                   purpose="to search")
     check_labels(gallery_labels, gallery_emb.size(0), "gallery_labels")
     ks = _check_ks(ks, gallery_emb.size(0))
     nn_labels = _neighbour_labels(

@@ -17,7 +17,7 @@ from bgf_pyg import build_batch_graph
 from bgf_pyg.graph import knn_edges
 from bgf_pyg.knn import cosine_topk
 from bgf_pyg.losses import LabelSmoothingCE, ProxyGMLLoss
-from bgf_pyg.metrics import evaluate_retrieval, recall_at_k
+from bgf_pyg.metrics import evaluate_retrieval, recall_at_k, recall_at_k_query_gallery
 from bgf_pyg.nn import BatchGraphConv, BGFormer, BGFormerLayer, DualSSA, IntraBatchMPN
 from bgf_pyg.nn.intra_batch import IntraBatchAttention, IntraBatchLayer
 from tests.reference import cosine_reference, proxygml_reference, retrieval_reference
@@ -110,6 +110,9 @@ def test_metrics_on_one_class_and_too_few_samples():
                                     "r_precision": 1.0})
     with pytest.raises(ValueError, match="emb needs at least 2 samples"):
         recall_at_k(torch.randn(1, 4), torch.zeros(1).long(), ks=(1,))
+    with pytest.raises(ValueError, match="gallery_emb needs at least 1 samples"):
+        recall_at_k_query_gallery(torch.randn(3, 4), torch.arange(3), torch.randn(0, 4),
+                                  torch.zeros(0).long(), ks=(1,))
 
 
 # ---------------------------------------------------------------------------------------------
