@@ -137,6 +137,11 @@ class BatchGraphConv(MessagePassing):
     target has the same number k of in-edges, sorted by target (the kNN graphs of
     :func:`~bgf_pyg.build_batch_graph`), the sparse path reshapes the edges to (N, k) and takes a
     dense softmax over the k slots instead of a scatter softmax (not under ``torch.compile``).
+    Every path gives the edge-list result, also for non-finite input: a NaN or inf feature makes
+    exactly the rows non-finite whose attention neighbourhood holds it. A ``SparseTensor`` or
+    ``torch.sparse`` adjacency is read as an edge list in its stored (coalesced) order, which
+    :obj:`edge_attr` rows follow. PyG's explainers see every path: explain mode or a
+    ``propagate``/``message``/``aggregate`` hook routes the layer through :meth:`propagate`.
 
     Args:
         in_channels (int or tuple): Size of each input sample, or :obj:`-1` to derive it from the
