@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from torch_geometric.data import Batch
+from torch_geometric.data import Batch, Data
 from torch_geometric.explain import Explainer, GNNExplainer
 from torch_geometric.explain.algorithm import AttentionExplainer
 from torch_geometric.nn import TransformerConv
@@ -103,11 +103,16 @@ def test_empty_and_single_row_batches_are_refused_by_name():
     assert logits.shape == (1, 3) and torch.isfinite(h).all()
 
 
+def test_bgformer_without_visual_edges_names_them():
+    with pytest.raises(ValueError, match="visual_edge_index is required"):
+        BGFormer(8, heads=2)(Data(x=torch.randn(3, 8)))
+
+
 def test_metrics_on_one_class_and_too_few_samples():
     emb, labels = torch.randn(6, 4), torch.zeros(6).long()
-    result = evaluate_retrieval(emb, labels, ks=(1, 5), with_nmi=False)
+    result = evaluate_retrieval(emb, labels, ks=(1, 5), with_nmi=True)
     assert result == pytest.approx({"recall@1": 1.0, "recall@5": 1.0, "map@r": 1.0,
-                                    "r_precision": 1.0})
+                                    "r_precision": 1.0, "nmi": 1.0})
     with pytest.raises(ValueError, match="emb needs at least 2 samples"):
         recall_at_k(torch.randn(1, 4), torch.zeros(1).long(), ks=(1,))
     with pytest.raises(ValueError, match="gallery_emb needs at least 1 samples"):

@@ -256,12 +256,14 @@ class BGFormer(nn.Module):
         if isinstance(x, Data):
             graph = x
             x = graph.x
-            visual_edge_index = graph.visual_edge_index
+            visual_edge_index = graph.get("visual_edge_index")
             semantic_edge_index = graph.get("semantic_edge_index")
             batch = graph.get("batch")
             batch_size = graph.num_graphs if batch is not None else None
         if visual_edge_index is None:
-            raise ValueError("visual_edge_index is required (or pass a BatchGraph)")
+            raise ValueError(
+                "visual_edge_index is required (pass it, or a BatchGraph / Batch that holds it)"
+            )
         for layer in self.layers:
             x = layer(x, visual_edge_index, semantic_edge_index, batch, batch_size)
         return x
