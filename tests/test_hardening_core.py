@@ -74,6 +74,8 @@ def test_bgformer_on_a_single_node_and_an_empty_batch():
         (lambda: IntraBatchLayer(8, ffn_ratio=0), "ffn_ratio must be >= 1"),
         (lambda: IntraBatchMPN(8, heads=3), r"in_channels \(8\) must be divisible by heads"),
         (lambda: IntraBatchMPN(8, heads=2, dropout=2.0), "dropout must lie"),
+        (lambda: LabelSmoothingCE(temperature=math.inf), "temperature must be a finite"),
+        (lambda: LabelSmoothingCE(epsilon=math.nan), r"epsilon must lie in \[0, 1\]"),
         (lambda: ProxyGMLLoss(0, 8), "num_classes must be >= 1"),
         (lambda: ProxyGMLLoss(3, 8, r=math.nan), "r must lie"),
         (lambda: ProxyGMLLoss(3, 8, weight_lambda=math.inf), "weight_lambda must be a finite"),

@@ -44,6 +44,7 @@ def _is_edge_list(edge_index: Adj) -> bool:
     """A plain (2, E) index tensor, not a ``SparseTensor`` or ``torch.sparse`` adjacency."""
     return isinstance(edge_index, Tensor) and edge_index.layout == torch.strided
 
+
 def _adjacency_edges(adj: Adj, num_src: int, num_dst: int) -> Tensor:
     """The (2, E) edge list j→i of a ``SparseTensor`` / ``torch.sparse`` adjacency ``adj_t`` (rows
     = targets, columns = sources), in its stored (coalesced) entry order, which edge features
