@@ -180,7 +180,7 @@ def test_proxygml_takes_every_float_dtype_and_a_zero_row(dtype):
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.isfinite(loss)
     loss.backward()
-    assert x.grad.dtype == dtype and torch.isfinite(x.grad[[0, 1, 3, 4, 5]]).all()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
     # Non-zero rows against the float64 re-statement of the original (zero rows tie everywhere,
     # so the proxies they select depend on the tie order; they are checked below).
     keep = torch.tensor([0, 1, 3, 4, 5])
