@@ -9,20 +9,20 @@ both for which neighbours are selected and for their order.
 
 Precision and zero rows: rows are normalised and compared in float32 (float64 stays float64), so a
 float16/bfloat16 row never underflows to a 0/0 = NaN that would rank first in every list. A zero
-row has cosine 0 to every row (itself included): it is neither near nor far from anything.
+row has cosine 0 to every row (itself included): it is neither near nor far from anything, and
+it passes gradient 0.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 #: Default number of similarity entries (rows × columns) computed at once (64 Mi floats = 256 MiB).
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
 
 
-#: Smallest norm divided by: a zero row stays a zero vector (cosine 0) instead of 0/0.
+#: Rows with an L2 norm at most this count as zero rows: cosine 0 to everything, gradient 0.
 NORM_EPS = 1e-12
 
 
@@ -32,12 +32,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def normalize_rows(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Rows of ``x`` scaled to unit L2 norm, computed in :func:`compute_dtype` (half precision
-    would underflow ``NORM_EPS`` to 0 and give NaN for a zero row); a zero row stays zero.
+    """Rows of ``x`` scaled to unit L2 norm, computed in :func:`compute_dtype` (in half precision
+    a norm clamp underflows to 0 and a zero row gives 0/0 = NaN). A zero row (norm ≤
+    :data:`NORM_EPS`) stays zero and passes gradient 0: ``F.normalize``'s x / eps would pass one of
+    about 1/eps = 10¹², which overflows a float16 gradient to inf.
 
     Returned in ``dtype`` (default: the compute dtype). Differentiable.
     """
-    out = F.normalize(x.to(compute_dtype(x.dtype)), dim=1, eps=NORM_EPS)
+    work = x.to(compute_dtype(x.dtype))
+    norm = torch.linalg.vector_norm(work, dim=1, keepdim=True)
+    zero = norm <= NORM_EPS
+    out = (work / norm.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
     return out if dtype is None else out.to(dtype)
 
 

@@ -15,7 +15,7 @@ from torch_geometric.utils import to_torch_coo_tensor, to_torch_csc_tensor, to_t
 
 from bgf_pyg import build_batch_graph
 from bgf_pyg.graph import knn_edges
-from bgf_pyg.knn import cosine_topk
+from bgf_pyg.knn import cosine_topk, normalize_rows
 from bgf_pyg.losses import LabelSmoothingCE, ProxyGMLLoss
 from bgf_pyg.metrics import evaluate_retrieval, recall_at_k, recall_at_k_query_gallery
 from bgf_pyg.nn import BatchGraphConv, BGFormer, BGFormerLayer, DualSSA, IntraBatchMPN
@@ -140,6 +140,18 @@ def test_zero_row_has_cosine_zero_in_every_dtype(dtype):
     assert torch.equal(sim[4], torch.zeros(11, dtype=sim.dtype))
     for i in range(12):
         torch.testing.assert_close(sim[i].double(), reference[i, index[i]], atol=1e-2, rtol=0)
+
+
+def test_normalize_rows_zero_row_is_zero_with_zero_gradient():
+    x = torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(normalize_rows(x), x / x.norm(dim=1, keepdim=True))
+    assert torch.autograd.gradcheck(normalize_rows, (x.requires_grad_(True),))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        z = torch.zeros(2, 4, dtype=dtype, requires_grad=True)
+        out = normalize_rows(z)
+        assert out.dtype == torch.float32 and torch.equal(out, torch.zeros(2, 4))
+        (out * torch.randn(2, 4)).sum().backward()
+        assert torch.equal(z.grad, torch.zeros_like(z))
 
 
 def test_half_precision_batch_graph_equals_float32_with_a_zero_row():
