@@ -44,10 +44,44 @@ def check_positive_int(value: int, name: str) -> int:
     return value
 
 
+def check_channels(value: int, name: str, lazy: bool = False) -> int:
+    """Return ``value`` if it is a channel count ≥ 1 (or ``-1``, "infer at first call", when
+    ``lazy``), else raise naming ``name``."""
+    if lazy and not isinstance(value, bool) and value == -1:
+        return value
+    return check_positive_int(value, name)
+
+
+def check_divides(heads: int, channels: int, heads_name: str = "heads",
+                  channels_name: str = "channels") -> None:
+    """Check that ``heads`` splits ``channels`` into equal per-head widths."""
+    if channels % heads != 0:
+        raise ValueError(
+            f"{channels_name} ({channels}) must be divisible by {heads_name} ({heads})"
+        )
+
+
+def check_probability(value: float, name: str, allow_one: bool = False) -> float:
+    """Return ``value`` if it is a real number in [0, 1) ([0, 1] with ``allow_one``), else raise
+    naming ``name`` (NaN included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (value >= 0.0 and upper_ok):
+        raise ValueError(f"{name} must lie in [0, 1{']' if allow_one else ')'}, got {value}")
+    return float(value)
+
+
 def check_features(
-    x: Tensor, name: str = "x", width: int | None = None, finite: bool = True
+    x: Tensor,
+    name: str = "x",
+    width: int | None = None,
+    finite: bool = True,
+    min_rows: int = 0,
+    purpose: str = "",
 ) -> None:
-    """Check that ``x`` is a 2-D float tensor (N, D), ``width`` wide when given, and finite."""
+    """Check that ``x`` is a 2-D float tensor (N, D), ``width`` wide when given, finite, with at
+    least ``min_rows`` samples (``purpose`` says why in the message, e.g. "for retrieval")."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(x).__name__}")
     if x.dim() != 2:
@@ -58,6 +92,11 @@ def check_features(
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if width is not None and x.size(1) != width:
         raise ValueError(f"{name} must have {width} columns, got shape {tuple(x.shape)}")
+    if x.size(0) < min_rows:
+        why = f" {purpose}" if purpose else ""
+        raise ValueError(
+            f"{name} needs at least {min_rows} samples (rows){why}, got shape {tuple(x.shape)}"
+        )
     if finite and not is_compiling() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
         raise NonFiniteError(f"{name} contains NaN or inf values (in {bad} of {x.size(0)} rows)")

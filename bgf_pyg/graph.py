@@ -82,9 +82,10 @@ def knn_edges(
 ) -> tuple[Tensor, Tensor]:
     """Cosine kNN edges: for every node i, edges j→i from its ``k`` most similar other nodes.
 
-    ``k`` is clamped to N − 1 (the complete graph). With ``loop=True`` each node also gets i→i
-    (weight 1) as its first in-edge. Edges are sorted by target, so every target's in-edges are
-    contiguous and all in-degrees equal. Returns ``(edge_index (2, E), edge_weight (E,))``.
+    ``k`` is clamped to N − 1 (the complete graph; no edge for N ≤ 1). With ``loop=True`` each
+    node also gets i→i (weight 1) as its first in-edge. Edges are sorted by target, so every
+    target's in-edges are contiguous and all in-degrees equal. Returns ``(edge_index (2, E),
+    edge_weight (E,))``, the weights in ``x``'s dtype.
     """
     num_nodes = x.size(0)
     k = min(k, max(num_nodes - 1, 0))
@@ -95,7 +96,7 @@ def knn_edges(
         sim = torch.cat([sim.new_ones(num_nodes, 1), sim], dim=1)
     degree = source.size(1)
     target = torch.arange(num_nodes, device=x.device).repeat_interleave(degree)
-    return torch.stack([source.reshape(-1), target]), sim.reshape(-1)
+    return torch.stack([source.reshape(-1), target]), sim.reshape(-1).to(x.dtype)
 
 
 def label_edges(y: Tensor, *, loop: bool = False) -> Tensor:
@@ -135,7 +136,10 @@ def build_batch_graph(
 
     Visual edges: for every node i, edges j→i from its ``k`` most cosine-similar other nodes, so
     every target has in-degree k (``visual_edge_weight`` holds the similarities). ``k`` ≥ N is not
-    an error: it gives the complete graph, k = N − 1. Ties are broken towards the lower node index.
+    an error: it gives the complete graph, k = N − 1 (a single node has no visual edge, an empty
+    batch gives an empty graph). Ties are broken towards the lower node index. Similarities are
+    computed in float32 (float64 stays), so half-precision input gives the same graph; a zero row
+    has cosine 0 to every node (see :mod:`bgf_pyg.knn`).
     Semantic edges: j→i for every j ≠ i with ``y[j] == y[i]``; empty when ``y`` is ``None``.
     ``loop=True`` adds i→i to both sets, so convolutions can run with ``add_self_loops=False``
     (which keeps ``torch.compile`` graphs unbroken).

@@ -6,16 +6,44 @@ O(chunk_size · N_ref) instead of O(N_query · N_ref), so N = 100,000 works on a
 
 Tie rule (deterministic on every device): among equal similarities the lower reference index wins,
 both for which neighbours are selected and for their order.
+
+Precision and zero rows: rows are normalised and compared in float32 (float64 stays float64), so a
+float16/bfloat16 row never underflows to a 0/0 = NaN that would rank first in every list. A zero
+row has cosine 0 to every row (itself included): it is neither near nor far from anything, and
+it passes gradient 0.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 #: Default number of similarity entries (rows × columns) computed at once (64 Mi floats = 256 MiB).
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
+
+
+#: Rows with an L2 norm at most this count as zero rows: cosine 0 to everything, gradient 0.
+NORM_EPS = 1e-12
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype cosine math runs in: float64 stays, every other float type becomes float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def normalize_rows(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Rows of ``x`` scaled to unit L2 norm, computed in :func:`compute_dtype` (in half precision
+    a norm clamp underflows to 0 and a zero row gives 0/0 = NaN). A zero row (norm ≤
+    :data:`NORM_EPS`) stays zero and passes gradient 0: ``F.normalize``'s x / eps would pass one of
+    about 1/eps = 10¹², which overflows a float16 gradient to inf.
+
+    Returned in ``dtype`` (default: the compute dtype). Differentiable.
+    """
+    work = x.to(compute_dtype(x.dtype))
+    norm = torch.linalg.vector_norm(work, dim=1, keepdim=True)
+    zero = norm <= NORM_EPS
+    out = (work / norm.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
+    return out if dtype is None else out.to(dtype)
 
 
 def _rows_per_chunk(num_ref: int, chunk_size: int | None) -> int:
@@ -30,6 +58,8 @@ def _select_with_ties(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Returns values and indices sorted by similarity (descending), then by index (ascending).
     """
     values, index = sim.topk(min(k + 1, sim.size(1)), dim=1)
+    if k == 0:
+        return values[:, :0], index[:, :0]
     if values.size(1) > k:
         boundary_tie = values[:, k - 1] == values[:, k]
         values, index = values[:, :k], index[:, :k]
@@ -65,23 +95,26 @@ def cosine_topk(
     """The ``k`` most cosine-similar reference rows of every query row.
 
     Args:
-        query: (Q, D) float tensor.
+        query: (Q, D) float tensor (any float dtype: the search runs in float32, or float64).
         reference: (R, D) float tensor; ``None`` searches ``query`` against itself.
-        k: number of neighbours; must be ≤ the number of candidates (R, or R − 1 with
+        k: number of neighbours, 0 ≤ k ≤ the number of candidates (R, or R − 1 with
             ``exclude_self``).
         exclude_self: never return reference row ``i`` for query row ``i`` (for self-search).
         chunk_size: query rows per chunk (default: as many as fit 64 Mi similarity entries).
 
     Returns:
         ``(similarity, index)``, both (Q, k), sorted by similarity descending (ties: lower index
-        first).
+        first); the similarity in the compute dtype (float32, or float64).
     """
     reference = query if reference is None else reference
-    candidates = reference.size(0) - int(exclude_self)
-    if k > candidates:
-        raise ValueError(f"k must be <= {candidates} (the number of candidates), got {k}")
-    q = F.normalize(query, dim=1)
-    r = q if reference is query else F.normalize(reference, dim=1)
+    candidates = max(reference.size(0) - int(exclude_self), 0)
+    if not 0 <= k <= candidates:
+        raise ValueError(
+            f"k must lie in [0, {candidates}] (the number of candidate rows"
+            f"{', self excluded' if exclude_self else ''}), got {k}"
+        )
+    q = normalize_rows(query)
+    r = q if reference is query else normalize_rows(reference, dtype=q.dtype)
     rows = _rows_per_chunk(r.size(0), chunk_size)
     out_values, out_index = [], []
     for start in range(0, q.size(0), rows):
@@ -93,6 +126,6 @@ def cosine_topk(
         out_values.append(values)
         out_index.append(index)
     if not out_values:
-        empty = query.new_empty((0, k))
+        empty = q.new_empty((0, k))
         return empty, empty.long()
     return torch.cat(out_values), torch.cat(out_index)

@@ -17,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bgf_pyg.checks import check_features, check_labels
-from bgf_pyg.knn import cosine_topk
+from bgf_pyg.knn import cosine_topk, normalize_rows
 
 BACKENDS = ("torch", "faiss", "auto")
 
@@ -29,10 +28,8 @@ BACKENDS = ("torch", "faiss", "auto")
 def _check_retrieval_inputs(
     emb: Tensor, labels: Tensor, name: str = "emb", labels_name: str = "labels"
 ) -> None:
-    check_features(emb, name)
+    check_features(emb, name, min_rows=2, purpose="for retrieval")
     check_labels(labels, emb.size(0), labels_name)
-    if emb.size(0) < 2:
-        raise ValueError(f"{name} needs at least 2 samples for retrieval, got {emb.size(0)}")
 
 
 def _check_ks(ks: Sequence[int], candidates: int) -> list[int]:
@@ -46,8 +43,8 @@ def _faiss_topk(query: Tensor, reference: Tensor, k: int, exclude_self: bool) ->
     """Exact inner-product search of the normalised embeddings with faiss: (Q, k) indices."""
     import faiss
 
-    q = F.normalize(query.float(), dim=1).cpu().numpy()
-    r = q if reference is query else F.normalize(reference.float(), dim=1).cpu().numpy()
+    q = normalize_rows(query, dtype=torch.float32).cpu().numpy()
+    r = q if reference is query else normalize_rows(reference, dtype=torch.float32).cpu().numpy()
     index = faiss.IndexFlatIP(r.shape[1])
     index.add(r)
     found = torch.from_numpy(index.search(q, k + int(exclude_self))[1]).long()
@@ -176,7 +173,7 @@ def nmi(emb: Tensor, labels: Tensor, seed: int = 0) -> float:
     from sklearn.metrics import normalized_mutual_info_score
 
     _check_retrieval_inputs(emb, labels)
-    x = F.normalize(emb.detach().float(), dim=1).cpu().numpy()
+    x = normalize_rows(emb.detach(), dtype=torch.float32).cpu().numpy()
     y = labels.cpu().numpy()
     num_clusters = len(set(y.tolist()))
     clusters = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit_predict(x)
@@ -196,7 +193,8 @@ def recall_at_k_query_gallery(
     """Recall@K of query samples searched against a separate gallery (In-Shop protocol): a hit when
     any of the K gallery samples most cosine-similar to the query shares its class."""
     _check_retrieval_inputs(query_emb, query_labels, "query_emb", "query_labels")
-    check_features(gallery_emb, "gallery_emb", width=query_emb.size(1))
+    check_features(gallery_emb, "gallery_emb", width=query_emb.size(1), min_rows=1,
+                   purpose="to search")
     check_labels(gallery_labels, gallery_emb.size(0), "gallery_labels")
     ks = _check_ks(ks, gallery_emb.size(0))
     nn_labels = _neighbour_labels(

@@ -1,4 +1,5 @@
-"""ProxyGMLLoss against a dense float64 re-statement of the original YuehuaZhu/ProxyGML loss."""
+"""ProxyGMLLoss against a dense float64 re-statement of the original YuehuaZhu/ProxyGML loss
+(``tests.reference.proxygml_reference``)."""
 
 import math
 
@@ -7,28 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from bgf_pyg.losses import ProxyGMLLoss
-
-
-def _dense_proxygml(x, proxies, y, num_classes, n, r, lam):
-    """The original's math with the one-hot Y_p and the full top-k mask materialised."""
-    x = x / x.norm(dim=1, keepdim=True)
-    p = proxies / proxies.norm(dim=1, keepdim=True)
-    proxy_label = torch.arange(num_classes).repeat_interleave(n)
-    y_p = torch.zeros(num_classes * n, num_classes, dtype=x.dtype)
-    y_p[torch.arange(num_classes * n), proxy_label] = 1
-    s = x @ p.T
-    pos = (y[:, None] == proxy_label[None, :]).to(x.dtype)
-    k = math.ceil(r * num_classes * n)
-    idx = torch.topk(s + 1000 * pos, k, dim=1).indices
-    mask = torch.zeros_like(s).scatter(1, idx, 1.0)
-    z = (mask * s) @ y_p
-    z_masked = torch.where(z != 0, z, torch.full_like(z, float("-inf")))
-    loss = -(z[torch.arange(len(y)), y] - torch.logsumexp(z_masked, dim=1)).mean()
-    if lam > 0:
-        logits_p = (p @ p.T) @ y_p
-        log_prob = logits_p - torch.logsumexp(logits_p, dim=1, keepdim=True)
-        loss = loss - lam * log_prob[torch.arange(num_classes * n), proxy_label].mean()
-    return loss
+from tests.reference import proxygml_reference
 
 
 @pytest.mark.parametrize("num_classes,n,r,lam", [(6, 4, 0.3, 0.3), (10, 2, 0.05, 0.0),
@@ -39,7 +19,7 @@ def test_value_and_gradients_match_dense(num_classes, n, r, lam):
     y = torch.randint(0, num_classes, (8,))
     proxies = crit.proxies.detach().clone().requires_grad_(True)
     loss = crit(x, y)
-    expected = _dense_proxygml(x, proxies, y, num_classes, n, r, lam)
+    expected = proxygml_reference(x, proxies, y, num_classes, n, r, lam)
     assert_close(loss, expected)
     gx, gp = torch.autograd.grad(loss, (x, crit.proxies))
     ex, ep = torch.autograd.grad(expected, (x, proxies))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bgf_pyg.checks import check_features, check_labels
+from bgf_pyg.checks import check_features, check_labels, check_probability
 
 
 class LabelSmoothingCE(nn.Module):
@@ -26,15 +28,13 @@ class LabelSmoothingCE(nn.Module):
 
     def __init__(self, temperature: float = 1.0, epsilon: float = 0.1) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"epsilon must lie in [0, 1], got {epsilon}")
+        if not 0.0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         self.temperature = temperature
-        self.epsilon = epsilon
+        self.epsilon = check_probability(epsilon, "epsilon", allow_one=True)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        check_features(logits, "logits")
+        check_features(logits, "logits", min_rows=1)
         check_labels(labels, logits.size(0), "labels", num_classes=logits.size(1))
         return F.cross_entropy(logits / self.temperature, labels, label_smoothing=self.epsilon)
 

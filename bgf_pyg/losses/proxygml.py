@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bgf_pyg.checks import check_features, check_labels, check_positive_int
+from bgf_pyg.knn import compute_dtype, normalize_rows
 
 # Added to the positives' similarities before the top-k so that every positive proxy is kept; the
 # original's value, kept so that the same proxies are selected (cosines lie in [-1, 1]).
@@ -33,12 +34,12 @@ class ProxyGMLLoss(nn.Module):
         Z_{ic} = \sum_{j \in \mathcal{I}_i,\ \lfloor j/N \rfloor = c} S_{ij},
 
     with :math:`k = \lceil r C N \rceil` (at most :math:`CN`), so every positive proxy enters the
-    sub-graph while :math:`k \ge N`. Classes with :math:`Z_{ic} = 0` (no selected proxy) are masked
-    out of the softmax:
+    sub-graph while :math:`k \ge N`. Classes without a selected proxy are masked out of the
+    softmax (:math:`\mathcal{C}_i` = the classes of the proxies in :math:`\mathcal{I}_i`):
 
     .. math::
         \mathcal{L}_s = -\frac{1}{B} \sum_i \log \frac{\exp(Z_{i y_i})}
-        {\sum_{c : Z_{ic} \neq 0} \exp(Z_{ic})}, \qquad
+        {\sum_{c \in \mathcal{C}_i} \exp(Z_{ic})}, \qquad
         \mathcal{L}_p = \mathrm{CE}\big((\hat{\mathbf{P}} \hat{\mathbf{P}}^\top) \mathbf{Y}_p,\
         \lfloor j / N \rfloor\big), \qquad \mathcal{L} = \mathcal{L}_s + \lambda \mathcal{L}_p,
 
@@ -49,15 +50,19 @@ class ProxyGMLLoss(nn.Module):
     :math:`CN \times CN` proxy Gram matrix and is computed only when :math:`\lambda > 0` (the
     original uses :math:`\lambda = 0` on SOP).
 
-    Differences from the original: the original computes
+    Differences from the original: the original masks the classes with :math:`Z_{ic} = 0` (the
+    same classes unless selected similarities sum to exactly 0) and computes
     :math:`-\log(p + 10^{-20})` with :math:`p = e^{Z} / (10^{-8} + \sum e^{Z})` (masked, no max
     subtraction); we use an exact log-softmax (``cross_entropy`` on logits masked to
-    :math:`-\infty`), which differs by about :math:`10^{-8} / \sum_c e^{Z_{ic}}` per sample unless
-    :math:`Z_{i y_i} = 0` exactly, where the original returns :math:`\approx 46` and we return
-    :math:`\infty`. The embeddings are L2-normalised here (the original expects its network to
-    do it; normalising twice changes nothing). Proxies are stored as a :math:`(CN, D)` parameter
-    (the original stores the transpose) with the same :math:`U(\pm 1/\sqrt{CN})` init. The
-    original's second output :math:`\mathcal{L}_s` is not returned.
+    :math:`-\infty`), which differs by about :math:`10^{-8} / \sum_c e^{Z_{ic}}` per sample. The
+    true class is always selected, so the loss is finite: a zero embedding row (cosine 0 to
+    every proxy) gives :math:`\log |\mathcal{C}_i|`, where the original gives NaN. The
+    embeddings are L2-normalised here (the original expects its network to do it; normalising
+    twice changes nothing), in float32 for half-precision input and in float64 for float64
+    input (the proxies are cast to it); the loss has that dtype. Proxies are stored as a
+    :math:`(CN, D)` parameter (the original stores the transpose) with the same
+    :math:`U(\pm 1/\sqrt{CN})` init. The original's second output :math:`\mathcal{L}_s` is not
+    returned.
 
     Args:
         num_classes (int): number of training classes :math:`C`.
@@ -85,8 +90,8 @@ class ProxyGMLLoss(nn.Module):
         self.proxies_per_class = check_positive_int(proxies_per_class, "proxies_per_class")
         if not 0.0 < r <= 1.0:
             raise ValueError(f"r must lie in (0, 1], got {r}")
-        if not weight_lambda >= 0.0:
-            raise ValueError(f"weight_lambda must be >= 0, got {weight_lambda}")
+        if not 0.0 <= weight_lambda < math.inf:
+            raise ValueError(f"weight_lambda must be a finite number >= 0, got {weight_lambda}")
         self.r = r
         self.weight_lambda = weight_lambda
         num_proxies = num_classes * proxies_per_class
@@ -106,22 +111,24 @@ class ProxyGMLLoss(nn.Module):
         )
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_features(embeddings, "embeddings", width=self.embedding_dim)
-        if embeddings.size(0) == 0:
-            raise ValueError("embeddings must hold at least one row, got shape (0, D)")
+        check_features(embeddings, "embeddings", width=self.embedding_dim, min_rows=1)
         check_labels(labels, embeddings.size(0), "labels", num_classes=self.num_classes)
-        x = F.normalize(embeddings, dim=1)
-        proxies = F.normalize(self.proxies, dim=1)
+        # Half-precision embeddings are compared in float32, float64 ones in float64 (with the
+        # proxies cast to it), so any float dtype works and a zero row never gives 0/0.
+        dtype = compute_dtype(torch.promote_types(embeddings.dtype, self.proxies.dtype))
+        x = normalize_rows(embeddings, dtype=dtype)
+        proxies = normalize_rows(self.proxies, dtype=dtype)
         proxy_labels = self.proxy_labels()
 
         sim = x @ proxies.t()  # (B, C*N)
         positive = (labels.unsqueeze(1) == proxy_labels.unsqueeze(0)).to(sim.dtype)
         index = (sim.detach() + _POSITIVE_BONUS * positive).topk(self.k, dim=1).indices
-        # Z = W Y_p as a scatter of the B x k selected similarities into B x C class bins.
-        z = sim.new_zeros(sim.size(0), self.num_classes).scatter_add(
-            1, index.div(self.proxies_per_class, rounding_mode="floor"), sim.gather(1, index)
-        )
-        loss = F.cross_entropy(z.masked_fill(z == 0, float("-inf")), labels)
+        # Z = W Y_p as a scatter of the B x k selected similarities into B x C class bins; the
+        # softmax runs over the classes that received a selected proxy.
+        bins = index.div(self.proxies_per_class, rounding_mode="floor")
+        z = sim.new_zeros(sim.size(0), self.num_classes).scatter_add(1, bins, sim.gather(1, index))
+        selected = torch.zeros_like(z, dtype=torch.bool).scatter_(1, bins, True)
+        loss = F.cross_entropy(z.masked_fill(~selected, float("-inf")), labels)
 
         if self.weight_lambda > 0:
             gram = proxies @ proxies.t()  # (C*N, C*N)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
+from ..knn import normalize_rows
 from ..losses import BatchGraphLoss, LabelSmoothingCE, ProxyGMLLoss
 from ..nn import BGFormer, IntraBatchMPN
 from .backbones import EmbeddingNet
@@ -78,7 +78,8 @@ class Method(nn.Module):
 
     def embed(self, images: Tensor) -> Tensor:
         """L2-normalised test-time embedding ``head(trunk(images))``."""
-        return F.normalize(self.backbone(images), dim=1)
+        emb = self.backbone(images)
+        return normalize_rows(emb, dtype=emb.dtype)
 
     def param_groups(self, lr: float, proxy_lr: float) -> list[dict]:
         """One group for the networks at ``lr``, one for the loss parameters at ``proxy_lr``."""
@@ -177,7 +178,7 @@ class IntraBatchMethod(Method):
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         emb = self.backbone(images)
-        mpn_logits, _ = self.mpn(F.normalize(emb, dim=1))
+        mpn_logits, _ = self.mpn(normalize_rows(emb, dtype=emb.dtype))
         return self.loss_fn(self.classifier(emb), labels) + self.loss_fn(mpn_logits, labels)
 
 

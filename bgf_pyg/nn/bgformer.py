@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor, nn
 from torch_geometric.data import Data
 from torch_geometric.nn import GCNConv, GraphNorm
 
-from ..checks import check_positive_int
+from ..checks import check_divides, check_positive_int, check_probability
 from .conv import BatchGraphConv
 
 SEMANTIC_BRANCHES = ("attention", "propagation")
@@ -22,6 +23,17 @@ SEMANTIC_BRANCHES = ("attention", "propagation")
 
 def _has_edges(edge_index: Optional[Tensor]) -> bool:
     return edge_index is not None and edge_index.size(-1) > 0
+
+
+def _graphs_with_edges(
+    edge_index: Tensor, batch: Tensor, batch_size: Optional[int] = None
+) -> Tensor:
+    """(N,) bool: does the node's graph (``batch``) hold at least one of the edges? Edges never
+    cross graphs in a PyG ``Batch``, so an edge's target names its graph."""
+    if batch_size is None:
+        batch_size = int(batch.max()) + 1 if batch.numel() > 0 else 0
+    has = torch.zeros(batch_size, dtype=torch.bool, device=batch.device)
+    return has.index_fill_(0, batch[edge_index[1]], True)[batch]
 
 
 class DualSSA(nn.Module):
@@ -34,7 +46,9 @@ class DualSSA(nn.Module):
 
     Each branch is a :class:`BatchGraphConv` with its own projections (``channels // heads`` per
     head). Without semantic edges (``None`` or empty: test time, unlabeled data) the visual branch
-    alone is used, :math:`\mathbf{s} = \mathbf{W}_O\, \mathrm{SSA}_{vis}`.
+    alone is used, :math:`\mathbf{s} = \mathbf{W}_O\, \mathrm{SSA}_{vis}`. The choice is made per
+    graph of ``batch``: in a PyG ``Batch`` of labelled and unlabelled graphs each graph gets what
+    it would get alone.
 
     Args:
         channels (int): Input and output width; must be divisible by :obj:`heads`.
@@ -62,8 +76,8 @@ class DualSSA(nn.Module):
         super().__init__()
         check_positive_int(channels, "channels")
         check_positive_int(heads, "heads")
-        if channels % heads != 0:
-            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        check_divides(heads, channels)
+        check_probability(dropout, "dropout")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         if semantic_branch not in SEMANTIC_BRANCHES:
@@ -98,10 +112,17 @@ class DualSSA(nn.Module):
         x: Tensor,
         visual_edge_index: Tensor,
         semantic_edge_index: Optional[Tensor] = None,
+        batch: Optional[Tensor] = None,
+        batch_size: Optional[int] = None,
     ) -> Tensor:
         out = self.visual(x, visual_edge_index)
         if _has_edges(semantic_edge_index):
-            out = self.lam * out + (1.0 - self.lam) * self.semantic(x, semantic_edge_index)
+            mixed = self.lam * out + (1.0 - self.lam) * self.semantic(x, semantic_edge_index)
+            if batch is None:
+                out = mixed
+            else:
+                keep = _graphs_with_edges(semantic_edge_index, batch, batch_size)
+                out = torch.where(keep.unsqueeze(-1), mixed, out)
         return self.lin_out(out)
 
     def __repr__(self) -> str:
@@ -144,7 +165,9 @@ class BGFormerLayer(nn.Module):
         **ssa_kwargs,
     ) -> None:
         super().__init__()
+        check_positive_int(channels, "channels")
         check_positive_int(ffn_ratio, "ffn_ratio")
+        check_probability(dropout, "dropout")
         self.channels = channels
         self.norm1 = GraphNorm(channels)
         self.attn = DualSSA(channels, heads=heads, dropout=dropout, lam=lam, **ssa_kwargs)
@@ -175,7 +198,9 @@ class BGFormerLayer(nn.Module):
         batch_size: Optional[int] = None,
     ) -> Tensor:
         h = self.norm1(x, batch, batch_size)
-        x = x + self.dropout(self.attn(h, visual_edge_index, semantic_edge_index))
+        x = x + self.dropout(
+            self.attn(h, visual_edge_index, semantic_edge_index, batch, batch_size)
+        )
         h = self.norm2(x, batch, batch_size)
         return x + self.dropout(self.ffn(h))
 
@@ -231,12 +256,14 @@ class BGFormer(nn.Module):
         if isinstance(x, Data):
             graph = x
             x = graph.x
-            visual_edge_index = graph.visual_edge_index
+            visual_edge_index = graph.get("visual_edge_index")
             semantic_edge_index = graph.get("semantic_edge_index")
             batch = graph.get("batch")
             batch_size = graph.num_graphs if batch is not None else None
         if visual_edge_index is None:
-            raise ValueError("visual_edge_index is required (or pass a BatchGraph)")
+            raise ValueError(
+                "visual_edge_index is required (pass it, or a BatchGraph / Batch that holds it)"
+            )
         for layer in self.layers:
             x = layer(x, visual_edge_index, semantic_edge_index, batch, batch_size)
         return x

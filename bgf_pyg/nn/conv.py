@@ -12,10 +12,24 @@ from torch import Tensor
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.typing import Adj, NoneType, OptTensor, PairTensor, SparseTensor
-from torch_geometric.utils import add_self_loops, is_torch_sparse_tensor, remove_self_loops, softmax
-from torch_geometric.utils.sparse import set_sparse_value
+from torch_geometric.utils import (
+    add_self_loops,
+    remove_self_loops,
+    softmax,
+    to_edge_index,
+    to_torch_coo_tensor,
+    to_torch_csc_tensor,
+    to_torch_csr_tensor,
+)
 
-from ..checks import check_edge_index, check_features, is_compiling
+from ..checks import (
+    check_channels,
+    check_edge_index,
+    check_features,
+    check_positive_int,
+    check_probability,
+    is_compiling,
+)
 from .dense import dense_adjacency, dense_attention
 
 if typing.TYPE_CHECKING:
@@ -29,6 +43,56 @@ ATTENTION_PATHS = ("auto", "sparse", "dense")
 def _is_edge_list(edge_index: Adj) -> bool:
     """A plain (2, E) index tensor, not a ``SparseTensor`` or ``torch.sparse`` adjacency."""
     return isinstance(edge_index, Tensor) and edge_index.layout == torch.strided
+
+
+def _adjacency_edges(adj: Adj, num_src: int, num_dst: int) -> Tensor:
+    """The (2, E) edge list j→i of a ``SparseTensor`` / ``torch.sparse`` adjacency ``adj_t`` (rows
+    = targets, columns = sources), in its stored (coalesced) entry order, which edge features
+    follow. Its values are ignored (attention weighs the edges)."""
+    size = tuple(adj.sparse_sizes()) if isinstance(adj, SparseTensor) else tuple(adj.shape[:2])
+    if size != (num_dst, num_src):
+        raise ValueError(
+            f"edge_index (a sparse adjacency, rows = targets) must have size ({num_dst}, "
+            f"{num_src}) to match x, got {size}"
+        )
+    return to_edge_index(adj)[0].flip(0)
+
+
+def _weights_as_adjacency(
+    adj: Adj, edge_index: Tensor, alpha: Tensor, num_src: int, num_dst: int
+) -> Union[SparseTensor, tuple[Tensor, Tensor]]:
+    """Attention weights in the input's adjacency form, as PyG's ``GATConv`` returns them: a
+    ``SparseTensor``, or ``(torch.sparse adjacency, alpha)`` of the same layout."""
+    if isinstance(adj, SparseTensor):
+        return SparseTensor(
+            row=edge_index[1], col=edge_index[0], value=alpha, sparse_sizes=(num_dst, num_src)
+        )
+    to_layout = {torch.sparse_csr: to_torch_csr_tensor, torch.sparse_csc: to_torch_csc_tensor}
+    build = to_layout.get(adj.layout, to_torch_coo_tensor)
+    return build(edge_index.flip(0), alpha, size=(num_dst, num_src)), alpha
+
+
+def _check_constructor_args(
+    in_channels: Union[int, tuple[int, int]],
+    out_channels: int,
+    heads: int,
+    dropout: float,
+    edge_dim: Optional[int],
+) -> None:
+    """Refuse widths, head counts and probabilities that cannot build a layer, naming each."""
+    if isinstance(in_channels, tuple):
+        if len(in_channels) != 2:
+            raise ValueError(f"in_channels must be an int or a pair of ints, got {in_channels!r}")
+        check_channels(in_channels[0], "in_channels[0]", lazy=True)
+        check_channels(in_channels[1], "in_channels[1]", lazy=True)
+    else:
+        check_channels(in_channels, "in_channels", lazy=True)
+    check_positive_int(out_channels, "out_channels")
+    check_positive_int(heads, "heads")
+    check_probability(dropout, "dropout")
+    if edge_dim is not None:
+        check_positive_int(edge_dim, "edge_dim")
+
 
 #: ``attention_path="auto"`` runs the dense path when N_src·N_dst ≤ this × |E| (self-loops
 #: counted): the N² masked attention (SDPA, no per-edge gathers or scatters) then costs less than
@@ -64,7 +128,8 @@ class BatchGraphConv(MessagePassing):
     (never NaN). A duplicated edge is counted as often as it appears. With
     :obj:`add_self_loops=False`, :obj:`root_weight=False` and :obj:`bias=False` the layer computes
     exactly :class:`~torch_geometric.nn.conv.TransformerConv` and loads its weights (same parameter
-    names).
+    names; strict loading works, the unused ``lin_skip`` of a TransformerConv with
+    :obj:`root_weight=False` is ignored when this layer has none).
 
     Two equivalent implementations are available: the edge-list ``"sparse"`` path (gathers per edge
     and a scatter softmax, :math:`O(|E|)` memory) and the ``"dense"`` path (masked attention on
@@ -73,6 +138,11 @@ class BatchGraphConv(MessagePassing):
     When every target has the same number k of in-edges, sorted by target (the kNN graphs of
     :func:`~bgf_pyg.build_batch_graph`), the sparse path reshapes the edges to (N, k) and takes a
     dense softmax over the k slots instead of a scatter softmax (not under ``torch.compile``).
+    Every path gives the edge-list result, also for non-finite input: a NaN or inf feature makes
+    exactly the rows non-finite whose attention neighbourhood holds it. A ``SparseTensor`` or
+    ``torch.sparse`` adjacency is read as an edge list in its stored (coalesced) order, which
+    :obj:`edge_attr` rows follow. PyG's explainers see every path: explain mode or a
+    ``propagate``/``message``/``aggregate`` hook routes the layer through :meth:`propagate`.
 
     Args:
         in_channels (int or tuple): Size of each input sample, or :obj:`-1` to derive it from the
@@ -132,12 +202,13 @@ class BatchGraphConv(MessagePassing):
     ) -> None:
         kwargs.setdefault("aggr", "add")
         super().__init__(node_dim=0, **kwargs)
+        # Checked here, not at the first forward: a zero width or head count would otherwise
+        # surface as a reshape error inside the attention.
         if attention_path not in ATTENTION_PATHS:
             raise ValueError(
                 f"attention_path must be one of {ATTENTION_PATHS}, got {attention_path!r}"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_constructor_args(in_channels, out_channels, heads, dropout, edge_dim)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.heads = heads
@@ -166,6 +237,14 @@ class BatchGraphConv(MessagePassing):
         else:
             self.register_parameter("lin_skip", None)
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # TransformerConv always holds ``lin_skip``, unused when root_weight=False; without a
+        # root weight we hold none, so exactly those keys are dropped and strict loading works.
+        if self.lin_skip is None:
+            for name in ("weight", "bias"):
+                state_dict.pop(f"{prefix}lin_skip.{name}", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -227,19 +306,26 @@ class BatchGraphConv(MessagePassing):
                 value of :obj:`False` returns only the output). (default: :obj:`None`)
         """
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
-        self._check_inputs(x_src, x_dst, edge_index, edge_attr)
         num_src, num_dst = x_src.size(0), x_dst.size(0)
+        # Every adjacency form runs as an edge list: self-loops, edge features and bipartite
+        # sizes then take one code path, and the attention paths below see one input form.
+        adjacency = None if _is_edge_list(edge_index) else edge_index
+        if adjacency is not None:
+            edge_index = _adjacency_edges(adjacency, num_src, num_dst)
+        self._check_inputs(x_src, x_dst, edge_index, edge_attr)
         query, key, value = self._project(x_src, x_dst)
         return_weights = bool(return_attention_weights)
 
-        # PyG's explainers mask the messages inside ``propagate``: explain mode takes that path.
-        if not self.explain and self._use_dense(edge_index, edge_attr, num_src, num_dst):
+        # PyG's explain tools (GNNExplainer's edge masks, AttentionExplainer's message hooks) see
+        # the attention only inside ``propagate``: with explain mode or a hook that path runs.
+        generic = self._observed()
+        if not generic and self._use_dense(edge_index, edge_attr, num_src, num_dst):
             out, alpha, edge_index = self._dense_forward(
                 query, key, value, edge_index, return_weights
             )
         else:
             source = None
-            if not self.explain:
+            if not generic:
                 source = self._regular_sources(edge_index, edge_attr, num_src, num_dst)
             if source is not None:
                 out, alpha, edge_index = self._regular_forward(
@@ -264,12 +350,21 @@ class BatchGraphConv(MessagePassing):
 
         if return_weights:
             assert alpha is not None
-            if isinstance(edge_index, SparseTensor):
-                return out, edge_index.set_value(alpha, layout="coo")
-            if is_torch_sparse_tensor(edge_index):
-                return out, (set_sparse_value(edge_index, alpha), alpha)
+            if adjacency is not None:
+                return out, _weights_as_adjacency(adjacency, edge_index, alpha, num_src, num_dst)
             return out, (edge_index, alpha)
         return out
+
+    def _observed(self) -> bool:
+        """Explain mode, or a hook on ``propagate``/``message``/``aggregate``: only the generic
+        path calls them. A few dict look-ups, nothing on the tensors."""
+        return bool(self.explain) or any(
+            bool(hooks) for hooks in (
+                self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
+                self._message_forward_pre_hooks, self._message_forward_hooks,
+                self._aggregate_forward_pre_hooks, self._aggregate_forward_hooks,
+            )
+        )
 
     def message(
         self,
@@ -292,17 +387,14 @@ class BatchGraphConv(MessagePassing):
         return value_j * alpha.unsqueeze(-1)
 
     def _check_inputs(
-        self, x_src: Tensor, x_dst: Tensor, edge_index: Adj, edge_attr: OptTensor
+        self, x_src: Tensor, x_dst: Tensor, edge_index: Tensor, edge_attr: OptTensor
     ) -> None:
         src_width = self.lin_key.in_channels if self.lin_key.in_channels > 0 else None
         dst_width = self.lin_query.in_channels if self.lin_query.in_channels > 0 else None
         check_features(x_src, "x" if x_src is x_dst else "x[0]", src_width, finite=False)
         check_features(x_dst, "x" if x_src is x_dst else "x[1]", dst_width, finite=False)
-        if _is_edge_list(edge_index):
-            check_edge_index(edge_index, x_src.size(0), x_dst.size(0), "edge_index")
-            num_edges = edge_index.size(1)
-        else:
-            num_edges = None
+        check_edge_index(edge_index, x_src.size(0), x_dst.size(0), "edge_index")
+        num_edges = edge_index.size(1)
         if self.lin_edge is not None:
             if edge_attr is None:
                 raise ValueError(f"edge_attr is required: the layer has edge_dim={self.edge_dim}")
@@ -310,7 +402,7 @@ class BatchGraphConv(MessagePassing):
                 raise ValueError(
                     f"edge_attr must have shape (E, {self.edge_dim}), got {tuple(edge_attr.shape)}"
                 )
-            if num_edges is not None and edge_attr.size(0) != num_edges:
+            if edge_attr.size(0) != num_edges:
                 raise ValueError(
                     f"edge_attr must have one row per edge ({num_edges}), got "
                     f"{tuple(edge_attr.shape)}"
@@ -319,17 +411,8 @@ class BatchGraphConv(MessagePassing):
             raise ValueError("edge_attr was given but the layer has edge_dim=None")
 
     def _with_self_loops(
-        self, edge_index: Adj, edge_attr: OptTensor, num_src: int, num_dst: int
-    ) -> tuple[Adj, OptTensor]:
-        if isinstance(edge_index, SparseTensor):
-            if edge_attr is not None:
-                raise NotImplementedError(
-                    "edge_attr together with add_self_loops=True is not supported for a "
-                    "SparseTensor edge_index; add the loops to the graph first"
-                )
-            import torch_sparse
-
-            return torch_sparse.set_diag(edge_index), None
+        self, edge_index: Tensor, edge_attr: OptTensor, num_src: int, num_dst: int
+    ) -> tuple[Tensor, OptTensor]:
         edge_index, edge_attr = remove_self_loops(edge_index, edge_attr)
         return add_self_loops(
             edge_index, edge_attr, fill_value=self.fill_value, num_nodes=min(num_src, num_dst)

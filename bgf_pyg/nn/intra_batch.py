@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.utils import scatter, softmax
 
-from bgf_pyg.checks import check_edge_index, check_features, check_positive_int
+from bgf_pyg.checks import (
+    check_divides,
+    check_edge_index,
+    check_features,
+    check_positive_int,
+    check_probability,
+)
 
 # Standard deviation of the classifier weights' normal init in the original code.
 _CLASSIFIER_INIT_STD = 0.001
@@ -80,9 +86,8 @@ class IntraBatchAttention(MessagePassing):
         super().__init__(aggr="add", node_dim=0)
         self.channels = check_positive_int(channels, "channels")
         self.heads = check_positive_int(heads, "heads")
-        if channels % heads != 0:
-            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
-        self.dropout = dropout
+        check_divides(heads, channels)
+        self.dropout = check_probability(dropout, "dropout")
         self.zero_logit = zero_logit
         self.lin_query = nn.Linear(channels, channels)
         self.lin_key = nn.Linear(channels, channels)
@@ -136,6 +141,7 @@ class IntraBatchLayer(nn.Module):
         self, channels: int, heads: int = 2, dropout: float = 0.1, ffn_ratio: int = 4
     ) -> None:
         super().__init__()
+        check_positive_int(ffn_ratio, "ffn_ratio")
         self.attn = IntraBatchAttention(channels, heads, dropout)
         self.lin1 = nn.Linear(channels, ffn_ratio * channels)
         self.lin2 = nn.Linear(ffn_ratio * channels, channels)
@@ -201,7 +207,9 @@ class IntraBatchMPN(nn.Module):
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.num_layers = check_positive_int(num_layers, "num_layers")
-        self.heads = heads
+        self.heads = check_positive_int(heads, "heads")
+        check_divides(heads, in_channels, channels_name="in_channels")
+        check_probability(dropout, "dropout")
         self.num_classes = None if num_classes is None else check_positive_int(
             num_classes, "num_classes"
         )
@@ -229,7 +237,12 @@ class IntraBatchMPN(nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
         """Return ``(logits, h)``; ``edge_index=None`` is the complete graph with self-loops."""
-        check_features(x, "x", width=self.in_channels)
+        # The BNNeck's batch statistics need two samples; say so before any work is done.
+        training_bn = self.training and self.bottleneck is not None
+        check_features(
+            x, "x", width=self.in_channels, min_rows=2 if training_bn else 0,
+            purpose="in training mode (the BNNeck's BatchNorm1d needs batch statistics)",
+        )
         if edge_index is None:
             edge_index = complete_edge_index(x.size(0), x.device)
         else:
