@@ -5,6 +5,11 @@ methods and datasets each option applies to, cross-option rules). Errors a user 
 option, a wrong data root, a truncated annotation file, a corrupt image, an impossible sampling
 setting, a run folder in use, a diverging loss) end with one line on stderr and exit code 2,
 never a traceback.
+
+Under ``torchrun --nproc_per_node W`` every rank runs :func:`main`; they join one process group
+(:mod:`bgf_pyg.distributed`), check that they got the same options, draw their own P×M batches
+and train one model on the global batch. Rank 0 alone prints the table and writes the run folder;
+a user error is reported by every rank.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from . import distributed
 from .checks import InputError, show_value
 from .data import (
     DATASETS as IMAGE_DATASETS,
@@ -30,6 +36,7 @@ from .data import (
     IMAGE_CHECKS,
     ClassBalancedBatchSampler,
     DigitsDemo,
+    DistributedClassBalancedBatchSampler,
     ImageListDataset,
     build_dataset,
     build_transform,
@@ -187,6 +194,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", action="store_true",
                    help="log losses, learning rates, metrics and BGFormer's attention entropy "
                         "to <out>/tensorboard (needs the tensorboard package)")
+    p.add_argument("--dist-timeout", type=positive_float, default=distributed.DEFAULT_TIMEOUT_S,
+                   metavar="SECONDS", help="under torchrun: how long a rank waits for the others "
+                   "before failing")
     return p
 
 
@@ -270,21 +280,53 @@ def train_loader(
     (seeded by ``args.seed``); ``generator`` drives the shuffling and the workers' seeds."""
     common = {"num_workers": args.num_workers, "worker_init_fn": seed_worker,
               "generator": generator}
+    world = distributed.get_world_size()
     if args.method == "proxygml":
-        return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+        if world == 1:
+            return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                              **common)
+        # Each rank a disjoint 1/W of a seeded permutation: --batch-size rows per rank and step.
+        shards = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+        return DataLoader(dataset, batch_size=args.batch_size, sampler=shards, drop_last=True,
                           **common)
-    classes_per_batch = args.classes_per_batch
-    if classes_per_batch is None:
-        classes_per_batch = min(DEFAULT_CLASSES_PER_BATCH, dataset.num_classes)
-    sampler = ClassBalancedBatchSampler(dataset.labels, classes_per_batch,
-                                        args.samples_per_class, seed=args.seed)
+    p = classes_per_batch(args, dataset.num_classes)
+    if world == 1:
+        sampler = ClassBalancedBatchSampler(dataset.labels, p, args.samples_per_class,
+                                            seed=args.seed)
+    else:
+        sampler = DistributedClassBalancedBatchSampler(dataset.labels, p, args.samples_per_class,
+                                                       seed=args.seed)
     return DataLoader(dataset, batch_sampler=sampler, **common)
+
+
+def classes_per_batch(args: argparse.Namespace, num_classes: int) -> int:
+    """P of each rank's P×M batch: ``--classes-per-batch``, else the default P or as many as
+    the ranks can draw disjointly."""
+    if args.classes_per_batch is not None:
+        return args.classes_per_batch
+    return max(1, min(DEFAULT_CLASSES_PER_BATCH, num_classes // distributed.get_world_size()))
+
+
+def check_batch_graph_k(args: argparse.Namespace, num_classes: int) -> None:
+    """BGFormer's ``--k`` neighbours come from the other samples of the *global* batch (every
+    rank's P×M batch together): refuse a k it cannot supply."""
+    if args.method != "bgformer":
+        return
+    world = distributed.get_world_size()
+    batch = world * classes_per_batch(args, num_classes) * args.samples_per_class
+    if args.k >= batch:
+        raise ValueError(
+            f"--k {args.k} must be smaller than the global batch of {batch} samples "
+            f"({world} process(es) × {classes_per_batch(args, num_classes)} classes × "
+            f"{args.samples_per_class} samples): each sample's neighbours are other samples"
+        )
 
 
 def eval_loader(args: argparse.Namespace, dataset: Dataset | None) -> DataLoader | None:
     if dataset is None:
         return None
-    return DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, num_workers=args.num_workers)
+    return DataLoader(distributed.shard(dataset), batch_size=EVAL_BATCH_SIZE,
+                      num_workers=args.num_workers)
 
 
 def method_hparams(args: argparse.Namespace) -> dict:
@@ -305,12 +347,18 @@ def method_hparams(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> dict[str, float]:
     """Train and evaluate one method as ``args`` (from :func:`parse_args`) says; return the last
     evaluation's metrics."""
+    device = distributed.init_distributed(args.device, args.dist_timeout)
+    distributed.check_same_on_all_ranks(vars(args), "options")
     out = Path(args.out)
     check_run_folder(out, args.resume, args.overwrite)  # before any data is read
+    # The same seed on every rank: identical initial weights and identical dropout masks in the
+    # batch-level part, which every rank computes on the same global batch.
     generator = seed_all(args.seed)
+    generator.manual_seed(args.seed + distributed.get_rank())  # per-rank worker augmentation
     splits = load_splits(args.dataset, args.data_root, augment=not args.no_augment,
                          check_images=args.check_images)
     check_against_data(args, splits.train)
+    check_batch_graph_k(args, splits.train.num_classes)
     samples_per_class = None if args.method == "proxygml" else args.samples_per_class
     backbone = build_backbone(args.backbone, args.embedding_dim, args.pretrained,
                               pooling=METHOD_POOLING.get(args.method, "avg"))
@@ -331,7 +379,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         method, train_loader(args, splits.train, generator), optimizer, out,
         epochs=args.epochs, eval_loader=eval_loader(args, splits.test),
         gallery_loader=eval_loader(args, splits.gallery), scheduler=scheduler,
-        device=args.device, eval_every=args.eval_every, resume=args.resume,
+        device=device, eval_every=args.eval_every, resume=args.resume,
         overwrite=args.overwrite, config=run_config(args), amp=args.amp,
         progress=False if args.no_progress else None, callback=logger,
     )
@@ -396,10 +444,11 @@ class _StderrHandler(logging.Handler):
 
 
 def setup_logging() -> None:
-    """Show the package's INFO lines (e.g. "resumed from ...") on stderr."""
+    """Show the package's INFO lines (e.g. "resumed from ...") on stderr; under torchrun only rank
+    0's (the others log warnings and errors)."""
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         log.addHandler(_StderrHandler())
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if distributed.launcher_rank() == 0 else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -412,9 +461,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics = run(args)
     except USER_ERRORS as err:
-        print(f"{PROG}: error: {error_message(err, args)}", file=sys.stderr)
+        where = (f"[rank {distributed.launcher_rank()}] " if distributed.launched_distributed()
+                 else "")
+        print(f"{PROG}: error: {where}{error_message(err, args)}", file=sys.stderr)
         return EXIT_USAGE
-    print(format_table([(args.method, [metrics])]))
+    finally:
+        distributed.destroy_distributed()
+    if distributed.launcher_rank() == 0:
+        print(format_table([(args.method, [metrics])]))
     return 0
 
 

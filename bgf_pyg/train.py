@@ -5,26 +5,34 @@ The pieces are small functions; :func:`fit` strings them together. The run folde
 (``last.pt`` after every epoch, ``best.pt``, ``metrics.jsonl``, ``curves.png``) is kept by
 :mod:`bgf_pyg.run_folder`. A loss or embedding that stops being finite ends the run with a
 :class:`DivergenceError`.
+
+Under ``torch.distributed`` (see :mod:`bgf_pyg.distributed`) every rank runs :func:`fit` on its own
+loaders; the model trains in DistributedDataParallel, rank 0 alone writes the run folder and shows
+progress, ``last.pt`` holds every rank's RNG states, and evaluation gathers the ranks' embeddings
+before retrieval.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import random
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch_geometric import seed_everything
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checks import InputError, NonFiniteError, check_positive_int
 from .metrics import evaluate_retrieval, recall_at_k_query_gallery
 from .models import Method
@@ -185,7 +193,7 @@ class DivergenceError(InputError):
 
 
 def train_one_epoch(
-    method: Method,
+    method: nn.Module,
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     precision: Precision,
@@ -196,7 +204,10 @@ def train_one_epoch(
     first_step: int = 0,
 ) -> float:
     """One pass over ``loader`` of ``(images, labels)`` batches; returns the mean loss.
-    ``callback`` hears of each step, numbered from ``first_step``.
+
+    ``method`` is a :class:`Method` or its DistributedDataParallel wrapper (then the loss is the
+    global batch's, the same on every rank). ``callback`` hears of each step, numbered from
+    ``first_step``.
 
     A non-finite loss, or a ``NonFiniteError`` from a check inside the forward pass (e.g. the
     batch graph's features), raises a :class:`DivergenceError` naming the step and learning rate.
@@ -265,12 +276,27 @@ def evaluate(
 ) -> dict[str, float]:
     """Retrieval metrics of the test split (``loader``), or of ``loader`` as queries against
     ``gallery_loader`` (In-Shop: Recall@K only)."""
-    emb, labels = compute_embeddings(method, loader, device, progress=progress)
+    emb, labels = _gathered_embeddings(method, loader, device, progress)
     if gallery_loader is None:
-        return evaluate_retrieval(emb, labels, ks=ks, with_nmi=with_nmi)
-    g_emb, g_labels = compute_embeddings(method, gallery_loader, device, progress=progress)
-    recalls = recall_at_k_query_gallery(emb, labels, g_emb, g_labels, ks)
+        return distributed.run_on_main(
+            lambda: evaluate_retrieval(emb, labels, ks=ks, with_nmi=with_nmi))
+    g_emb, g_labels = _gathered_embeddings(method, gallery_loader, device, progress)
+    recalls = distributed.run_on_main(
+        lambda: recall_at_k_query_gallery(emb, labels, g_emb, g_labels, ks))
     return {f"recall@{k}": v for k, v in recalls.items()}
+
+
+def _gathered_embeddings(
+    method: Method, loader: Iterable, device: torch.device, progress: bool
+) -> tuple[Tensor, Tensor]:
+    """Embeddings of ``loader``; under torch.distributed ``loader`` holds this rank's shard
+    (:func:`bgf_pyg.distributed.shard`) and the result is every rank's rows in rank order."""
+    emb, labels = compute_embeddings(method, loader, device, progress=progress)
+    if not distributed.is_distributed():
+        return emb, labels
+    # Collectives run on the rank's device (NCCL cannot gather CPU tensors).
+    return (distributed.all_gather_tensor(emb.to(device)).cpu(),
+            distributed.all_gather_tensor(labels.to(device)).cpu())
 
 
 # ---------------------------------------------------------------------------- fit
@@ -316,6 +342,7 @@ def restore(
     # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
     state = load_checkpoint(path)
     require_keys(state, RESUME_KEYS, path)
+    _check_world_size(state, path)
     check_config(state.get("config"), config, path)
     try:
         method.load_state_dict(state["model"])
@@ -326,10 +353,24 @@ def restore(
     except (RuntimeError, ValueError, KeyError) as err:  # size mismatch, missing keys
         first = str(err).strip().splitlines()[0]
         raise InputError(f"{path} does not fit this model or optimiser: {first}") from err
-    set_rng_state(state["rng"])
-    if state.get("loader_generator") is not None and train_loader.generator is not None:
-        train_loader.generator.set_state(state["loader_generator"])
+    set_rng_state(_this_rank(state["rng"]))
+    loader_state = _this_rank(state.get("loader_generator"))
+    if loader_state is not None and train_loader.generator is not None:
+        train_loader.generator.set_state(loader_state)
     return state
+
+
+@contextlib.contextmanager
+def _run_folder(out: Path, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Rank 0 locks and prepares ``out`` for the whole run; the other ranks learn whether that
+    worked (an occupied folder is an error on every rank, not a hang)."""
+    with contextlib.ExitStack() as stack:
+        def prepare() -> None:
+            stack.enter_context(lock_run_folder(out))
+            prepare_run_folder(out, resume, overwrite)
+
+        distributed.run_on_main(prepare)
+        yield
 
 
 def fit(
@@ -365,9 +406,9 @@ def fit(
     check_positive_int(eval_every, "eval_every")
     device = torch.device(device)
     out = Path(out)
-    progress = show_progress(progress)
-    with lock_run_folder(out):
-        prepare_run_folder(out, resume, overwrite)
+    main = distributed.is_main_process()
+    progress = show_progress(progress) and main
+    with _run_folder(out, resume, overwrite):
         precision = Precision(device, amp)
         method.to(device)
         start, best, best_epoch, best_metrics, last_metrics = 0, None, None, {}, {}
@@ -383,14 +424,16 @@ def fit(
             log.info("resumed from %s after epoch %d", out / LAST_CHECKPOINT, start)
             if start == epochs:
                 log.info("the run has already trained its %d epochs; nothing to do", epochs)
-        keep_metrics_until(out, start)
+        if main:
+            keep_metrics_until(out, start)
+        model = distributed.wrap_ddp(method, device)
         sampler = _epoch_sampler(train_loader)
         for epoch in range(start, epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
             try:
-                loss = train_one_epoch(method, train_loader, optimizer, precision,
+                loss = train_one_epoch(model, train_loader, optimizer, precision,
                                        progress=progress, desc=f"epoch {epoch + 1}/{epochs}",
                                        callback=callback,
                                        first_step=epoch * len(train_loader))
@@ -406,15 +449,17 @@ def fit(
                 if best is None or last_metrics[BEST_METRIC] > best:
                     best, best_epoch = last_metrics[BEST_METRIC], epoch + 1
                     best_metrics = last_metrics
-                    save_checkpoint(out / BEST_CHECKPOINT, {
-                        "model": method.state_dict(), "epoch": epoch + 1,
-                        "metrics": last_metrics, "config": config})
-            append_metrics(out, record)
+                    if main:
+                        save_checkpoint(out / BEST_CHECKPOINT, {
+                            "model": method.state_dict(), "epoch": epoch + 1,
+                            "metrics": last_metrics, "config": config})
+            if main:
+                append_metrics(out, record)
             if callback is not None:
                 callback.after_epoch(epoch + 1, record)
             log.info("epoch %d: %s", epoch + 1,
                      ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
-            save_checkpoint(out / LAST_CHECKPOINT, {
+            last = {
                 "model": method.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": None if scheduler is None else scheduler.state_dict(),
@@ -426,12 +471,43 @@ def fit(
                 "best_metrics": best_metrics,
                 "last_metrics": last_metrics,
                 "config": config,
-                "rng": rng_state(),
-                "loader_generator": None if train_loader.generator is None
-                else train_loader.generator.get_state(),
-            })
-        plot_curves(out)
+                "world_size": distributed.get_world_size(),
+                "rng": _every_rank(rng_state()),
+                "loader_generator": _every_rank(None if train_loader.generator is None
+                                                else train_loader.generator.get_state()),
+            }
+            if main:
+                save_checkpoint(out / LAST_CHECKPOINT, last)
+        if main:
+            plot_curves(out)
+        distributed.barrier()  # the run directory is complete when fit returns on any rank
         return FitResult(epochs, best, best_epoch, last_metrics, best_metrics, start_epoch=start)
+
+
+def _every_rank(value):
+    """``value`` in a single process; every rank's ``value`` (a list in rank order) when
+    distributed, so that ``last.pt`` restores each rank's own RNG streams."""
+    if not distributed.is_distributed():
+        return value
+    # torch.save bytes: all_gather_object's own pickling of tensors fails to load in torch 2.14.
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return [torch.load(io.BytesIO(data), weights_only=True)
+            for data in distributed.all_gather_objects(buffer.getvalue())]
+
+
+def _this_rank(value):
+    """This rank's entry of what :func:`_every_rank` stored."""
+    return value[distributed.get_rank()] if distributed.is_distributed() else value
+
+
+def _check_world_size(state: dict, path: Path) -> None:
+    """A checkpoint resumes with the number of processes that wrote it: the batches, the per-rank
+    RNG streams and the DDP gradient averaging depend on it."""
+    written, now = state.get("world_size", 1), distributed.get_world_size()
+    if written != now:
+        raise InputError(f"{path} was written by a run of {written} process(es) but this run has "
+                         f"{now}; resume with torchrun --nproc_per_node {written}")
 
 
 def build_optimizer(

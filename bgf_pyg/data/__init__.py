@@ -13,7 +13,7 @@ from bgf_pyg.data.cars import Cars196
 from bgf_pyg.data.cub import CUB200
 from bgf_pyg.data.demo import DigitsDemo, load_digits_demo
 from bgf_pyg.data.inshop import InShop
-from bgf_pyg.data.samplers import ClassBalancedBatchSampler
+from bgf_pyg.data.samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
 from bgf_pyg.data.sop import StanfordOnlineProducts
 from bgf_pyg.data.transforms import (
     build_transform,
@@ -50,6 +50,7 @@ __all__ = [
     "CUB200",
     "Cars196",
     "ClassBalancedBatchSampler",
+    "DistributedClassBalancedBatchSampler",
     "DigitsDemo",
     "ImageListDataset",
     "InShop",

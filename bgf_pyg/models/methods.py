@@ -2,7 +2,10 @@
 
 Each method is an ``nn.Module`` with
 
-- ``forward(images, labels) -> loss`` (training; the batch graph, if any, is built here),
+- ``forward(images, labels) -> loss`` (training; the batch graph, if any, is built here). Under
+  ``torch.distributed`` the per-sample part (backbone) runs on this rank's images and
+  :func:`~bgf_pyg.distributed.gather_batch` joins every rank's rows right after it, so the
+  batch-level part (graph, MPN, loss) sees the global batch (the identity in one process),
 - ``embed(images) -> (B, D)`` L2-normalised embedding (evaluation: ``head(trunk(images))``, no
   graph and no labels, as in both BGFormer and intra-batch at test time),
 - ``param_groups(lr, proxy_lr)``: optimiser groups, loss parameters (proxies) at ``proxy_lr``.
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
+from ..distributed import gather_batch
 from ..knn import normalize_rows
 from ..losses import BatchGraphLoss, LabelSmoothingCE, ProxyGMLLoss
 from ..nn import BGFormer, IntraBatchMPN
@@ -95,9 +99,10 @@ class PlainMethod(Method):
     """Backbone + head + metric loss, no graph: the ablation every table needs."""
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        emb, labels = gather_batch(self.backbone(images), labels)
         if isinstance(self.loss_fn, PAIR_LOSS_TYPES):
             check_two_classes(labels)
-        return self.loss_fn(self.backbone(images), labels)
+        return self.loss_fn(emb, labels)
 
 
 class BGFormerMethod(Method):
@@ -139,9 +144,10 @@ class BGFormerMethod(Method):
         return self.graph_loss.bgformer
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        f, labels = gather_batch(self.backbone.features(images), labels)
         if isinstance(self.loss_fn, PAIR_LOSS_TYPES):
             check_two_classes(labels)
-        return self.graph_loss(self.backbone.features(images), labels, head=self.backbone.head)
+        return self.graph_loss(f, labels, head=self.backbone.head)
 
 
 #: State-dict prefixes of BGFormerMethod before BatchGraphLoss held its loss and BGFormer.
@@ -177,7 +183,7 @@ class IntraBatchMethod(Method):
         self.mpn = IntraBatchMPN(dim, num_layers, heads, dropout, num_classes=num_classes)
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        emb = self.backbone(images)
+        emb, labels = gather_batch(self.backbone(images), labels)
         mpn_logits, _ = self.mpn(normalize_rows(emb, dtype=emb.dtype))
         return self.loss_fn(self.classifier(emb), labels) + self.loss_fn(mpn_logits, labels)
 
@@ -199,7 +205,7 @@ class ProxyGMLMethod(Method):
         super().__init__(backbone, loss_fn)
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        return self.loss_fn(self.embed(images), labels)
+        return self.loss_fn(*gather_batch(self.embed(images), labels))
 
 
 def build_method(
