@@ -1,0 +1,149 @@
+"""torch.distributed training (DESIGN §8): 2 gloo ranks × B samples give one process's step on the
+2B batch, for every method; the distributed sampler; the gradient-carrying all-gather."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bgf_pyg import distributed
+from bgf_pyg.data import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
+from bgf_pyg.models import build_method
+from bgf_pyg.models.backbones import EmbeddingNet
+from bgf_pyg.train import Precision, train_one_epoch
+
+from .dist_helpers import spawn
+
+WORLD = 2
+#: Global batch: WORLD·P classes × M samples; rank r holds the r-th block of P·M rows, as the
+#: distributed sampler hands them out.
+P, M, NUM_CLASSES, SIDE = 2, 3, 6, 4
+#: Method name, build_method keyword arguments (small graphs; the intra-batch MPN keeps its
+#: dropout 0.1, which the ranks must draw identically on the global batch).
+CASES = {
+    "plain": ("plain", {}),
+    "plain-proxy_anchor": ("plain", {"loss": "proxy_anchor"}),
+    "bgformer": ("bgformer", {"k": 3, "num_layers": 1, "heads": 2}),
+    "intra-batch": ("intra-batch", {"heads": 2}),
+    "proxygml": ("proxygml", {"proxies_per_class": 2, "r": 0.5}),
+}
+LR, PROXY_LR = 0.5, 5.0
+
+
+def make_case(case: str):
+    """Freshly seeded float64 method (a BN-free tiny backbone: per-rank BatchNorm statistics are
+    the one thing DDP does not share) and the global batch."""
+    torch.manual_seed(0)
+    name, kwargs = CASES[case]
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 32), nn.Tanh())
+    method = build_method(name, EmbeddingNet(trunk, 32, 8), NUM_CLASSES, **kwargs).double()
+    images = torch.randn(WORLD * P * M, 1, SIDE, SIDE, dtype=torch.float64)
+    labels = torch.randperm(NUM_CLASSES)[: WORLD * P].repeat_interleave(M)
+    return method, images, labels
+
+
+def one_step(method, images, labels):
+    """One SGD step (SGD, not Adam: Adam would hide a wrong gradient scale) through the real
+    training loop; loss, gradients and parameters after the step."""
+    model = distributed.wrap_ddp(method, torch.device("cpu"))
+    optimizer = torch.optim.SGD(method.param_groups(LR, PROXY_LR))
+    torch.manual_seed(1)  # the same dropout draws in every process
+    loss = train_one_epoch(model, [(images, labels)], optimizer, Precision(torch.device("cpu")))
+    grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.requires_grad}
+    return loss, grads, {k: v.clone() for k, v in method.state_dict().items()}
+
+
+def _step_worker(rank: int, path: str) -> None:
+    distributed.init_distributed("cpu", timeout_s=30)
+    results = {}
+    rows = P * M
+    for case in CASES:
+        method, images, labels = make_case(case)
+        part = slice(rank * rows, (rank + 1) * rows)
+        results[case] = one_step(method, images[part], labels[part])
+    if rank == 0:
+        torch.save(results, path)
+    distributed.destroy_distributed()
+
+
+def test_two_ranks_step_equals_one_process_on_the_joint_batch(tmp_path):
+    path = tmp_path / "ranks.pt"
+    spawn(_step_worker, WORLD, str(path))
+    ranks = torch.load(path, weights_only=True)
+    for case in CASES:
+        loss, grads, state = one_step(*make_case(case))
+        assert all(g.abs().sum() > 0 for g in grads.values()), case  # every parameter trains
+        rank_loss, rank_grads, rank_state = ranks[case]
+        assert rank_loss == pytest.approx(loss, rel=1e-12), case
+        for name in grads:
+            torch.testing.assert_close(rank_grads[name], grads[name], rtol=1e-9, atol=1e-12,
+                                       msg=f"{case}: gradient of {name}")
+        for name in state:
+            torch.testing.assert_close(rank_state[name], state[name], rtol=1e-9, atol=1e-12,
+                                       msg=f"{case}: {name} after the step")
+
+
+def _gather_worker(rank: int, path: str) -> None:
+    distributed.init_distributed("cpu", timeout_s=30)
+    x = torch.arange(6.0, dtype=torch.float64).view(3, 2).add(10 * rank).requires_grad_()
+    gathered = distributed.all_gather_with_grad(x)
+    weight = torch.arange(12.0, dtype=torch.float64).view(6, 2)
+    (gathered * weight).sum().backward()
+    shards = distributed.all_gather_tensor(torch.arange(rank + 2))  # uneven shards: 2 and 3
+    if rank == 1:
+        torch.save({"gathered": gathered.detach(), "grad": x.grad, "shards": shards}, path)
+    distributed.destroy_distributed()
+
+
+def test_all_gather_rows_and_summed_gradient_slice(tmp_path):
+    spawn(_gather_worker, WORLD, str(tmp_path / "g.pt"))
+    out = torch.load(tmp_path / "g.pt", weights_only=True)
+    ranks = [torch.arange(6.0, dtype=torch.float64).view(3, 2) + 10 * r for r in range(WORLD)]
+    torch.testing.assert_close(out["gathered"], torch.cat(ranks))
+    # Each of the 2 ranks computes the same loss: rank 1's rows get 2 × their weight.
+    weight = torch.arange(12.0, dtype=torch.float64).view(6, 2)
+    torch.testing.assert_close(out["grad"], WORLD * weight[3:])
+    assert out["shards"].tolist() == [0, 1, 0, 1, 2]
+
+
+def test_single_process_helpers_are_the_identity():
+    x, y = torch.randn(4, 3, requires_grad=True), torch.arange(4)
+    assert distributed.gather_batch(x, y) == (x, y)
+    assert distributed.all_gather_tensor(x) is x
+    assert distributed.get_world_size() == 1 and distributed.is_main_process()
+    assert distributed.run_on_main(lambda: 7) == 7
+    module = nn.Linear(2, 2)
+    assert distributed.wrap_ddp(module, torch.device("cpu")) is module
+
+
+def test_distributed_sampler_splits_the_global_batch():
+    labels = torch.arange(7).repeat_interleave(5)
+    world, p, m = 3, 2, 4
+    ranks = [DistributedClassBalancedBatchSampler(labels, p, m, num_batches=4, seed=3, rank=r,
+                                                  world_size=world) for r in range(world)]
+    single = ClassBalancedBatchSampler(labels, world * p, m, num_batches=4, seed=3)
+    for epoch in (0, 1):
+        for sampler in (*ranks, single):
+            sampler.set_epoch(epoch)
+        per_rank = [list(s) for s in ranks]
+        assert {len(batches) for batches in per_rank} == {4}  # the same steps on every rank
+        for step, joint in enumerate(single):
+            batches = [batches[step] for batches in per_rank]
+            assert sum(batches, []) == joint  # rank order rebuilds the single-process batch
+            classes = [set(labels[b].tolist()) for b in batches]
+            assert all(len(c) == p for c in classes)
+            assert len(set().union(*classes)) == world * p  # disjoint across ranks
+    resumed = ranks[1]
+    resumed.set_epoch(1, start_batch=3)
+    assert list(resumed) == per_rank[1][3:] and len(resumed) == 1
+
+
+def test_distributed_sampler_refuses_too_many_classes_for_the_world():
+    labels = torch.arange(5).repeat_interleave(4)
+    with pytest.raises(ValueError, match=r"2 × 3 = 6 exceeds the 5 training classes"):
+        DistributedClassBalancedBatchSampler(labels, 2, 2, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="rank must lie in"):
+        DistributedClassBalancedBatchSampler(labels, 1, 2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="start_batch"):
+        ClassBalancedBatchSampler(labels, 2, 2, num_batches=3).set_epoch(0, start_batch=4)
