@@ -1,17 +1,33 @@
 """torch.distributed training (DESIGN §8): 2 gloo ranks × B samples give one process's step on the
-2B batch, for every method; the distributed sampler; the gradient-carrying all-gather."""
+2B batch, for every method; the distributed sampler; the gradient-carrying all-gather; a 2-rank
+run killed mid-epoch resumes to the bit."""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from bgf_pyg import distributed
+from bgf_pyg import cli, distributed
+from bgf_pyg.checks import InputError
 from bgf_pyg.data import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
 from bgf_pyg.models import build_method
 from bgf_pyg.models.backbones import EmbeddingNet
-from bgf_pyg.train import Precision, train_one_epoch
+from bgf_pyg.train import (
+    LAST_CHECKPOINT,
+    Precision,
+    build_optimizer,
+    fit,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    seed_all,
+    train_one_epoch,
+)
 
 from .dist_helpers import spawn
 
@@ -147,3 +163,80 @@ def test_distributed_sampler_refuses_too_many_classes_for_the_world():
         DistributedClassBalancedBatchSampler(labels, 1, 2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="start_batch"):
         ClassBalancedBatchSampler(labels, 2, 2, num_batches=3).set_epoch(0, start_batch=4)
+
+
+# ------------------------------------------------------------------ kill mid-epoch, then resume
+
+
+class NoisyImages(torch.utils.data.Dataset):
+    """Tiny images + labels whose noise comes from NumPy's global RNG, which each rank seeds
+    differently: a resumed run matches only if every rank gets its own RNG state back. Raises
+    ``KeyboardInterrupt`` (a kill) on its ``die_after``-th item."""
+
+    def __init__(self, die_after: int | None = None) -> None:
+        generator = torch.Generator().manual_seed(5)
+        self.images = torch.randn(40, 1, SIDE, SIDE, generator=generator)
+        self.labels = torch.arange(NUM_CLASSES - 1).repeat_interleave(8)
+        self.num_classes = NUM_CLASSES - 1
+        self.die_after, self.served = die_after, 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        self.served += 1
+        if self.served == self.die_after:
+            raise KeyboardInterrupt
+        noise = torch.from_numpy(np.random.standard_normal((1, SIDE, SIDE))).float()
+        return self.images[index] + 0.1 * noise, self.labels[index]
+
+
+def _fit_worker(rank: int, method_name: str, out: str, resume: bool, die_after) -> None:
+    distributed.init_distributed("cpu", timeout_s=30)
+    generator = seed_all(0)
+    generator.manual_seed(rank)
+    if resume:  # a new process: nothing of the killed run's RNG state survives
+        torch.manual_seed(99)
+    np.random.seed(10 + rank)
+    args = argparse.Namespace(method=method_name, num_workers=0, batch_size=4,
+                              classes_per_batch=2, samples_per_class=2, seed=0)
+    dataset = NoisyImages(die_after)
+    loader = cli.train_loader(args, dataset, generator)
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 16), nn.Tanh())
+    method = build_method(method_name, EmbeddingNet(trunk, 16, 8), dataset.num_classes,
+                          **CASES[method_name][1])
+    optimizer = build_optimizer(method, 1e-2, 1e-1)
+    test = torch.utils.data.DataLoader(distributed.shard(NoisyImages()), batch_size=8)
+    try:
+        fit(method, loader, optimizer, out, epochs=3, eval_loader=test, resume=resume,
+            progress=False)
+    except KeyboardInterrupt:
+        return  # killed: what is on disk is what a SIGKILL would leave (atomic checkpoints)
+    finally:
+        distributed.destroy_distributed()
+    if rank == 0:
+        torch.save(method.state_dict(), Path(out) / "final.pt")
+
+
+@pytest.mark.parametrize("method_name", ["intra-batch", "proxygml"])
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, method_name):
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    spawn(_fit_worker, WORLD, method_name, straight, False, None)
+    per_epoch = len(NoisyImages()) // WORLD  # items each rank loads per epoch (5 steps × 4)
+    spawn(_fit_worker, WORLD, method_name, killed, False, per_epoch * 3 // 2)  # dies in epoch 2
+    assert load_checkpoint(Path(killed) / LAST_CHECKPOINT)["epoch"] == 1
+    assert len(load_checkpoint(Path(killed) / LAST_CHECKPOINT)["rng"]) == WORLD
+    spawn(_fit_worker, WORLD, method_name, killed, True, None)
+    a = torch.load(Path(straight) / "final.pt", weights_only=True)
+    b = torch.load(Path(killed) / "final.pt", weights_only=True)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    assert read_metrics(straight) == read_metrics(killed)
+    assert [r["epoch"] for r in read_metrics(straight)] == [1, 2, 3]
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    save_checkpoint(tmp_path / LAST_CHECKPOINT, {"world_size": 2})
+    method = build_method("plain", EmbeddingNet(nn.Flatten(), SIDE * SIDE, 8))
+    with pytest.raises(InputError, match="written by a run of 2 process"):
+        fit(method, [], build_optimizer(method, 1e-3, 1e-3), tmp_path, epochs=1, resume=True)
