@@ -5,6 +5,13 @@ run killed mid-epoch resumes to the bit."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +36,7 @@ from bgf_pyg.train import (
     train_one_epoch,
 )
 
-from .dist_helpers import spawn
+from .dist_helpers import free_port, spawn
 
 WORLD = 2
 #: Global batch: WORLD·P classes × M samples; rank r holds the r-th block of P·M rows, as the
@@ -240,3 +247,71 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     method = build_method("plain", EmbeddingNet(nn.Flatten(), SIDE * SIDE, 8))
     with pytest.raises(InputError, match="written by a run of 2 process"):
         fit(method, [], build_optimizer(method, 1e-3, 1e-3), tmp_path, epochs=1, resume=True)
+
+
+# ------------------------------------------------------------------ bad input: every rank, no hang
+
+#: Each case: (argv of rank 0, argv of rank 1, what the error names). The demo set has 5 classes.
+BAD_LAUNCHES = {
+    "world too big for P×M": ([], [], ["--classes-per-batch", "3"],
+                              "3 × 2 = 6 exceeds the 5 training classes"),
+    "k over the global batch": ([], [], ["--classes-per-batch", "2", "--k", "40"],
+                                "--k 40 must be smaller than the global batch of 36"),
+    "different options": (["--seed", "0"], ["--seed", "1"], [], "seed: rank 0=0, rank 1=1"),
+}
+
+
+def _cli_worker(rank: int, out: str, ports: list[int]) -> None:
+    for (case, (rank0, rank1, common, _)), port in zip(BAD_LAUNCHES.items(), ports, strict=True):
+        os.environ["MASTER_PORT"] = str(port)  # a fresh rendezvous for every launch
+        argv = ["--epochs", "1", "--no-progress", "--out", out, "--dist-timeout", "20",
+                *common, *(rank0 if rank == 0 else rank1)]
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            code = cli.main(argv)
+        Path(out, f"{case}.{rank}").write_text(f"{code}\n{stderr.getvalue()}")
+
+
+def test_bad_launches_fail_on_every_rank_without_hanging(tmp_path):
+    spawn(_cli_worker, WORLD, str(tmp_path), [free_port() for _ in BAD_LAUNCHES])
+    for case, (*_, fragment) in BAD_LAUNCHES.items():
+        for rank in range(WORLD):
+            code, err = (tmp_path / f"{case}.{rank}").read_text().split("\n", 1)
+            assert code == "2", (case, rank, err)
+            assert "Traceback" not in err
+            assert err.strip().splitlines()[-1].startswith(f"bgf-train: error: [rank {rank}] ")
+            assert fragment in err, (case, rank, err)
+
+
+# ---------------------------------------------------- the real thing: torchrun, SIGKILL
+
+TORCHRUN_ARGS = ["--method", "plain", "--epochs", "3", "--embedding-dim", "16",
+                 "--classes-per-batch", "2", "--eval-every", "3", "--no-progress"]
+
+
+def _torchrun(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+            f"--master_port={free_port()}", "-m", "bgf_pyg.cli", *TORCHRUN_ARGS, "--out",
+            str(out), *extra]
+
+
+@pytest.mark.slow  # 3 torchrun launches of the demo (~2 min on 2 cores): .ci/run runs it
+def test_torchrun_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_torchrun(straight), check=True, timeout=600, capture_output=True)
+    run = subprocess.Popen(_torchrun(killed), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 300
+        while not (killed / LAST_CHECKPOINT).is_file() and time.monotonic() < end:
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGKILL)  # torchrun and both ranks, in epoch 2
+    finally:
+        run.wait(timeout=60)
+    assert load_checkpoint(killed / LAST_CHECKPOINT)["epoch"] < 3
+    subprocess.run(_torchrun(killed, "--resume"), check=True, timeout=600, capture_output=True)
+    a = load_checkpoint(straight / LAST_CHECKPOINT)
+    b = load_checkpoint(killed / LAST_CHECKPOINT)
+    for name in a["model"]:
+        torch.testing.assert_close(b["model"][name], a["model"][name], rtol=0, atol=0, msg=name)
+    assert read_metrics(straight) == read_metrics(killed)
