@@ -36,6 +36,7 @@ RESULT_PREFIX = "THROUGHPUT "
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: time ``--steps`` training steps and print rank 0's result as one JSON line."""
+    torch.set_num_threads(args.threads)
     device = distributed.init_distributed(args.device)
     world, rank = distributed.get_world_size(), distributed.get_rank()
     torch.manual_seed(0)
@@ -75,13 +76,14 @@ def worker(args: argparse.Namespace) -> None:
 
 #: Options the driver forwards to the workers.
 WORKER_OPTIONS = ("method", "backbone", "image_size", "embedding_dim", "classes", "per_class",
-                  "steps", "warmup", "device")
+                  "steps", "warmup", "threads", "device")
 
 
 def drive(args: argparse.Namespace) -> None:
     """Launch torchrun for every ``--nprocs`` value and write the collected rows to ``--out``."""
     passthrough = [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in WORKER_OPTIONS
                    if getattr(args, key) is not None]
+    load_before = os.getloadavg()
     rows = []
     for nprocs in args.nprocs:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}",
@@ -98,6 +100,7 @@ def drive(args: argparse.Namespace) -> None:
     result = {
         "machine": {"torch": torch.__version__, "torch_geometric": torch_geometric.__version__,
                     "cpu_count": os.cpu_count(),
+                    "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
         "timing": "time.perf_counter around a barrier-aligned step, median over steps, "
@@ -120,6 +123,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=8, help="M")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per rank (torchrun sets 1 for W > 1 only)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/distributed_throughput.json"))

@@ -358,7 +358,6 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     splits = load_splits(args.dataset, args.data_root, augment=not args.no_augment,
                          check_images=args.check_images)
     check_against_data(args, splits.train)
-    check_batch_graph_k(args, splits.train.num_classes)
     samples_per_class = None if args.method == "proxygml" else args.samples_per_class
     backbone = build_backbone(args.backbone, args.embedding_dim, args.pretrained,
                               pooling=METHOD_POOLING.get(args.method, "avg"))
@@ -367,6 +366,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                  args.backbone)
     method = build_method(args.method, backbone, splits.train.num_classes, loss=args.loss,
                           samples_per_class=samples_per_class, **method_hparams(args))
+    check_batch_graph_k(args, splits.train.num_classes)
+    train = train_loader(args, splits.train, generator)  # its checks run before any training
     optimizer = build_optimizer(method, args.lr, args.proxy_lr, args.weight_decay)
     scheduler = None
     if args.lr_milestones:
@@ -376,7 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     logger = TensorBoardLogger(out / TENSORBOARD_DIR, method) if args.tensorboard else None
     start = time.perf_counter()
     result = fit(
-        method, train_loader(args, splits.train, generator), optimizer, out,
+        method, train, optimizer, out,
         epochs=args.epochs, eval_loader=eval_loader(args, splits.test),
         gallery_loader=eval_loader(args, splits.gallery), scheduler=scheduler,
         device=device, eval_every=args.eval_every, resume=args.resume,
