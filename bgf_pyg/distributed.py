@@ -105,8 +105,7 @@ def init_distributed(device: str | None = None,
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     log.debug("rank %d of %d on %s (%s)", get_rank(), get_world_size(), dev, backend)
     return dev
 
