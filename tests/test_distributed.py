@@ -113,13 +113,14 @@ def _gather_worker(rank: int, path: str) -> None:
     gathered = distributed.all_gather_with_grad(x)
     weight = torch.arange(12.0, dtype=torch.float64).view(6, 2)
     (gathered * weight).sum().backward()
-    shards = distributed.all_gather_tensor(torch.arange(rank + 2))  # uneven shards: 2 and 3
+    rows = torch.tensor(list(distributed.shard(range(10, 15))))  # uneven shards: 2 and 3 rows
+    shards = distributed.all_gather_tensor(rows)
     if rank == 1:
         torch.save({"gathered": gathered.detach(), "grad": x.grad, "shards": shards}, path)
     distributed.destroy_distributed()
 
 
-def test_all_gather_rows_and_summed_gradient_slice(tmp_path):
+def test_all_gather_rows_summed_gradient_slice_and_shards(tmp_path):
     spawn(_gather_worker, WORLD, str(tmp_path / "g.pt"))
     out = torch.load(tmp_path / "g.pt", weights_only=True)
     ranks = [torch.arange(6.0, dtype=torch.float64).view(3, 2) + 10 * r for r in range(WORLD)]
@@ -127,7 +128,7 @@ def test_all_gather_rows_and_summed_gradient_slice(tmp_path):
     # Each of the 2 ranks computes the same loss: rank 1's rows get 2 × their weight.
     weight = torch.arange(12.0, dtype=torch.float64).view(6, 2)
     torch.testing.assert_close(out["grad"], WORLD * weight[3:])
-    assert out["shards"].tolist() == [0, 1, 0, 1, 2]
+    assert out["shards"].tolist() == list(range(10, 15))  # the shards rebuild the dataset
 
 
 def test_single_process_helpers_are_the_identity():
@@ -315,3 +316,26 @@ def test_torchrun_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     for name in a["model"]:
         torch.testing.assert_close(b["model"][name], a["model"][name], rtol=0, atol=0, msg=name)
     assert read_metrics(straight) == read_metrics(killed)
+
+
+def _failing_rank_worker(rank: int, path: str) -> None:
+    distributed.init_distributed("cpu", timeout_s=5)
+    outcome = "returned"
+    try:
+        if rank == 0:  # rank 0 fails inside run_on_main: the other rank must not wait forever
+            distributed.run_on_main(lambda: 1 / 0)
+        else:
+            distributed.run_on_main(lambda: "never runs here")
+    except ZeroDivisionError:
+        outcome = "ZeroDivisionError"
+    except InputError as err:
+        outcome = f"InputError: {err}"
+    Path(path, f"rank{rank}").write_text(outcome)
+    distributed.destroy_distributed()
+
+
+def test_an_error_on_rank_0_reaches_every_rank(tmp_path):
+    spawn(_failing_rank_worker, WORLD, str(tmp_path), deadline_s=30)
+    assert (tmp_path / "rank0").read_text() == "ZeroDivisionError"
+    assert (tmp_path / "rank1").read_text() == "InputError: rank 0 failed: ZeroDivisionError: " \
+                                               "division by zero"
