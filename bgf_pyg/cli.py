@@ -100,7 +100,8 @@ DEMO_DEFAULTS = {
 }
 #: Options that may change on ``--resume``; every other one must match the checkpoint's.
 RESUMABLE_OPTIONS = frozenset({"epochs", "eval_every", "resume", "overwrite", "out", "data_root",
-                               "device", "num_workers", "no_progress", "check_images"})
+                               "device", "num_workers", "no_progress", "check_images",
+                               "checkpoint_every", "dist_timeout"})
 
 
 def dataset_help() -> str:
@@ -178,6 +179,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last.pt (same options; --epochs may "
                         "grow)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="STEPS",
+                   help="also write last.pt every STEPS steps inside an epoch (P×M batches "
+                        "only), so --resume continues mid-epoch")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it, such a folder is refused)")
     p.add_argument("--device", type=device, default=None,
@@ -383,6 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         device=device, eval_every=args.eval_every, resume=args.resume,
         overwrite=args.overwrite, config=run_config(args), amp=args.amp,
         progress=False if args.no_progress else None, callback=logger,
+        checkpoint_every=args.checkpoint_every,
     )
     if logger is not None:  # each epoch flushes, so a run that stops early keeps its curves
         logger.close()

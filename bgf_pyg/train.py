@@ -21,7 +21,7 @@ import os
 import random
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .checks import InputError, NonFiniteError, check_positive_int
+from .data import ClassBalancedBatchSampler
 from .metrics import evaluate_retrieval, recall_at_k_query_gallery
 from .models import Method
 from .run_folder import (
@@ -202,12 +203,15 @@ def train_one_epoch(
     desc: str = "train",
     callback: FitCallback | None = None,
     first_step: int = 0,
+    done: tuple[int, float] = (0, 0.0),
+    checkpoint: Callable[[int, float], None] | None = None,
 ) -> float:
     """One pass over ``loader`` of ``(images, labels)`` batches; returns the mean loss.
 
     ``method`` is a :class:`Method` or its DistributedDataParallel wrapper (then the loss is the
     global batch's, the same on every rank). ``callback`` hears of each step, numbered from
-    ``first_step``.
+    ``first_step``. ``done``: steps and loss sum of this epoch before ``loader`` (a run resumed
+    mid-epoch); ``checkpoint(steps, loss_sum)`` runs after every step (mid-epoch checkpoints).
 
     A non-finite loss, or a ``NonFiniteError`` from a check inside the forward pass (e.g. the
     batch graph's features), raises a :class:`DivergenceError` naming the step and learning rate.
@@ -215,7 +219,7 @@ def train_one_epoch(
     method.train()
     device = precision.device
     callback = callback or FitCallback()
-    total, steps = 0.0, 0
+    steps, total = done
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
     for images, labels in bar:
         images, labels = images.to(device), labels.to(device)
@@ -241,6 +245,8 @@ def train_one_epoch(
         callback.after_step(first_step + steps, loss.item(), optimizer)
         steps += 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if checkpoint is not None:
+            checkpoint(steps, total)
     if steps == 0:
         raise InputError("the training loader yielded no batch (dataset smaller than a batch?)")
     return total / steps
@@ -391,6 +397,7 @@ def fit(
     amp: bool = False,
     progress: bool | None = None,
     callback: FitCallback | None = None,
+    checkpoint_every: int | None = None,
 ) -> FitResult:
     """Train ``method`` for ``epochs`` epochs, evaluating every ``eval_every`` epochs (and after
     the last), keeping ``last.pt`` / ``best.pt`` in ``out``.
@@ -401,6 +408,9 @@ def fit(
     ``resume``, a folder that already holds a run is refused unless ``overwrite`` (see
     :func:`~bgf_pyg.run_folder.prepare_run_folder`). ``config`` (the run's options, JSON-like) is
     stored in the checkpoints; a resume with a different one is refused.
+    Every ``checkpoint_every`` steps ``last.pt`` is also written mid-epoch with the sampler's
+    position (a :class:`~bgf_pyg.data.ClassBalancedBatchSampler` is needed to restart there;
+    bit-identical with ``num_workers=0``, since worker RNG states are not saved).
     """
     check_positive_int(epochs, "epochs")
     check_positive_int(eval_every, "eval_every")
@@ -408,35 +418,82 @@ def fit(
     out = Path(out)
     main = distributed.is_main_process()
     progress = show_progress(progress) and main
+    sampler = _epoch_sampler(train_loader)
+    if checkpoint_every is not None:
+        check_positive_int(checkpoint_every, "checkpoint_every")
+        if not isinstance(sampler, ClassBalancedBatchSampler):
+            raise ValueError("checkpoint_every needs a class-balanced batch sampler (it restarts "
+                             "mid-epoch); random batches (proxygml) checkpoint at epoch ends")
     with _run_folder(out, resume, overwrite):
         precision = Precision(device, amp)
         method.to(device)
         start, best, best_epoch, best_metrics, last_metrics = 0, None, None, {}, {}
+        resume_done = (0, 0.0)
         if resume:
             state = restore(out / LAST_CHECKPOINT, method, optimizer, scheduler, precision,
                             train_loader, config)
             start, best, best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
             best_metrics, last_metrics = state["best_metrics"], state["last_metrics"]
+            resume_done = (state.get("step", 0), state.get("loss_sum", 0.0))
             if start > epochs:
                 raise InputError(f"--epochs {epochs} is below the {start} epochs that "
                                  f"{out / LAST_CHECKPOINT} has already trained; pass --epochs "
                                  f"{start + 1} or more to train on")
-            log.info("resumed from %s after epoch %d", out / LAST_CHECKPOINT, start)
+            log.info("resumed from %s after epoch %d and %d steps", out / LAST_CHECKPOINT, start,
+                     resume_done[0])
             if start == epochs:
                 log.info("the run has already trained its %d epochs; nothing to do", epochs)
         if main:
             keep_metrics_until(out, start)
         model = distributed.wrap_ddp(method, device)
-        sampler = _epoch_sampler(train_loader)
+
+        def save_last(epochs_done: int, generator_state, step: int = 0,
+                      loss_sum: float = 0.0) -> None:
+            """``last.pt`` after ``epochs_done`` epochs and ``step`` steps of the next one."""
+            last = {
+                "model": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "scaler": precision.scaler.state_dict(),
+                "epoch": epochs_done,
+                "sampler_epoch": epochs_done,
+                "step": step,
+                "loss_sum": loss_sum,
+                "best_metric": best,
+                "best_epoch": best_epoch,
+                "best_metrics": best_metrics,
+                "last_metrics": last_metrics,
+                "config": config,
+                "world_size": distributed.get_world_size(),
+                "rng": _every_rank(rng_state()),
+                "loader_generator": _every_rank(generator_state),
+            }
+            if main:
+                save_checkpoint(out / LAST_CHECKPOINT, last)
+
         for epoch in range(start, epochs):
-            if sampler is not None:
+            done = resume_done if epoch == start else (0, 0.0)
+            if sampler is not None and done[0]:
+                sampler.set_epoch(epoch, start_batch=done[0])
+            elif sampler is not None:
                 sampler.set_epoch(epoch)
+            # A mid-epoch checkpoint keeps the generator as the epoch found it: the resumed
+            # loader iterator draws its seed from it again.
+            epoch_generator = _generator_state(train_loader)
+
+            def checkpoint_mid_epoch(step: int, loss_sum: float, epoch=epoch,
+                                     generator=epoch_generator) -> None:
+                if step % checkpoint_every == 0 and step < sampler.num_batches:
+                    save_last(epoch, generator, step, loss_sum)
+
             lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
             try:
-                loss = train_one_epoch(model, train_loader, optimizer, precision,
-                                       progress=progress, desc=f"epoch {epoch + 1}/{epochs}",
-                                       callback=callback,
-                                       first_step=epoch * len(train_loader))
+                loss = train_one_epoch(
+                    model, train_loader, optimizer, precision, progress=progress,
+                    desc=f"epoch {epoch + 1}/{epochs}", callback=callback,
+                    # len() of a resumed epoch's loader counts the steps left
+                    first_step=epoch * (len(train_loader) + done[0]), done=done,
+                    checkpoint=checkpoint_mid_epoch if checkpoint_every else None)
             except DivergenceError as err:
                 raise DivergenceError(f"epoch {epoch + 1}: {err}") from err
             if scheduler is not None:
@@ -459,29 +516,16 @@ def fit(
                 callback.after_epoch(epoch + 1, record)
             log.info("epoch %d: %s", epoch + 1,
                      ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
-            last = {
-                "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": None if scheduler is None else scheduler.state_dict(),
-                "scaler": precision.scaler.state_dict(),
-                "epoch": epoch + 1,
-                "sampler_epoch": epoch + 1,
-                "best_metric": best,
-                "best_epoch": best_epoch,
-                "best_metrics": best_metrics,
-                "last_metrics": last_metrics,
-                "config": config,
-                "world_size": distributed.get_world_size(),
-                "rng": _every_rank(rng_state()),
-                "loader_generator": _every_rank(None if train_loader.generator is None
-                                                else train_loader.generator.get_state()),
-            }
-            if main:
-                save_checkpoint(out / LAST_CHECKPOINT, last)
+            save_last(epoch + 1, _generator_state(train_loader))
         if main:
             plot_curves(out)
         distributed.barrier()  # the run directory is complete when fit returns on any rank
         return FitResult(epochs, best, best_epoch, last_metrics, best_metrics, start_epoch=start)
+
+
+def _generator_state(loader: DataLoader) -> Tensor | None:
+    generator = getattr(loader, "generator", None)
+    return None if generator is None else generator.get_state()
 
 
 def _every_rank(value):

@@ -26,6 +26,7 @@ from bgf_pyg.models import build_method
 from bgf_pyg.models.backbones import EmbeddingNet
 from bgf_pyg.train import (
     LAST_CHECKPOINT,
+    RESUME_KEYS,
     Precision,
     build_optimizer,
     fit,
@@ -199,7 +200,8 @@ class NoisyImages(torch.utils.data.Dataset):
         return self.images[index] + 0.1 * noise, self.labels[index]
 
 
-def _fit_worker(rank: int, method_name: str, out: str, resume: bool, die_after) -> None:
+def _fit_worker(rank: int, method_name: str, out: str, resume: bool, die_after,
+                checkpoint_every) -> None:
     distributed.init_distributed("cpu", timeout_s=30)
     generator = seed_all(0)
     generator.manual_seed(rank)
@@ -217,7 +219,7 @@ def _fit_worker(rank: int, method_name: str, out: str, resume: bool, die_after) 
     test = torch.utils.data.DataLoader(distributed.shard(NoisyImages()), batch_size=8)
     try:
         fit(method, loader, optimizer, out, epochs=3, eval_loader=test, resume=resume,
-            progress=False)
+            progress=False, checkpoint_every=checkpoint_every)
     except KeyboardInterrupt:
         return  # killed: what is on disk is what a SIGKILL would leave (atomic checkpoints)
     finally:
@@ -226,15 +228,20 @@ def _fit_worker(rank: int, method_name: str, out: str, resume: bool, die_after) 
         torch.save(method.state_dict(), Path(out) / "final.pt")
 
 
-@pytest.mark.parametrize("method_name", ["intra-batch", "proxygml"])
-def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, method_name):
+@pytest.mark.parametrize("method_name,checkpoint_every", [("intra-batch", 2), ("proxygml", None)])
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, method_name,
+                                                           checkpoint_every):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    spawn(_fit_worker, WORLD, method_name, straight, False, None)
+    spawn(_fit_worker, WORLD, method_name, straight, False, None, checkpoint_every)
     per_epoch = len(NoisyImages()) // WORLD  # items each rank loads per epoch (5 steps × 4)
-    spawn(_fit_worker, WORLD, method_name, killed, False, per_epoch * 3 // 2)  # dies in epoch 2
-    assert load_checkpoint(Path(killed) / LAST_CHECKPOINT)["epoch"] == 1
-    assert len(load_checkpoint(Path(killed) / LAST_CHECKPOINT)["rng"]) == WORLD
-    spawn(_fit_worker, WORLD, method_name, killed, True, None)
+    die_after = per_epoch * 3 // 2  # in the 3rd step of epoch 2
+    spawn(_fit_worker, WORLD, method_name, killed, False, die_after, checkpoint_every)
+    state = load_checkpoint(Path(killed) / LAST_CHECKPOINT)
+    # with checkpoint_every=2 the run resumes after step 2 of epoch 2 (sampler position), else
+    # from the end of epoch 1
+    assert (state["epoch"], state["step"]) == ((1, 2) if checkpoint_every else (1, 0))
+    assert len(state["rng"]) == WORLD
+    spawn(_fit_worker, WORLD, method_name, killed, True, None, checkpoint_every)
     a = torch.load(Path(straight) / "final.pt", weights_only=True)
     b = torch.load(Path(killed) / "final.pt", weights_only=True)
     for name in a:
@@ -244,7 +251,8 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, method_name
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path):
-    save_checkpoint(tmp_path / LAST_CHECKPOINT, {"world_size": 2})
+    save_checkpoint(tmp_path / LAST_CHECKPOINT, {"world_size": 2,
+                                                 **dict.fromkeys(RESUME_KEYS)})
     method = build_method("plain", EmbeddingNet(nn.Flatten(), SIDE * SIDE, 8))
     with pytest.raises(InputError, match="written by a run of 2 process"):
         fit(method, [], build_optimizer(method, 1e-3, 1e-3), tmp_path, epochs=1, resume=True)
@@ -256,7 +264,8 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
 BAD_LAUNCHES = {
     "world too big for P×M": ([], [], ["--classes-per-batch", "3"],
                               "3 × 2 = 6 exceeds the 5 training classes"),
-    "k over the global batch": ([], [], ["--classes-per-batch", "2", "--k", "40"],
+    "k over the global batch": ([], [], ["--classes-per-batch", "2", "--samples-per-class", "9",
+                                         "--k", "40"],
                                 "--k 40 must be smaller than the global batch of 36"),
     "different options": (["--seed", "0"], ["--seed", "1"], [], "seed: rank 0=0, rank 1=1"),
 }
@@ -265,7 +274,8 @@ BAD_LAUNCHES = {
 def _cli_worker(rank: int, out: str, ports: list[int]) -> None:
     for (case, (rank0, rank1, common, _)), port in zip(BAD_LAUNCHES.items(), ports, strict=True):
         os.environ["MASTER_PORT"] = str(port)  # a fresh rendezvous for every launch
-        argv = ["--epochs", "1", "--no-progress", "--out", out, "--dist-timeout", "20",
+        argv = ["--epochs", "1", "--no-progress", "--out", str(Path(out, case)),
+                "--dist-timeout", "20",
                 *common, *(rank0 if rank == 0 else rank1)]
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
@@ -339,3 +349,11 @@ def test_an_error_on_rank_0_reaches_every_rank(tmp_path):
     assert (tmp_path / "rank0").read_text() == "ZeroDivisionError"
     assert (tmp_path / "rank1").read_text() == "InputError: rank 0 failed: ZeroDivisionError: " \
                                                "division by zero"
+
+
+def test_mid_epoch_checkpoints_need_a_class_balanced_sampler(tmp_path):
+    method = build_method("proxygml", EmbeddingNet(nn.Flatten(), SIDE * SIDE, 8), 5)
+    loader = torch.utils.data.DataLoader(NoisyImages(), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="checkpoint_every needs a class-balanced"):
+        fit(method, loader, build_optimizer(method, 1e-3, 1e-3), tmp_path, epochs=1,
+            checkpoint_every=2)
