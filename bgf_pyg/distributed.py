@@ -10,10 +10,12 @@ the slice r of ∑_s ∂L_s/∂X = W·∂L/∂x_r; DistributedDataParallel then 
 gradients by W. Both factors cancel, for the layers before the gather (trunk: W·∂L/∂θ on its own
 slice, averaged) and after it (head, BGFormer, proxies: every rank computes the full ∂L/∂θ,
 averaged), so a step on W ranks × B samples equals one process on the W·B batch with no loss
-scaling. pytorch-metric-learning's ``DistributedLossWrapper`` instead keeps the gradient of the
-local rows only and multiplies the loss by W; that is right for a loss without parameters behind
-the gather but would give the head, BGFormer and the proxies W times their gradient, and its
-gathered batch is ordered local-rank-first (a different batch graph on every rank). torch's own
+scaling. pytorch-metric-learning's ``DistributedLossWrapper`` (``utils/distributed.py``) is not
+reused: it wraps a PML loss only (BGFormer and the MPN are not losses), gathers the other ranks'
+rows without gradient, keeps the local rows' and multiplies the loss by W (so the logged loss is
+W times too large); that is right for a loss without parameters behind the gather but would give
+the head, BGFormer and the proxies W times their gradient, and its gathered batch is ordered
+local-rank-first (a different batch graph on every rank). torch's own
 ``torch.distributed.nn.functional.all_gather`` has the summing backward but is deprecated in
 torch 2.14 and returns a tuple per rank; the 20 lines below are what we need of it.
 """

@@ -297,7 +297,8 @@ def test_bad_launches_fail_on_every_rank_without_hanging(tmp_path):
 # ---------------------------------------------------- the real thing: torchrun, SIGKILL
 
 TORCHRUN_ARGS = ["--method", "plain", "--epochs", "3", "--embedding-dim", "16",
-                 "--classes-per-batch", "2", "--eval-every", "3", "--no-progress"]
+                 "--classes-per-batch", "2", "--eval-every", "3", "--no-progress",
+                 "--checkpoint-every", "5"]
 
 
 def _torchrun(out: Path, *extra: str) -> list[str]:
@@ -316,10 +317,11 @@ def test_torchrun_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
         end = time.monotonic() + 300
         while not (killed / LAST_CHECKPOINT).is_file() and time.monotonic() < end:
             time.sleep(0.05)
-        os.killpg(run.pid, signal.SIGKILL)  # torchrun and both ranks, in epoch 2
+        os.killpg(run.pid, signal.SIGKILL)  # torchrun and both ranks, mid-epoch
     finally:
         run.wait(timeout=60)
-    assert load_checkpoint(killed / LAST_CHECKPOINT)["epoch"] < 3
+    state = load_checkpoint(killed / LAST_CHECKPOINT)
+    assert state["epoch"] < 3 and state["step"] > 0  # a mid-epoch checkpoint (every 5 steps)
     subprocess.run(_torchrun(killed, "--resume"), check=True, timeout=600, capture_output=True)
     a = load_checkpoint(straight / LAST_CHECKPOINT)
     b = load_checkpoint(killed / LAST_CHECKPOINT)
