@@ -244,6 +244,16 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP broadcasts them
+    before each training forward, after which each rank updates them with its own batch; an
+    evaluation right after training would otherwise embed each shard with slightly different
+    statistics from the checkpoint's (rank 0's)."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def shard(dataset: Dataset) -> Dataset:
     """This rank's contiguous block of ``dataset`` (sizes differ by at most one row), for
     evaluation: the rank-ordered concatenation of the shards is the dataset. The dataset itself

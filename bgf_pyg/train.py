@@ -296,7 +296,9 @@ def _gathered_embeddings(
     method: Method, loader: Iterable, device: torch.device, progress: bool
 ) -> tuple[Tensor, Tensor]:
     """Embeddings of ``loader``; under torch.distributed ``loader`` holds this rank's shard
-    (:func:`bgf_pyg.distributed.shard`) and the result is every rank's rows in rank order."""
+    (:func:`bgf_pyg.distributed.shard`) and the result is every rank's rows in rank order, embedded
+    with rank 0's weights and buffers (those of the checkpoint)."""
+    distributed.broadcast_buffers(method)
     emb, labels = compute_embeddings(method, loader, device, progress=progress)
     if not distributed.is_distributed():
         return emb, labels

@@ -29,6 +29,7 @@ from bgf_pyg.train import (
     RESUME_KEYS,
     Precision,
     build_optimizer,
+    evaluate,
     fit,
     load_checkpoint,
     read_metrics,
@@ -359,3 +360,40 @@ def test_mid_epoch_checkpoints_need_a_class_balanced_sampler(tmp_path):
     with pytest.raises(ValueError, match="checkpoint_every needs a class-balanced"):
         fit(method, loader, build_optimizer(method, 1e-3, 1e-3), tmp_path, epochs=1,
             checkpoint_every=2)
+
+
+def _clean_images() -> torch.utils.data.TensorDataset:
+    data = NoisyImages()
+    return torch.utils.data.TensorDataset(data.images, data.labels)
+
+
+def _bn_method():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 16), nn.BatchNorm1d(16), nn.Tanh())
+    return build_method("plain", EmbeddingNet(trunk, 16, 8))
+
+
+def _eval_worker(rank: int, path: str) -> None:
+    distributed.init_distributed("cpu", timeout_s=30)
+    method = _bn_method()
+    model = distributed.wrap_ddp(method, torch.device("cpu"))
+    images, labels = make_case("plain")[1:]
+    images = images.float()
+    rows = P * M
+    part = slice(rank * rows, (rank + 1) * rows)  # different data: different BN statistics
+    train_one_epoch(model, [(images[part], labels[part])], torch.optim.SGD(method.parameters(),
+                    lr=0.1), Precision(torch.device("cpu")))
+    test = torch.utils.data.DataLoader(distributed.shard(_clean_images()), batch_size=8)
+    metrics = evaluate(method, test, torch.device("cpu"))
+    if rank == 0:
+        torch.save({"metrics": metrics, "state": method.state_dict()}, path)
+    distributed.destroy_distributed()
+
+
+def test_distributed_evaluation_equals_evaluating_the_checkpoint(tmp_path):
+    spawn(_eval_worker, WORLD, str(tmp_path / "eval.pt"))
+    out = torch.load(tmp_path / "eval.pt", weights_only=True)
+    method = _bn_method()
+    method.load_state_dict(out["state"])  # rank 0's weights and BN statistics: the checkpoint
+    test = torch.utils.data.DataLoader(_clean_images(), batch_size=8)
+    assert out["metrics"] == pytest.approx(evaluate(method, test, torch.device("cpu")))
