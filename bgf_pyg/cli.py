@@ -378,7 +378,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma
         )
-    logger = TensorBoardLogger(out / TENSORBOARD_DIR, method) if args.tensorboard else None
+    # Rank 0 alone writes the run folder, event files included.
+    logger = (TensorBoardLogger(out / TENSORBOARD_DIR, method)
+              if args.tensorboard and distributed.is_main_process() else None)
     start = time.perf_counter()
     result = fit(
         method, train, optimizer, out,
