@@ -172,6 +172,7 @@ SCOPES: dict[str, tuple[Scope, ...]] = {
     "batch_size": (Scope(method=("proxygml",)),),
     "classes_per_batch": (Scope(method=BALANCED_METHODS),),
     "samples_per_class": (Scope(method=BALANCED_METHODS),),
+    "checkpoint_every": (Scope(method=BALANCED_METHODS),),  # restarts a P×M sampler mid-epoch
     "k": (Scope(method=("bgformer",)),),
     "alpha": (Scope(method=("bgformer",)),),
     "lam": (Scope(method=("bgformer",)),),
