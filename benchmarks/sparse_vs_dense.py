@@ -56,7 +56,10 @@ GRID_K = (5, 10, 30)
 QUICK_GRID_K = (10,)
 #: Methods whose cost grows with N² (an N×N score matrix per head): skipped above --max-dense-n.
 QUADRATIC = ("bgc_dense", "sdpa_masked", "sdpa_full")
-METHODS = ("bgc_sparse", "bgc_dense", "bgc_auto", "transformer", "gat", "sdpa_masked", "sdpa_full")
+METHODS = (
+    "bgc_sparse", "bgc_dense", "bgc_auto", "bgc_fused", "transformer", "gat", "gemm_floor",
+    "sdpa_masked", "sdpa_full",
+)
 #: Fixed glibc mmap threshold (bytes): larger buffers are mmapped and unmapped on free.
 MMAP_THRESHOLD = 65536
 MIB = 2**20
@@ -77,6 +80,20 @@ class SDPAttention(nn.Module):
         return out.transpose(0, 1).reshape(-1, CHANNELS)
 
 
+class GEMMFloor(nn.Module):
+    """The three Q/K/V projections alone (summed so that one output carries every gradient):
+    the matrix-multiply cost every attention method above pays, the floor of their time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin_query, self.lin_key, self.lin_value = (
+            nn.Linear(CHANNELS, CHANNELS) for _ in range(3)
+        )
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        return self.lin_query(x) + self.lin_key(x) + self.lin_value(x)
+
+
 def build(method: str, edge_index: Tensor, num_nodes: int, device: torch.device) -> nn.Module:
     """The module of ``method`` (all map (N, 512) features and the edge list to (N, 512))."""
     width = CHANNELS // HEADS
@@ -93,6 +110,8 @@ def build(method: str, edge_index: Tensor, num_nodes: int, device: torch.device)
         mask = torch.zeros(num_nodes, num_nodes, dtype=torch.bool, device=device)
         mask[edge_index[1], edge_index[0]] = True  # rows = targets
         module = SDPAttention(mask)
+    elif method == "gemm_floor":
+        module = GEMMFloor()
     elif method == "sdpa_full":
         module = SDPAttention(None)
     else:

@@ -31,13 +31,14 @@ from ..checks import (
     is_compiling,
 )
 from .dense import dense_adjacency, dense_attention
+from .kernels import csr_attention, csr_attention_supported
 
 if typing.TYPE_CHECKING:
     from typing import overload
 else:
     from torch.jit import _overload_method as overload
 
-ATTENTION_PATHS = ("auto", "sparse", "dense")
+ATTENTION_PATHS = ("auto", "sparse", "dense", "fused")
 
 
 def _is_edge_list(edge_index: Adj) -> bool:
@@ -135,9 +136,13 @@ class BatchGraphConv(MessagePassing):
     and a scatter softmax, :math:`O(|E|)` memory) and the ``"dense"`` path (masked attention on
     an (N, N) adjacency, O(N²) memory; one matmul, faster for small or nearly complete graphs);
     ``"auto"`` picks one from :math:`N` and :math:`|E|`. Edge features always use the sparse path.
-    When every target has the same number k of in-edges, sorted by target (the kNN graphs of
-    :func:`~bgf_pyg.build_batch_graph`), the sparse path reshapes the edges to (N, k) and takes a
-    dense softmax over the k slots instead of a scatter softmax (not under ``torch.compile``).
+    On CPU (float32/float64, no edge features) the sparse path runs as per-head sparse-matrix
+    products with a recomputing backward (:mod:`bgf_pyg.nn.kernels.sparse_cpu`), which allocates
+    no :math:`(|E|, H, d)` tensor; under ``torch.compile`` it keeps the gather form below, which
+    inductor fuses. Elsewhere it gathers per edge; when every target has the same number k of
+    in-edges, sorted by target (the kNN graphs of :func:`~bgf_pyg.build_batch_graph`), it
+    reshapes the edges to (N, k) and takes a dense softmax over the k slots instead of a scatter
+    softmax (not under ``torch.compile``).
     Every path gives the edge-list result, also for non-finite input: a NaN or inf feature makes
     exactly the rows non-finite whose attention neighbourhood holds it. A ``SparseTensor`` or
     ``torch.sparse`` adjacency is read as an edge list in its stored (coalesced) order, which
@@ -167,8 +172,11 @@ class BatchGraphConv(MessagePassing):
         fill_value (float or str, optional): Edge features of added self-loops (see
             :meth:`torch_geometric.utils.add_self_loops`). (default: :obj:`"mean"`)
         attention_path (str, optional): ``"sparse"`` (edge list), ``"dense"`` (masked dense
-            attention) or ``"auto"``: dense when :math:`N_s N_t \le` :data:`DENSE_PAIRS_PER_EDGE`
-            :math:`\cdot |\mathcal{E}|`, else sparse. (default: :obj:`"auto"`)
+            attention), ``"fused"`` (the Triton kernel of :mod:`bgf_pyg.nn.kernels.fused_triton`:
+            CUDA, or CPU under ``TRITON_INTERPRET=1``; needs ``triton``; no edge features) or
+            ``"auto"``: dense when :math:`N_s N_t \le` :data:`DENSE_PAIRS_PER_EDGE`
+            :math:`\cdot |\mathcal{E}|`, else sparse. ``"auto"`` never picks ``"fused"``: no GPU
+            measurement has shown it faster yet. (default: :obj:`"auto"`)
         **kwargs (optional): Additional arguments of
             :class:`torch_geometric.nn.conv.MessagePassing`.
 
@@ -323,6 +331,10 @@ class BatchGraphConv(MessagePassing):
             out, alpha, edge_index = self._dense_forward(
                 query, key, value, edge_index, return_weights
             )
+        elif not generic and self._use_kernel(query, edge_index, edge_attr):
+            if self.add_self_loops:
+                edge_index, _ = self._with_self_loops(edge_index, None, num_src, num_dst)
+            out, alpha = self._kernel_forward(query, key, value, edge_index)
         else:
             source = None
             if not generic:
@@ -438,6 +450,40 @@ class BatchGraphConv(MessagePassing):
             return self.attention_path == "dense"
         num_edges = edge_index.size(1) + (min(num_src, num_dst) if self.add_self_loops else 0)
         return num_src * num_dst <= DENSE_PAIRS_PER_EDGE * num_edges
+
+    def _use_kernel(self, query: Tensor, edge_index: Adj, edge_attr: OptTensor) -> bool:
+        """Whether an attention kernel runs: the Triton one when ``attention_path="fused"``, else
+        the sparse-matrix one (:mod:`.kernels.sparse_cpu`) for edge lists without edge features
+        on CPU. The caller skips both in explain mode or with a hook (:meth:`_observed`): PyG's
+        explainers need ``propagate``."""
+        if self.attention_path == "fused":
+            if edge_attr is not None or not _is_edge_list(edge_index):
+                raise ValueError(
+                    "attention_path='fused' needs edge_index as a (2, E) tensor and no edge_attr; "
+                    "use attention_path='sparse' for edge features or sparse adjacencies"
+                )
+            return True
+        return (
+            not is_compiling()
+            and edge_attr is None
+            and _is_edge_list(edge_index)
+            and csr_attention_supported(query)
+        )
+
+    def _kernel_forward(
+        self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(out (N_dst, H, d), alpha (E, H))`` from the CPU sparse-matrix kernel or, with
+        ``attention_path="fused"``, the Triton kernel."""
+        weight = None
+        if self.training and self.dropout > 0:
+            ones = query.new_ones(edge_index.size(1), self.heads)
+            weight = F.dropout(ones, p=self.dropout, training=True)
+        if self.attention_path == "fused":
+            from .kernels.fused_triton import fused_attention
+
+            return fused_attention(query, key, value, edge_index, weight)
+        return csr_attention(query, key, value, edge_index, weight)
 
     def _dense_forward(
         self,
