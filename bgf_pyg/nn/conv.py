@@ -455,7 +455,10 @@ class BatchGraphConv(MessagePassing):
         """Whether an attention kernel runs: the Triton one when ``attention_path="fused"``, else
         the sparse-matrix one (:mod:`.kernels.sparse_cpu`) for edge lists without edge features
         on CPU. The caller skips both in explain mode or with a hook (:meth:`_observed`): PyG's
-        explainers need ``propagate``."""
+        explainers need ``propagate``. Under ``torch.compile`` the gather form of ``propagate``
+        runs instead: inductor fuses it, and it measured faster than the opaque kernel (CPU,
+        1 thread, N = 4096, k = 10, D = 512, 8 heads, fwd+bwd: 459 ms vs 562 ms, compiled
+        TransformerConv 427 and 372 ms in the same two runs)."""
         if self.attention_path == "fused":
             if edge_attr is not None or not _is_edge_list(edge_index):
                 raise ValueError(

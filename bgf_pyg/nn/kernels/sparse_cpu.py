@@ -13,8 +13,9 @@ Only (E, H) tensors are ever allocated per edge (the edge-by-edge form allocates
 Per head rather than one block-diagonal (N·H)² matrix: a head's K_h/V_h (N × d) stays in cache
 under the random column reads, which measured 2-3× faster on CPU (N = 4096, k = 11, d = 64).
 
-The operation is a ``torch.library`` custom op: ``torch.compile`` keeps it as one opaque node (no
-graph break, no guard on the data-dependent edge layout) and compiles the projections around it.
+The operation is a ``torch.library`` custom op, so ``torch.compile`` could keep it as one opaque
+node; :class:`~bgf_pyg.nn.BatchGraphConv` nevertheless runs its gather form under compile, which
+inductor fuses into faster code (see ``BatchGraphConv._use_kernel``).
 """
 
 from __future__ import annotations
