@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from bgf_pyg.graph import knn_edges
-from bgf_pyg.nn import BatchGraphConv
-from bgf_pyg.nn import kernels
+from bgf_pyg.nn import BatchGraphConv, kernels
 from bgf_pyg.nn.kernels import csr_attention
 from tests.reference import ssa_reference
 
