@@ -14,15 +14,19 @@ input channels and 8 heads of width 64, it measures
   ``mmap`` returned to the system when freed: the high-water mark then measures this run's
   tensors, not memory glibc cached from earlier runs.
 
-Methods: ``BatchGraphConv`` with ``attention_path`` ``sparse`` / ``dense`` / ``auto``, PyG
-``TransformerConv(root_weight=False)`` and ``GATConv`` on the same edges, and
-``scaled_dot_product_attention`` (after the same fused Q/K/V projection) with the N×N boolean
-mask of the graph and without a mask (full attention); with ``--compile`` also each under
-``torch.compile``. Writes JSON (machine info, every measurement, the sparse/dense crossover N per
-k), a PNG plot next to it, and prints a table.
+Methods: ``BatchGraphConv`` with ``attention_path`` ``sparse`` / ``dense`` / ``auto`` /
+``fused`` (CUDA only), PyG ``TransformerConv(root_weight=False)`` and ``GATConv`` on the same
+edges, the GEMM floor (the three Q/K/V projections alone), and on request
+``scaled_dot_product_attention`` (after a fused Q/K/V projection) with the N×N boolean mask of
+the graph and without a mask (full attention). ``bgc_auto``, ``transformer`` and ``gemm_floor``
+are also timed under ``torch.compile`` (``--no-compile`` skips that). The table's ``vs TC``
+column divides by eager TransformerConv for eager rows and by compiled TransformerConv for
+compiled rows. Writes JSON (machine info, every measurement, the sparse/dense crossover N per k),
+a PNG plot next to it, and prints a table.
 
     python benchmarks/sparse_vs_dense.py --quick --out benchmarks/results/cpu_quick.json
-    python benchmarks/sparse_vs_dense.py --compile --out benchmarks/results/cpu.json
+    python benchmarks/sparse_vs_dense.py --threads 1 --out benchmarks/results/cpu.json
+    python benchmarks/sparse_vs_dense.py --device cuda --full --out benchmarks/results/cuda.json
 """
 
 from __future__ import annotations
@@ -49,10 +53,11 @@ from bgf_pyg.nn.conv import DENSE_PAIRS_PER_EDGE
 
 CHANNELS = 512
 HEADS = 8
-FULL_GRID_N = (64, 256, 1024, 4096, 16384)
-DEFAULT_GRID_N = (64, 256, 512, 1024, 2048, 4096)
-QUICK_GRID_N = (64, 256, 1024)
-GRID_K = (5, 10, 30)
+FULL_GRID_N = (256, 1024, 4096, 16384, 65536)
+#: CPU default: the grid that fits in a few minutes on one core (add --n 16384 65536 for more).
+DEFAULT_GRID_N = (256, 1024, 4096)
+QUICK_GRID_N = (256, 1024)
+GRID_K = (10, 30)
 QUICK_GRID_K = (10,)
 #: Methods whose cost grows with N² (an N×N score matrix per head): skipped above --max-dense-n.
 QUADRATIC = ("bgc_dense", "sdpa_masked", "sdpa_full")
@@ -60,6 +65,9 @@ METHODS = (
     "bgc_sparse", "bgc_dense", "bgc_auto", "bgc_fused", "transformer", "gat", "gemm_floor",
     "sdpa_masked", "sdpa_full",
 )
+DEFAULT_METHODS = ("bgc_sparse", "bgc_auto", "bgc_fused", "transformer", "gat", "gemm_floor")
+#: Methods also timed under torch.compile (unless --no-compile): what a user would compile.
+COMPILED = ("bgc_auto", "transformer", "gemm_floor")
 #: Fixed glibc mmap threshold (bytes): larger buffers are mmapped and unmapped on free.
 MMAP_THRESHOLD = 65536
 MIB = 2**20
@@ -194,9 +202,11 @@ def run_config(
     for method in methods:
         if method in QUADRATIC and num_nodes > args.max_dense_n:
             continue
+        if method == "bgc_fused" and device.type != "cuda":
+            continue  # the Triton kernel runs on CPU only in its (slow) interpreter
         module = build(method, edge_index, num_nodes, device)
         variants[method] = step_fns(module, x, edge_index)
-        if args.compile:
+        if args.compile and method in COMPILED:
             compiled = torch.compile(module, dynamic=False)
             variants[method + "+compile"] = step_fns(compiled, x, edge_index)
     times: dict[str, dict[str, list[float]]] = {
@@ -233,11 +243,13 @@ def crossover(rows: list[dict], k: int, suffix: str = "") -> int | None:
             by_n.setdefault(row["N"], {})[row["method"]] = row["forward_backward_ms"]
     sparse_wins = [
         n for n, t in sorted(by_n.items())
-        if "bgc_dense" + suffix in t and t["bgc_sparse" + suffix] < t["bgc_dense" + suffix]
+        if {"bgc_dense" + suffix, "bgc_sparse" + suffix} <= t.keys()
+        and t["bgc_sparse" + suffix] < t["bgc_dense" + suffix]
     ]
     dense_wins = [
         n for n, t in by_n.items()
-        if "bgc_dense" + suffix in t and t["bgc_sparse" + suffix] >= t["bgc_dense" + suffix]
+        if {"bgc_dense" + suffix, "bgc_sparse" + suffix} <= t.keys()
+        and t["bgc_sparse" + suffix] >= t["bgc_dense" + suffix]
     ]
     above = [n for n in sparse_wins if all(n > d for d in dense_wins)]
     return min(above) if above else None
@@ -274,11 +286,14 @@ def machine_info(device: torch.device) -> dict:
 def print_table(rows: list[dict]) -> None:
     print(f"{'N':>6} {'k':>3} {'method':<22} {'fwd ms':>10} {'fwd+bwd ms':>11} "
           f"{'peak MiB':>9} {'vs TC':>6}")
+    # Eager rows against eager TransformerConv, compiled rows against compiled TransformerConv.
     reference = {
-        (r["N"], r["k"]): r["forward_backward_ms"] for r in rows if r["method"] == "transformer"
+        (r["N"], r["k"], r["method"].removeprefix("transformer")): r["forward_backward_ms"]
+        for r in rows if r["method"].startswith("transformer")
     }
     for r in rows:
-        ratio = r["forward_backward_ms"] / reference.get((r["N"], r["k"]), float("nan"))
+        suffix = "+compile" if r["method"].endswith("+compile") else ""
+        ratio = r["forward_backward_ms"] / reference.get((r["N"], r["k"], suffix), float("nan"))
         print(f"{r['N']:>6} {r['k']:>3} {r['method']:<22} {r['forward_ms']:>10.2f} "
               f"{r['forward_backward_ms']:>11.2f} {r['peak_memory_mib']:>9.1f} {ratio:>6.2f}")
 
@@ -318,16 +333,17 @@ def plot(rows: list[dict], ks: list[int], path: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small grid: N 64..1024, k = 10")
-    parser.add_argument("--full", action="store_true", help="N up to 16384")
+    parser.add_argument("--quick", action="store_true", help="small grid: N 256, 1024, k = 10")
+    parser.add_argument("--full", action="store_true", help="N up to 65536")
     parser.add_argument("--n", type=int, nargs="+", help="node counts (overrides the grid)")
     parser.add_argument("--k", type=int, nargs="+", help="neighbour counts (overrides the grid)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-dense-n", type=int, default=4096,
                         help="skip the N²-memory methods above this N")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd modules")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help=f"skip the torch.compile'd variants of {', '.join(COMPILED)}")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sparse_vs_dense.json"))
@@ -362,7 +378,9 @@ def main() -> None:
         "machine": machine_info(device),
         "settings": {
             "channels": CHANNELS, "heads": HEADS, "repeats": args.repeats,
-            "warmup": args.warmup, "compile": args.compile, "graph": "knn_edges(loop=True)",
+            "warmup": args.warmup, "compile": args.compile,
+            "compiled_methods": list(COMPILED) if args.compile else [],
+            "graph": "knn_edges(loop=True)",
             "dense_pairs_per_edge": DENSE_PAIRS_PER_EDGE,
             "forward": "eval mode, torch.no_grad",
             "forward_backward": "train mode, sum().backward()",
