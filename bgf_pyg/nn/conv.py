@@ -97,12 +97,13 @@ def _check_constructor_args(
 
 #: ``attention_path="auto"`` runs the dense path when N_src·N_dst ≤ this × |E| (self-loops
 #: counted): the N² masked attention (SDPA, no per-edge gathers or scatters) then costs less than
-#: the sparse path. Measured with ``benchmarks/sparse_vs_dense.py --threads 1 --methods bgc_sparse
-#: bgc_dense`` (CPU, D = 512, 8 heads, forward+backward, kNN graphs with loops, N = 256…2048,
-#: k = 5, 10, 30; ``benchmarks/results/cpu_threshold.json``): dense and sparse tied at
-#: N²/|E| ≈ 85 for k = 5, crossed between 46 and 93 for k = 10, and dense still won at 66 for
-#: k = 30.
-DENSE_PAIRS_PER_EDGE = 80
+#: the sparse path. Lowered from 80 when the sparse path became the CPU sparse-matrix kernel
+#: (#12): in ``benchmarks/results/cpu_issue12.json`` (CPU, 1 thread, D = 512, 8 heads,
+#: forward+backward, kNN graphs with loops) dense still won at 23 pairs per edge (N = 256,
+#: k = 10: 46 vs 56 ms) and lost at 33 (N = 1024, k = 30: 602 vs 501 ms; compiled 573 ms vs
+#: 272 ms for compiled TransformerConv). One run on a loaded machine: a quiet sweep should
+#: refine it.
+DENSE_PAIRS_PER_EDGE = 30
 
 
 class BatchGraphConv(MessagePassing):
