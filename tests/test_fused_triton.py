@@ -48,8 +48,8 @@ def test_interpreted_in_subprocess():
         cwd=root, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    # The four kernel tests and the two error tests ran (not skipped) in the interpreter.
-    assert "6 passed" in result.stdout, result.stdout[-2000:]
+    # The five kernel tests and the two error tests ran (not skipped) in the interpreter.
+    assert "7 passed" in result.stdout, result.stdout[-2000:]
 
 
 def graphs():
@@ -157,3 +157,21 @@ def test_fused_rejects_edge_features():
     conv = BatchGraphConv(4, 2, edge_dim=3, attention_path="fused")
     with pytest.raises(ValueError, match="attention_path='fused'"):
         conv(torch.randn(3, 4), torch.tensor([[0, 1], [1, 2]]), torch.randn(2, 3))
+
+
+@kernel_tests
+def test_fused_nan_reaches_exactly_its_neighbourhood():
+    from bgf_pyg.nn.kernels.fused_triton import fused_attention
+
+    _, edge_index, num_src, num_dst = graphs()[2]
+    query, key, value = (torch.randn(n, 2, 3, dtype=torch.float64)
+                         for n in (num_dst, num_src, num_src))
+    node = int(edge_index[0, 0])
+    key[node, 1, 0] = float("nan")  # one head of one source's key
+    out, _ = fused_attention(query.to(DEVICE), key.to(DEVICE), value.to(DEVICE),
+                             edge_index.to(DEVICE))
+    bad = (~torch.isfinite(out.cpu())).any(dim=(1, 2))
+    expected = torch.zeros(num_dst, dtype=torch.bool)
+    expected[edge_index[1, edge_index[0] == node]] = True
+    assert torch.equal(bad, expected)
+    assert torch.isfinite(out[:, 0]).all()  # the other head is untouched
