@@ -92,3 +92,14 @@ def test_conv_uses_kernel_and_equals_reference():
     assert ei.size(1) == 20 + 1 - int((edge_index[0] == edge_index[1]).sum()) + 8
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(alpha, torch.stack([alphas[e] for e in range(ei.size(1))]))
+
+
+def test_csr_attention_with_more_edges_than_node_pairs():
+    # 9 edges among 2 × 2 pairs: sampled_addmm refuses the pattern, the scores are gathered.
+    edge_index = torch.tensor([[0, 0, 1, 1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 1, 1, 1, 1]])
+    inputs = [torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    out, alpha = csr_attention(*inputs, edge_index)
+    ref, alphas = ssa_reference(*(t.detach() for t in inputs), edge_index)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(alpha, torch.stack([alphas[e] for e in range(9)]))
+    assert torch.autograd.gradcheck(lambda *t: csr_attention(*t, edge_index), inputs)

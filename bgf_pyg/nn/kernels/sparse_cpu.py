@@ -67,6 +67,11 @@ def _heads_first(x: Tensor) -> Tensor:
 
 def _sampled(layout: CSRLayout, left: Tensor, right: Tensor, scale: float) -> Tensor:
     """(H, E): ``scale · left_h[i] · right_h[j]`` for every position (j→i) and head h."""
+    if layout.source.numel() > left.size(1) * right.size(1):
+        # More edges than node pairs (repeated multi-edges): sampled_addmm refuses such a
+        # pattern, so gather, which for graphs this dense costs little.
+        pairs = left.index_select(1, layout.target) * right.index_select(1, layout.source)
+        return pairs.sum(-1).mul_(scale)
     pattern = _matrix(
         layout.ptr, layout.source, left.new_zeros(layout.source.numel()),
         (left.size(1), right.size(1)),
