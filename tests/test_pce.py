@@ -1,0 +1,102 @@
+"""The PCE loss against a float64 re-statement of Hyp-ViT's pairwise cross-entropy (one
+``F.cross_entropy`` per ordered slot pair, Möbius addition written out vector by vector)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bgf_pyg.losses import PairwiseCrossEntropyLoss
+
+TAU, C, CLIP_R = 0.2, 0.1, 2.3
+
+
+def ref_ball(x: torch.Tensor) -> torch.Tensor:
+    """Clip to CLIP_R, then exp_0 on the ball of curvature C."""
+    norm = x.norm(dim=1, keepdim=True)
+    x = x * torch.clamp(CLIP_R / norm, max=1.0)
+    norm = x.norm(dim=1, keepdim=True)
+    return torch.tanh(math.sqrt(C) * norm) * x / (math.sqrt(C) * norm)
+
+
+def ref_mobius_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ab, a2, b2 = a @ b, a @ a, b @ b
+    return ((1 + 2 * C * ab + C * b2) * a + (1 - C * a2) * b) / (1 + 2 * C * ab + C**2 * a2 * b2)
+
+
+def ref_similarity(x: torch.Tensor, y: torch.Tensor, space: str) -> torch.Tensor:
+    if space == "sphere":
+        return x @ y.t()
+    out = torch.empty(len(x), len(y), dtype=x.dtype)
+    for i in range(len(x)):
+        for j in range(len(y)):
+            v = ref_mobius_add(-x[i], y[j])
+            # norm via a tiny floor: d(x, x) = 0 is masked anyway, but sqrt(0)'s gradient is not
+            nrm = (v @ v + 1e-30).sqrt()
+            out[i, j] = -2 / math.sqrt(C) * torch.atanh(math.sqrt(C) * nrm)
+    return out
+
+
+def ref_pce(emb: torch.Tensor, m: int, space: str) -> torch.Tensor:
+    z = F.normalize(emb, dim=1) if space == "sphere" else ref_ball(emb)
+    z = z.view(-1, m, z.size(1))
+    p = z.size(0)
+    loss = emb.new_zeros(())
+    for i in range(m):
+        for j in range(m):
+            if i == j:
+                continue
+            a, b = z[:, i], z[:, j]
+            logits = torch.cat([ref_similarity(a, b, space) / TAU,
+                                ref_similarity(a, a, space) / TAU - 1e9 * torch.eye(p)], dim=1)
+            loss = loss + F.cross_entropy(logits, torch.arange(p))
+    return loss
+
+
+@settings(max_examples=6, deadline=None)
+@given(p=st.integers(2, 4), m=st.integers(2, 4), space=st.sampled_from(["sphere", "hyperbolic"]),
+       scale=st.sampled_from([0.3, 1.0, 5.0]), seed=st.integers(0, 2**16))
+def test_pce_matches_reference_value_and_gradient(p, m, space, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    emb = (scale * torch.randn(p * m, 6, generator=g, dtype=torch.float64)).requires_grad_()
+    labels = (10 + torch.randperm(p, generator=g)).repeat_interleave(m)  # any distinct ids
+    loss = PairwiseCrossEntropyLoss(m, TAU, space, C, CLIP_R)(emb, labels)
+    (grad,) = torch.autograd.grad(loss, emb)
+    emb_ref = emb.detach().clone().requires_grad_()
+    ref = ref_pce(emb_ref, m, space)
+    (grad_ref,) = torch.autograd.grad(ref, emb_ref)
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-7, atol=1e-9)
+
+
+def test_pce_float32_batch_trains_without_nan():
+    emb = torch.randn(12, 8, requires_grad=True)
+    labels = torch.arange(4).repeat_interleave(3)
+    loss = PairwiseCrossEntropyLoss(3, space="hyperbolic")(emb, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("labels,fragment", [
+    ([0, 0, 1, 1, 2], "batch of 5 samples"),           # not a multiple of m
+    ([0, 1, 0, 1, 2, 2], "got labels"),                 # not consecutive
+    ([0, 0, 1, 1, 0, 0], "more than one group"),        # a class twice
+    ([3, 3], "batch of 2 samples"),                     # a single class: no negative
+])
+def test_pce_refuses_other_layouts(labels, fragment):
+    loss = PairwiseCrossEntropyLoss(samples_per_class=2)
+    with pytest.raises(ValueError, match="samples_per_class=2") as err:
+        loss(torch.randn(len(labels), 4), torch.tensor(labels))
+    assert fragment in str(err.value)
+
+
+def test_pce_bad_arguments():
+    with pytest.raises(ValueError, match="samples_per_class must be >= 2"):
+        PairwiseCrossEntropyLoss(samples_per_class=1)
+    with pytest.raises(ValueError, match="space"):
+        PairwiseCrossEntropyLoss(space="euclid")
