@@ -17,8 +17,9 @@ from torch_geometric.nn import GCNConv, GraphNorm
 
 from ..checks import check_divides, check_positive_int, check_probability
 from .conv import BatchGraphConv
+from .label_propagation import SameLabelPropagation
 
-SEMANTIC_BRANCHES = ("attention", "propagation")
+SEMANTIC_BRANCHES = ("attention", "propagation", "label_propagation")
 
 
 def _has_edges(edge_index: Optional[Tensor]) -> bool:
@@ -55,9 +56,11 @@ class DualSSA(nn.Module):
         heads (int, optional): Attention heads per branch. (default: :obj:`8`)
         dropout (float, optional): Attention dropout. (default: :obj:`0.`)
         lam (float, optional): Weight :math:`\lambda` of the visual branch. (default: :obj:`0.5`)
-        semantic_branch (str, optional): ``"attention"`` (SSA on the semantic edges) or
+        semantic_branch (str, optional): ``"attention"`` (SSA on the semantic edges),
             ``"propagation"``: :math:`\hat{D}^{-1/2}(A + I)\hat{D}^{-1/2} \mathbf{W} \mathbf{x}`
-            (PyG's ``GCNConv``), as in the authors' related SGFormer code.
+            (PyG's ``GCNConv``), or ``"label_propagation"``: the authors' form
+            :math:`D^{-1}(A_{same} + I)\, \mathbf{W} \mathbf{x}`
+            (:class:`~bgf_pyg.nn.label_propagation.SameLabelPropagation`).
             (default: :obj:`"attention"`)
         add_self_loops (bool, optional): Passed to the attention branches. (default: :obj:`True`)
         attention_path (str, optional): Passed to the attention branches. (default: :obj:`"auto"`)
@@ -96,9 +99,12 @@ class DualSSA(nn.Module):
             )
 
         self.visual = attention()
-        self.semantic = attention() if semantic_branch == "attention" else GCNConv(
-            channels, channels
-        )
+        if semantic_branch == "attention":
+            self.semantic = attention()
+        elif semantic_branch == "propagation":
+            self.semantic = GCNConv(channels, channels)
+        else:
+            self.semantic = SameLabelPropagation(channels)
         self.lin_out = nn.Linear(channels, channels)
         self.reset_parameters()
 
