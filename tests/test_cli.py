@@ -88,6 +88,8 @@ def test_lr_milestones_decay_the_learning_rate(tmp_path):
                  "--out", str(tmp_path), "--device", "cpu", "--no-augment", "--no-progress"])
     assert code == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["config"]["lr_milestones"] == [1]  # the header: the resolved options
+    records = records[1:]
     assert [r["lr"] for r in records] == pytest.approx([1e-3, 1e-4])
     assert records[0]["epoch"] == 1
 
@@ -99,7 +101,7 @@ def test_graph_options_reach_the_method():
                                       "--graph-heads", "4", "--lam", "0.2", "--k", "5"])
     assert method_hparams(args) == {"k": 5, "lam": 0.2, "num_layers": 1, "heads": 4}
     args = build_parser().parse_args(["--method", "intra-batch", "--temperature", "0.6"])
-    assert method_hparams(args) == {"temperature": 0.6}
+    assert method_hparams(args) == {"temperature": 0.6, "cat": False}
     assert method_hparams(build_parser().parse_args(["--method", "plain"])) == {}
 
 

@@ -16,6 +16,7 @@ from bgf_pyg.data.inshop import InShop
 from bgf_pyg.data.samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
 from bgf_pyg.data.sop import StanfordOnlineProducts
 from bgf_pyg.data.transforms import (
+    TransformOptions,
     build_transform,
     demo_train_transform,
     eval_transform,
@@ -55,6 +56,7 @@ __all__ = [
     "ImageListDataset",
     "InShop",
     "StanfordOnlineProducts",
+    "TransformOptions",
     "build_dataset",
     "build_transform",
     "check_image_headers",

@@ -1,40 +1,96 @@
-"""Standard deep-metric-learning image transforms (ImageNet normalisation).
+"""Standard deep-metric-learning image transforms (ImageNet normalisation by default).
 
 Train: ``RandomResizedCrop(size)`` + horizontal flip; evaluation: ``Resize(size·256/224)`` +
 ``CenterCrop(size)``; the protocol of the intra-batch and ProxyGML code and Musgrave et al. 2020
-(they use 227, the ImageNet-style 224 is the default here). The demo set's images are already
-tensors at their final size, so its transforms never resize.
+(they use 227, the ImageNet-style 224 is the default here). :class:`TransformOptions` holds what
+the originals change: crop scale, interpolation, test resize, random erasing, normalisation. The
+demo set's images are already tensors at their final size, so its transforms never resize.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from torchvision import transforms as T
 
+from bgf_pyg.checks import check_positive_int
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Inputs in [-1, 1]: the normalisation of the ImageNet-21k ViTs (Hyp-ViT / DyBGR ``mean_std``).
+HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 #: Test-time resize is the crop size scaled by the ImageNet ratio 256 / 224.
 RESIZE_RATIO = 256 / 224
 
 
-def train_transform(size: int = 224) -> T.Compose:
-    """RandomResizedCrop(size) → RandomHorizontalFlip → ToTensor → Normalize(ImageNet)."""
-    return T.Compose([
-        T.RandomResizedCrop(size),
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR,
+                  "bicubic": T.InterpolationMode.BICUBIC}
+
+
+@dataclass(frozen=True)
+class TransformOptions:
+    """What the originals' image pipelines differ in (the presets set these).
+
+    Attributes:
+        size: side of the (random or centre) crop.
+        crop_scale: area range of ``RandomResizedCrop`` (torchvision's (0.08, 1); BGFormer's
+            authors (0.2, 1)).
+        interpolation: ``"bilinear"`` or ``"bicubic"`` (BGFormer's authors), for crop and resize.
+        test_resize: test-time shorter side before the centre crop (``None``: size·256/224).
+        random_erasing: probability of ``RandomErasing`` after normalisation (intra-batch: 0.5).
+        mean, std: normalisation of the backbone's weight family.
+    """
+
+    size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    interpolation: str = "bilinear"
+    test_resize: int | None = None
+    random_erasing: float = 0.0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.size, "size")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, "
+                             f"got {self.interpolation!r}")
+        if self.test_resize is not None:
+            check_positive_int(self.test_resize, "test_resize")
+        if not 0 <= self.random_erasing <= 1:
+            raise ValueError(f"random_erasing must lie in [0, 1], got {self.random_erasing}")
+
+
+def train_transform(size: int = 224, options: TransformOptions | None = None) -> T.Compose:
+    """RandomResizedCrop(size) → RandomHorizontalFlip → ToTensor → Normalize (→ RandomErasing);
+    ``options`` (its ``size`` replaced by ``size``) sets scale, interpolation, normalisation and
+    erasing."""
+    o = replace(options or TransformOptions(), size=size)
+    steps = [
+        T.RandomResizedCrop(size, scale=o.crop_scale,
+                            interpolation=INTERPOLATIONS[o.interpolation]),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+        T.Normalize(o.mean, o.std),
+    ]
+    if o.random_erasing > 0:
+        steps.append(T.RandomErasing(p=o.random_erasing))
+    return T.Compose(steps)
 
 
-def eval_transform(size: int = 224) -> T.Compose:
-    """Resize(round(size·256/224)) → CenterCrop(size) → ToTensor → Normalize(ImageNet)."""
+def eval_transform(size: int = 224, options: TransformOptions | None = None) -> T.Compose:
+    """Resize(test_resize, default round(size·256/224)) → CenterCrop(size) → ToTensor →
+    Normalize."""
+    o = replace(options or TransformOptions(), size=size)
+    resize = o.test_resize if o.test_resize is not None else round(size * RESIZE_RATIO)
     return T.Compose([
-        T.Resize(round(size * RESIZE_RATIO)),
+        T.Resize(resize, interpolation=INTERPOLATIONS[o.interpolation]),
         T.CenterCrop(size),
         T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.Normalize(o.mean, o.std),
     ])
 
 
@@ -47,9 +103,12 @@ def demo_train_transform(
     return T.RandomAffine(degrees, translate=(translate, translate), scale=(1 - scale, 1 + scale))
 
 
-def build_transform(dataset: str, train: bool, size: int = 224) -> Callable | None:
+def build_transform(
+    dataset: str, train: bool, options: TransformOptions | None = None
+) -> Callable | None:
     """The transform for ``dataset`` (``"demo"`` or an image benchmark) in train or test mode;
-    ``None`` for the demo's test split (its tensors are used as they are)."""
+    ``None`` for the demo's test split (its tensors are used as they are, ``options`` unused)."""
     if dataset == "demo":
         return demo_train_transform() if train else None
-    return train_transform(size) if train else eval_transform(size)
+    options = options or TransformOptions()
+    return (train_transform if train else eval_transform)(options.size, options)

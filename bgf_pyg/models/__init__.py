@@ -1,7 +1,14 @@
 """Backbones with embedding heads and the method wrappers (plain / bgformer / intra-batch /
 proxygml)."""
 
-from .backbones import BACKBONES, EmbeddingNet, SmallCNN, build_backbone, load_imagenet_weights
+from .backbones import (
+    BACKBONES,
+    EmbeddingNet,
+    SmallCNN,
+    backbone_normalization,
+    build_backbone,
+    load_imagenet_weights,
+)
 from .methods import (
     LOSSES,
     METHODS,
@@ -25,6 +32,7 @@ __all__ = [
     "PlainMethod",
     "ProxyGMLMethod",
     "SmallCNN",
+    "backbone_normalization",
     "build_backbone",
     "build_method",
     "build_metric_loss",

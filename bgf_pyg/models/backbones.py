@@ -1,9 +1,10 @@
 """Backbones with an embedding head: torchvision ResNet-50/18 and a small CNN for the demo set.
 
-Every backbone is an :class:`EmbeddingNet`: a ``trunk`` that maps images to pooled features
-(B × ``feature_dim``) and a ``head`` Linear(``feature_dim``, ``embedding_dim``). The method wrappers
-(:mod:`bgf_pyg.models.methods`) use the two parts separately (BGFormer refines trunk features before
-the head); at test time the embedding is ``head(trunk(images))``.
+Every backbone is an :class:`EmbeddingNet`: a ``trunk`` that maps images to pooled features, an
+optional Linear projection ``proj`` to a narrower width (``graph_dim``) and a ``head``
+Linear(``feature_dim``, ``embedding_dim``). The method wrappers (:mod:`bgf_pyg.models.methods`)
+use the parts separately (BGFormer refines the features ``proj(trunk(images))`` before the head);
+at test time the embedding is ``head(proj(trunk(images)))``.
 
 ImageNet weights are only read from a local file (no download): pass the path of a torchvision
 ResNet state dict (e.g. ``resnet50-19c8e357.pth``). Its ``fc.*`` entries are skipped, as in the
@@ -20,10 +21,12 @@ from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 
 from ..checks import InputError, check_positive_int
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .vit import VIT_BACKBONES, vit_trunk
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("resnet50", "resnet18", "smallcnn")
+BACKBONES = ("resnet50", "resnet18", "smallcnn", *VIT_BACKBONES)
 POOLINGS = ("avg", "max")
 #: Small CNN: channel widths of its conv blocks (a 2×2 max-pool follows all but the last) and
 #: side of the grid its last map is pooled to (average and max, concatenated) before the head.
@@ -32,33 +35,52 @@ SMALLCNN_GRID = 2
 
 
 class EmbeddingNet(nn.Module):
-    """``trunk`` (images → pooled features) followed by a linear embedding ``head``.
+    """``trunk`` (images → pooled features), an optional projection ``proj`` to ``graph_dim`` and
+    a linear embedding ``head``.
 
     Args:
-        trunk: module mapping (B, C, H, W) images to (B, ``feature_dim``) features.
-        feature_dim: width of the trunk's output.
+        trunk: module mapping (B, C, H, W) images to (B, ``trunk_dim``) features.
+        trunk_dim: width of the trunk's output.
         embedding_dim: width of the embedding.
+        graph_dim: width of the features a batch graph sees (``None``: the trunk's own). A
+            narrower graph for ResNet-50's 2048-d features: ``proj`` = Linear(``trunk_dim``,
+            ``graph_dim``), shared by training and test time, so the head always sees the same
+            width.
+
+    Attributes:
+        feature_dim: width of :meth:`features` (``graph_dim`` or ``trunk_dim``).
 
     **Shapes:** images (B, C, H, W) → embedding (B, ``embedding_dim``), un-normalised.
     """
 
-    def __init__(self, trunk: nn.Module, feature_dim: int, embedding_dim: int) -> None:
+    def __init__(
+        self, trunk: nn.Module, trunk_dim: int, embedding_dim: int, graph_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.trunk = trunk
-        self.feature_dim = check_positive_int(feature_dim, "feature_dim")
+        self.trunk_dim = check_positive_int(trunk_dim, "trunk_dim")
         self.embedding_dim = check_positive_int(embedding_dim, "embedding_dim")
-        self.head = nn.Linear(feature_dim, embedding_dim)
+        if graph_dim is None:
+            self.proj: nn.Module = nn.Identity()
+            self.feature_dim = trunk_dim
+        else:
+            self.proj = nn.Linear(trunk_dim, check_positive_int(graph_dim, "graph_dim"))
+            self.feature_dim = graph_dim
+        self.head = nn.Linear(self.feature_dim, embedding_dim)
 
     def features(self, images: Tensor) -> Tensor:
-        """Pooled trunk features (B, ``feature_dim``)."""
-        return self.trunk(images)
+        """Pooled (and projected) trunk features (B, ``feature_dim``)."""
+        return self.proj(self.trunk(images))
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.trunk(images))
+        return self.head(self.features(images))
 
     def __repr__(self) -> str:
         name = type(self.trunk).__name__
-        return f"{type(self).__name__}({name}, {self.feature_dim}, {self.embedding_dim})"
+        dims = f"{self.trunk_dim}, {self.embedding_dim}"
+        if self.feature_dim != self.trunk_dim or isinstance(self.proj, nn.Linear):
+            dims += f", graph_dim={self.feature_dim}"
+        return f"{type(self).__name__}({name}, {dims})"
 
 
 class SmallCNN(nn.Module):
@@ -141,32 +163,49 @@ def _resnet_trunk(name: str, pretrained: str | None, pooling: str) -> tuple[nn.M
     return model, feature_dim
 
 
+def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input (mean, std) of backbone ``name``'s weight family: ImageNet's, or 0.5 for the
+    ImageNet-21k ViTs."""
+    if name in VIT_BACKBONES:
+        return VIT_BACKBONES[name][1]
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 def build_backbone(
     name: str,
     embedding_dim: int,
     pretrained: str | None = None,
     pooling: str = "avg",
     in_channels: int = 1,
+    *,
+    graph_dim: int | None = None,
+    image_size: int = 224,
 ) -> EmbeddingNet:
-    """Build ``resnet50`` | ``resnet18`` | ``smallcnn`` with a Linear embedding head.
+    """Build ``resnet50`` | ``resnet18`` | ``smallcnn`` | a ViT of :data:`VIT_BACKBONES` (needs
+    ``timm``) with a Linear embedding head.
 
     Args:
         name: backbone name.
         embedding_dim: width of the embedding head.
-        pretrained: local path of a torchvision ImageNet state dict (ResNets only); ``None`` means
-            random initialisation (``bgf-train`` logs it).
+        pretrained: local path of a torchvision ImageNet state dict (ResNets) or of a timm / DINO
+            checkpoint (ViTs); ``None`` means random initialisation (``bgf-train`` logs it).
         pooling: ResNet global ``"avg"`` or ``"max"`` pooling (the intra-batch original: max);
-            ``smallcnn`` pools avg + max to a small grid instead.
-        in_channels: input channels of ``smallcnn`` (ResNets take RGB).
+            ``smallcnn`` pools avg + max to a small grid instead, a ViT takes its CLS token.
+        in_channels: input channels of ``smallcnn`` (the others take RGB).
+        graph_dim: width of a projection between trunk and head (see :class:`EmbeddingNet`).
+        image_size: input side of a ViT (its position embeddings are sized for it).
     """
     check_positive_int(embedding_dim, "embedding_dim")
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if name == "smallcnn":
+    if name in VIT_BACKBONES:
+        trunk, feature_dim = vit_trunk(name, pretrained, check_positive_int(image_size,
+                                                                            "image_size"))
+    elif name == "smallcnn":
         if pretrained is not None:
             raise ValueError("smallcnn has no ImageNet weights; drop --pretrained or use a ResNet")
         trunk: nn.Module = SmallCNN(check_positive_int(in_channels, "in_channels"))
         feature_dim = trunk.out_channels
     else:
         trunk, feature_dim = _resnet_trunk(name, pretrained, pooling)
-    return EmbeddingNet(trunk, feature_dim, embedding_dim)
+    return EmbeddingNet(trunk, feature_dim, embedding_dim, graph_dim)

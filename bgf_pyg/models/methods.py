@@ -8,21 +8,22 @@ Each method is an ``nn.Module`` with
   batch-level part (graph, MPN, loss) sees the global batch (the identity in one process),
 - ``embed(images) -> (B, D)`` L2-normalised embedding (evaluation: ``head(trunk(images))``, no
   graph and no labels, as in both BGFormer and intra-batch at test time),
-- ``param_groups(lr, proxy_lr)``: optimiser groups, loss parameters (proxies) at ``proxy_lr``.
+- ``param_groups(lr, proxy_lr, graph_lr=None)``: optimiser groups, loss parameters (proxies) at
+  ``proxy_lr``, the graph module (BGFormer, the intra-batch MPN) at ``graph_lr`` when given.
 
 :func:`build_method` picks one by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
 from ..distributed import gather_batch
 from ..knn import normalize_rows
-from ..losses import BatchGraphLoss, LabelSmoothingCE, ProxyGMLLoss
+from ..losses import BatchGraphLoss, LabelSmoothingCE, PairwiseCrossEntropyLoss, ProxyGMLLoss
 from ..nn import BGFormer, IntraBatchMPN
 from .backbones import EmbeddingNet
 
@@ -37,7 +38,9 @@ PROXY_LOSSES: dict[str, Callable[[int, int], nn.Module]] = {
     "normalized_softmax": pml_losses.NormalizedSoftmaxLoss,
 }
 PAIR_LOSS_TYPES = tuple(PAIR_LOSSES.values())
-LOSSES = tuple(PAIR_LOSSES) + tuple(PROXY_LOSSES)
+#: Hyp-ViT's pairwise cross-entropy (BGFormer's authors' loss): needs P×m class-balanced batches.
+PCE = "pce"
+LOSSES = (*PAIR_LOSSES, *PROXY_LOSSES, PCE)
 METHODS = ("plain", "bgformer", "intra-batch", "proxygml")
 
 #: BGFormer's default weight α of the backbone-feature loss (1 − α goes to the refined tokens).
@@ -57,8 +60,20 @@ def check_two_classes(labels: Tensor) -> None:
         )
 
 
-def build_metric_loss(name: str, num_classes: int | None, embedding_dim: int) -> nn.Module:
-    """A pytorch-metric-learning loss by name; proxy-based ones need ``num_classes``."""
+def build_metric_loss(
+    name: str,
+    num_classes: int | None,
+    embedding_dim: int,
+    samples_per_class: int | None = None,
+    **options,
+) -> nn.Module:
+    """A pytorch-metric-learning loss by name (proxy-based ones need ``num_classes``), or ``pce``
+    (needs ``samples_per_class``; ``options``: its ``temperature``, ``space``, ``c``,
+    ``clip_r``)."""
+    if name == PCE:
+        if samples_per_class is None:
+            raise ValueError("the 'pce' loss needs class-balanced batches: give samples_per_class")
+        return PairwiseCrossEntropyLoss(samples_per_class, **options)
     if name in PAIR_LOSSES:
         return PAIR_LOSSES[name]()
     if name in PROXY_LOSSES:
@@ -85,11 +100,22 @@ class Method(nn.Module):
         emb = self.backbone(images)
         return normalize_rows(emb, dtype=emb.dtype)
 
-    def param_groups(self, lr: float, proxy_lr: float) -> list[dict]:
-        """One group for the networks at ``lr``, one for the loss parameters at ``proxy_lr``."""
-        proxy_ids = {id(p) for p in self.loss_fn.parameters()}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in proxy_ids], "lr": lr}]
+    def graph_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the method's graph module (none here), trained at ``graph_lr``."""
+        return []
+
+    def param_groups(
+        self, lr: float, proxy_lr: float, graph_lr: float | None = None
+    ) -> list[dict]:
+        """Networks at ``lr``, the loss parameters at ``proxy_lr`` and, when ``graph_lr`` is
+        given, the graph module at ``graph_lr`` (BGFormer's authors: 3e-5 for backbone and head,
+        8.5e-4 to 1e-4 for the graph blocks)."""
+        graph = self.graph_parameters() if graph_lr is not None else []
         proxies = list(self.loss_fn.parameters())
+        special = {id(p) for p in graph + proxies}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in special], "lr": lr}]
+        if graph:
+            groups.append({"params": graph, "lr": graph_lr})
         if proxies:
             groups.append({"params": proxies, "lr": proxy_lr})
         return groups
@@ -126,11 +152,13 @@ class BGFormerMethod(Method):
         heads: int = 8,
         dropout: float = 0.0,
         lam: float = 0.5,
+        semantic_branch: str = "attention",
     ) -> None:
         super().__init__(backbone, loss_fn)
         del self.loss_fn  # registered once, inside graph_loss; ``loss_fn`` is an alias below
         bgformer = BGFormer(
-            backbone.feature_dim, num_layers=num_layers, heads=heads, dropout=dropout, lam=lam
+            backbone.feature_dim, num_layers=num_layers, heads=heads, dropout=dropout, lam=lam,
+            semantic_branch=semantic_branch,
         )
         self.graph_loss = BatchGraphLoss(loss_fn, bgformer, k=k, alpha=alpha)
         self.register_load_state_dict_pre_hook(_rename_pre_wrapper_keys)
@@ -142,6 +170,9 @@ class BGFormerMethod(Method):
     @property
     def bgformer(self) -> BGFormer:
         return self.graph_loss.bgformer
+
+    def graph_parameters(self) -> list[nn.Parameter]:
+        return list(self.bgformer.parameters())
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         f, labels = gather_batch(self.backbone.features(images), labels)
@@ -176,11 +207,16 @@ class IntraBatchMethod(Method):
         num_layers: int = 1,
         heads: int = 2,
         dropout: float = 0.1,
+        cat: bool = False,
     ) -> None:
         super().__init__(backbone, LabelSmoothingCE(temperature, epsilon))
         dim = backbone.embedding_dim
         self.classifier = nn.Linear(dim, num_classes)
-        self.mpn = IntraBatchMPN(dim, num_layers, heads, dropout, num_classes=num_classes)
+        self.mpn = IntraBatchMPN(dim, num_layers, heads, dropout, num_classes=num_classes,
+                                 cat=cat)
+
+    def graph_parameters(self) -> list[nn.Parameter]:
+        return list(self.mpn.parameters())
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         emb, labels = gather_batch(self.backbone(images), labels)
@@ -215,6 +251,7 @@ def build_method(
     *,
     loss: str = "multi_similarity",
     samples_per_class: int | None = None,
+    loss_options: Mapping | None = None,
     **hparams,
 ) -> Method:
     """Build ``plain`` | ``bgformer`` | ``intra-batch`` | ``proxygml`` around ``backbone``.
@@ -226,6 +263,7 @@ def build_method(
         loss: metric loss of ``plain`` and ``bgformer`` (see :data:`LOSSES`).
         samples_per_class: samples of each class in a batch (``None``: not class-balanced). A
             pair loss or BGFormer's semantic edges with 1 sample per class → ``ValueError``.
+        loss_options: keyword arguments of the ``pce`` loss (``temperature``, ``space``, ...).
         **hparams: keyword arguments of the method's class (e.g. ``k``, ``alpha``,
             ``temperature``, ``proxies_per_class``).
     """
@@ -233,7 +271,8 @@ def build_method(
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     if name in ("intra-batch", "proxygml") and num_classes is None:
         raise ValueError(f"method {name!r} needs num_classes")
-    if samples_per_class == 1 and (name == "bgformer" or name == "plain" and loss in PAIR_LOSSES):
+    pairwise = loss in PAIR_LOSSES or loss == PCE
+    if samples_per_class == 1 and (name == "bgformer" or name == "plain" and pairwise):
         what = "BGFormer's semantic edges" if name == "bgformer" else f"the {loss!r} pair loss"
         raise ValueError(
             f"--samples-per-class 1 leaves no positive pairs for {what}; use >= 2 samples per "
@@ -244,7 +283,8 @@ def build_method(
     elif name == "proxygml":
         method = ProxyGMLMethod(backbone, num_classes, **hparams)
     else:
-        loss_fn = build_metric_loss(loss, num_classes, backbone.embedding_dim)
+        loss_fn = build_metric_loss(loss, num_classes, backbone.embedding_dim, samples_per_class,
+                                    **(loss_options or {}))
         if name == "plain":
             method = PlainMethod(backbone, loss_fn, **hparams)
         else:
