@@ -60,7 +60,7 @@ def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> None:
             raise InputError(f"could not load ViT weights from {path}: {err}") from err
         return
     try:
-        state = timm.models.load_state_dict(path, weights_only=True)
+        state = timm.models.load_state_dict(path)
         state = checkpoint_filter_fn(state, model)
     except Exception as err:  # a truncated or foreign file raises several types
         raise InputError(f"could not read ViT weights from {path}: {err}") from err

@@ -1,0 +1,115 @@
+"""Presets: every shipped preset starts a run on a fixture in its dataset's official layout and
+records its values; bad presets and bad option combinations are one-line errors (exit code 2)."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from bgf_pyg import train
+from bgf_pyg.cli import main
+from bgf_pyg.presets import available_presets, check_preset, load_preset
+from tests.test_cli import assert_user_error
+from tests.test_data import make_cars, make_cub, make_inshop, make_sop
+
+MAKERS = {"cub": make_cub, "cars": make_cars, "sop": make_sop, "inshop": make_inshop}
+#: Heavy values the tests override (everything else must come from the preset). The ViT is
+#: tested in test_vit.py; the small CNN stands in for every backbone here, a 64-d graph for
+#: BGFormer's (backbone-wide) one.
+SMALL = {"epochs": 1, "image_size": 32, "test_resize": 36, "classes_per_batch": 2,
+         "samples_per_class": 3, "batch_size": 2, "backbone": "smallcnn", "embedding_dim": 32}
+EXPECTED = {f"{m}-{d}" for m in ("bgformer", "intra-batch") for d in MAKERS} | {
+    f"proxygml-{d}" for d in ("cub", "cars", "sop")}
+
+
+def test_every_original_has_a_preset():
+    assert set(available_presets()) == EXPECTED
+
+
+def run_config(tmp_path) -> dict:
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[0])["config"]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_preset_runs_one_epoch_and_records_its_values(name, tmp_path, capsys, monkeypatch):
+    # The fixtures hold 2-5 test images: Recall@1 only (R@8 needs 9 of them); no NMI, no plot
+    # (time: 11 runs in the test budget).
+    monkeypatch.setattr(train, "evaluate",
+                        functools.partial(train.evaluate, ks=(1,), with_nmi=False))
+    monkeypatch.setattr(train, "plot_curves", lambda out: None)
+    preset = load_preset(name)
+    root = MAKERS[preset["dataset"]](tmp_path)
+    argv = ["--preset", name, "--data-root", str(root), "--out", str(tmp_path / "run"),
+            "--device", "cpu", "--no-progress", "--no-amp"]
+    overrides = dict(SMALL)
+    if preset["method"] == "proxygml":
+        del overrides["classes_per_batch"]
+    if preset["method"] == "bgformer":
+        argv += ["--graph-dim", "64"]
+    for key, value in overrides.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    overrides["amp"] = False
+    assert main(argv) == 0, capsys.readouterr().err
+    config = run_config(tmp_path)
+    assert "configuration:" in capsys.readouterr().err  # the log line
+    assert config["preset"] == name
+    for key, value in preset.items():
+        if key in overrides:
+            assert config[key] == overrides[key]  # explicit options win
+        else:
+            assert config[key] == value, key
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert checkpoint["config"] == config
+
+
+def test_list_presets(capsys):
+    assert main(["--list-presets"]) == 0
+    out = capsys.readouterr().out
+    for name in EXPECTED:
+        assert name in out
+
+
+def test_unknown_preset_lists_the_valid_ones(capsys):
+    code = main(["--preset", "bgformer-mnist", "--no-progress"])
+    assert_user_error(capsys, code, "bgformer-mnist", "bgformer-cub", "proxygml-sop")
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ({"lr": 1e-4, "learning_rate": 3e-5}, "unknown key 'learning_rate'"),
+    ({"lr": "fast"}, "lr must be a number"),
+    ({"epochs": 2.5}, "epochs must be an int"),
+    ({"amp": 1}, "amp must be true or false"),
+    ({"crop_scale": 0.2}, "crop_scale must be an array of 2 values"),
+    ({"method": "bgformerz"}, "method must be one of"),
+    ({"out": "elsewhere"}, "unknown key 'out'"),
+])
+def test_bad_preset_file(content, fragment, monkeypatch, capsys):
+    from bgf_pyg import cli
+
+    monkeypatch.setattr(cli, "load_preset", lambda name: content)
+    code = main(["--preset", "bgformer-cub", "--no-progress"])
+    assert_user_error(capsys, code, "preset 'bgformer-cub'", fragment)
+
+
+def test_shipped_presets_are_valid():
+    from bgf_pyg.cli import build_parser
+
+    parser = build_parser()
+    for name in available_presets():
+        check_preset(load_preset(name), parser, name)
+
+
+def test_graph_dim_not_divisible_by_heads(capsys):
+    code = main(["--method", "bgformer", "--graph-dim", "100", "--graph-heads", "8",
+                 "--no-progress"])
+    assert_user_error(capsys, code, "--graph-dim (100)", "--graph-heads (8)")
+
+
+def test_pce_needs_two_samples_per_class(capsys):
+    code = main(["--method", "plain", "--loss", "pce", "--samples-per-class", "1",
+                 "--no-progress"])
+    assert_user_error(capsys, code, "--samples-per-class")
