@@ -3,13 +3,11 @@ records its values; bad presets and bad option combinations are one-line errors 
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 import torch
 
-from bgf_pyg import train
 from bgf_pyg.cli import main
 from bgf_pyg.presets import available_presets, check_preset, load_preset
 from tests.test_cli import assert_user_error
@@ -35,12 +33,7 @@ def run_config(tmp_path) -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_preset_runs_one_epoch_and_records_its_values(name, tmp_path, capsys, monkeypatch):
-    # The fixtures hold 2-5 test images: Recall@1 only (R@8 needs 9 of them); no NMI, no plot
-    # (time: 11 runs in the test budget).
-    monkeypatch.setattr(train, "evaluate",
-                        functools.partial(train.evaluate, ks=(1,), with_nmi=False))
-    monkeypatch.setattr(train, "plot_curves", lambda out: None)
+def test_preset_runs_one_epoch_and_records_its_values(name, tmp_path, capsys, tiny_eval):
     preset = load_preset(name)
     root = MAKERS[preset["dataset"]](tmp_path)
     argv = ["--preset", name, "--data-root", str(root), "--out", str(tmp_path / "run"),

@@ -81,7 +81,10 @@ def vit_trunk(name: str, pretrained: str | None, image_size: int) -> tuple[nn.Mo
     and its width (384 for ViT-S/16, 768 for ViT-B/16)."""
     timm = import_timm()
     arch = VIT_BACKBONES[name][0]
-    model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size)
+    # With a weights file timm's own initialisation would be overwritten at once: skip it.
+    init = "skip" if pretrained is not None else ""
+    model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size,
+                              weight_init=init)
     if pretrained is not None:
         load_vit_weights(model, pretrained)
         log.info("%s: loaded weights from %s", name, pretrained)
