@@ -24,8 +24,7 @@ def vit_state(tmp_path_factory):
     writes training checkpoints (``{"state_dict": ...}``)."""
     timm = pytest.importorskip("timm", reason="the timm extra is not installed")
     torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10,
-                              weight_init="skip")  # PyTorch's default init: random is enough
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10)
     path = tmp_path_factory.mktemp("weights") / "vit_s16.pth"
     torch.save({"state_dict": model.state_dict(), "epoch": 3}, path)
     return path, model.state_dict()
