@@ -65,3 +65,31 @@ def test_clip_grad_bounds_the_global_norm():
     assert seen[-1] > 1e-3  # unclipped
     train_one_epoch(method, [(images, labels)], optimizer, precision, clip_grad=1e-3)
     assert seen[-1] == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_freeze_bn_keeps_running_statistics():
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                          nn.Linear(4 * 2 * 2, 12))
+    method = build_method("plain", EmbeddingNet(trunk, 12, 8), loss="pce", samples_per_class=4)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
+    images, labels = batch()
+    before = trunk[1].running_mean.clone()
+    train_one_epoch(method, [(images, labels)], optimizer, Precision(torch.device("cpu")),
+                    freeze_bn=True)
+    torch.testing.assert_close(trunk[1].running_mean, before)
+    assert trunk[1].weight.grad is not None  # the affine parameters still train
+    train_one_epoch(method, [(images, labels)], optimizer, Precision(torch.device("cpu")))
+    assert not torch.equal(trunk[1].running_mean, before)
+
+
+@pytest.mark.parametrize("name,cls,decoupled", [("adamw", torch.optim.AdamW, None),
+                                                ("adam", torch.optim.Adam, None),
+                                                ("radam", torch.optim.RAdam, True)])
+def test_optimizer_choice(name, cls, decoupled):
+    method = build_method("plain", backbone(), loss="pce", samples_per_class=4)
+    optimizer = build_optimizer(method, 1e-4, 1e-2, 5e-5, name=name, eps=0.01)
+    assert type(optimizer) is cls
+    group = optimizer.param_groups[0]
+    assert group["eps"] == 0.01 and group["weight_decay"] == 5e-5
+    if decoupled:
+        assert group["decoupled_weight_decay"]
