@@ -100,3 +100,13 @@ def test_pce_bad_arguments():
         PairwiseCrossEntropyLoss(samples_per_class=1)
     with pytest.raises(ValueError, match="space"):
         PairwiseCrossEntropyLoss(space="euclid")
+
+
+def test_pce_computes_in_float32_under_autocast():
+    emb = torch.randn(8, 6)
+    labels = torch.arange(2).repeat_interleave(4)
+    loss_fn = PairwiseCrossEntropyLoss(4, space="hyperbolic")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = loss_fn(emb.bfloat16(), labels)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, loss_fn(emb.bfloat16().float(), labels))

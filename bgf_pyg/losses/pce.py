@@ -155,7 +155,11 @@ class PairwiseCrossEntropyLoss(nn.Module):
         self.check_layout(labels)
         m = self.samples_per_class
         p = embeddings.size(0) // m
-        s = self.similarity(self.embed(embeddings)) / self.temperature
+        # At least float32 even under mixed precision: the ball's distances lose their precision
+        # in float16 (artanh near 1, the Möbius sum's cancellations).
+        x = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+        with torch.autocast(x.device.type, enabled=False):
+            s = self.similarity(self.embed(x)) / self.temperature
         # s4[i, j, a, b] = s(z[a, slot i], z[b, slot j]): all slot pairs at once.
         s4 = s.view(p, m, p, m).permute(1, 3, 0, 2)
         own = s4.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # (m, P, P): slot i against itself
