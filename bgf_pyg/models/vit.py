@@ -77,8 +77,8 @@ def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def vit_trunk(name: str, pretrained: str | None, image_size: int) -> tuple[nn.Module, int]:
-    """The timm ViT of backbone ``name`` for ``image_size``² inputs, returning the CLS token;
-    and its width (384 for ViT-S/16, 768 for ViT-B/16)."""
+    """The timm ViT of backbone ``name`` for square inputs of side ``image_size``, returning the
+    CLS token; and its width (384 for ViT-S/16, 768 for ViT-B/16)."""
     timm = import_timm()
     arch = VIT_BACKBONES[name][0]
     # With a weights file timm's own initialisation would be overwritten at once: skip it.

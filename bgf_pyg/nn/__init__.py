@@ -4,6 +4,7 @@ from .attention_stats import AttentionEntropy, attention_entropy
 from .bgformer import BGFormer, BGFormerLayer, DualSSA
 from .conv import BatchGraphConv
 from .intra_batch import IntraBatchAttention, IntraBatchMPN
+from .label_propagation import SameLabelPropagation
 
 __all__ = [
     "BatchGraphConv",
@@ -12,6 +13,7 @@ __all__ = [
     "BGFormer",
     "IntraBatchAttention",
     "IntraBatchMPN",
+    "SameLabelPropagation",
     "AttentionEntropy",
     "attention_entropy",
 ]
