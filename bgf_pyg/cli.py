@@ -15,6 +15,7 @@ a user error is reported by every rank.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -38,13 +39,24 @@ from .data import (
     DigitsDemo,
     DistributedClassBalancedBatchSampler,
     ImageListDataset,
+    TransformOptions,
     build_dataset,
     build_transform,
     check_image_headers,
 )
+from .data.transforms import INTERPOLATIONS
+from .losses.pce import SPACES
 from .metrics import evaluate_retrieval
-from .models import BACKBONES, LOSSES, METHODS, build_backbone, build_method
+from .models import (
+    BACKBONES,
+    LOSSES,
+    METHODS,
+    backbone_normalization,
+    build_backbone,
+    build_method,
+)
 from .monitor import TensorBoardLogger
+from .nn.bgformer import SEMANTIC_BRANCHES
 from .options import (
     DIVERGENCE_OPTIONS,
     HelpFormatter,
@@ -62,8 +74,9 @@ from .options import (
     seed_int,
     validate,
 )
+from .presets import available_presets, check_preset, load_preset, preset_title
 from .run_folder import check_run_folder
-from .train import DivergenceError, build_optimizer, fit, seed_all, seed_worker
+from .train import OPTIMIZERS, DivergenceError, build_optimizer, fit, seed_all, seed_worker
 
 log = logging.getLogger("bgf_pyg")
 
@@ -101,7 +114,7 @@ DEMO_DEFAULTS = {
 #: Options that may change on ``--resume``; every other one must match the checkpoint's.
 RESUMABLE_OPTIONS = frozenset({"epochs", "eval_every", "resume", "overwrite", "out", "data_root",
                                "device", "num_workers", "no_progress", "check_images",
-                               "checkpoint_every", "dist_timeout"})
+                               "checkpoint_every", "dist_timeout", "list_presets"})
 
 
 def dataset_help() -> str:
@@ -128,6 +141,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         prog=prog, description="Train and evaluate a batch-graph metric-learning method.",
         epilog=dataset_help(), formatter_class=HelpFormatter,
     )
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="start from an original's configuration (see --list-presets); explicit "
+                        "options override it")
+    p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     p.add_argument("--dataset", choices=DATASETS, default="demo", help="benchmark (see below)")
     p.add_argument("--data-root", default=None, help="dataset folder (not for demo; see below)")
     p.add_argument("--check-images", choices=IMAGE_CHECKS, default="header",
@@ -136,10 +153,23 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "files are always found")
     p.add_argument("--method", choices=METHODS, default="bgformer", help="training method")
     p.add_argument("--loss", choices=LOSSES, default="multi_similarity",
-                   help="metric loss of plain and bgformer")
-    p.add_argument("--backbone", choices=BACKBONES, default="resnet50", help="image network")
+                   help="metric loss of plain and bgformer (pce: Hyp-ViT's pairwise "
+                        "cross-entropy, BGFormer's authors' loss)")
+    p.add_argument("--pce-space", choices=SPACES, default="sphere",
+                   help="pce: similarity on the unit sphere or the Poincaré ball")
+    p.add_argument("--hyp-c", type=positive_float, default=0.1, help="pce: curvature of the ball")
+    p.add_argument("--clip-r", type=positive_float, default=2.3,
+                   help="pce: feature clipping radius before the ball's exponential map")
+    p.add_argument("--backbone", choices=BACKBONES, default="resnet50",
+                   help="image network (vit_* need the timm extra)")
     p.add_argument("--pretrained", default=None,
-                   help="local ImageNet state dict of the ResNet (default: random weights)")
+                   help="local weights: a torchvision ResNet state dict, or a timm / DINO "
+                        "checkpoint for a ViT (default: random weights; never downloaded)")
+    p.add_argument("--pooling", choices=("avg", "max"), default=None,
+                   help="ResNet global pooling (default: max for intra-batch, avg otherwise)")
+    p.add_argument("--graph-dim", type=positive_int, default=None,
+                   help="BGFormer: project backbone features to this width before the graph and "
+                        "the head, test time included (default: the backbone's own width)")
     p.add_argument("--epochs", type=positive_int, default=30, help="epochs to train in all")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="size of proxygml's random batches")
@@ -159,8 +189,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="BGFormer: weight of the loss on the backbone features (default 0.5)")
     p.add_argument("--lam", type=probability, default=None,
                    help="BGFormer: weight of the visual branch in dual SSA (default 0.5)")
+    p.add_argument("--semantic-branch", choices=SEMANTIC_BRANCHES, default=None,
+                   help="BGFormer's semantic branch (default attention; label_propagation is "
+                        "the authors' D^-1(A_same + I) W x)")
+    p.add_argument("--mpn-cat", action=argparse.BooleanOptionalAction, default=False,
+                   help="intra-batch: concatenate every MPN layer's output (the Cars original)")
+    p.add_argument("--proxygml-lambda", type=non_negative_float, default=None,
+                   help="ProxyGML's weight of the proxy regulariser (default 0.3)")
     p.add_argument("--temperature", type=positive_float, default=None,
-                   help="intra-batch: logit temperature T (default 0.2, the CUB original)")
+                   help="intra-batch: logit temperature T; pce: τ (default 0.2 for both)")
     p.add_argument("--embedding-dim", type=positive_int, default=512,
                    help="width of the embedding head")
     p.add_argument("--lr", type=positive_float, default=1e-4,
@@ -168,11 +205,21 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--proxy-lr", type=positive_float, default=None,
                    help=f"learning rate of the loss's proxies (default: {PROXY_LR_FACTOR:g} × "
                         "--lr)")
+    p.add_argument("--graph-lr", type=positive_float, default=None,
+                   help="learning rate of the graph module (BGFormer, the MPN; default: --lr)")
     p.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
-                   help="AdamW weight decay")
+                   help="weight decay of the optimiser")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adam: coupled L2 decay (ProxyGML); radam: decoupled (intra-batch)")
+    p.add_argument("--adam-eps", type=positive_float, default=1e-8, help="the optimiser's epsilon")
+    p.add_argument("--clip-grad", type=positive_float, default=None,
+                   help="clip the gradients' global norm to this value (default: no clipping)")
+    p.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the backbone's BatchNorm statistics frozen while training")
     p.add_argument("--lr-milestones", type=positive_int, nargs="+", default=None, metavar="EPOCH",
                    help="multiply every learning rate by --lr-gamma after these epochs "
-                        "(strictly increasing, below --epochs; ProxyGML's original: 20 40)")
+                        "(strictly increasing, below --epochs; ProxyGML's original: 19 39, "
+                        "i.e. from its 20th and 40th epoch)")
     p.add_argument("--lr-gamma", type=fraction, default=0.1,
                    help="factor of each --lr-milestones step")
     p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-METHOD-sSEED)")
@@ -193,7 +240,18 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="DataLoader worker processes")
     p.add_argument("--no-augment", action="store_true",
                    help="train on test-time transforms (no random augmentation)")
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--image-size", type=positive_int, default=224,
+                   help="crop side (and a ViT's input)")
+    p.add_argument("--crop-scale", type=fraction, nargs=2, default=[0.08, 1.0],
+                   metavar=("MIN", "MAX"), help="area range of the random resized crop")
+    p.add_argument("--interpolation", choices=tuple(INTERPOLATIONS), default="bilinear",
+                   help="resampling of crops and resizes")
+    p.add_argument("--test-resize", type=positive_int, default=None,
+                   help="test-time resize before the centre crop (default: size·256/224)")
+    p.add_argument("--random-erasing", type=probability, default=0.0,
+                   help="probability of random erasing in training (intra-batch: 0.5)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="mixed precision (CUDA only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--tensorboard", action="store_true",
                    help="log losses, learning rates, metrics and BGFormer's attention entropy "
@@ -215,10 +273,25 @@ def parse_args(
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.list_presets:
+        print(format_presets())
+        parser.exit(0)
     explicit = explicit_dests(lambda: build_parser(prog), argv)
+    preset: dict = {}
+    if args.preset is not None:  # defaults < preset < explicit options
+        try:
+            preset = check_preset(load_preset(args.preset), parser, args.preset)
+        except InputError as err:
+            parser.error(str(err))
+        for dest, value in preset.items():
+            if dest not in explicit:
+                setattr(args, dest, value)
+        if "lr_milestones" in preset and "lr_milestones" not in explicit:
+            # a preset's schedule cut short by --epochs keeps the steps that fall inside the run
+            args.lr_milestones = [m for m in args.lr_milestones if m < args.epochs] or None
     if args.dataset == "demo":
         for dest, value in DEMO_DEFAULTS.items():
-            if dest not in explicit:
+            if dest not in explicit and dest not in preset:
                 setattr(args, dest, value)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -228,6 +301,19 @@ def parse_args(
         args.proxy_lr = PROXY_LR_FACTOR * args.lr
     validate(parser, args, explicit, methods)
     return args
+
+
+def format_presets() -> str:
+    """One line per shipped preset: its name and description."""
+    names = available_presets()
+    width = max(map(len, names))
+    return "\n".join(f"{name:<{width}}  {preset_title(name)}" for name in names)
+
+
+def resolved_options(args: argparse.Namespace) -> dict:
+    """Every resolved option of a run (defaults < preset < explicit), as the log and the first
+    line of ``metrics.jsonl`` record them."""
+    return {k: v for k, v in sorted(vars(args).items()) if k != "list_presets"}
 
 
 def run_config(args: argparse.Namespace) -> dict:
@@ -246,14 +332,19 @@ class Splits:
 
 
 def load_splits(
-    dataset: str, root: str | None, augment: bool = True, check_images: str = "off"
+    dataset: str,
+    root: str | None,
+    augment: bool = True,
+    check_images: str = "off",
+    options: TransformOptions | None = None,
 ) -> Splits:
-    """Training and evaluation splits (In-Shop: query against gallery); with ``check_images``
-    every image is opened now (:func:`~bgf_pyg.data.check_image_headers`)."""
+    """Training and evaluation splits (In-Shop: query against gallery), transformed as
+    ``options`` says; with ``check_images`` every image is opened now
+    (:func:`~bgf_pyg.data.check_image_headers`)."""
     if dataset != "demo" and root is None:
         raise ValueError(f"--data-root is required for --dataset {dataset}")
-    train_tf = build_transform(dataset, train=augment)
-    test_tf = build_transform(dataset, train=False)
+    train_tf = build_transform(dataset, train=augment, options=options)
+    test_tf = build_transform(dataset, train=False, options=options)
     train = build_dataset(dataset, root, "train", train_tf)
     if dataset == "inshop":
         splits = Splits(train, build_dataset(dataset, root, "query", test_tf),
@@ -337,15 +428,38 @@ def method_hparams(args: argparse.Namespace) -> dict:
     """The method-specific keyword arguments of :func:`~bgf_pyg.models.build_method` (options
     left unset keep the method's own defaults)."""
     if args.method == "proxygml":
-        return {"proxies_per_class": args.proxies_per_class, "r": args.proxygml_r}
+        hparams = {"proxies_per_class": args.proxies_per_class, "r": args.proxygml_r,
+                   "weight_lambda": args.proxygml_lambda}
+        return {name: value for name, value in hparams.items() if value is not None}
     graph = {"num_layers": args.graph_layers, "heads": args.graph_heads}
     if args.method == "bgformer":
-        hparams = {"k": args.k, "alpha": args.alpha, "lam": args.lam, **graph}
+        hparams = {"k": args.k, "alpha": args.alpha, "lam": args.lam,
+                   "semantic_branch": args.semantic_branch, **graph}
     elif args.method == "intra-batch":
-        hparams = {"temperature": args.temperature, **graph}
+        hparams = {"temperature": args.temperature, "cat": args.mpn_cat, **graph}
     else:
         hparams = {}
     return {name: value for name, value in hparams.items() if value is not None}
+
+
+def loss_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of the ``pce`` loss (none for the other losses)."""
+    if args.loss != "pce":
+        return {}
+    options = {"space": args.pce_space, "c": args.hyp_c, "clip_r": args.clip_r}
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    return options
+
+
+def transform_options(args: argparse.Namespace) -> TransformOptions:
+    """The image pipeline the options describe, normalised for the backbone's weight family."""
+    mean, std = backbone_normalization(args.backbone)
+    return TransformOptions(
+        size=args.image_size, crop_scale=tuple(args.crop_scale),
+        interpolation=args.interpolation, test_resize=args.test_resize,
+        random_erasing=args.random_erasing, mean=mean, std=std,
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
@@ -360,19 +474,23 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     generator = seed_all(args.seed)
     generator.manual_seed(args.seed + distributed.get_rank())  # per-rank worker augmentation
     splits = load_splits(args.dataset, args.data_root, augment=not args.no_augment,
-                         check_images=args.check_images)
+                         check_images=args.check_images, options=transform_options(args))
     check_against_data(args, splits.train)
     samples_per_class = None if args.method == "proxygml" else args.samples_per_class
     backbone = build_backbone(args.backbone, args.embedding_dim, args.pretrained,
-                              pooling=METHOD_POOLING.get(args.method, "avg"))
+                              pooling=args.pooling or METHOD_POOLING.get(args.method, "avg"),
+                              in_channels=1 if args.dataset == "demo" else 3,
+                              graph_dim=args.graph_dim, image_size=args.image_size)
     if not args.resume and args.pretrained is None:
         log.info("%s backbone is randomly initialised (no --pretrained weights file given)",
                  args.backbone)
     method = build_method(args.method, backbone, splits.train.num_classes, loss=args.loss,
-                          samples_per_class=samples_per_class, **method_hparams(args))
+                          samples_per_class=samples_per_class, loss_options=loss_options(args),
+                          **method_hparams(args))
     check_batch_graph_k(args, splits.train.num_classes)
     train = train_loader(args, splits.train, generator)  # its checks run before any training
-    optimizer = build_optimizer(method, args.lr, args.proxy_lr, args.weight_decay)
+    optimizer = build_optimizer(method, args.lr, args.proxy_lr, args.weight_decay,
+                                graph_lr=args.graph_lr, name=args.optimizer, eps=args.adam_eps)
     scheduler = None
     if args.lr_milestones:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -381,6 +499,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     # Rank 0 alone writes the run folder, event files included.
     logger = (TensorBoardLogger(out / TENSORBOARD_DIR, method)
               if args.tensorboard and distributed.is_main_process() else None)
+    log.info("configuration: %s", json.dumps(resolved_options(args)))
     start = time.perf_counter()
     result = fit(
         method, train, optimizer, out,
@@ -390,6 +509,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         overwrite=args.overwrite, config=run_config(args), amp=args.amp,
         progress=False if args.no_progress else None, callback=logger,
         checkpoint_every=args.checkpoint_every,
+        clip_grad=args.clip_grad, freeze_bn=args.freeze_bn, header=resolved_options(args),
     )
     if logger is not None:  # each epoch flushes, so a run that stops early keeps its curves
         logger.close()

@@ -36,6 +36,7 @@ the tests check both).
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -43,8 +44,9 @@ from typing import NoReturn
 
 import torch
 
-from .checks import show_value
-from .models.methods import PROXY_LOSSES
+from .checks import InputError, show_value
+from .models.methods import PROXY_LOSSES, BGFormerMethod
+from .models.vit import VIT_BACKBONES, import_timm
 
 SEED_MAX = 2**32 - 1  # NumPy's seed range
 
@@ -162,12 +164,16 @@ IMAGE_DATASETS = ("cub", "cars", "sop", "inshop")
 BALANCED_METHODS = ("plain", "bgformer", "intra-batch")
 GRAPH_METHODS = ("bgformer", "intra-batch")
 RESNETS = ("resnet50", "resnet18")
+PRETRAINED_BACKBONES = (*RESNETS, *VIT_BACKBONES)
+#: BGFormer's heads when --graph-heads is not given (to check --graph-dim before any work).
+BGFORMER_HEADS = inspect.signature(BGFormerMethod).parameters["heads"].default
 
 #: Where each option is read (alternatives: any one suffices); absent options apply everywhere.
 SCOPES: dict[str, tuple[Scope, ...]] = {
     "data_root": (Scope(dataset=IMAGE_DATASETS),),
     "check_images": (Scope(dataset=IMAGE_DATASETS),),
-    "pretrained": (Scope(backbone=RESNETS),),
+    "pretrained": (Scope(backbone=PRETRAINED_BACKBONES),),
+    "pooling": (Scope(backbone=RESNETS),),
     "loss": (Scope(method=("plain", "bgformer")),),
     "batch_size": (Scope(method=("proxygml",)),),
     "classes_per_batch": (Scope(method=BALANCED_METHODS),),
@@ -180,7 +186,21 @@ SCOPES: dict[str, tuple[Scope, ...]] = {
     "proxygml_r": (Scope(method=("proxygml",)),),
     "graph_layers": (Scope(method=GRAPH_METHODS),),
     "graph_heads": (Scope(method=GRAPH_METHODS),),
-    "temperature": (Scope(method=("intra-batch",)),),
+    "temperature": (Scope(method=("intra-batch",)),
+                    Scope(method=("plain", "bgformer"), loss=("pce",))),
+    "pce_space": (Scope(method=("plain", "bgformer"), loss=("pce",)),),
+    "hyp_c": (Scope(method=("plain", "bgformer"), loss=("pce",), pce_space=("hyperbolic",)),),
+    "clip_r": (Scope(method=("plain", "bgformer"), loss=("pce",), pce_space=("hyperbolic",)),),
+    "semantic_branch": (Scope(method=("bgformer",)),),
+    "graph_dim": (Scope(method=("bgformer",)),),
+    "graph_lr": (Scope(method=GRAPH_METHODS),),
+    "mpn_cat": (Scope(method=("intra-batch",)),),
+    "proxygml_lambda": (Scope(method=("proxygml",)),),
+    "image_size": (Scope(dataset=IMAGE_DATASETS),),
+    "crop_scale": (Scope(dataset=IMAGE_DATASETS),),
+    "interpolation": (Scope(dataset=IMAGE_DATASETS),),
+    "test_resize": (Scope(dataset=IMAGE_DATASETS),),
+    "random_erasing": (Scope(dataset=IMAGE_DATASETS),),
     "proxy_lr": (Scope(method=("proxygml",)),
                  Scope(method=("plain", "bgformer"), loss=tuple(PROXY_LOSSES))),
     "lr_gamma": (Scope(lr_milestones=IS_SET),),
@@ -251,9 +271,43 @@ def check_amp(args: argparse.Namespace) -> str | None:
     return None
 
 
+def check_graph_dim(args: argparse.Namespace) -> str | None:
+    if args.method != "bgformer" or args.graph_dim is None:
+        return None
+    heads = args.graph_heads if args.graph_heads is not None else BGFORMER_HEADS
+    if args.graph_dim % heads != 0:
+        return (f"--graph-dim ({args.graph_dim}) must be divisible by --graph-heads ({heads}), "
+                "the number of BGFormer's attention heads")
+    return None
+
+
+def check_pce_layout(args: argparse.Namespace) -> str | None:
+    if args.loss == "pce" and args.method in ("plain", "bgformer") and args.samples_per_class < 2:
+        return ("--loss pce pairs the samples of a class: --samples-per-class must be >= 2, got "
+                f"{args.samples_per_class}")
+    return None
+
+
+def check_crop_scale(args: argparse.Namespace) -> str | None:
+    low, high = args.crop_scale
+    if low > high:
+        return f"--crop-scale MIN must not exceed MAX, got {low:g} {high:g}"
+    return None
+
+
+def check_timm(args: argparse.Namespace) -> str | None:
+    if args.backbone in VIT_BACKBONES:
+        try:
+            import_timm()
+        except InputError as err:
+            return str(err)
+    return None
+
+
 #: Rules over several options, run after parsing (and after the dataset's defaults are set).
 RULES: list[Callable[[argparse.Namespace], str | None]] = [
-    check_data_root, check_milestones, check_resume_overwrite, check_amp,
+    check_data_root, check_milestones, check_resume_overwrite, check_amp, check_graph_dim,
+    check_pce_layout, check_crop_scale, check_timm,
 ]
 
 

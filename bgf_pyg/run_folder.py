@@ -130,6 +130,10 @@ def check_config(
 # ---------------------------------------------------------------------------- the metrics log
 
 
+#: Key of the metrics log's first line, the run's resolved options.
+HEADER_KEY = "config"
+
+
 def append_metrics(out: str | os.PathLike, record: dict) -> None:
     """Append ``record`` as one JSON line to ``<out>/metrics.jsonl``."""
     path = Path(out) / METRICS_FILE
@@ -137,23 +141,23 @@ def append_metrics(out: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(out: str | os.PathLike) -> list[dict]:
-    """All records of ``<out>/metrics.jsonl`` (empty when there is none).
-
-    A last line that is not valid JSON (a run killed while appending) is dropped with a warning;
-    a corrupt line elsewhere raises an ``InputError`` naming the file and line.
-    """
+def _read_lines(out: str | os.PathLike) -> tuple[dict | None, list[dict]]:
+    """The header (``{"config": ...}`` on the first line, if any) and the epoch records."""
     path = Path(out) / METRICS_FILE
     if not path.is_file():
-        return []
+        return None, []
     lines = path.read_text(encoding="utf-8").splitlines()
     last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
-    records = []
+    header, records = None, []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
+            if not records and header is None and isinstance(record, dict) and set(record) == {
+                    HEADER_KEY}:
+                header = record
+                continue
             if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
                 raise ValueError("expected an object with an integer 'epoch'")
         except ValueError as err:
@@ -163,14 +167,35 @@ def read_metrics(out: str | os.PathLike) -> list[dict]:
                 break
             raise InputError(f"{path}, line {number}: not a metrics record ({err})") from err
         records.append(record)
-    return records
+    return header, records
 
 
-def keep_metrics_until(out: str | os.PathLike, epoch: int) -> None:
+def read_metrics(out: str | os.PathLike) -> list[dict]:
+    """The epoch records of ``<out>/metrics.jsonl`` (empty when there is none; the
+    configuration header is :func:`read_config`'s).
+
+    A last line that is not valid JSON (a run killed while appending) is dropped with a warning;
+    a corrupt line elsewhere raises an ``InputError`` naming the file and line.
+    """
+    return _read_lines(out)[1]
+
+
+def read_config(out: str | os.PathLike) -> dict | None:
+    """The resolved options heading ``<out>/metrics.jsonl`` (``None`` without a header)."""
+    header = _read_lines(out)[0]
+    return None if header is None else header[HEADER_KEY]
+
+
+def keep_metrics_until(out: str | os.PathLike, epoch: int, header: dict | None = None) -> None:
     """Drop the records after ``epoch`` (a run killed after logging but before its checkpoint
-    repeats that epoch on resume); ``epoch=0`` starts a fresh log."""
-    records = [r for r in read_metrics(out) if r["epoch"] <= epoch]
-    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    repeats that epoch on resume); ``epoch=0`` starts a fresh log, whose first line is
+    ``{"config": header}`` when ``header`` is given (a resumed log keeps its own)."""
+    old_header, records = _read_lines(out)
+    records = [r for r in records if r["epoch"] <= epoch]
+    if epoch == 0:
+        old_header = None if header is None else {HEADER_KEY: header}
+    lines = ([old_header] if old_header is not None else []) + records
+    text = "".join(json.dumps(r) + "\n" for r in lines).encode()
     atomic_write(Path(out) / METRICS_FILE, lambda f: f.write(text))
 
 

@@ -205,6 +205,8 @@ def train_one_epoch(
     first_step: int = 0,
     done: tuple[int, float] = (0, 0.0),
     checkpoint: Callable[[int, float], None] | None = None,
+    clip_grad: float | None = None,
+    freeze_bn: bool = False,
 ) -> float:
     """One pass over ``loader`` of ``(images, labels)`` batches; returns the mean loss.
 
@@ -212,11 +214,18 @@ def train_one_epoch(
     global batch's, the same on every rank). ``callback`` hears of each step, numbered from
     ``first_step``. ``done``: steps and loss sum of this epoch before ``loader`` (a run resumed
     mid-epoch); ``checkpoint(steps, loss_sum)`` runs after every step (mid-epoch checkpoints).
+    ``clip_grad`` clips the gradients' global norm (BGFormer's authors: 3); ``freeze_bn`` keeps
+    every ``BatchNorm2d`` in eval mode (running statistics frozen, affine parameters trained), as
+    ProxyGML's ``--freeze_BN``.
 
     A non-finite loss, or a ``NonFiniteError`` from a check inside the forward pass (e.g. the
     batch graph's features), raises a :class:`DivergenceError` naming the step and learning rate.
     """
     method.train()
+    if freeze_bn:
+        for module in method.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
     device = precision.device
     callback = callback or FitCallback()
     steps, total = done
@@ -239,6 +248,11 @@ def train_one_epoch(
             raise DivergenceError(f"training diverged at step {steps + 1} (learning rate {lr:g}): "
                                   f"the loss became {loss.item()}")
         precision.scaler.scale(loss).backward()
+        if clip_grad is not None:
+            precision.scaler.unscale_(optimizer)  # clip the true gradients, not scaled ones
+            torch.nn.utils.clip_grad_norm_(
+                [p for group in optimizer.param_groups for p in group["params"]], clip_grad
+            )
         precision.scaler.step(optimizer)
         precision.scaler.update()
         total += loss.item()
@@ -400,6 +414,9 @@ def fit(
     progress: bool | None = None,
     callback: FitCallback | None = None,
     checkpoint_every: int | None = None,
+    clip_grad: float | None = None,
+    freeze_bn: bool = False,
+    header: dict | None = None,
 ) -> FitResult:
     """Train ``method`` for ``epochs`` epochs, evaluating every ``eval_every`` epochs (and after
     the last), keeping ``last.pt`` / ``best.pt`` in ``out``.
@@ -413,6 +430,8 @@ def fit(
     Every ``checkpoint_every`` steps ``last.pt`` is also written mid-epoch with the sampler's
     position (a :class:`~bgf_pyg.data.ClassBalancedBatchSampler` is needed to restart there;
     bit-identical with ``num_workers=0``, since worker RNG states are not saved).
+    ``header`` (all the resolved options) is the first line of a fresh ``metrics.jsonl``.
+    ``clip_grad`` and ``freeze_bn`` are as in :func:`train_one_epoch`.
     """
     check_positive_int(epochs, "epochs")
     check_positive_int(eval_every, "eval_every")
@@ -446,7 +465,7 @@ def fit(
             if start == epochs:
                 log.info("the run has already trained its %d epochs; nothing to do", epochs)
         if main:
-            keep_metrics_until(out, start)
+            keep_metrics_until(out, start, header)
         model = distributed.wrap_ddp(method, device)
 
         def save_last(epochs_done: int, generator_state, step: int = 0,
@@ -495,7 +514,8 @@ def fit(
                     desc=f"epoch {epoch + 1}/{epochs}", callback=callback,
                     # len() of a resumed epoch's loader counts the steps left
                     first_step=epoch * (len(train_loader) + done[0]), done=done,
-                    checkpoint=checkpoint_mid_epoch if checkpoint_every else None)
+                    checkpoint=checkpoint_mid_epoch if checkpoint_every else None,
+                    clip_grad=clip_grad, freeze_bn=freeze_bn)
             except DivergenceError as err:
                 raise DivergenceError(f"epoch {epoch + 1}: {err}") from err
             if scheduler is not None:
@@ -556,9 +576,29 @@ def _check_world_size(state: dict, path: Path) -> None:
                          f"{now}; resume with torchrun --nproc_per_node {written}")
 
 
+#: The originals' optimisers: AdamW (BGFormer's authors), Adam with coupled L2 weight decay
+#: (ProxyGML), RAdam with decoupled weight decay (intra-batch; its RAdam.py matches torch's).
+OPTIMIZERS = ("adamw", "adam", "radam")
+
+
 def build_optimizer(
-    method: Method, lr: float, proxy_lr: float, weight_decay: float = 0.0
+    method: Method,
+    lr: float,
+    proxy_lr: float,
+    weight_decay: float = 0.0,
+    *,
+    graph_lr: float | None = None,
+    name: str = "adamw",
+    eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
-    """AdamW over ``method.param_groups(lr, proxy_lr)``."""
-    return torch.optim.AdamW(method.param_groups(lr, proxy_lr), weight_decay=weight_decay)
+    """``name`` (see :data:`OPTIMIZERS`) over ``method.param_groups(lr, proxy_lr, graph_lr)``."""
+    groups = method.param_groups(lr, proxy_lr, graph_lr)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, eps=eps)
+    if name == "adam":
+        return torch.optim.Adam(groups, weight_decay=weight_decay, eps=eps)
+    if name == "radam":
+        return torch.optim.RAdam(groups, weight_decay=weight_decay, eps=eps,
+                                 decoupled_weight_decay=True)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 

@@ -62,14 +62,15 @@ def _kind(value: Any) -> str:
 
 def _scalar(action: argparse.Action, value: Any, where: str) -> Any:
     convert = action.type or str
+    kind = getattr(convert, "kind", convert)  # bgf_pyg.options.Number declares its kind
     if isinstance(value, bool) or isinstance(value, dict | list):
-        raise InputError(f"{where} must be a single {getattr(convert, '__name__', 'value')}, "
+        raise InputError(f"{where} must be a single {getattr(kind, '__name__', 'value')}, "
                          f"got {_kind(value)}")
-    if convert is str and not isinstance(value, str):
+    if kind is str and not isinstance(value, str):
         raise InputError(f"{where} must be a string, got {_kind(value)}")
-    if convert in (int, float) and isinstance(value, str):
-        raise InputError(f"{where} must be a number ({convert.__name__}), got {_kind(value)}")
-    if convert is int and not isinstance(value, int):
+    if kind in (int, float) and isinstance(value, str):
+        raise InputError(f"{where} must be a number ({kind.__name__}), got {_kind(value)}")
+    if kind is int and not isinstance(value, int):
         raise InputError(f"{where} must be an int, got {_kind(value)}")
     try:
         converted = convert(value if isinstance(value, str) else str(value))
