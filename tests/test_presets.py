@@ -22,7 +22,7 @@ SMALL = {"epochs": 1, "image_size": 32, "test_resize": 36, "backbone": "smallcnn
 #: Per method: the batch (the fixtures hold 2 training classes of 1-3 images).
 BATCH = {"proxygml": {"batch_size": 2}, "intra-batch": {"classes_per_batch": 2,
                                                         "samples_per_class": 3}}
-BATCH["bgformer"] = {**BATCH["intra-batch"], "graph_dim": 64}
+BATCH["bgformer"] = {**BATCH["intra-batch"], "graph_dim": 64, "k": 3}  # k below the batch
 EXPECTED = {f"{m}-{d}" for m in ("bgformer", "intra-batch") for d in MAKERS} | {
     f"proxygml-{d}" for d in ("cub", "cars", "sop")}
 
