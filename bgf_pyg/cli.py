@@ -288,19 +288,35 @@ def parse_args(
                 setattr(args, dest, value)
         if "lr_milestones" in preset and "lr_milestones" not in explicit:
             # a preset's schedule cut short by --epochs keeps the steps that fall inside the run
-            args.lr_milestones = [m for m in args.lr_milestones if m < args.epochs] or None
+            kept = [m for m in args.lr_milestones if m < args.epochs]
+            if len(kept) < len(args.lr_milestones):
+                print_note(prog, f"--epochs {args.epochs} ends before the preset's "
+                                 f"--lr-milestones {' '.join(map(str, args.lr_milestones))}; "
+                                 f"keeping {' '.join(map(str, kept)) or 'none'}")
+            args.lr_milestones = kept or None
     if args.dataset == "demo":
         for dest, value in DEMO_DEFAULTS.items():
             if dest not in explicit and dest not in preset:
                 setattr(args, dest, value)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if preset.get("amp") and "amp" not in explicit and torch.device(args.device).type != "cuda":
+        # a recipe's mixed precision is a GPU setting: on CPU it trains in float32 (an explicit
+        # --amp on CPU is still refused)
+        print_note(prog, f"preset {args.preset} uses mixed precision, which needs CUDA; "
+                         f"training in float32 on {args.device}")
+        args.amp = False
     if args.out is None:
         args.out = f"runs/{args.dataset}-{args.method}-s{args.seed}"
     if args.proxy_lr is None:
         args.proxy_lr = PROXY_LR_FACTOR * args.lr
     validate(parser, args, explicit, methods)
     return args
+
+
+def print_note(prog: str, message: str) -> None:
+    """One line on stderr about a value the run resolved differently from what was asked."""
+    print(f"{prog}: note: {message}", file=sys.stderr)
 
 
 def format_presets() -> str:

@@ -108,3 +108,31 @@ def test_pce_needs_two_samples_per_class(capsys):
     code = main(["--method", "plain", "--loss", "pce", "--samples-per-class", "1",
                  "--no-progress"])
     assert_user_error(capsys, code, "--samples-per-class")
+
+
+
+def test_preset_mixed_precision_on_the_cpu_is_a_note(tmp_path, capsys):
+    """A recipe's GPU-only AMP becomes float32 on the CPU with a note; an explicit --amp there is
+    still refused."""
+    from bgf_pyg.cli import parse_args
+
+    assert load_preset("bgformer-cub")["amp"] is True
+    common = ["--preset", "bgformer-cub", "--data-root", str(tmp_path), "--device", "cpu"]
+    args = parse_args(common)
+    notes = [line for line in capsys.readouterr().err.splitlines() if ": note: " in line]
+    assert args.amp is False
+    assert len(notes) == 1 and "mixed precision" in notes[0]
+    with pytest.raises(SystemExit):
+        parse_args([*common, "--amp"])
+    assert "--amp" in capsys.readouterr().err
+
+
+def test_preset_schedule_cut_by_epochs_is_a_note(tmp_path, capsys):
+    from bgf_pyg.cli import parse_args
+
+    assert load_preset("proxygml-cub")["lr_milestones"] == [19, 39]
+    args = parse_args(["--preset", "proxygml-cub", "--data-root", str(tmp_path), "--device",
+                       "cpu", "--epochs", "20"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if ": note: " in line]
+    assert args.lr_milestones == [19]
+    assert len(notes) == 1 and "--lr-milestones 19 39" in notes[0] and "keeping 19" in notes[0]
