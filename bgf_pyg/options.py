@@ -113,6 +113,24 @@ probability = Number(float, low=0, high=1)
 fraction = Number(float, low=0, high=1, low_open=True)
 
 
+def val_classes(text: str) -> int | float:
+    """An argparse ``type=`` for ``--val-classes``: ``0`` (no validation split), a fraction in
+    (0, 1) of the training classes, or an integer count (whether the training split has enough
+    classes is checked once it is read: :func:`bgf_pyg.data.splits.val_class_count`)."""
+    expected = f"expected 0, a fraction in (0, 1) or a class count >= 1, got {text!r}"
+    try:
+        return non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(expected) from None
+    if not (math.isfinite(value) and 0 < value < 1):
+        raise argparse.ArgumentTypeError(expected)
+    return value
+
+
 def device(text: str) -> str:
     """An argparse ``type=``: a torch device that exists on this machine (``cpu``, ``cuda``,
     ``cuda:N``, ``mps``)."""
@@ -204,6 +222,7 @@ SCOPES: dict[str, tuple[Scope, ...]] = {
     "proxy_lr": (Scope(method=("proxygml",)),
                  Scope(method=("plain", "bgformer"), loss=tuple(PROXY_LOSSES))),
     "lr_gamma": (Scope(lr_milestones=IS_SET),),
+    "val_seed": (Scope(val_classes=IS_SET),),
 }
 
 #: Options that set a step size or a logit scale: a diverging loss names those that apply.
@@ -265,6 +284,13 @@ def check_resume_overwrite(args: argparse.Namespace) -> str | None:
     return None
 
 
+def check_select_on(args: argparse.Namespace) -> str | None:
+    if args.select_on == "val" and not args.val_classes:
+        return ("--select-on val needs a validation split: set --val-classes to a fraction or "
+                "count of training classes, or pass --select-on test or last")
+    return None
+
+
 def check_amp(args: argparse.Namespace) -> str | None:
     if args.amp and torch.device(args.device).type != "cuda":
         return f"--amp needs a CUDA --device, got {args.device}"
@@ -307,7 +333,7 @@ def check_timm(args: argparse.Namespace) -> str | None:
 #: Rules over several options, run after parsing (and after the dataset's defaults are set).
 RULES: list[Callable[[argparse.Namespace], str | None]] = [
     check_data_root, check_milestones, check_resume_overwrite, check_amp, check_graph_dim,
-    check_pce_layout, check_crop_scale, check_timm,
+    check_pce_layout, check_crop_scale, check_timm, check_select_on,
 ]
 
 

@@ -188,10 +188,11 @@ def read_config(out: str | os.PathLike) -> dict | None:
 
 def keep_metrics_until(out: str | os.PathLike, epoch: int, header: dict | None = None) -> None:
     """Drop the records after ``epoch`` (a run killed after logging but before its checkpoint
-    repeats that epoch on resume); ``epoch=0`` starts a fresh log, whose first line is
+    repeats that epoch on resume), and the final test record (a resumed run evaluates the test
+    split again when it ends); ``epoch=0`` starts a fresh log, whose first line is
     ``{"config": header}`` when ``header`` is given (a resumed log keeps its own)."""
     old_header, records = _read_lines(out)
-    records = [r for r in records if r["epoch"] <= epoch]
+    records = [r for r in records if r["epoch"] <= epoch and not r.get("final")]
     if epoch == 0:
         old_header = None if header is None else {HEADER_KEY: header}
     lines = ([old_header] if old_header is not None else []) + records

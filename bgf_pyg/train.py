@@ -1,6 +1,11 @@
 """Fit / evaluate loop: one epoch of training, embedding + retrieval evaluation, checkpoints
 (atomic, resumable to the bit), JSON-lines metrics and a PNG of the curves.
 
+Evaluation protocol (DESIGN §9): every ``eval_every`` epochs the *selection* split is evaluated
+(the validation classes, or the test split as the originals do) and the best epoch on it is kept
+in ``best.pt``; the test split is then evaluated once, at the end, with the selected weights.
+Every metrics record names the split its numbers come from (``"split"``).
+
 The pieces are small functions; :func:`fit` strings them together. The run folder ``out``
 (``last.pt`` after every epoch, ``best.pt``, ``metrics.jsonl``, ``curves.png``) is kept by
 :mod:`bgf_pyg.run_folder`. A loss or embedding that stops being finite ends the run with a
@@ -60,6 +65,9 @@ log = logging.getLogger(__name__)
 
 #: The metric that selects the best checkpoint.
 BEST_METRIC = "recall@1"
+#: ``--select-on``: the best epoch on the validation classes or on the test split (the
+#: originals' protocol, labelled "test-selected"), or the last epoch.
+SELECT_ON = ("val", "test", "last")
 #: Recall@K values reported by evaluation.
 DEFAULT_KS = (1, 2, 4, 8)
 _NUMPY_SEED_MOD = 2**32
@@ -126,7 +134,7 @@ def plot_curves(out: str | os.PathLike) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = read_metrics(out)
+    records = [r for r in read_metrics(out) if "loss" in r]  # the epochs, not the final test
     if not records:
         return None
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
@@ -137,7 +145,8 @@ def plot_curves(out: str | os.PathLike) -> Path | None:
                        ("nmi", "map@r")}):
         ax_eval.plot([r["epoch"] for r in evals if key in r], [r[key] for r in evals if key in r],
                      marker="o", label=key)
-    ax_eval.set(xlabel="epoch", ylabel="test metric")
+    splits = sorted({r.get("split", "test") for r in evals})
+    ax_eval.set(xlabel="epoch", ylabel=f"{'/'.join(splits) or 'evaluation'} metric")
     if evals:
         ax_eval.legend()
     fig.tight_layout()
@@ -335,7 +344,9 @@ def _epoch_sampler(loader: DataLoader):
 @dataclass
 class FitResult:
     """What :func:`fit` ends with: the epochs trained by this call (``start_epoch`` to
-    ``epochs``), last epoch's and best evaluation metrics."""
+    ``epochs``), last epoch's and best evaluation metrics (of the selection split), and the
+    test split's metrics with the selected weights (``selected_epoch``; empty without a test
+    loader)."""
 
     epochs: int
     best_metric: float | None
@@ -343,6 +354,39 @@ class FitResult:
     last_metrics: dict[str, float]
     best_metrics: dict[str, float]
     start_epoch: int = 0
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    selected_epoch: int | None = None
+
+
+def split_label(split: str, select_on: str) -> str:
+    """How a split's numbers are named in log lines: ``val``, ``test``, or
+    ``test [test-selected]`` when the checkpoint is chosen on the test split itself."""
+    return f"{split} [test-selected]" if split == "test" and select_on == "test" else split
+
+
+def _format_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                     if isinstance(v, int | float) and k != "epoch")
+
+
+def evaluate_selected(
+    method: Method,
+    out: Path,
+    select_best: bool,
+    test_loader: Iterable,
+    test_gallery_loader: Iterable | None,
+    device: torch.device,
+    progress: bool,
+) -> tuple[dict[str, float], int]:
+    """Test metrics with the selected weights (``best.pt``'s when ``select_best``, else the
+    current ones), and the epoch they are from. Loads them into ``method``."""
+    epoch = None
+    if select_best:
+        state = load_checkpoint(out / BEST_CHECKPOINT)
+        method.load_state_dict(state["model"])
+        epoch = state["epoch"]
+    return evaluate(method, test_loader, device, gallery_loader=test_gallery_loader,
+                    progress=progress), epoch
 
 
 #: What a ``last.pt`` must hold to resume from it.
@@ -417,6 +461,10 @@ def fit(
     clip_grad: float | None = None,
     freeze_bn: bool = False,
     header: dict | None = None,
+    eval_split: str = "test",
+    select_on: str = "test",
+    test_loader: Iterable | None = None,
+    test_gallery_loader: Iterable | None = None,
 ) -> FitResult:
     """Train ``method`` for ``epochs`` epochs, evaluating every ``eval_every`` epochs (and after
     the last), keeping ``last.pt`` / ``best.pt`` in ``out``.
@@ -432,9 +480,20 @@ def fit(
     bit-identical with ``num_workers=0``, since worker RNG states are not saved).
     ``header`` (all the resolved options) is the first line of a fresh ``metrics.jsonl``.
     ``clip_grad`` and ``freeze_bn`` are as in :func:`train_one_epoch`.
+
+    ``eval_loader`` (with ``gallery_loader``) is the split named ``eval_split`` (``"val"`` or
+    ``"test"``) evaluated periodically; with ``select_on`` ``"val"`` or ``"test"`` its best
+    epoch is kept in ``best.pt``, with ``"last"`` (or without ``eval_loader``) the final
+    weights are the selected ones.
+    ``test_loader`` (with ``test_gallery_loader``), when given, is evaluated once after training
+    with the selected weights and logged as a ``"final"`` record of ``metrics.jsonl``.
     """
     check_positive_int(epochs, "epochs")
     check_positive_int(eval_every, "eval_every")
+    if select_on not in SELECT_ON:
+        raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
+    select_best = select_on != "last" and eval_loader is not None  # nothing to select on else
+    label = split_label(eval_split, select_on)
     device = torch.device(device)
     out = Path(out)
     main = distributed.is_main_process()
@@ -524,8 +583,8 @@ def fit(
             if eval_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
                 last_metrics = evaluate(method, eval_loader, device,
                                         gallery_loader=gallery_loader, progress=progress)
-                record.update(last_metrics)
-                if best is None or last_metrics[BEST_METRIC] > best:
+                record.update(split=eval_split, **last_metrics)
+                if select_best and (best is None or last_metrics[BEST_METRIC] > best):
                     best, best_epoch = last_metrics[BEST_METRIC], epoch + 1
                     best_metrics = last_metrics
                     if main:
@@ -536,13 +595,31 @@ def fit(
                 append_metrics(out, record)
             if callback is not None:
                 callback.after_epoch(epoch + 1, record)
-            log.info("epoch %d: %s", epoch + 1,
-                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+            log.info("epoch %d: loss %.4g, lr %.4g%s", epoch + 1, loss, lr,
+                     f"; {label}: {_format_metrics(last_metrics)}" if "split" in record else "")
             save_last(epoch + 1, _generator_state(train_loader))
         if main:
             plot_curves(out)
+        distributed.barrier()  # best.pt is on disk before any rank reads it
+        result = FitResult(epochs, best, best_epoch, last_metrics, best_metrics,
+                           start_epoch=start, selected_epoch=best_epoch if select_best else epochs)
+        if test_loader is not None:
+            result.test_metrics, selected = evaluate_selected(
+                method, out, select_best, test_loader, test_gallery_loader, device, progress)
+            result.selected_epoch = selected or epochs
+        elif eval_split == "test":  # the selection split is the test split (the originals)
+            result.test_metrics = best_metrics if select_best else last_metrics
+        if result.test_metrics:
+            if main:
+                append_metrics(out, {"epoch": epochs, "final": True, "split": "test",
+                                     "select_on": select_on,
+                                     "selected_epoch": result.selected_epoch,
+                                     **result.test_metrics})
+            log.info("%s, weights of epoch %s (selected on: %s): %s",
+                     split_label("test", select_on), result.selected_epoch, select_on,
+                     _format_metrics(result.test_metrics))
         distributed.barrier()  # the run directory is complete when fit returns on any rank
-        return FitResult(epochs, best, best_epoch, last_metrics, best_metrics, start_epoch=start)
+        return result
 
 
 def _generator_state(loader: DataLoader) -> Tensor | None:

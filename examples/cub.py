@@ -25,6 +25,8 @@ from bgf_pyg.cli import (
     format_table,
     parse_args,
     raw_pixel_metrics,
+    results_caption,
+    row_name,
     run,
     setup_logging,
 )
@@ -89,11 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 failures.append(f"{method} (seed {seed}): {type(err).__name__}: {err}")
                 exit_code = EXIT_FAILURE
         if finished:
-            rows.append((method, finished))
-    if any(name in methods for name, _ in rows):
+            rows.append((row_name(plan[method, args.seeds[0]]), finished))
+    if len(rows) > (args.data_root is None):  # a trained method finished
         seeds = ", ".join(map(str, args.seeds))
         spread = " (mean ± std)" if len(args.seeds) > 1 else ""
-        print(f"\nTest-split retrieval, last epoch, seeds {seeds}{spread}, in %; "
+        print(f"\n{results_caption(plan[methods[0], args.seeds[0]])}; seeds {seeds}{spread}; "
               f"{time.perf_counter() - start:.0f} s in all:")
         print(format_table(rows))
     for failure in failures:

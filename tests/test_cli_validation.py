@@ -122,8 +122,8 @@ def test_cross_option_rules(argv, fragment, capsys):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--method", "proxygml", "--batch-size", "5000"],
-     "--batch-size 5000 exceeds the 901 training images"),
-    (["--classes-per-batch", "6"], "--classes-per-batch 6 exceeds the 5 training classes"),
+     "--batch-size 5000 exceeds the 542 training images"),
+    (["--classes-per-batch", "6"], "--classes-per-batch 6 exceeds the 3 training classes"),
 ])
 def test_sampling_options_against_the_data(tmp_path, argv, fragment, capsys):
     code = main([*argv, "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"])

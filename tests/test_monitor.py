@@ -43,6 +43,7 @@ def test_logger_writes_losses_rates_metrics_and_attention_entropy(tmp_path):
     assert [step for step, _ in curves["train/loss"]] == [0, 2, 4]  # 6 steps, every 2
     assert [v for _, v in curves["train/lr/group0"]] == pytest.approx([1e-3] * 3)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    records = [r for r in records if not r.get("final")]  # the final test record is no epoch
     for key in ("recall@1", "nmi", "map@r"):
         assert [v for _, v in curves[f"eval/{key}"]] == pytest.approx([r[key] for r in records])
     assert [v for _, v in curves["epoch/loss"]] == pytest.approx([r["loss"] for r in records])
@@ -61,7 +62,8 @@ def test_cli_hands_the_logger_to_fit(tmp_path, monkeypatch):
 
     def fake_fit(method, *args, callback=None, **kwargs):  # the run itself is tested above
         seen["callback"] = callback
-        return FitResult(1, 0.5, 1, {"recall@1": 0.5}, {"recall@1": 0.5})
+        return FitResult(1, 0.5, 1, {"recall@1": 0.5}, {"recall@1": 0.5},
+                         test_metrics={"recall@1": 0.4}, selected_epoch=1)
 
     monkeypatch.setattr(cli, "fit", fake_fit)
     argv = ["--method", "bgformer", "--embedding-dim", "16", "--graph-layers", "1",

@@ -171,11 +171,11 @@ def test_half_written_last_line_is_dropped_on_resume(run_copy, capsys):
         f.write('{"epoch": 2, "lo')  # killed while appending epoch 2
     assert main([*TINY, "--out", str(run_copy), "--epochs", "2", "--resume"]) == 0
     err = capsys.readouterr().err
-    # line 1 is the configuration header, line 2 epoch 1's record
-    assert f"{run_copy / METRICS_FILE}: dropped its last line 3" in err
+    # line 1 is the configuration header, line 2 epoch 1's record, line 3 its final test
+    assert f"{run_copy / METRICS_FILE}: dropped its last line 4" in err
     assert "resumed from" in err and "randomly initialised" not in err
     assert "trained 1 epoch (2–2)" in err
-    assert [r["epoch"] for r in read_metrics(run_copy)] == [1, 2]
+    assert [r["epoch"] for r in read_metrics(run_copy) if not r.get("final")] == [1, 2]
 
 
 def test_corrupt_line_elsewhere_names_file_and_line(tmp_path):

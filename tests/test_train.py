@@ -89,7 +89,8 @@ def test_killed_and_resumed_equals_uninterrupted(demo, tmp_path, method_name):
     assert straight_opt.param_groups[0]["lr"] == resumed_opt.param_groups[0]["lr"]
     straight_log = read_metrics(tmp_path / "straight")
     assert straight_log == read_metrics(tmp_path / "killed")
-    assert [r["epoch"] for r in straight_log] == [1, 2]
+    assert [r["epoch"] for r in straight_log] == [1, 2, 2]  # the epochs, then the final test
+    assert straight_log[-1]["final"] and straight_log[-1]["split"] == "test"
 
 
 def test_run_folder_contents(demo, tmp_path):
@@ -100,8 +101,8 @@ def test_run_folder_contents(demo, tmp_path):
     best = load_checkpoint(tmp_path / BEST_CHECKPOINT)
     assert best["metrics"]["recall@1"] == state["best_metric"]
     lines = (tmp_path / METRICS_FILE).read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
-    assert {"loss", "recall@1", "nmi", "map@r"} <= set(json.loads(lines[-1]))
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 2]
+    assert {"loss", "recall@1", "nmi", "map@r"} <= set(json.loads(lines[-2]))
     pytest.importorskip("matplotlib")
     assert (tmp_path / "curves.png").stat().st_size > 0
 
@@ -109,7 +110,7 @@ def test_run_folder_contents(demo, tmp_path):
 def test_fresh_run_with_overwrite_restarts_the_log(demo, tmp_path):
     run_fit(demo, "plain", tmp_path, epochs=1)
     run_fit(demo, "plain", tmp_path, epochs=1, overwrite=True)
-    assert len(read_metrics(tmp_path)) == 1
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 1]  # epoch 1, final test
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
