@@ -1,0 +1,213 @@
+"""``bgf-sweep``: a small, resumable hyperparameter search on the validation split (DESIGN §9).
+
+    bgf-sweep --name demo-lr --grid lr=1e-3,3e-4 --grid k=5,10 --seeds 0 1 -- --method bgformer
+
+Each trial sets the named ``bgf-train`` options to one combination of the given values (every
+combination with ``--sampler grid``, ``--trials`` seeded random draws with ``--sampler random``) and
+trains one run per seed; its score is the validation R@1 of the selected checkpoint, averaged over
+the seeds. The search is Optuna's (its SQLite storage makes it resumable); a run folder that already
+holds a finished run is read instead of trained again, and a killed one is resumed
+(``bgf-train --resume``). One JSON line per run goes to ``<dir>/runs.jsonl``; a summary table,
+best validation score first, is printed at the end. The test numbers are shown beside the validation
+score but never used to choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .cli import EXIT_USAGE, USER_ERRORS, parse_args, run, setup_logging
+from .options import OneLineParser, positive_int, seed_int
+from .run_folder import LAST_CHECKPOINT, read_metrics
+
+PROG = "bgf-sweep"
+#: The score of a run: this metric of the validation split at the selected epoch.
+SCORE = "recall@1"
+RUNS_FILE = "runs.jsonl"
+STUDY_FILE = "study.db"
+
+
+def grid_option(text: str) -> tuple[str, list[str]]:
+    """An argparse ``type=``: ``NAME=V1,V2,...`` (``NAME`` a ``bgf-train`` option, with or
+    without its leading ``--``)."""
+    name, sep, values = text.partition("=")
+    name = name.strip().removeprefix("--")
+    choices = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not name or not choices:
+        raise argparse.ArgumentTypeError(f"expected NAME=V1,V2,..., got {text!r}")
+    return name, choices
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--name", required=True, help="the study's name (and its folder's)")
+    p.add_argument("--dir", default=None, help="study folder (default: runs/sweeps/NAME)")
+    p.add_argument("--grid", type=grid_option, action="append", required=True,
+                   metavar="NAME=V1,V2", help="a bgf-train option and its values (repeatable)")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0], help="one run per seed")
+    p.add_argument("--sampler", choices=("grid", "random"), default="grid",
+                   help="every combination, or --trials random ones")
+    p.add_argument("--trials", type=positive_int, default=None,
+                   help="trials to run in all (default: every combination)")
+    p.add_argument("--sampler-seed", type=seed_int, default=0, help="seeds the random sampler")
+    return p
+
+
+def run_folder_name(params: dict[str, str], seed: int) -> str:
+    """A run's folder name from its options and seed, so a re-run of the same setting (a resumed
+    sweep, a repeated random draw) finds it."""
+    return "_".join(f"{k}={v}" for k, v in params.items()).replace("/", "%") + f"-s{seed}"
+
+
+def trial_argv(base: Sequence[str], params: dict[str, str], seed: int, out: Path) -> list[str]:
+    """The ``bgf-train`` options of one run of a trial."""
+    argv = [*base]
+    for name, value in params.items():
+        argv += [f"--{name}", value]
+    return [*argv, "--seed", str(seed), "--out", str(out), "--no-progress"]
+
+
+def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
+               base: Sequence[str]) -> None:
+    """Every combination and seed is a valid ``bgf-train`` run selected on the validation split
+    (checked before the first run starts; a bad one exits with code 2)."""
+    names = [name for name, _ in args.grid]
+    if len(set(names)) != len(names):
+        parser.error(f"--grid names an option twice: {names}")
+    for name in ("seed", "out", "resume", "overwrite"):
+        if name in names or f"--{name}" in base:
+            parser.error(f"--{name} is set by {PROG} itself; remove it from the options")
+    for values in itertools.product(*(v for _, v in args.grid)):
+        run_args = parse_args(trial_argv(base, dict(zip(names, values, strict=True)), 0, Path(".")),
+                              prog=PROG)
+        if run_args.select_on != "val" or not run_args.val_classes:
+            parser.error("a sweep chooses on the validation split: keep --select-on val and "
+                         "--val-classes above 0")
+
+
+def run_once(base: Sequence[str], params: dict[str, str], seed: int, out: Path) -> dict:
+    """Train (or read, if ``out`` holds a finished run; or resume a killed one) one run; return
+    its validation score and test metrics."""
+    finals = [r for r in read_metrics(out) if r.get("final")] if out.is_dir() else []
+    if not finals:
+        resume = ["--resume"] if (out / LAST_CHECKPOINT).is_file() else ["--overwrite"]
+        run(parse_args([*trial_argv(base, params, seed, out), *resume], prog=PROG))
+        finals = [r for r in read_metrics(out) if r.get("final")]
+    records = read_metrics(out)
+    final = finals[-1]
+    val = next(r for r in records if r.get("split") == "val"
+               and r["epoch"] == final["selected_epoch"] and not r.get("final"))
+    test = {k: v for k, v in final.items() if k.startswith(("recall@", "map@r", "nmi"))}
+    return {"val_" + SCORE: val[SCORE], "selected_epoch": final["selected_epoch"], "test": test}
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown table, one line per setting of the options, best mean validation score first
+    (mean ± std over the seeds, in %)."""
+    def cell(values: list[float]) -> str:
+        values = [100 * v for v in values]
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+    by_setting: dict[str, list[dict]] = {}
+    for row in rows:
+        by_setting.setdefault(" ".join(f"--{k} {v}" for k, v in row["params"].items()),
+                              []).append(row)
+    ordered = sorted(by_setting.items(),
+                     key=lambda item: -statistics.mean(r["val_" + SCORE] for r in item[1]))
+    lines = ["| options | seeds | val R@1 | test R@1 |", "|---|---|---|---|"]
+    for options, runs in ordered:
+        lines.append(f"| {options} | {len(runs)} | "
+                     f"{cell([r['val_' + SCORE] for r in runs])} | "
+                     f"{cell([r['test'][SCORE] for r in runs])} |")
+    return "\n".join(lines)
+
+
+def make_study(args: argparse.Namespace, folder: Path):
+    """The Optuna study in ``<folder>/study.db`` (loaded if it exists); trials a killed sweep left
+    running are marked failed and queued again."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = dict(args.grid)
+    sampler = (optuna.samplers.GridSampler(space, seed=args.sampler_seed)
+               if args.sampler == "grid" else optuna.samplers.RandomSampler(args.sampler_seed))
+    study = optuna.create_study(study_name=args.name, storage=f"sqlite:///{folder / STUDY_FILE}",
+                                sampler=sampler, direction="maximize", load_if_exists=True)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params)
+    return study
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bgf-sweep``; options after ``--`` (or unknown ones) go to every run."""
+    parser = build_parser()
+    try:
+        args, base = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+        base = [a for a in base if a != "--"]
+        check_plan(parser, args, base)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        import optuna
+    except ImportError:
+        print(f"{PROG}: error: needs optuna: pip install 'bgf_pyg[sweep]'", file=sys.stderr)
+        return EXIT_USAGE
+    folder = Path(args.dir or f"runs/sweeps/{args.name}")
+    folder.mkdir(parents=True, exist_ok=True)
+    setup_logging()
+    study = make_study(args, folder)
+    total = args.trials or (len(list(itertools.product(*(v for _, v in args.grid))))
+                            if args.sampler == "grid" else 1)
+    done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+
+    def objective(trial) -> float:
+        params = {name: trial.suggest_categorical(name, values) for name, values in args.grid}
+        scores = []
+        for seed in args.seeds:
+            out = folder / run_folder_name(params, seed)
+            row = {"trial": trial.number, "seed": seed, "params": params, "out": str(out),
+                   **run_once(base, params, seed, out)}
+            with open(folder / RUNS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            scores.append(row["val_" + SCORE])
+        return statistics.mean(scores)
+
+    try:
+        study.optimize(objective, n_trials=max(total - done, 0), catch=())
+    except USER_ERRORS as err:
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    finished = {t.number for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    rows = [r for r in read_rows(folder) if r["trial"] in finished]
+    print(f"Sweep {args.name}: {len(finished)} trial(s), chosen on validation {SCORE} "
+          f"(test shown, not used to choose); runs in {folder}")
+    print(summary(rows))
+    return 0
+
+
+def read_rows(folder: Path) -> list[dict]:
+    """The runs of ``<folder>/runs.jsonl``, the last line of each run folder."""
+    path = folder / RUNS_FILE
+    if not path.is_file():
+        return []
+    latest = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            latest[row["out"]] = row
+    return list(latest.values())
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

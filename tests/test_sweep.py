@@ -1,0 +1,60 @@
+"""``bgf-sweep``: one JSON line per run, scores from the validation split, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bgf_pyg.run_folder import LAST_CHECKPOINT, read_metrics
+
+optuna = pytest.importorskip("optuna")
+from bgf_pyg.sweep import main  # noqa: E402  (needs optuna only when run)
+
+TINY = ["--", "--method", "plain", "--epochs", "1", "--embedding-dim", "8",
+        "--samples-per-class", "60", "--device", "cpu", "--no-augment"]
+
+
+def test_grid_sweep_scores_on_val_and_resumes_without_training(tmp_path, capsys):
+    argv = ["--name", "lr", "--dir", str(tmp_path), "--grid", "lr=1e-3,3e-3", *TINY]
+    assert main(argv) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["params"]["lr"] for r in rows) == ["1e-3", "3e-3"]
+    for row in rows:  # the score is the validation R@1 of the selected epoch, from its run
+        records = read_metrics(row["out"])
+        final = records[-1]
+        assert final["final"] and final["select_on"] == "val"
+        val = [r["recall@1"] for r in records
+               if r.get("split") == "val" and r["epoch"] == row["selected_epoch"]]
+        assert row["val_recall@1"] == val[0]
+        assert row["test"]["recall@1"] == final["recall@1"]
+    best = max(rows, key=lambda r: r["val_recall@1"])
+    assert table[-2].startswith(f"| --lr {best['params']['lr']} | 1 |")  # best val first
+    # A killed sweep: a trial left running. The rerun queues it again and reads the finished run
+    # folder instead of training it again.
+    study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    stale = study.ask({"lr": optuna.distributions.CategoricalDistribution(["1e-3", "3e-3"])})
+    mtimes = {r["out"]: (tmp_path / r["out"] / LAST_CHECKPOINT).stat().st_mtime_ns for r in rows}
+    assert main([*argv[:4], "--grid", "lr=1e-3,3e-3", "--trials", "3", *TINY]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-2:] == table[-2:]
+    states = [t.state for t in optuna.load_study(
+        study_name="lr", storage=f"sqlite:///{tmp_path / 'study.db'}").trials]
+    assert states[stale.number] == optuna.trial.TrialState.FAIL
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+    assert all((tmp_path / out / LAST_CHECKPOINT).stat().st_mtime_ns == t
+               for out, t in mtimes.items())
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--grid", "lr=-1"], "argument --lr: expected a finite number > 0"),
+    (["--grid", "seed=1,2"], "--seed is set by bgf-sweep itself"),
+    (["--grid", "lr"], "expected NAME=V1,V2"),
+    (["--grid", "lr=1e-3", "--", "--select-on", "last"], "chooses on the validation split"),
+    (["--grid", "lr=1e-3", "--", "--val-classes", "0"], "--select-on val needs a validation"),
+])
+def test_bad_plans_are_refused_before_any_run(tmp_path, capsys, argv, fragment):
+    assert main(["--name", "x", "--dir", str(tmp_path / "s"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+    assert not (tmp_path / "s").exists()
