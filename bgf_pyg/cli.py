@@ -431,13 +431,10 @@ def evaluation_plan(args: argparse.Namespace, splits: Splits) -> dict:
     return {"eval_loader": eval_loader(args, splits.val), "eval_split": "val", **test}
 
 
-def results_caption(args: argparse.Namespace, splits: Splits | None = None) -> str:
+def results_caption(args: argparse.Namespace) -> str:
     """The line above a results table: which split and which protocol produced it."""
-    val = ""
-    if args.val_classes:
-        held = "" if splits is None or splits.val_class_ids is None else \
-            f": {show_value(splits.val_class_ids)}"
-        val = f"; validation classes: --val-classes {args.val_classes} (seed {args.val_seed}{held})"
+    val = (f"; validation classes: --val-classes {args.val_classes} --val-seed {args.val_seed}"
+           if args.val_classes else "")
     return f"Test-split retrieval, in %; {PROTOCOLS[args.select_on]}{val}"
 
 
