@@ -53,6 +53,7 @@ def test_vit_trains_one_step_through_the_cli(vit_state, tmp_path, capsys, tiny_e
                  "--backbone", "vit_small_in21k", "--pretrained", str(path), "--loss", "pce",
                  "--image-size", "32", "--test-resize", "32", "--classes-per-batch", "2",
                  "--samples-per-class", "2", "--k", "3", "--graph-heads", "6", "--epochs", "1",
+                 "--select-on", "last",  # 2 training classes: none to hold out
                  "--embedding-dim", "16", "--lr", "1e-3", "--out", str(out), "--device", "cpu",
                  "--no-progress"])
     assert code == 0, capsys.readouterr().err
