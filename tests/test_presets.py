@@ -118,7 +118,8 @@ def test_preset_mixed_precision_on_the_cpu_is_a_note(tmp_path, capsys):
     from bgf_pyg.cli import parse_args
 
     assert load_preset("bgformer-cub")["amp"] is True
-    common = ["--preset", "bgformer-cub", "--data-root", str(tmp_path), "--device", "cpu"]
+    common = ["--preset", "bgformer-cub", "--data-root", str(tmp_path), "--device", "cpu",
+              "--backbone", "resnet18"]  # the preset's ViT needs the optional timm
     args = parse_args(common)
     notes = [line for line in capsys.readouterr().err.splitlines() if ": note: " in line]
     assert args.amp is False
