@@ -299,7 +299,8 @@ def test_bad_launches_fail_on_every_rank_without_hanging(tmp_path):
 
 TORCHRUN_ARGS = ["--method", "plain", "--epochs", "3", "--embedding-dim", "16",
                  "--classes-per-batch", "2", "--eval-every", "3", "--no-progress",
-                 "--checkpoint-every", "5"]
+                 "--checkpoint-every", "5",
+                 "--select-on", "last"]  # all 5 demo training digits: 2 ranks × 2 classes
 
 
 def _torchrun(out: Path, *extra: str) -> list[str]:
