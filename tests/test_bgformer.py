@@ -136,7 +136,7 @@ def test_bgformer_accepts_tensors_or_a_batch_graph_and_reprs():
 def test_constructor_errors():
     with pytest.raises(ValueError, match="divisible by heads"):
         DualSSA(10, heads=3)
-    with pytest.raises(ValueError, match="lam must be in"):
+    with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
         DualSSA(8, heads=2, lam=1.5)
     with pytest.raises(ValueError, match="semantic_branch"):
         DualSSA(8, heads=2, semantic_branch="gat")

@@ -65,7 +65,7 @@ def test_bgformer_on_a_single_node_and_an_empty_batch():
         (lambda: BatchGraphConv(8, 4, edge_dim=0), "edge_dim must be >= 1"),
         (lambda: DualSSA(8, heads=3), r"channels \(8\) must be divisible by heads \(3\)"),
         (lambda: DualSSA(8, heads=2, dropout=1.5), "dropout must lie"),
-        (lambda: DualSSA(8, heads=2, lam=math.nan), "lam must be in"),
+        (lambda: DualSSA(8, heads=2, lam=math.nan), r"lam must lie in \[0, 1\]"),
         (lambda: BGFormerLayer(0, heads=1), "channels must be >= 1"),
         (lambda: BGFormerLayer(8, heads=2, dropout=-1.0), "dropout must lie"),
         (lambda: BGFormer(8, heads=0), "heads must be >= 1"),

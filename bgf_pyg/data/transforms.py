@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from torchvision import transforms as T
 
-from bgf_pyg.checks import check_positive_int
+from bgf_pyg.checks import check_positive_int, check_probability
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,8 +60,7 @@ class TransformOptions:
                              f"got {self.interpolation!r}")
         if self.test_resize is not None:
             check_positive_int(self.test_resize, "test_resize")
-        if not 0 <= self.random_erasing <= 1:
-            raise ValueError(f"random_erasing must lie in [0, 1], got {self.random_erasing}")
+        check_probability(self.random_erasing, "random_erasing", allow_one=True)
 
 
 def train_transform(size: int = 224, options: TransformOptions | None = None) -> T.Compose:

@@ -16,7 +16,7 @@ import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import Tensor, nn
 
-from ..checks import check_features, check_labels, check_positive_int
+from ..checks import check_features, check_labels, check_positive_int, check_probability
 from ..graph import build_batch_graph
 
 
@@ -76,8 +76,6 @@ class BatchGraphLoss(nn.Module):
         for value, name in ((loss, "loss"), (bgformer, "bgformer")):
             if not isinstance(value, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         if miner is not None and not isinstance(loss, BaseMetricLossFunction):
             raise TypeError(
                 "miner needs a pytorch-metric-learning loss (one that takes indices_tuple), got "
@@ -87,7 +85,7 @@ class BatchGraphLoss(nn.Module):
         self.loss = loss
         self.miner = miner
         self.k = check_positive_int(k, "k")
-        self.alpha = alpha
+        self.alpha = check_probability(alpha, "alpha", allow_one=True)
 
     def forward(
         self, features: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor] | None = None

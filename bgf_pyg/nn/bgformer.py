@@ -81,8 +81,7 @@ class DualSSA(nn.Module):
         check_positive_int(heads, "heads")
         check_divides(heads, channels)
         check_probability(dropout, "dropout")
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        check_probability(lam, "lam", allow_one=True)
         if semantic_branch not in SEMANTIC_BRANCHES:
             raise ValueError(
                 f"semantic_branch must be one of {SEMANTIC_BRANCHES}, got {semantic_branch!r}"
