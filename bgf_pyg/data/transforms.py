@@ -10,7 +10,7 @@ demo set's images are already tensors at their final size, so its transforms nev
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from torchvision import transforms as T
 
@@ -65,9 +65,8 @@ class TransformOptions:
 
 def train_transform(size: int = 224, options: TransformOptions | None = None) -> T.Compose:
     """RandomResizedCrop(size) → RandomHorizontalFlip → ToTensor → Normalize (→ RandomErasing);
-    ``options`` (its ``size`` replaced by ``size``) sets scale, interpolation, normalisation and
-    erasing."""
-    o = replace(options or TransformOptions(), size=size)
+    ``options`` sets scale, interpolation, normalisation and erasing (the side is ``size``)."""
+    o = options or TransformOptions()
     steps = [
         T.RandomResizedCrop(size, scale=o.crop_scale,
                             interpolation=INTERPOLATIONS[o.interpolation]),
@@ -83,7 +82,7 @@ def train_transform(size: int = 224, options: TransformOptions | None = None) ->
 def eval_transform(size: int = 224, options: TransformOptions | None = None) -> T.Compose:
     """Resize(test_resize, default round(size·256/224)) → CenterCrop(size) → ToTensor →
     Normalize."""
-    o = replace(options or TransformOptions(), size=size)
+    o = options or TransformOptions()
     resize = o.test_resize if o.test_resize is not None else round(size * RESIZE_RATIO)
     return T.Compose([
         T.Resize(resize, interpolation=INTERPOLATIONS[o.interpolation]),

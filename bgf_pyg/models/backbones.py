@@ -23,6 +23,7 @@ from torchvision.models import resnet18, resnet50
 from ..checks import InputError, check_positive_int
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .vit import VIT_BACKBONES, vit_trunk
+from .weights import load_matching_state, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class EmbeddingNet(nn.Module):
     def __repr__(self) -> str:
         name = type(self.trunk).__name__
         dims = f"{self.trunk_dim}, {self.embedding_dim}"
-        if self.feature_dim != self.trunk_dim or isinstance(self.proj, nn.Linear):
+        if isinstance(self.proj, nn.Linear):  # only a projection changes the graph width
             dims += f", graph_dim={self.feature_dim}"
         return f"{type(self).__name__}({name}, {dims})"
 
@@ -130,26 +131,14 @@ def load_imagenet_weights(model: nn.Module, path: str | os.PathLike) -> None:
     Raises ``FileNotFoundError`` for a missing file and ``InputError`` (naming ``path``) for a
     file that is not a readable state dict of this architecture.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    path = weights_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a truncated or foreign file
         raise InputError(f"could not read pretrained weights from {path}: {err}") from err
     if not isinstance(state, dict):
         raise InputError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise InputError(f"{path} does not match the backbone: {err}") from err
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise InputError(
-            f"{path} does not match the backbone: {len(missing)} missing keys "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
-        )
+    load_matching_state(model, state, path, "the backbone", skip_prefix="fc.")
 
 
 def _resnet_trunk(name: str, pretrained: str | None, pooling: str) -> tuple[nn.Module, int]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..checks import InputError
 from ..data.transforms import HALF_MEAN_STD, IMAGENET_MEAN, IMAGENET_STD
+from .weights import load_matching_state, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,7 @@ def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> None:
     timm = import_timm()
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    path = weights_file(path)
     if path.endswith(".npz"):
         try:
             model.load_pretrained(path)
@@ -64,16 +63,7 @@ def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> None:
         state = checkpoint_filter_fn(state, model)
     except Exception as err:  # a truncated or foreign file raises several types
         raise InputError(f"could not read ViT weights from {path}: {err}") from err
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise InputError(f"{path} does not match the ViT backbone: {err}") from err
-    if missing or unexpected:
-        raise InputError(
-            f"{path} does not match the ViT backbone: {len(missing)} missing keys "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
-        )
+    load_matching_state(model, state, path, "the ViT backbone", skip_prefix="head.")
 
 
 def vit_trunk(name: str, pretrained: str | None, image_size: int) -> tuple[nn.Module, int]:
