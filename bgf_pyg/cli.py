@@ -91,7 +91,7 @@ from .train import (
 log = logging.getLogger("bgf_pyg")
 
 PROG = "bgf-train"
-DATASETS = ("cub", "cars", "sop", "inshop", "demo")
+DATASETS = (*IMAGE_DATASETS, "demo")
 #: Columns of the results table: (metric key, header).
 TABLE_COLUMNS = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"),
                  ("recall@8", "R@8"), ("nmi", "NMI"), ("map@r", "MAP@R"))
@@ -400,8 +400,6 @@ def load_splits(
     ``options`` says, and with ``val_classes`` the validation split taken from the training
     classes (:func:`~bgf_pyg.data.splits.split_validation`); with ``check_images`` every image
     is opened now (:func:`~bgf_pyg.data.check_image_headers`)."""
-    if dataset != "demo" and root is None:
-        raise ValueError(f"--data-root is required for --dataset {dataset}")
     train_tf = build_transform(dataset, train=augment, options=options)
     test_tf = build_transform(dataset, train=False, options=options)
     train = build_dataset(dataset, root, "train", train_tf)
@@ -494,12 +492,12 @@ def check_batch_graph_k(args: argparse.Namespace, num_classes: int) -> None:
     rank's P×M batch together): refuse a k it cannot supply."""
     if args.method != "bgformer":
         return
-    world = distributed.get_world_size()
-    batch = world * classes_per_batch(args, num_classes) * args.samples_per_class
+    world, p = distributed.get_world_size(), classes_per_batch(args, num_classes)
+    batch = world * p * args.samples_per_class
     if args.k >= batch:
         raise ValueError(
             f"--k {args.k} must be smaller than the global batch of {batch} samples "
-            f"({world} process(es) × {classes_per_batch(args, num_classes)} classes × "
+            f"({world} process(es) × {p} classes × "
             f"{args.samples_per_class} samples): each sample's neighbours are other samples"
         )
 
@@ -587,6 +585,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     # Rank 0 alone writes the run folder, event files included.
     logger = (TensorBoardLogger(out / TENSORBOARD_DIR, method)
               if args.tensorboard and distributed.is_main_process() else None)
+    header = {**resolved_options(args), "val_class_ids": splits.val_class_ids}
     log.info("configuration: %s", json.dumps(resolved_options(args)))
     start = time.perf_counter()
     result = fit(
@@ -597,7 +596,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         progress=False if args.no_progress else None, callback=logger,
         checkpoint_every=args.checkpoint_every,
         clip_grad=args.clip_grad, freeze_bn=args.freeze_bn,
-        header={**resolved_options(args), "val_class_ids": splits.val_class_ids},
+        header=header,
         select_on=args.select_on, **evaluation_plan(args, splits),
     )
     if logger is not None:  # each epoch flushes, so a run that stops early keeps its curves
@@ -634,21 +633,23 @@ def raw_pixel_metrics(dataset: Dataset) -> dict[str, float]:
     return evaluate_retrieval(images, torch.as_tensor(dataset.labels))
 
 
+def format_cell(values: Sequence[float]) -> str:
+    """A table cell of fractions in percent: the value, mean ± std over several, – for none."""
+    percent = [100 * v for v in values]
+    if not percent:
+        return "–"
+    if len(percent) == 1:
+        return f"{percent[0]:.1f}"
+    return f"{statistics.mean(percent):.1f} ± {statistics.stdev(percent):.1f}"
+
+
 def format_table(rows: Sequence[tuple[str, Sequence[dict[str, float]]]]) -> str:
     """A Markdown table, one row per ``(name, [metrics of each seed])``: mean (± std with
     several seeds), in percent."""
     header = "| method | " + " | ".join(h for _, h in TABLE_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
     for name, runs in rows:
-        cells = []
-        for key, _ in TABLE_COLUMNS:
-            values = [100 * r[key] for r in runs if key in r]
-            if not values:
-                cells.append("–")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.1f}")
-            else:
-                cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
+        cells = [format_cell([r[key] for r in runs if key in r]) for key, _ in TABLE_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

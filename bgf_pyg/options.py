@@ -45,6 +45,7 @@ from typing import NoReturn
 import torch
 
 from .checks import InputError, show_value
+from .data import DATASETS
 from .models.methods import PROXY_LOSSES, BGFormerMethod
 from .models.vit import VIT_BACKBONES, import_timm
 
@@ -106,7 +107,6 @@ class Number:
 positive_int = Number(int, low=1)
 non_negative_int = Number(int, low=0)
 seed_int = Number(int, low=0, high=SEED_MAX)
-finite_float = Number(float)
 positive_float = Number(float, low=0, low_open=True)
 non_negative_float = Number(float, low=0)
 probability = Number(float, low=0, high=1)
@@ -178,7 +178,7 @@ class Scope:
                              for d, a in self.constraints.items())
 
 
-IMAGE_DATASETS = ("cub", "cars", "sop", "inshop")
+IMAGE_DATASETS = tuple(DATASETS)
 BALANCED_METHODS = ("plain", "bgformer", "intra-batch")
 GRAPH_METHODS = ("bgformer", "intra-batch")
 RESNETS = ("resnet50", "resnet18")

@@ -172,18 +172,12 @@ def _read_lines(out: str | os.PathLike) -> tuple[dict | None, list[dict]]:
 
 def read_metrics(out: str | os.PathLike) -> list[dict]:
     """The epoch records of ``<out>/metrics.jsonl`` (empty when there is none; the
-    configuration header is :func:`read_config`'s).
+    ``{"config": ...}`` header line is skipped).
 
     A last line that is not valid JSON (a run killed while appending) is dropped with a warning;
     a corrupt line elsewhere raises an ``InputError`` naming the file and line.
     """
     return _read_lines(out)[1]
-
-
-def read_config(out: str | os.PathLike) -> dict | None:
-    """The resolved options heading ``<out>/metrics.jsonl`` (``None`` without a header)."""
-    header = _read_lines(out)[0]
-    return None if header is None else header[HEADER_KEY]
 
 
 def keep_metrics_until(out: str | os.PathLike, epoch: int, header: dict | None = None) -> None:

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli import EXIT_USAGE, USER_ERRORS, parse_args, run, setup_logging
+from .cli import EXIT_USAGE, USER_ERRORS, format_cell, parse_args, run, setup_logging
 from .options import OneLineParser, positive_int, seed_int
 from .run_folder import LAST_CHECKPOINT, read_metrics
 
@@ -95,13 +95,12 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
 def run_once(base: Sequence[str], params: dict[str, str], seed: int, out: Path) -> dict:
     """Train (or read, if ``out`` holds a finished run; or resume a killed one) one run; return
     its validation score and test metrics."""
-    finals = [r for r in read_metrics(out) if r.get("final")] if out.is_dir() else []
-    if not finals:
+    records = read_metrics(out)
+    if not any(r.get("final") for r in records):
         resume = ["--resume"] if (out / LAST_CHECKPOINT).is_file() else ["--overwrite"]
         run(parse_args([*trial_argv(base, params, seed, out), *resume], prog=PROG))
-        finals = [r for r in read_metrics(out) if r.get("final")]
-    records = read_metrics(out)
-    final = finals[-1]
+        records = read_metrics(out)
+    final = [r for r in records if r.get("final")][-1]
     val = next(r for r in records if r.get("split") == "val"
                and r["epoch"] == final["selected_epoch"] and not r.get("final"))
     test = {k: v for k, v in final.items() if k.startswith(("recall@", "map@r", "nmi"))}
@@ -111,12 +110,6 @@ def run_once(base: Sequence[str], params: dict[str, str], seed: int, out: Path) 
 def summary(rows: list[dict]) -> str:
     """Markdown table, one line per setting of the options, best mean validation score first
     (mean ± std over the seeds, in %)."""
-    def cell(values: list[float]) -> str:
-        values = [100 * v for v in values]
-        if len(values) == 1:
-            return f"{values[0]:.1f}"
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
     by_setting: dict[str, list[dict]] = {}
     for row in rows:
         by_setting.setdefault(" ".join(f"--{k} {v}" for k, v in row["params"].items()),
@@ -126,8 +119,8 @@ def summary(rows: list[dict]) -> str:
     lines = ["| options | seeds | val R@1 | test R@1 |", "|---|---|---|---|"]
     for options, runs in ordered:
         lines.append(f"| {options} | {len(runs)} | "
-                     f"{cell([r['val_' + SCORE] for r in runs])} | "
-                     f"{cell([r['test'][SCORE] for r in runs])} |")
+                     f"{format_cell([r['val_' + SCORE] for r in runs])} | "
+                     f"{format_cell([r['test'][SCORE] for r in runs])} |")
     return "\n".join(lines)
 
 
