@@ -80,7 +80,7 @@ def test_conv_uses_kernel_and_equals_reference():
     x = torch.randn(8, 6, dtype=torch.float64)
     edge_index = random_graph(8, 8, 20)
     conv = BatchGraphConv(6, 4, heads=2, root_weight=True, attention_path="sparse").double()
-    assert conv._use_kernel(conv.lin_query(x), edge_index, None)
+    assert conv._use_kernel(conv.lin_query(x), None)
     out, (ei, alpha) = conv(x, edge_index, return_attention_weights=True)
     shape = (-1, 2, 4)
     with torch.no_grad():  # ei: the edges with the layer's self-loops

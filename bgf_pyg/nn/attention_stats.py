@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.utils import scatter
+from torch_geometric.utils import degree, scatter
 
 from .bgformer import DualSSA
 from .conv import BatchGraphConv
@@ -25,10 +25,9 @@ def attention_entropy(alpha: Tensor, index: Tensor, num_nodes: int) -> tuple[flo
     # 0 · log 0 = 0: a masked-out edge adds nothing.
     terms = -(alpha * alpha.clamp_min(torch.finfo(alpha.dtype).tiny).log())
     entropy = scatter(terms, index, dim=0, dim_size=num_nodes, reduce="sum")
-    degree = scatter(torch.ones_like(index, dtype=alpha.dtype), index, dim=0, dim_size=num_nodes,
-                     reduce="sum")
-    has_edges = degree > 0
-    return (float(entropy[has_edges].mean()), float(degree[has_edges].log().mean()))
+    in_degree = degree(index, num_nodes, dtype=alpha.dtype)
+    has_edges = in_degree > 0
+    return (float(entropy[has_edges].mean()), float(in_degree[has_edges].log().mean()))
 
 
 class AttentionEntropy:

@@ -332,7 +332,7 @@ class BatchGraphConv(MessagePassing):
             out, alpha, edge_index = self._dense_forward(
                 query, key, value, edge_index, return_weights
             )
-        elif not generic and self._use_kernel(query, edge_index, edge_attr):
+        elif not generic and self._use_kernel(query, edge_attr):
             if self.add_self_loops:
                 edge_index, _ = self._with_self_loops(edge_index, None, num_src, num_dst)
             out, alpha = self._kernel_forward(query, key, value, edge_index)
@@ -444,15 +444,17 @@ class BatchGraphConv(MessagePassing):
             self.lin_value(x_src).view(shape),
         )
 
-    def _use_dense(self, edge_index: Adj, edge_attr: OptTensor, num_src: int, num_dst: int) -> bool:
-        if edge_attr is not None or not _is_edge_list(edge_index):
+    def _use_dense(
+        self, edge_index: Tensor, edge_attr: OptTensor, num_src: int, num_dst: int
+    ) -> bool:
+        if edge_attr is not None:
             return False
         if self.attention_path != "auto":
             return self.attention_path == "dense"
         num_edges = edge_index.size(1) + (min(num_src, num_dst) if self.add_self_loops else 0)
         return num_src * num_dst <= DENSE_PAIRS_PER_EDGE * num_edges
 
-    def _use_kernel(self, query: Tensor, edge_index: Adj, edge_attr: OptTensor) -> bool:
+    def _use_kernel(self, query: Tensor, edge_attr: OptTensor) -> bool:
         """Whether an attention kernel runs: the Triton one when ``attention_path="fused"``, else
         the sparse-matrix one (:mod:`.kernels.sparse_cpu`) for edge lists without edge features
         on CPU. The caller skips both in explain mode or with a hook (:meth:`_observed`): PyG's
@@ -461,16 +463,15 @@ class BatchGraphConv(MessagePassing):
         1 thread, N = 4096, k = 10, D = 512, 8 heads, fwd+bwd: 459 ms vs 562 ms, compiled
         TransformerConv 427 and 372 ms in the same two runs)."""
         if self.attention_path == "fused":
-            if edge_attr is not None or not _is_edge_list(edge_index):
+            if edge_attr is not None:
                 raise ValueError(
-                    "attention_path='fused' needs edge_index as a (2, E) tensor and no edge_attr; "
-                    "use attention_path='sparse' for edge features or sparse adjacencies"
+                    "attention_path='fused' takes no edge_attr; use attention_path='sparse' for "
+                    "edge features"
                 )
             return True
         return (
             not is_compiling()
             and edge_attr is None
-            and _is_edge_list(edge_index)
             and csr_attention_supported(query)
         )
 
@@ -514,7 +515,7 @@ class BatchGraphConv(MessagePassing):
         return out, alpha, edge_index
 
     def _regular_sources(
-        self, edge_index: Adj, edge_attr: OptTensor, num_src: int, num_dst: int
+        self, edge_index: Tensor, edge_attr: OptTensor, num_src: int, num_dst: int
     ) -> OptTensor:
         """(N_dst, k) sources when every target has the same k in-edges, sorted by target (the
         kNN graphs of :func:`~bgf_pyg.build_batch_graph`); with :obj:`add_self_loops` the loop
@@ -525,7 +526,6 @@ class BatchGraphConv(MessagePassing):
         """
         if (
             is_compiling()
-            or not _is_edge_list(edge_index)
             or num_dst == 0
             or edge_index.size(1) % num_dst != 0
             or (self.add_self_loops and (edge_attr is not None or num_dst > num_src))

@@ -26,10 +26,7 @@ def csr_layout(edge_index: Tensor, num_dst: int) -> CSRLayout:
     if target.numel() > 1 and not bool((target[1:] >= target[:-1]).all()):
         order = torch.argsort(target, stable=True)
         source, target = source[order], target[order]
-    counts = torch.bincount(target, minlength=num_dst)
-    ptr = torch.zeros(num_dst + 1, dtype=torch.long, device=edge_index.device)
-    torch.cumsum(counts, 0, out=ptr[1:])
-    return CSRLayout(order, ptr, source, target)
+    return CSRLayout(order, _ptr(target, num_dst), source, target)
 
 
 def to_layout(values: Tensor, order: Optional[Tensor]) -> Tensor:
@@ -48,6 +45,11 @@ def transpose_layout(layout: CSRLayout, num_src: int) -> tuple[Tensor, Tensor, T
     """``(order, ptr, col)`` of the layout's transpose: positions grouped by source, position
     ``order[p]`` of the layout first; ``col`` holds their targets."""
     order = torch.argsort(layout.source, stable=True)
-    ptr = torch.zeros(num_src + 1, dtype=torch.long, device=layout.ptr.device)
-    torch.cumsum(torch.bincount(layout.source, minlength=num_src), 0, out=ptr[1:])
-    return order, ptr, layout.target.index_select(0, order)
+    return order, _ptr(layout.source, num_src), layout.target.index_select(0, order)
+
+
+def _ptr(index: Tensor, size: int) -> Tensor:
+    """CSR row pointer (``size`` + 1,) of the sorted-or-not group ids ``index``."""
+    ptr = torch.zeros(size + 1, dtype=torch.long, device=index.device)
+    torch.cumsum(torch.bincount(index, minlength=size), 0, out=ptr[1:])
+    return ptr

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...knn import compute_dtype
 from .csr import csr_layout, from_layout, to_layout, transpose_layout
 
 #: Edges a program streams per step; a power of two (Triton block shapes are).
@@ -75,7 +76,7 @@ class _FusedSSA(torch.autograd.Function):
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         num_dst, heads, channels = query.shape
         layout = csr_layout(edge_index, num_dst)
-        acc_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        acc_dtype = compute_dtype(query.dtype)
         mask = None if weight is None else to_layout(weight, layout.order).to(acc_dtype)
         mask = mask.contiguous() if mask is not None else None
         out = torch.empty_like(query)
