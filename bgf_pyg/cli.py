@@ -44,6 +44,7 @@ from .data import (
     build_transform,
     check_image_headers,
 )
+from .data.noise import CorruptedTraining
 from .data.splits import split_validation
 from .data.transforms import INTERPOLATIONS
 from .losses.pce import SPACES
@@ -120,13 +121,22 @@ USER_ERRORS = (ValueError, OSError, InputError)
 #: were measured before the split, with 5×12 batches on all 5 training digits.
 DEMO_DEFAULTS = {
     "backbone": "smallcnn", "embedding_dim": 64, "epochs": 30, "eval_every": 10, "lr": 1e-3,
-    "classes_per_batch": 3, "samples_per_class": 20, "batch_size": 60, "k": 10,
+    "classes_per_batch": 8, "samples_per_class": 6, "batch_size": 48, "k": 10,
     "proxies_per_class": 12, "proxygml_r": 0.5,
 }
+#: Each method's own demo settings, chosen on the validation classes with ``bgf-sweep`` (see
+#: the README's demo section for the searches): they override :data:`DEMO_DEFAULTS`.
+DEMO_METHOD_DEFAULTS: dict[str, dict] = {}
+
+
+def demo_defaults(method: str) -> dict:
+    """The ``--dataset demo`` defaults of ``method``."""
+    return {**DEMO_DEFAULTS, **DEMO_METHOD_DEFAULTS.get(method, {})}
+
+
 #: ``--val-classes`` when not given, with ``--select-on val``: a fifth of the training classes
-#: (CUB: 20 of 100), or 2 of the demo's 5 training digits (the fewest a retrieval split can have).
+#: (CUB: 20 of 100, the demo: 10 of 50).
 DEFAULT_VAL_FRACTION = 0.2
-DEMO_VAL_CLASSES = 2
 #: What each ``--select-on`` means, for the caption of the results table.
 PROTOCOLS = {
     "val": "checkpoint selected on the validation classes (held-out training classes)",
@@ -148,9 +158,14 @@ def dataset_help() -> str:
         lines.append(textwrap.fill(text, HELP_WIDTH, initial_indent=f"  {name:8s}",
                                    subsequent_indent=" " * 10, break_on_hyphens=False))
     demo = " ".join(f"{option_name(k)} {v}" for k, v in DEMO_DEFAULTS.items())
+    per_method = "; ".join(
+        f"{method}: " + " ".join(f"{option_name(k)} {v}" for k, v in options.items())
+        for method, options in DEMO_METHOD_DEFAULTS.items())
     lines += ["", textwrap.fill("with --dataset demo (the default) these defaults change, so that "
                                 "bgf-train with no options runs the demo of examples/cub.py: "
-                                + demo, HELP_WIDTH),
+                                + demo + (f"; and per method (chosen on the validation "
+                                          f"classes), {per_method}" if per_method else ""),
+                                HELP_WIDTH),
               "", "a bad option ends with one line naming it and exit code 2, before any work "
               "starts"]
     return "\n".join(lines)
@@ -261,8 +276,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--val-classes", type=val_classes, default=None, metavar="FRACTION_OR_COUNT",
                    help="hold out this fraction (in (0, 1)) or number of the training classes as "
                         "the validation split; 0: none (default: "
-                        f"{DEFAULT_VAL_FRACTION:g} of them, {DEMO_VAL_CLASSES} on the demo, with "
-                        "--select-on val; 0 otherwise)")
+                        f"{DEFAULT_VAL_FRACTION:g} of them with --select-on val; 0 "
+                        "otherwise)")
+    p.add_argument("--label-noise", type=probability, default=0.0, metavar="FRACTION",
+                   help="robustness studies: flip this fraction of the training labels to "
+                        "another class (seeded by --seed; validation and test stay clean)")
+    p.add_argument("--outliers", type=probability, default=0.0, metavar="FRACTION",
+                   help="robustness studies: add uniform-noise images with random labels to "
+                        "the training split, this fraction of its size (seeded by --seed)")
     p.add_argument("--val-seed", type=seed_int, default=0,
                    help="seeds which training classes are held out (independent of --seed, so "
                         "every seed of a sweep sees the same split)")
@@ -329,7 +350,7 @@ def parse_args(
                                  f"keeping {' '.join(map(str, kept)) or 'none'}")
             args.lr_milestones = kept or None
     if args.dataset == "demo":
-        for dest, value in DEMO_DEFAULTS.items():
+        for dest, value in demo_defaults(args.method).items():
             if dest not in explicit and dest not in preset:
                 setattr(args, dest, value)
     if args.device is None:
@@ -345,8 +366,7 @@ def parse_args(
     if args.proxy_lr is None:
         args.proxy_lr = PROXY_LR_FACTOR * args.lr
     if args.val_classes is None:
-        held_out = DEMO_VAL_CLASSES if args.dataset == "demo" else DEFAULT_VAL_FRACTION
-        args.val_classes = held_out if args.select_on == "val" else 0
+        args.val_classes = DEFAULT_VAL_FRACTION if args.select_on == "val" else 0
     validate(parser, args, explicit, methods)
     return args
 
@@ -395,11 +415,16 @@ def load_splits(
     options: TransformOptions | None = None,
     val_classes: float = 0,
     val_seed: int = 0,
+    label_noise: float = 0.0,
+    outliers: float = 0.0,
+    corruption_seed: int = 0,
 ) -> Splits:
     """Training and evaluation splits (In-Shop: query against gallery), transformed as
     ``options`` says, and with ``val_classes`` the validation split taken from the training
     classes (:func:`~bgf_pyg.data.splits.split_validation`); with ``check_images`` every image
-    is opened now (:func:`~bgf_pyg.data.check_image_headers`)."""
+    is opened now (:func:`~bgf_pyg.data.check_image_headers`). ``label_noise`` and
+    ``outliers`` corrupt what remains for training
+    (:class:`~bgf_pyg.data.noise.CorruptedTraining`, seeded by ``corruption_seed``)."""
     train_tf = build_transform(dataset, train=augment, options=options)
     test_tf = build_transform(dataset, train=False, options=options)
     train = build_dataset(dataset, root, "train", train_tf)
@@ -414,6 +439,8 @@ def load_splits(
     for split in (train, splits.test, splits.gallery):
         if isinstance(split, ImageListDataset):
             check_image_headers(split, check_images)
+    if label_noise or outliers:
+        splits.train = CorruptedTraining(splits.train, label_noise, outliers, corruption_seed)
     return splits
 
 
@@ -560,7 +587,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     generator.manual_seed(args.seed + distributed.get_rank())  # per-rank worker augmentation
     splits = load_splits(args.dataset, args.data_root, augment=not args.no_augment,
                          check_images=args.check_images, options=transform_options(args),
-                         val_classes=args.val_classes, val_seed=args.val_seed)
+                         val_classes=args.val_classes, val_seed=args.val_seed,
+                         label_noise=args.label_noise, outliers=args.outliers,
+                         corruption_seed=args.seed)
     check_against_data(args, splits.train)
     samples_per_class = None if args.method == "proxygml" else args.samples_per_class
     backbone = build_backbone(args.backbone, args.embedding_dim, args.pretrained,

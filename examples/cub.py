@@ -1,4 +1,4 @@
-"""Train and evaluate on CUB-200-2011, or on the embedded digits demo when no --data-root is given.
+"""Train and evaluate on CUB-200-2011, or on the embedded demo set when no --data-root is given.
 
     python examples/cub.py --data-root /data/CUB_200_2011 --method bgformer --pretrained r50.pth
     python examples/cub.py                              # demo, BGFormer, about a minute
@@ -13,6 +13,7 @@ those that finished, the failures are named and the exit code is non-zero.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import traceback
@@ -63,6 +64,25 @@ def run_argv(args: argparse.Namespace, rest: list[str], method: str, seed: int,
     return argv
 
 
+def paired_line(bgformer: dict[int, dict[str, float]], plain: dict[int, dict[str, float]],
+                plan: dict, seed: int) -> str:
+    """BGFormer − plain test R@1 of the seeds both finished, per seed and mean ± std, in
+    points; says whether the two used the same metric loss."""
+    seeds = [s for s in bgformer if s in plain]
+    diffs = [100 * (bgformer[s]["recall@1"] - plain[s]["recall@1"]) for s in seeds]
+    per_seed = ", ".join(f"seed {s}: {d:+.1f}" for s, d in zip(seeds, diffs, strict=True))
+    losses = {plan["bgformer", seed].loss, plan["plain", seed].loss}
+    loss = (f"same loss ({losses.pop()})" if len(losses) == 1
+            else f"different losses: bgformer {plan['bgformer', seed].loss}, plain "
+                 f"{plan['plain', seed].loss}")
+    summary = ""
+    if len(diffs) > 1:
+        wins = sum(d > 0 for d in diffs)
+        summary = (f"; mean {statistics.mean(diffs):+.1f} ± {statistics.stdev(diffs):.1f}, "
+                   f"BGFormer ahead on {wins} of {len(diffs)} seeds")
+    return f"\nBGFormer − plain, test R@1 in points, paired by seed ({loss}): {per_seed}{summary}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parse(argv)
     methods = METHODS if args.method == "all" else (args.method,)
@@ -71,18 +91,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = {(m, s): parse_args(run_argv(args, rest, m, s, single), methods=methods, prog=PROG)
             for m in methods for s in args.seeds}
     if args.data_root is None:
-        print("No --data-root given: training on the embedded digits demo set (28×28, smallcnn) "
-              "instead of CUB-200-2011.")
+        print("No --data-root given: training on the embedded demo set (two-digit numbers, "
+              "28×56, smallcnn) instead of CUB-200-2011.")
     setup_logging()
     rows, failures, exit_code = [], [], 0
+    finished: dict[str, dict[int, dict[str, float]]] = {}
     start = time.perf_counter()
     if args.data_root is None:
         rows.append(("raw pixels", [raw_pixel_metrics(build_dataset("demo", None, "test"))]))
     for method in methods:
-        finished = []
+        finished[method] = {}
         for seed in args.seeds:
             try:
-                finished.append(run(plan[method, seed]))
+                finished[method][seed] = run(plan[method, seed])
             except USER_ERRORS as err:
                 failures.append(f"{method} (seed {seed}): {error_message(err, plan[method, seed])}")
                 exit_code = exit_code or EXIT_USAGE
@@ -90,14 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
                 failures.append(f"{method} (seed {seed}): {type(err).__name__}: {err}")
                 exit_code = EXIT_FAILURE
-        if finished:
-            rows.append((row_name(plan[method, args.seeds[0]]), finished))
+        if finished[method]:
+            rows.append((row_name(plan[method, args.seeds[0]]), list(finished[method].values())))
     if len(rows) > (args.data_root is None):  # a trained method finished
         seeds = ", ".join(map(str, args.seeds))
         spread = " (mean ± std)" if len(args.seeds) > 1 else ""
         print(f"\n{results_caption(plan[methods[0], args.seeds[0]])}; seeds {seeds}{spread}; "
               f"{time.perf_counter() - start:.0f} s in all:")
         print(format_table(rows))
+        if finished.get("bgformer") and finished.get("plain"):
+            print(paired_line(finished["bgformer"], finished["plain"], plan, args.seeds[0]))
     for failure in failures:
         print(f"{PROG}: error: {failure}", file=sys.stderr)
     return exit_code

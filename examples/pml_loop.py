@@ -7,7 +7,7 @@ The loop is the one a PML user already has: a model made of a trunk and a linear
 multi-similarity loss with its miner, PML's ``MPerClassSampler``, AdamW. The three lines marked
 ``BGFormer`` are all it takes to train it with the batch graph: wrap the loss, give the optimiser
 the wrapper's parameters, call it on the trunk's features with the head. Nothing of
-``bgf_pyg.train`` or ``bgf_pyg.cli`` is used; evaluation (Recall@1 on the unseen digits 5–9)
+``bgf_pyg.train`` or ``bgf_pyg.cli`` is used; evaluation (Recall@1 on the unseen test numbers)
 embeds with ``head(trunk(x))`` alone, as at test time the graph is not used.
 """
 
@@ -31,12 +31,13 @@ from bgf_pyg.metrics import recall_at_k
 from bgf_pyg.nn import BGFormer
 
 FEATURES, EMBEDDING = 128, 64
-#: 5 training digits × 12 images per batch, as the demo runs of examples/cub.py.
-SAMPLES_PER_CLASS, BATCH_SIZE = 12, 60
+#: 8 training numbers × 6 images per batch, as the demo runs of examples/cub.py.
+SAMPLES_PER_CLASS, BATCH_SIZE = 6, 48
 
 
 class Net(nn.Module):
-    """A user's model: a small CNN trunk (28×28 digits → 128 features) and a linear head."""
+    """A user's model: a small CNN trunk (28×56 two-digit images → 128 features), a linear
+    head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batches-per-epoch", type=int, default=None,
-                   help="default: as many as the training set fills (15)")
+                   help="default: as many as the training set fills (25)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)

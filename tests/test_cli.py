@@ -72,7 +72,6 @@ def test_unknown_method(capsys):
 
 
 def test_tiny_demo_run_prints_the_table(tmp_path, capsys):
-    # No --classes-per-batch: the default P (6) is capped at the demo's 5 training classes.
     code = main(["--method", "plain", "--epochs", "1", "--embedding-dim", "16",
                  "--samples-per-class", "4", "--lr", "1e-3",
                  "--out", str(tmp_path), "--device", "cpu", "--no-augment", "--no-progress"])

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bgf_pyg.cli import DEMO_DEFAULTS, build_parser, main, parse_args
+from bgf_pyg.cli import (
+    DEMO_DEFAULTS,
+    DEMO_METHOD_DEFAULTS,
+    build_parser,
+    demo_defaults,
+    main,
+    parse_args,
+)
 from bgf_pyg.models import METHODS
 from bgf_pyg.options import SCOPES, HelpFormatter, Number, option_name
 
@@ -122,8 +129,8 @@ def test_cross_option_rules(argv, fragment, capsys):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--method", "proxygml", "--batch-size", "5000"],
-     "--batch-size 5000 exceeds the 542 training images"),
-    (["--classes-per-batch", "6"], "--classes-per-batch 6 exceeds the 3 training classes"),
+     "--batch-size 5000 exceeds the 960 training images"),
+    (["--classes-per-batch", "41"], "--classes-per-batch 41 exceeds the 40 training classes"),
 ])
 def test_sampling_options_against_the_data(tmp_path, argv, fragment, capsys):
     code = main([*argv, "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"])
@@ -160,8 +167,12 @@ def test_help_shows_every_option_with_its_default(capsys):
 def test_no_options_is_the_demo_of_examples_cub():
     args = parse_args([])
     assert args.dataset == "demo" and args.method == "bgformer"
-    for dest, value in DEMO_DEFAULTS.items():
+    for dest, value in demo_defaults("bgformer").items():
         assert getattr(args, dest) == value, dest
+    for method in METHODS:  # each method's own demo settings, over the shared ones
+        parsed = parse_args(["--method", method])
+        for dest, value in {**DEMO_DEFAULTS, **DEMO_METHOD_DEFAULTS.get(method, {})}.items():
+            assert getattr(parsed, dest) == value, (method, dest)
     assert parse_args(["--lr", "0.01"]).lr == 0.01  # an explicit option beats the demo default
     assert parse_args(["--dataset", "cub", "--data-root", "x"]).backbone == "resnet50"
     from tests.test_examples import load_example

@@ -20,6 +20,7 @@ from bgf_pyg.data import (
     load_digits_demo,
     train_transform,
 )
+from bgf_pyg.data.demo import demo_drawings
 from bgf_pyg.metrics import recall_at_k
 
 # Unequal class sizes: the split must follow the class id, not the counts.
@@ -202,7 +203,8 @@ def test_sampler_in_dataloader():
     dataset = DigitsDemo("train")
     sampler = ClassBalancedBatchSampler(dataset.labels, 5, 2, num_batches=3)
     images, labels = next(iter(DataLoader(dataset, batch_sampler=sampler)))
-    assert images.shape == (10, 1, 28, 28) and labels.bincount().tolist() == [2] * 5
+    assert images.shape == (10, 1, 28, 56)
+    assert labels.unique(return_counts=True)[1].tolist() == [2] * 5
 
 
 def test_sampler_errors():
@@ -215,16 +217,35 @@ def test_sampler_errors():
 
 def test_digits_demo():
     train, test = DigitsDemo("train"), DigitsDemo("test")
-    assert set(train.class_ids) == set(range(5)) and set(test.class_ids) == set(range(5, 10))
-    assert len(train) + len(test) == 1797
+    assert not set(train.class_ids) & set(test.class_ids)
+    assert set(train.class_ids) | set(test.class_ids) == set(range(100))
+    assert len(train) == len(test) == 50 * 24
     image, label = test[0]
-    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
-    assert 0 <= label < 5 and test.num_classes == 5
-    images, digits = load_digits_demo("test")
+    assert image.shape == (1, 28, 56) and image.dtype == torch.float32
+    assert 0 <= label < 50 and test.num_classes == 50
+    images, numbers = load_digits_demo("test")
     again, _ = load_digits_demo("test")
     assert torch.equal(images, again) and not torch.equal(images, load_digits_demo("test", 1)[0])
-    # The distortion keeps raw pixels well below the plain digits' R@1 ≈ 0.99.
-    assert 0.45 < recall_at_k(images.flatten(1), digits, (1,))[1] < 0.65
+    # The distortion keeps raw pixels far from solving it (chance is 23/1199 ≈ 0.02).
+    assert 0.15 < recall_at_k(images.flatten(1), numbers, (1,))[1] < 0.4
+
+
+def test_demo_drawings_belong_to_one_number():
+    from sklearn.datasets import load_digits
+
+    digit_of = torch.tensor(load_digits().target)
+    owner: dict[int, int] = {}
+    for split in ("train", "test"):
+        numbers, drawings = demo_drawings(split)
+        assert drawings.shape == (len(numbers), 2)
+        # the left drawing shows the tens digit, the right one the units digit
+        assert torch.equal(digit_of[drawings[:, 0]], numbers // 10)
+        assert torch.equal(digit_of[drawings[:, 1]], numbers % 10)
+        for number, pair in zip(numbers.tolist(), drawings.tolist(), strict=True):
+            for drawing in pair:
+                assert owner.setdefault(drawing, number) == number
+    # several drawings per number and side, so images of a number differ in more than distortion
+    assert len(owner) > 1500
 
 
 def test_build_dataset_and_transforms():
@@ -232,7 +253,7 @@ def test_build_dataset_and_transforms():
     assert isinstance(demo, DigitsDemo) and demo.transform is None
     assert build_transform("demo", train=False) is None
     image = build_transform("demo", train=True)(demo[0][0])
-    assert image.shape == (1, 28, 28)
+    assert image.shape == (1, 28, 56)
     with pytest.raises(ValueError, match="name"):
         build_dataset("mnist", None, "train")
     with pytest.raises(ValueError, match="root"):

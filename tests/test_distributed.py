@@ -263,8 +263,8 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
 
 #: Each case: (argv of rank 0, argv of rank 1, what the error names). The demo set has 5 classes.
 BAD_LAUNCHES = {
-    "world too big for P×M": ([], [], ["--classes-per-batch", "3"],
-                              "3 × 2 = 6 exceeds the 3 training classes"),
+    "world too big for P×M": ([], [], ["--classes-per-batch", "21"],
+                              "21 × 2 = 42 exceeds the 40 training classes"),
     "k over the global batch": ([], [], ["--classes-per-batch", "2", "--samples-per-class", "9",
                                          "--k", "40"],
                                 "--k 40 must be smaller than the global batch of 36"),
@@ -298,9 +298,9 @@ def test_bad_launches_fail_on_every_rank_without_hanging(tmp_path):
 # ---------------------------------------------------- the real thing: torchrun, SIGKILL
 
 TORCHRUN_ARGS = ["--method", "plain", "--epochs", "3", "--embedding-dim", "16",
-                 "--classes-per-batch", "2", "--eval-every", "3", "--no-progress",
-                 "--checkpoint-every", "5",
-                 "--select-on", "last"]  # all 5 demo training digits: 2 ranks × 2 classes
+                 "--classes-per-batch", "4", "--samples-per-class", "12", "--eval-every", "3",
+                 "--no-progress", "--checkpoint-every", "5",
+                 "--select-on", "last"]  # 12 steps an epoch: 2 ranks × 4 × 12 of 1,200 images
 
 
 def _torchrun(out: Path, *extra: str) -> list[str]:

@@ -63,12 +63,30 @@ def test_method_all_reports_the_finished_and_the_failed(tmp_path, capsys):
     rows = [line.split("|")[1].strip() for line in captured.out.splitlines()
             if line.startswith("| ") and "method" not in line]
     assert rows == ["raw pixels", "plain", "bgformer", "proxygml"]
+    assert "BGFormer − plain, test R@1 in points, paired by seed (same loss" in captured.out
     failures = [line for line in captured.err.splitlines() if line.startswith("cub.py: error:")]
     assert len(failures) == 1
     assert "intra-batch (seed 0)" in failures[0] and "--temperature 1e-38" in failures[0]
     assert "Traceback" not in captured.err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "bgformer-s0", "intra-batch-s0", "plain-s0", "proxygml-s0"]
+
+
+def test_paired_line_differences_by_seed():
+    from types import SimpleNamespace
+
+    cub = load_example("cub")
+    bgformer = {0: {"recall@1": 0.80}, 1: {"recall@1": 0.70}, 2: {"recall@1": 0.66}}
+    plain = {0: {"recall@1": 0.75}, 1: {"recall@1": 0.72}}  # seed 2 failed: not paired
+    plan = {(m, s): SimpleNamespace(loss="multi_similarity") for m in ("bgformer", "plain")
+            for s in range(3)}
+    line = cub.paired_line(bgformer, plain, plan, 0)
+    assert "same loss (multi_similarity)" in line
+    assert "seed 0: +5.0, seed 1: -2.0;" in line and "seed 2" not in line
+    assert "mean +1.5 ± 4.9, BGFormer ahead on 1 of 2 seeds" in line  # std of (5, -2): 4.95
+    plan["plain", 0] = SimpleNamespace(loss="pce")
+    assert "different losses: bgformer multi_similarity, plain pce" in cub.paired_line(
+        bgformer, plain, plan, 0)
 
 
 def test_cub_example_checks_every_run_before_the_first(tmp_path, capsys):

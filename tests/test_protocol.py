@@ -25,7 +25,8 @@ from bgf_pyg.data.splits import choose_val_classes, split_validation
 from bgf_pyg.models import build_backbone, build_method
 from bgf_pyg.train import BEST_CHECKPOINT, LAST_CHECKPOINT, fit, load_checkpoint, read_metrics
 
-#: A tiny demo run: 16-d plain, no augmentation, 3 training digits × 60 a batch (3 steps).
+#: A tiny demo run: 16-d plain, no augmentation, 8 of the 40 training numbers × 60 a batch (2
+#: steps an epoch).
 TINY = ["--method", "plain", "--embedding-dim", "16", "--samples-per-class", "60",
         "--eval-every", "1", "--device", "cpu", "--no-progress", "--no-augment"]
 
@@ -75,15 +76,16 @@ def test_split_depends_on_the_seed():
     assert len(splits) == 5
 
 
-def test_demo_validation_digits_come_from_the_training_digits():
+def test_demo_validation_numbers_come_from_the_training_numbers():
+    train = DigitsDemo("train")
     train_part, val_part, held_out = split_validation(
-        DigitsDemo("train"), 2, seed=0, val_transform=lambda x: x + 100)
-    test_digits = set(DigitsDemo("test").class_ids)
-    assert set(held_out) < {0, 1, 2, 3, 4} and not set(held_out) & test_digits
-    assert not set(train_part.class_ids) & (set(held_out) | test_digits)
+        train, 10, seed=0, val_transform=lambda x: x + 100)
+    test_numbers = set(DigitsDemo("test").class_ids)
+    assert set(held_out) < set(train.class_ids) and not set(held_out) & test_numbers
+    assert not set(train_part.class_ids) & (set(held_out) | test_numbers)
     image, label = val_part[0]
-    assert image.min() > 50 and label == 0  # its own transform; labels 0..1
-    assert train_part.num_classes == 3 and val_part.num_classes == 2
+    assert image.min() > 50 and label == 0  # its own transform; labels 0..9
+    assert train_part.num_classes == 40 and val_part.num_classes == 10
 
 
 def test_image_dataset_split(tmp_path):
@@ -163,7 +165,7 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def val_run(tmp_path_factory) -> tuple[Path, str, str]:
-    """Two epochs selected on the validation digits."""
+    """Two epochs selected on the validation numbers."""
     out = tmp_path_factory.mktemp("val") / "run"
     code, stdout, stderr = run_main([*TINY, "--epochs", "2", "--out", str(out)])
     assert code == 0, stderr
@@ -205,7 +207,7 @@ def test_val_run_selects_on_val_and_tests_that_checkpoint_once(val_run):
 def test_val_split_is_recorded_and_kept_on_resume(val_run, tmp_path):
     out, _, _ = val_run
     held_out = load_checkpoint(out / LAST_CHECKPOINT)["config"]["val_class_ids"]
-    assert held_out == choose_val_classes(range(5), 2, 0)
+    assert held_out == choose_val_classes(sorted(set(DigitsDemo("train").class_ids)), 0.2, 0)
     assert not set(held_out) & set(DigitsDemo("test").class_ids)
     run = tmp_path / "run"
     shutil.copytree(out, run)
@@ -247,9 +249,9 @@ def test_test_selected_result_is_labelled(tmp_path):
     ("1.5", "expected 0, a fraction in (0, 1) or a class count"),
     ("nan", "expected 0, a fraction in (0, 1) or a class count"),
     ("half", "expected 0, a fraction in (0, 1) or a class count"),
-    ("1", "holds out 1 of the 5 training classes"),
-    ("4", "holds out 4 of the 5 training classes"),
-    ("0.1", "holds out 0 of the 5 training classes"),
+    ("1", "holds out 1 of the 50 training classes"),
+    ("49", "holds out 49 of the 50 training classes"),
+    ("0.01", "holds out 0 of the 50 training classes"),
     ("0", "--select-on val needs a validation split"),
 ])
 def test_bad_val_classes_is_one_line_naming_the_option(tmp_path, value, fragment):

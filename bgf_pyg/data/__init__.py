@@ -1,4 +1,4 @@
-"""Datasets (CUB-200-2011, Cars196, SOP, In-Shop, the embedded digits demo), the class-balanced
+"""Datasets (CUB-200-2011, Cars196, SOP, In-Shop, the embedded two-digit demo), the class-balanced
 sampler and the standard transforms."""
 
 from __future__ import annotations

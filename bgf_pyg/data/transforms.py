@@ -95,7 +95,7 @@ def eval_transform(size: int = 224, options: TransformOptions | None = None) -> 
 def demo_train_transform(
     degrees: float = 30.0, translate: float = 0.1, scale: float = 0.15
 ) -> T.RandomAffine:
-    """A random affine jitter of the demo's (1, 28, 28) tensors (no resize): rotation ±``degrees``,
+    """A random affine jitter of the demo's (1, 28, 56) tensors (no resize): rotation ±``degrees``,
     shift ±``translate`` of the side, scale 1 ± ``scale``; of the same kind as (and somewhat weaker
     than) the demo's own distortion, so that training learns the invariance the test set needs."""
     return T.RandomAffine(degrees, translate=(translate, translate), scale=(1 - scale, 1 + scale))

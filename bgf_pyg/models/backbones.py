@@ -86,15 +86,15 @@ class EmbeddingNet(nn.Module):
 
 class SmallCNN(nn.Module):
     """Conv-BN-ReLU blocks (2×2 max-pool between them), then average and max pooling of the last
-    map to a grid of ``SMALLCNN_GRID`` × ``SMALLCNN_GRID`` cells, concatenated: for the 28×28
-    demo set.
+    map to a grid of ``SMALLCNN_GRID`` × ``SMALLCNN_GRID`` cells, concatenated: for the demo
+    set's 28×56 two-digit images (the grid gives each digit a column of two cells).
 
-    Three 3×3 blocks (receptive field 18 pixels at 28×28) see whole strokes and their junctions;
-    the coarse 2×2 grid keeps roughly where they lie (digits are told apart by it) while
-    tolerating the demo's random shifts and rotations. Measured on the demo (σ = 0.3, one seed,
-    BGFormer, 30 epochs): R@1 0.70 with the 2×2 grid against 0.65 with global (1×1) pooling;
-    the former trunk (one 16-channel block flattened at 4×4, 5 epochs) stayed at the level of raw
-    pixels.
+    Three 3×3 blocks (receptive field 18 pixels) see whole strokes and their junctions; the
+    coarse grid keeps roughly where they lie (digits are told apart by it) while tolerating the
+    demo's random shifts and rotations. Measured on the former one-digit 28×28 demo (σ = 0.3, one
+    seed, BGFormer, 30 epochs): R@1 0.70 with the 2×2 grid against 0.65 with global (1×1)
+    pooling; the former trunk (one 16-channel block flattened at 4×4, 5 epochs) stayed at the
+    level of raw pixels.
 
     **Shapes:** (B, ``in_channels``, H, W) → (B, 2 · 64 · SMALLCNN_GRID² = 512).
     """
