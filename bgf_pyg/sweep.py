@@ -3,7 +3,8 @@
     bgf-sweep --name demo-lr --grid lr=1e-3,3e-4 --grid k=5,10 --seeds 0 1 -- --method bgformer
 
 Each trial sets the named ``bgf-train`` options to one combination of the given values (every
-combination with ``--sampler grid``, ``--trials`` seeded random draws with ``--sampler random``) and
+combination with ``--sampler grid``, ``--trials`` distinct ones in a seeded random order with
+``--sampler random``) and
 trains one run per seed; its score is the validation R@1 of the selected checkpoint, averaged over
 the seeds. The search is Optuna's (its SQLite storage makes it resumable); a run folder that already
 holds a finished run is read instead of trained again, and a killed one is resumed
@@ -19,6 +20,7 @@ import itertools
 import json
 import statistics
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="NAME=V1,V2", help="a bgf-train option and its values (repeatable)")
     p.add_argument("--seeds", type=seed_int, nargs="+", default=[0], help="one run per seed")
     p.add_argument("--sampler", choices=("grid", "random"), default="grid",
-                   help="every combination, or --trials random ones")
+                   help="every combination, or --trials distinct ones drawn at random")
     p.add_argument("--trials", type=positive_int, default=None,
                    help="trials to run in all (default: every combination)")
     p.add_argument("--sampler-seed", type=seed_int, default=0, help="seeds the random sampler")
@@ -125,19 +127,24 @@ def summary(rows: list[dict]) -> str:
 
 
 def make_study(args: argparse.Namespace, folder: Path):
-    """The Optuna study in ``<folder>/study.db`` (loaded if it exists); trials a killed sweep left
-    running are marked failed and queued again."""
+    """The Optuna study in ``<folder>/study.db`` (loaded if it exists); a trial a killed sweep
+    left running is marked failed and queued again on the same setting, by Optuna's
+    ``RetryHeartbeatStaleTrialCallback`` (which keeps the grid sampler's bookkeeping intact)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = dict(args.grid)
-    sampler = (optuna.samplers.GridSampler(space, seed=args.sampler_seed)
-               if args.sampler == "grid" else optuna.samplers.RandomSampler(args.sampler_seed))
+    # Both samplers walk the grid in a seeded random order without repeating a setting: "grid"
+    # to its end, "random" for --trials settings (Optuna's RandomSampler would draw a finite
+    # grid's settings again and spend trials on runs already done).
+    sampler = optuna.samplers.GridSampler(dict(args.grid), seed=args.sampler_seed)
     study = optuna.create_study(study_name=args.name, storage=f"sqlite:///{folder / STUDY_FILE}",
                                 sampler=sampler, direction="maximize", load_if_exists=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params)
+        retry(study, study._storage.get_trial(trial._trial_id))
     return study
 
 
@@ -159,21 +166,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     setup_logging()
     study = make_study(args, folder)
-    total = args.trials or (len(list(itertools.product(*(v for _, v in args.grid))))
-                            if args.sampler == "grid" else 1)
+    combinations = len(list(itertools.product(*(v for _, v in args.grid))))
+    total = min(args.trials or (combinations if args.sampler == "grid" else 1), combinations)
     done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
 
-    def objective(trial) -> float:
-        params = {name: trial.suggest_categorical(name, values) for name, values in args.grid}
+    def score(number: int, params: dict[str, str]) -> float:
+        """Train (or read, or resume) every seed of one setting; the mean validation score."""
         scores = []
         for seed in args.seeds:
             out = folder / run_folder_name(params, seed)
-            row = {"trial": trial.number, "seed": seed, "params": params, "out": str(out),
+            row = {"trial": number, "seed": seed, "params": params, "out": str(out),
                    **run_once(base, params, seed, out)}
             with open(folder / RUNS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             scores.append(row["val_" + SCORE])
         return statistics.mean(scores)
+
+    def objective(trial) -> float:
+        return score(trial.number, {name: trial.suggest_categorical(name, values)
+                                    for name, values in args.grid})
 
     try:
         study.optimize(objective, n_trials=max(total - done, 0), catch=())

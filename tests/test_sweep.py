@@ -16,11 +16,12 @@ TINY = ["--", "--method", "plain", "--epochs", "1", "--embedding-dim", "8",
 
 
 def test_grid_sweep_scores_on_val_and_resumes_without_training(tmp_path, capsys):
-    argv = ["--name", "lr", "--dir", str(tmp_path), "--grid", "lr=1e-3,3e-3", *TINY]
+    argv = ["--name", "lr", "--dir", str(tmp_path), "--grid", "lr=1e-3,3e-3,1e-2",
+            "--sampler", "random", "--trials", "2", *TINY]
     assert main(argv) == 0
     table = capsys.readouterr().out.strip().splitlines()
     rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    assert sorted(r["params"]["lr"] for r in rows) == ["1e-3", "3e-3"]
+    assert len({r["params"]["lr"] for r in rows}) == len(rows) == 2
     for row in rows:  # the score is the validation R@1 of the selected epoch, from its run
         records = read_metrics(row["out"])
         final = records[-1]
@@ -31,19 +32,43 @@ def test_grid_sweep_scores_on_val_and_resumes_without_training(tmp_path, capsys)
         assert row["test"]["recall@1"] == final["recall@1"]
     best = max(rows, key=lambda r: r["val_recall@1"])
     assert table[-2].startswith(f"| --lr {best['params']['lr']} | 1 |")  # best val first
-    # A killed sweep: a trial left running. The rerun queues it again and reads the finished run
-    # folder instead of training it again.
-    study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path / 'study.db'}")
-    stale = study.ask({"lr": optuna.distributions.CategoricalDistribution(["1e-3", "3e-3"])})
+    # A killed sweep: its third trial was handed the last setting and left running. The rerun
+    # queues that setting again and does not train the two finished runs again.
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    grid = {"lr": ["1e-3", "3e-3", "1e-2"]}
+    study = optuna.load_study(study_name="lr", storage=storage,
+                              sampler=optuna.samplers.GridSampler(grid, seed=0))
+    stale = study.ask()
+    stale_lr = stale.suggest_categorical("lr", grid["lr"])
+    assert stale_lr not in {r["params"]["lr"] for r in rows}
     mtimes = {r["out"]: (tmp_path / r["out"] / LAST_CHECKPOINT).stat().st_mtime_ns for r in rows}
-    assert main([*argv[:4], "--grid", "lr=1e-3,3e-3", "--trials", "3", *TINY]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-2:] == table[-2:]
-    states = [t.state for t in optuna.load_study(
-        study_name="lr", storage=f"sqlite:///{tmp_path / 'study.db'}").trials]
-    assert states[stale.number] == optuna.trial.TrialState.FAIL
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+    argv[argv.index("--trials") + 1] = "3"
+    assert main(argv) == 0
+    capsys.readouterr()
+    trials = optuna.load_study(study_name="lr", storage=storage).trials
+    states = optuna.trial.TrialState
+    assert [t.state for t in trials] == [states.COMPLETE] * 2 + [states.FAIL, states.COMPLETE]
+    assert trials[-1].params == {"lr": stale_lr}
+    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["params"]["lr"] for r in rows) == sorted(grid["lr"])
     assert all((tmp_path / out / LAST_CHECKPOINT).stat().st_mtime_ns == t
                for out, t in mtimes.items())
+
+
+def test_random_sampler_draws_distinct_settings(tmp_path, capsys):
+    """--trials distinct settings of a finite grid, never one twice (and no more than exist)."""
+    argv = ["--name", "r", "--dir", str(tmp_path), "--sampler", "random", "--trials", "5",
+            "--grid", "lr=1e-3,3e-3", "--grid", "embedding-dim=4,8", *TINY]
+    argv.remove("8")  # TINY's --embedding-dim value: the grid sets it
+    argv.remove("--embedding-dim")
+    assert main([*argv[:7], "3", *argv[8:]]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    settings = [tuple(sorted(r["params"].items())) for r in rows]
+    assert len(settings) == 3 and len(set(settings)) == 3
+    assert main(argv) == 0  # 5 asked, 4 exist: the fourth setting is added, then it stops
+    rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert len({tuple(sorted(r["params"].items())) for r in rows}) == len(rows) == 4
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("argv,fragment", [
