@@ -139,8 +139,8 @@ class DigitsDemo(LabelledDataset):
 
     LAYOUT = ("embedded (two-digit numbers drawn from scikit-learn's digits, distorted once, "
               "seeded; no download, no --data-root)")
-    SPLIT = (f"a seeded half of the {NUM_CLASSES} numbers train, the other half test, from "
-             "disjoint halves of the drawings")
+    SPLIT = (f"a seeded half of the {NUM_CLASSES} numbers train, the other half test; every "
+             "drawing belongs to one number")
 
     def __init__(self, split: str = "train", seed: int = 0, transform: Callable | None = None):
         self.images, numbers = load_digits_demo(split, seed)
