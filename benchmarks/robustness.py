@@ -145,7 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         records.append({"model": model, "corruption": corruption, "level": level, "seed": seed,
                         **metrics})
         save(out, config, records)
-    save(out, config, records)
     summary = summarise(records)
     plot(Path(args.plot) if args.plot else out.with_suffix(".png"), summary, args.models)
     print(f"{time.perf_counter() - start:.0f} s; test R@1 in %, mean ± std over seeds "

@@ -17,6 +17,7 @@ image. See DESIGN §5.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -66,8 +67,10 @@ def demo_classes(seed: int = 0) -> tuple[list[int], list[int]]:
     return sorted(order[:NUM_TRAIN_CLASSES]), sorted(order[NUM_TRAIN_CLASSES:])
 
 
+@functools.lru_cache(maxsize=1)
 def _sklearn_digits() -> tuple[Tensor, Tensor]:
-    """scikit-learn's 1,797 drawings as (N, 1, 8, 8) floats in [0, 1] and their (N,) digits."""
+    """scikit-learn's 1,797 drawings as (N, 1, 8, 8) floats in [0, 1] and their (N,) digits
+    (read once per process: both splits and :func:`demo_drawings` use them; never modified)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
