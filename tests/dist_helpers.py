@@ -8,10 +8,13 @@ forked one starts at once; the test process itself never joins a process group.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -48,3 +51,33 @@ def spawn(fn: Callable, world: int, *args, deadline_s: float = SPAWN_DEADLINE_S)
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"the {world} ranks did not finish within {deadline_s} s (a hang)")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux ``/proc``)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we read
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it at once, as a scheduler killing a job does.
+
+    ``killpg`` is not enough for torchrun: it starts each rank in a session of its own, so the ranks
+    would outlive it and go on writing the run folder.
+    """
+    os.kill(pid, signal.SIGSTOP)  # no new ranks while the tree is read
+    tree, pending = [], [pid]
+    while pending:
+        parent = pending.pop()
+        tree.append(parent)
+        pending.extend(_children(parent))
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)

@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from bgf_pyg.train import (
     train_one_epoch,
 )
 
-from .dist_helpers import free_port, spawn
+from .dist_helpers import free_port, kill_process_tree, spawn
 
 WORLD = 2
 #: Global batch: WORLD·P classes × M samples; rank r holds the r-th block of P·M rows, as the
@@ -313,13 +312,13 @@ def _torchrun(out: Path, *extra: str) -> list[str]:
 def test_torchrun_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_torchrun(straight), check=True, timeout=600, capture_output=True)
-    run = subprocess.Popen(_torchrun(killed), start_new_session=True,
+    run = subprocess.Popen(_torchrun(killed),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 300
         while not (killed / LAST_CHECKPOINT).is_file() and time.monotonic() < end:
             time.sleep(0.05)
-        os.killpg(run.pid, signal.SIGKILL)  # torchrun and both ranks, mid-epoch
+        kill_process_tree(run.pid)  # torchrun and both ranks, mid-epoch
     finally:
         run.wait(timeout=60)
     state = load_checkpoint(killed / LAST_CHECKPOINT)
