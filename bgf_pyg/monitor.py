@@ -3,7 +3,8 @@
 Every ``every`` steps: the training loss, each parameter group's learning rate and the mean
 attention entropy of BGFormer's visual and semantic branches per layer (with the entropy of
 uniform attention beside it: a branch whose entropy stays at that bound only averages its
-neighbours). Every epoch: the epoch's loss, learning rate and evaluation metrics.
+neighbours). Every epoch: the epoch's loss, learning rate and evaluation metrics, tagged
+with the split they come from (``eval/val/recall@1``).
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ class TensorBoardLogger(FitCallback):
             self.writer.add_scalar(f"attention_entropy_uniform/{name}", uniform, step)
 
     def after_epoch(self, epoch: int, record: dict) -> None:
+        """The epoch's loss and rate under ``epoch/``, its metrics under ``eval/<split>/`` (the
+        split the record names: ``val``, or ``test`` when the run selects on the test split)."""
         for key, value in record.items():
             if key != "epoch" and isinstance(value, int | float):
-                section = "epoch" if key in ("loss", "lr") else "eval"
+                section = "epoch" if key in ("loss", "lr") else f"eval/{record['split']}"
                 self.writer.add_scalar(f"{section}/{key}", value, epoch)
         self.writer.flush()
 

@@ -38,14 +38,17 @@ def test_logger_writes_losses_rates_metrics_and_attention_entropy(tmp_path):
     optimizer = build_optimizer(method, 1e-3, 1e-1)
     with monitor.TensorBoardLogger(tmp_path / "tb", method, every=2) as logger:
         fit(method, loader, optimizer, tmp_path / "run", epochs=2, progress=False,
-            eval_loader=DataLoader(TensorDataset(images, labels), batch_size=12), callback=logger)
+            eval_loader=DataLoader(TensorDataset(images, labels), batch_size=12), callback=logger,
+            eval_split="val", select_on="val")
     curves = scalars(tmp_path / "tb")
     assert [step for step, _ in curves["train/loss"]] == [0, 2, 4]  # 6 steps, every 2
     assert [v for _, v in curves["train/lr/group0"]] == pytest.approx([1e-3] * 3)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     records = [r for r in records if not r.get("final")]  # the final test record is no epoch
     for key in ("recall@1", "nmi", "map@r"):
-        assert [v for _, v in curves[f"eval/{key}"]] == pytest.approx([r[key] for r in records])
+        assert [v for _, v in curves[f"eval/val/{key}"]] == pytest.approx(
+            [r[key] for r in records])
+    assert not any(tag.startswith("eval/test/") for tag in curves)  # the split is in the tag
     assert [v for _, v in curves["epoch/loss"]] == pytest.approx([r["loss"] for r in records])
     for layer in (0, 1):
         for kind in ("visual", "semantic"):
