@@ -235,6 +235,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--semantic-branch", choices=SEMANTIC_BRANCHES, default=None,
                    help="BGFormer's semantic branch (default attention; label_propagation is "
                         "the authors' D^-1(A_same + I) W x)")
+    p.add_argument("--detach-graph-input", action=argparse.BooleanOptionalAction, default=False,
+                   help="BGFormer: feed the graph blocks detached features, so the backbone "
+                        "learns from the loss on its own features alone (off: end to end, as "
+                        "the paper)")
     p.add_argument("--mpn-cat", action=argparse.BooleanOptionalAction, default=False,
                    help="intra-batch: concatenate every MPN layer's output (the Cars original)")
     p.add_argument("--proxygml-lambda", type=non_negative_float, default=None,
@@ -552,7 +556,8 @@ def method_hparams(args: argparse.Namespace) -> dict:
     graph = {"num_layers": args.graph_layers, "heads": args.graph_heads}
     if args.method == "bgformer":
         hparams = {"k": args.k, "alpha": args.alpha, "lam": args.lam,
-                   "semantic_branch": args.semantic_branch, **graph}
+                   "semantic_branch": args.semantic_branch,
+                   "detach_graph_input": args.detach_graph_input, **graph}
     elif args.method == "intra-batch":
         hparams = {"temperature": args.temperature, "cat": args.mpn_cat, **graph}
     else:

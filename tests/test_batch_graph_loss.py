@@ -160,6 +160,27 @@ def test_identity_head_and_alpha_weights():
     torch.testing.assert_close(only_g, loss_fn(g, labels))
 
 
+def test_detached_graph_input_leaves_the_backbone_to_its_own_term():
+    torch.manual_seed(0)
+    features, labels = batch(3)
+    head, bgformer = nn.Linear(FEAT, EMB), BGFormer(FEAT, heads=2)
+    loss_fn = losses.MultiSimilarityLoss()
+    criterion = BatchGraphLoss(loss_fn, bgformer, k=3, alpha=0.4, detach_graph_input=True)
+    got = criterion(features, labels, head=head)
+    # The same value as end to end; only the gradient that reaches the features differs.
+    graph = build_batch_graph(features.detach(), labels, 3)
+    g = bgformer(features.detach(), graph.visual_edge_index, graph.semantic_edge_index)
+    want = 0.4 * loss_fn(head(features), labels) + 0.6 * loss_fn(head(g), labels)
+    assert_same_loss_and_grads(got, want, [features, *head.parameters(), *bgformer.parameters()])
+    (feature_grad,) = grads(criterion(features, labels, head=head), [features])
+    (own_term_grad,) = grads(0.4 * loss_fn(head(features), labels), [features])
+    torch.testing.assert_close(feature_grad, own_term_grad)
+    end_to_end = BatchGraphLoss(loss_fn, bgformer, k=3, alpha=0.4)(features, labels, head=head)
+    torch.testing.assert_close(end_to_end, want.detach())
+    assert not torch.allclose(grads(end_to_end, [features])[0], feature_grad)
+    assert "detach_graph_input=True" in repr(criterion)
+
+
 def test_bad_calls_name_the_argument():
     features, labels = batch(0)
     criterion = BatchGraphLoss(losses.MultiSimilarityLoss(), BGFormer(FEAT, heads=2), k=3)

@@ -99,7 +99,10 @@ def test_graph_options_reach_the_method():
 
     args = build_parser().parse_args(["--method", "bgformer", "--graph-layers", "1",
                                       "--graph-heads", "4", "--lam", "0.2", "--k", "5"])
-    assert method_hparams(args) == {"k": 5, "lam": 0.2, "num_layers": 1, "heads": 4}
+    assert method_hparams(args) == {"k": 5, "lam": 0.2, "num_layers": 1, "heads": 4,
+                                    "detach_graph_input": False}
+    args = build_parser().parse_args(["--method", "bgformer", "--detach-graph-input"])
+    assert method_hparams(args)["detach_graph_input"] is True
     args = build_parser().parse_args(["--method", "intra-batch", "--temperature", "0.6"])
     assert method_hparams(args) == {"temperature": 0.6, "cat": False}
     assert method_hparams(build_parser().parse_args(["--method", "plain"])) == {}

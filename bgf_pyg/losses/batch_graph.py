@@ -60,6 +60,12 @@ class BatchGraphLoss(nn.Module):
             construction and mines each term on its own embeddings (hard pairs of
             :math:`h(\mathbf{f})` and :math:`h(\mathbf{g})` differ), passing the indices to
             ``loss(embeddings, labels, indices_tuple)``. Needs a PML loss. (default: :obj:`None`)
+        detach_graph_input (bool, optional): Feed BGFormer :math:`\mathbf{f}` detached: the
+            refined term then trains BGFormer and the head only, and the backbone learns from
+            :math:`\alpha\, L(h(\mathbf{f}), \mathbf{y})` alone. The paper trains end to end
+            (:obj:`False`); with a label-informed semantic branch the refined term's gradient can
+            work against the backbone's own loss (see the README's demo section).
+            (default: :obj:`False`)
 
     **Shapes:** features (B, C), labels (B,), ``head``: (B, C) → (B, E) → scalar loss.
     """
@@ -71,6 +77,7 @@ class BatchGraphLoss(nn.Module):
         k: int = 30,
         alpha: float = 0.01,
         miner: Callable | None = None,
+        detach_graph_input: bool = False,
     ) -> None:
         super().__init__()
         for value, name in ((loss, "loss"), (bgformer, "bgformer")):
@@ -86,6 +93,7 @@ class BatchGraphLoss(nn.Module):
         self.miner = miner
         self.k = check_positive_int(k, "k")
         self.alpha = check_probability(alpha, "alpha", allow_one=True)
+        self.detach_graph_input = bool(detach_graph_input)
 
     def forward(
         self, features: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor] | None = None
@@ -101,7 +109,8 @@ class BatchGraphLoss(nn.Module):
         # The head runs first, so a head that does not fit the features fails before BGFormer.
         emb_f = _apply_head(head, features)
         graph = build_batch_graph(features.detach(), labels, self.k)
-        g = self.bgformer(features, graph.visual_edge_index, graph.semantic_edge_index)
+        graph_input = features.detach() if self.detach_graph_input else features
+        g = self.bgformer(graph_input, graph.visual_edge_index, graph.semantic_edge_index)
         emb_g = _apply_head(head, g)
         return (self.alpha * self._metric_loss(emb_f, labels)
                 + (1.0 - self.alpha) * self._metric_loss(emb_g, labels))
@@ -113,7 +122,8 @@ class BatchGraphLoss(nn.Module):
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.loss.__class__.__name__}, "
-                f"{self.bgformer!r}, k={self.k}, alpha={self.alpha})")
+                f"{self.bgformer!r}, k={self.k}, alpha={self.alpha}"
+                f"{', detach_graph_input=True' if self.detach_graph_input else ''})")
 
 
 def _apply_head(head: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

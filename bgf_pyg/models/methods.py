@@ -153,6 +153,7 @@ class BGFormerMethod(Method):
         dropout: float = 0.0,
         lam: float = 0.5,
         semantic_branch: str = "attention",
+        detach_graph_input: bool = False,
     ) -> None:
         super().__init__(backbone, loss_fn)
         del self.loss_fn  # registered once, inside graph_loss; ``loss_fn`` is an alias below
@@ -160,7 +161,8 @@ class BGFormerMethod(Method):
             backbone.feature_dim, num_layers=num_layers, heads=heads, dropout=dropout, lam=lam,
             semantic_branch=semantic_branch,
         )
-        self.graph_loss = BatchGraphLoss(loss_fn, bgformer, k=k, alpha=alpha)
+        self.graph_loss = BatchGraphLoss(loss_fn, bgformer, k=k, alpha=alpha,
+                                         detach_graph_input=detach_graph_input)
         self.register_load_state_dict_pre_hook(_rename_pre_wrapper_keys)
 
     @property
