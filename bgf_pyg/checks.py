@@ -7,6 +7,8 @@ of a shape error deep inside a matmul.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -59,6 +61,16 @@ def check_divides(heads: int, channels: int, heads_name: str = "heads",
         raise ValueError(
             f"{channels_name} ({channels}) must be divisible by {heads_name} ({heads})"
         )
+
+
+def check_positive_float(value: float, name: str) -> float:
+    """Return ``value`` if it is a finite real number > 0, else raise naming ``name`` (NaN and
+    inf included: a temperature or curvature of inf silently zeroes a loss)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
 
 
 def check_probability(value: float, name: str, allow_one: bool = False) -> float:

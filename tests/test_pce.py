@@ -100,6 +100,13 @@ def test_pce_bad_arguments():
         PairwiseCrossEntropyLoss(samples_per_class=1)
     with pytest.raises(ValueError, match="space"):
         PairwiseCrossEntropyLoss(space="euclid")
+    bad = [({"temperature": math.inf}, "temperature"), ({"temperature": 0.0}, "temperature"),
+           ({"c": math.nan}, "curvature"), ({"clip_r": -1.0}, "clip_r")]
+    for kwargs, name in bad:
+        with pytest.raises(ValueError, match=f"{name}.* must be a finite number > 0"):
+            PairwiseCrossEntropyLoss(**kwargs)
+    with pytest.raises(TypeError, match="temperature must be a float"):
+        PairwiseCrossEntropyLoss(temperature="0.2")
 
 
 def test_pce_computes_in_float32_under_autocast():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bgf_pyg.checks import check_features, check_labels, check_probability
+from bgf_pyg.checks import (
+    check_features,
+    check_labels,
+    check_positive_float,
+    check_probability,
+)
 
 
 class LabelSmoothingCE(nn.Module):
@@ -28,9 +31,7 @@ class LabelSmoothingCE(nn.Module):
 
     def __init__(self, temperature: float = 1.0, epsilon: float = 0.1) -> None:
         super().__init__()
-        if not 0.0 < temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        self.temperature = temperature
+        self.temperature = check_positive_float(temperature, "temperature")
         self.epsilon = check_probability(epsilon, "epsilon", allow_one=True)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:

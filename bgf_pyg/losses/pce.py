@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_features, check_labels, check_positive_int
+from ..checks import check_features, check_labels, check_positive_float, check_positive_int
 
 SPACES = ("sphere", "hyperbolic")
 #: Logit offset that removes a sample's similarity to itself (Hyp-ViT's ``eye_mask``).
@@ -108,18 +108,12 @@ class PairwiseCrossEntropyLoss(nn.Module):
         if samples_per_class < 2:
             raise ValueError("samples_per_class must be >= 2: the PCE loss pairs the samples of "
                              f"a class, got {samples_per_class}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-        if not c > 0:
-            raise ValueError(f"c (the ball's curvature) must be > 0, got {c}")
-        if clip_r is not None and not clip_r > 0:
-            raise ValueError(f"clip_r must be > 0 or None, got {clip_r}")
-        self.temperature = temperature
+        self.temperature = check_positive_float(temperature, "temperature")
         self.space = space
-        self.c = c
-        self.clip_r = clip_r
+        self.c = check_positive_float(c, "c (the ball's curvature)")
+        self.clip_r = None if clip_r is None else check_positive_float(clip_r, "clip_r")
 
     def check_layout(self, labels: Tensor) -> None:
         """Refuse a batch that is not P ≥ 2 distinct classes × ``samples_per_class`` consecutive
