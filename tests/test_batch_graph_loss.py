@@ -192,6 +192,8 @@ def test_bad_calls_name_the_argument():
         criterion(features[:, :-1], labels, head=nn.Linear(FEAT - 1, EMB))
     with pytest.raises(ValueError, match="head must map"):
         criterion(features, labels, head=lambda x: x.sum(1))
+    with pytest.raises(ValueError, match=r"features contains NaN or inf values \(in 1 of 12"):
+        criterion(features.detach().index_fill(0, torch.tensor([5]), float("nan")), labels)
     with pytest.raises(ValueError, match="k must be >= 1, got 0"):
         BatchGraphLoss(losses.MultiSimilarityLoss(), BGFormer(FEAT, heads=2), k=0)
     with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\], got 1.5"):

@@ -103,7 +103,7 @@ class BatchGraphLoss(nn.Module):
         ``head=None`` is the identity (BGFormer then refines the embeddings themselves).
         """
         width = getattr(self.bgformer, "channels", None)
-        check_features(features, "features", width=width, finite=False)
+        check_features(features, "features", width=width)
         check_labels(labels, features.size(0), "labels")
         head = head if head is not None else nn.Identity()
         # The head runs first, so a head that does not fit the features fails before BGFormer.

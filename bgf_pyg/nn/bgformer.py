@@ -147,7 +147,9 @@ class BGFormerLayer(nn.Module):
 
     with FFN = Linear(C, rC) → GELU → Dropout → Linear(rC, C). ``GraphNorm`` normalises over the
     nodes of each graph in ``batch`` (all nodes when ``batch`` is ``None``) and keeps no running
-    statistics, so outputs depend on the batch they are computed in, at test time too.
+    statistics, so outputs depend on the batch they are computed in, at test time too; for the
+    same reason one NaN or inf input row makes every output row of its graph non-finite
+    (:class:`~bgf_pyg.losses.BatchGraphLoss` refuses such features up front).
 
     Args:
         channels (int): Node feature width C.
