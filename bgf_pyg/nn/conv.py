@@ -97,13 +97,12 @@ def _check_constructor_args(
 
 #: ``attention_path="auto"`` runs the dense path when N_src·N_dst ≤ this × |E| (self-loops
 #: counted): the N² masked attention (SDPA, no per-edge gathers or scatters) then costs less than
-#: the sparse path. Lowered from 80 when the sparse path became the CPU sparse-matrix kernel
-#: (#12): in ``benchmarks/results/cpu_issue12.json`` (CPU, 1 thread, D = 512, 8 heads,
-#: forward+backward, kNN graphs with loops) dense still won at 23 pairs per edge (N = 256,
-#: k = 10: 46 vs 56 ms) and lost at 33 (N = 1024, k = 30: 602 vs 501 ms; compiled 573 ms vs
-#: 272 ms for compiled TransformerConv). One run on a loaded machine: a quiet sweep should
-#: refine it.
-DENSE_PAIRS_PER_EDGE = 30
+#: the sparse path. From a quiet sweep (CPU, 1 thread, D = 512, 8 heads, forward+backward, kNN
+#: graphs with loops; ``benchmarks/results/cpu_threshold_quiet*.json``): dense won at 11.6 pairs
+#: per edge (N = 128, k = 10: 8.5 vs 8.9 ms) and 8.3 (N = 256, k = 30: 17.7 vs 18.4 ms), tied at
+#: 12.2 (N = 256, k = 20) and lost from 16.5 on (N = 512, k = 30: 43.9 vs 36.0 ms; N = 512,
+#: k = 20: 43.4 vs 32.5 ms). The former 30 came from one run on a loaded machine.
+DENSE_PAIRS_PER_EDGE = 12
 
 
 class BatchGraphConv(MessagePassing):
