@@ -51,6 +51,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=positive_int, default=DEMO_DEFAULTS["epochs"])
+    p.add_argument("--alpha", type=probability, default=None,
+                   help="BGFormer's α for both bgformer models (default: the demo's); with a "
+                        "smaller α the graph term weighs more in the loss")
     p.add_argument("--runs", default="runs/robustness", help="parent of the run folders")
     p.add_argument("--out", default="benchmarks/results/robustness_demo.json")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
@@ -64,16 +67,20 @@ def conditions(args: argparse.Namespace) -> list[tuple[str, float]]:
     return [("clean", 0.0), *levels]
 
 
-def run_name(model: str, corruption: str, level: float, seed: int) -> str:
-    return f"{model}-{corruption}{level:g}-s{seed}"
+def run_name(model: str, corruption: str, level: float, seed: int,
+             alpha: float | None = None) -> str:
+    tag = "" if alpha is None or not model.startswith("bgformer") else f"-a{alpha:g}"
+    return f"{model}{tag}-{corruption}{level:g}-s{seed}"
 
 
 def train_argv(args: argparse.Namespace, model: str, corruption: str, level: float,
                seed: int) -> list[str]:
     method, extra = MODELS[model]
-    out = Path(args.runs, run_name(model, corruption, level, seed))
+    out = Path(args.runs, run_name(model, corruption, level, seed, args.alpha))
     argv = ["--method", method, *extra, "--seed", str(seed), "--epochs", str(args.epochs),
             "--out", str(out), "--no-progress"]
+    if args.alpha is not None and method == "bgformer":
+        argv += ["--alpha", str(args.alpha)]
     if corruption != "clean":
         argv += [f"--{corruption.replace('_', '-')}", str(level)]
     # a run killed midway continues from its checkpoint; a folder without one starts afresh
@@ -128,9 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # every run's options are checked before the first one starts
     for model, corruption, level, seed in plan:
         parse_args(train_argv(args, model, corruption, level, seed), prog="robustness.py")
-    records = json.loads(out.read_text())["runs"] if out.is_file() else []
+    saved = json.loads(out.read_text()) if out.is_file() else {"config": {}, "runs": []}
+    for option in ("epochs", "alpha"):  # runs of other settings would be averaged together
+        if option in saved["config"] and saved["config"][option] != getattr(args, option):
+            raise SystemExit(f"robustness.py: error: {out} holds runs with --{option} "
+                             f"{saved['config'][option]}; pass another --out")
+    records = saved["runs"]
     done = {(r["model"], r["corruption"], r["level"], r["seed"]) for r in records}
-    config = {"epochs": args.epochs, "demo_batch": DEMO_BATCH,
+    config = {"epochs": args.epochs, "alpha": args.alpha, "demo_batch": DEMO_BATCH,
               "demo_defaults": {m: demo_defaults(MODELS[m][0]) for m in args.models},
               "models": {m: MODELS[m] for m in args.models}}
     setup_logging()
@@ -138,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, (model, corruption, level, seed) in enumerate(plan, 1):
         if (model, corruption, level, seed) in done:
             continue
-        print(f"[{i}/{len(plan)}] {run_name(model, corruption, level, seed)}", file=sys.stderr)
+        print(f"[{i}/{len(plan)}] {run_name(model, corruption, level, seed, args.alpha)}",
+              file=sys.stderr)
         options = parse_args(train_argv(args, model, corruption, level, seed),
                              prog="robustness.py")
         metrics = run(options)

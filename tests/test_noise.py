@@ -82,12 +82,18 @@ def test_cli_corrupts_only_the_training_split():
     assert torch.equal(noisy.test.labels, clean.test.labels)
 
 
-def test_robustness_benchmark_writes_json_and_plot_and_skips_finished_runs(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+def load_robustness():
+    """``benchmarks/robustness.py`` as a module (benchmarks are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location("robustness",
                                                   ROOT / "benchmarks" / "robustness.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_robustness_benchmark_writes_json_and_plot_and_skips_finished_runs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    bench = load_robustness()
     out = tmp_path / "r.json"
     argv = ["--epochs", "1", "--seeds", "0", "--models", "bgformer-full",
             "--label-noise", "0", "0.4", "--outliers", "0", "--runs", str(tmp_path / "runs"),
@@ -104,3 +110,18 @@ def test_robustness_benchmark_writes_json_and_plot_and_skips_finished_runs(tmp_p
     assert bench.main(argv) == 0  # again: both runs are read back, none is retrained
     assert "[1/2]" not in capsys.readouterr().err
     assert json.loads(out.read_text())["runs"] == runs
+
+
+def test_robustness_alpha_reaches_bgformer_runs_and_keeps_their_own_json(tmp_path):
+    bench = load_robustness()
+    args = bench.parse(["--alpha", "0.5", "--runs", str(tmp_path)])
+    knn = bench.train_argv(args, "bgformer-knn", "label_noise", 0.2, 1)
+    assert knn[knn.index("--alpha") + 1] == "0.5"
+    assert knn[knn.index("--out") + 1] == str(tmp_path / "bgformer-knn-a0.5-label_noise0.2-s1")
+    intra = bench.train_argv(args, "intra-batch", "clean", 0.0, 0)
+    assert "--alpha" not in intra
+    assert intra[intra.index("--out") + 1] == str(tmp_path / "intra-batch-clean0-s0")
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"config": {"epochs": 15, "alpha": None}, "runs": []}))
+    with pytest.raises(SystemExit, match="holds runs with --alpha None; pass another --out"):
+        bench.main(["--alpha", "0.5", "--epochs", "15", "--out", str(out)])
