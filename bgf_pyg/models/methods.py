@@ -138,6 +138,8 @@ class BGFormerMethod(Method):
     loss = α·L(head(f), y) + (1 − α)·L(head(g), y) with the *same* head, computed by the
     :class:`~bgf_pyg.losses.BatchGraphLoss` submodule ``graph_loss``.
 
+    ``detach_graph_input`` feeds BGFormer ``f.detach()`` (the backbone then learns from the first
+    term alone; see :class:`~bgf_pyg.losses.BatchGraphLoss`).
     ``loss_fn`` and ``bgformer`` are the wrapper's ``graph_loss.loss`` and ``graph_loss.bgformer``;
     checkpoints saved before the wrapper existed (keys ``loss_fn.*``, ``bgformer.*``) still load.
     """
