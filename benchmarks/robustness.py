@@ -103,7 +103,7 @@ def save(path: Path, config: dict, records: list[dict]) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
 
 
-def plot(path: Path, summary: list[dict], models: Sequence[str]) -> None:
+def plot(path: Path, summary: list[dict], models: Sequence[str], alpha: float | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +122,8 @@ def plot(path: Path, summary: list[dict], models: Sequence[str]) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test R@1 (%), clean unseen classes")
     axes[0].legend()
-    fig.suptitle("Demo set: robustness to noisy training samples (mean ± std over seeds)")
+    setting = "" if alpha is None else f", BGFormer α = {alpha:g}"
+    fig.suptitle(f"Demo set: robustness to noisy training samples{setting} (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -159,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         **metrics})
         save(out, config, records)
     summary = summarise(records)
-    plot(Path(args.plot) if args.plot else out.with_suffix(".png"), summary, args.models)
+    plot(Path(args.plot) if args.plot else out.with_suffix(".png"), summary, args.models,
+         args.alpha)
     print(f"{time.perf_counter() - start:.0f} s; test R@1 in %, mean ± std over seeds "
           f"{' '.join(map(str, args.seeds))}:")
     for s in summary:
