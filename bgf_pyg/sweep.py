@@ -4,18 +4,19 @@
 
 Each trial sets the named ``bgf-train`` options to one combination of the given values (every
 combination with ``--sampler grid``, ``--trials`` distinct ones in a seeded random order with
-``--sampler random``) and
-trains one run per seed; its score is the validation R@1 of the selected checkpoint, averaged over
-the seeds. The search is Optuna's (its SQLite storage makes it resumable); a run folder that already
-holds a finished run is read instead of trained again, and a killed one is resumed
-(``bgf-train --resume``). One JSON line per run goes to ``<dir>/runs.jsonl``; a summary table,
-best validation score first, is printed at the end. The test numbers are shown beside the validation
-score but never used to choose.
+``--sampler random``) and trains one run per seed; its score is the validation R@1 of the selected
+checkpoint, averaged over the seeds. An on/off option takes ``true`` and ``false`` as its values
+(``--grid detach-graph-input=true,false``). The search is Optuna's (its SQLite storage makes it
+resumable); a run folder that already holds a finished run is read instead of trained again, and a
+killed one is resumed (``bgf-train --resume``). One JSON line per run goes to
+``<dir>/runs.jsonl``; a summary table, best validation score first, is printed at the end. The test
+numbers are shown beside the validation score but never used to choose.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import statistics
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .cli import EXIT_USAGE, USER_ERRORS, format_cell, parse_args, run, setup_logging
+from .cli import build_parser as build_train_parser
 from .options import OneLineParser, positive_int, seed_int
 from .run_folder import LAST_CHECKPOINT, read_metrics
 
@@ -32,6 +34,8 @@ PROG = "bgf-sweep"
 #: The score of a run: this metric of the validation split at the selected epoch.
 SCORE = "recall@1"
 RUNS_FILE = "runs.jsonl"
+#: Grid values of an on/off option (``--grid detach-graph-input=true,false``).
+SWITCH_VALUES = {"true": True, "false": False}
 STUDY_FILE = "study.db"
 
 
@@ -68,11 +72,29 @@ def run_folder_name(params: dict[str, str], seed: int) -> str:
     return "_".join(f"{k}={v}" for k, v in params.items()).replace("/", "%") + f"-s{seed}"
 
 
+@functools.cache
+def switches() -> dict[str, bool]:
+    """``bgf-train``'s on/off options, by name (without ``--``): whether each has a ``--no-``
+    form (``--detach-graph-input``/``--no-detach-graph-input``) or is only ever set on."""
+    found = {}
+    for action in build_train_parser()._actions:
+        names = [o.removeprefix("--") for o in action.option_strings if o.startswith("--")]
+        if action.nargs == 0 and action.dest != "help":
+            found[names[0]] = isinstance(action, argparse.BooleanOptionalAction)
+    return found
+
+
 def trial_argv(base: Sequence[str], params: dict[str, str], seed: int, out: Path) -> list[str]:
-    """The ``bgf-train`` options of one run of a trial."""
+    """The ``bgf-train`` options of one run of a trial; an on/off option's ``true`` gives
+    ``--NAME``, its ``false`` ``--no-NAME`` (or nothing, for an option without that form)."""
     argv = [*base]
     for name, value in params.items():
-        argv += [f"--{name}", value]
+        if name not in switches():
+            argv += [f"--{name}", value]
+        elif SWITCH_VALUES[value.lower()]:
+            argv.append(f"--{name}")
+        elif switches()[name]:
+            argv.append(f"--no-{name}")
     return [*argv, "--seed", str(seed), "--out", str(out), "--no-progress"]
 
 
@@ -86,6 +108,10 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
     for name in ("seed", "out", "resume", "overwrite"):
         if name in names or f"--{name}" in base:
             parser.error(f"--{name} is set by {PROG} itself; remove it from the options")
+    for name, values in args.grid:
+        bad = [v for v in values if v.lower() not in SWITCH_VALUES]
+        if name in switches() and bad:
+            parser.error(f"--grid {name}: an on/off option takes true or false, got {bad}")
     for values in itertools.product(*(v for _, v in args.grid)):
         run_args = parse_args(trial_argv(base, dict(zip(names, values, strict=True)), 0, Path(".")),
                               prog=PROG)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from bgf_pyg.cli import parse_args
 from bgf_pyg.run_folder import LAST_CHECKPOINT, read_metrics
 
 optuna = pytest.importorskip("optuna")
@@ -77,9 +79,27 @@ def test_random_sampler_draws_distinct_settings(tmp_path, capsys):
     (["--grid", "lr"], "expected NAME=V1,V2"),
     (["--grid", "lr=1e-3", "--", "--select-on", "last"], "chooses on the validation split"),
     (["--grid", "lr=1e-3", "--", "--val-classes", "0"], "--select-on val needs a validation"),
+    (["--grid", "detach-graph-input=yes", "--", "--method", "bgformer"],
+     "--grid detach-graph-input: an on/off option takes true or false, got ['yes']"),
+    (["--grid", "detach-graph-input=true", "--", "--method", "plain"],
+     "--detach-graph-input has no effect here (--method plain)"),
 ])
 def test_bad_plans_are_refused_before_any_run(tmp_path, capsys, argv, fragment):
     assert main(["--name", "x", "--dir", str(tmp_path / "s"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0]
     assert not (tmp_path / "s").exists()
+
+
+def test_on_off_options_take_true_and_false():
+    from bgf_pyg.sweep import trial_argv
+
+    def flags(params):
+        argv = trial_argv(["--method", "bgformer"], params, 0, Path("o"))
+        return argv[2:argv.index("--seed")]
+
+    assert flags({"detach-graph-input": "true"}) == ["--detach-graph-input"]
+    assert flags({"detach-graph-input": "False"}) == ["--no-detach-graph-input"]
+    assert flags({"tensorboard": "false", "k": "5"}) == ["--k", "5"]  # no --no- form: left out
+    assert parse_args(trial_argv(["--method", "bgformer"], {"detach-graph-input": "true"}, 0,
+                                 Path("o"))).detach_graph_input is True
