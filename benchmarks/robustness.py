@@ -14,7 +14,7 @@ Reported: test R@1 (clean, unseen classes) of the checkpoint selected on the val
 mean ± std over seeds, per model and corruption level. Every run is kept in the JSON as it
 finishes; running the command again skips the finished runs and resumes a killed one.
 
-    python benchmarks/robustness.py --out benchmarks/results/robustness_demo.json
+    python benchmarks/robustness.py --epochs 15 --out benchmarks/results/robustness_demo.json
 """
 
 from __future__ import annotations
