@@ -152,6 +152,19 @@ def build_batch_graph(
     check_positive_int(k, "k")
     if y is not None:
         check_labels(y, x.size(0), "y")
+    return assemble_batch_graph(x, y, k, loop=loop, chunk_size=chunk_size)
+
+
+def assemble_batch_graph(
+    x: Tensor,
+    y: Tensor | None,
+    k: int,
+    *,
+    loop: bool = False,
+    chunk_size: int | None = None,
+) -> BatchGraph:
+    """:func:`build_batch_graph` for inputs the caller has already checked (a training step's
+    features and labels, checked once under the caller's own argument names)."""
     visual_edge_index, visual_edge_weight = knn_edges(
         x.detach(), k, loop=loop, chunk_size=chunk_size
     )

@@ -17,7 +17,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import Tensor, nn
 
 from ..checks import check_features, check_labels, check_positive_int, check_probability
-from ..graph import build_batch_graph
+from ..graph import assemble_batch_graph
 
 
 class BatchGraphLoss(nn.Module):
@@ -108,7 +108,7 @@ class BatchGraphLoss(nn.Module):
         head = head if head is not None else nn.Identity()
         # The head runs first, so a head that does not fit the features fails before BGFormer.
         emb_f = _apply_head(head, features)
-        graph = build_batch_graph(features.detach(), labels, self.k)
+        graph = assemble_batch_graph(features.detach(), labels, self.k)  # checked above
         graph_input = features.detach() if self.detach_graph_input else features
         g = self.bgformer(graph_input, graph.visual_edge_index, graph.semantic_edge_index)
         emb_g = _apply_head(head, g)
