@@ -7,6 +7,7 @@ BGFormer's abstract claims that sparse graph attention is "robust to noisy sampl
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -80,9 +81,15 @@ class CorruptedTraining(LabelledDataset):
     def num_outliers(self) -> int:
         return len(self.outlier_seeds)
 
+    @functools.cached_property
+    def _outlier_template(self) -> Any:
+        """The first item, whose kind and size every outlier copies (read once per process, not
+        once per outlier: for an image dataset each read opens a file)."""
+        return self.dataset.load(0)
+
     def load(self, index: int) -> Any:
         size = len(self.dataset)
         if index < size:
             return self.dataset.load(index)
         generator = torch.Generator().manual_seed(self.outlier_seeds[index - size])
-        return noise_like(self.dataset.load(0), generator)
+        return noise_like(self._outlier_template, generator)
