@@ -260,7 +260,8 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
 
 # ------------------------------------------------------------------ bad input: every rank, no hang
 
-#: Each case: (argv of rank 0, argv of rank 1, what the error names). The demo set has 5 classes.
+#: Each case: (argv of rank 0, argv of rank 1, what the error names). The demo leaves 40 training
+#: classes.
 BAD_LAUNCHES = {
     "world too big for P×M": ([], [], ["--classes-per-batch", "21"],
                               "21 × 2 = 42 exceeds the 40 training classes"),
