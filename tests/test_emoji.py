@@ -338,6 +338,23 @@ def test_bgf_data_without_npm_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "emoji" / MANIFEST).exists()
 
 
+def test_bgf_data_when_the_registry_does_not_answer(tmp_path, monkeypatch, capsys):
+    from bgf_pyg.data import emoji_cache
+
+    monkeypatch.setattr(emoji_cache, "import_cairosvg", lambda: None)
+    npm = tmp_path / "bin" / "npm"  # an npm that fails as an offline one does
+    npm.parent.mkdir()
+    npm.write_text("#!/bin/sh\necho 'npm error code EAI_AGAIN' >&2\nexit 1\n")
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", str(npm.parent))
+    code = data_main(["emoji", "--root", str(tmp_path / "emoji"), "--sets", "noto",
+                      "--min-styles", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "`npm pack @iconify-json/noto` failed (npm error code EAI_AGAIN)" in err
+    assert "registry must be reachable" in err
+
+
 def test_bgf_data_without_cairosvg_names_the_extra(tmp_path, monkeypatch, capsys, local_fetch):
     monkeypatch.setitem(sys.modules, "cairosvg", None)  # import fails
     code = data_main(["emoji", "--root", str(tmp_path / "emoji"), "--sets", *SETS,
