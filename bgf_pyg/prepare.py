@@ -19,7 +19,14 @@ from pathlib import Path
 
 from .checks import InputError
 from .data.emoji import EMOJI_SIZE
-from .data.emoji_cache import EMOJI_SETS, Fetch, build_emoji_cache, cache_state, npm_fetch
+from .data.emoji_cache import (
+    EMOJI_SETS,
+    MIN_STYLES,
+    Fetch,
+    build_emoji_cache,
+    cache_state,
+    npm_fetch,
+)
 from .options import OneLineParser, positive_int
 
 PROG = "bgf-data"
@@ -40,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "ROOT/downloads")
     emoji.add_argument("--size", type=positive_int, default=EMOJI_SIZE,
                        help="side of the rendered images, in pixels")
-    emoji.add_argument("--min-styles", type=positive_int, default=5,
+    emoji.add_argument("--min-styles", type=positive_int, default=MIN_STYLES,
                        help="keep an emoji drawn by at least this many of the sets")
     emoji.add_argument("--sets", nargs="+", default=list(EMOJI_SETS), metavar="SET",
                        help="@iconify-json package names")

@@ -31,7 +31,7 @@ from pathlib import Path
 from PIL import Image
 
 from bgf_pyg.checks import InputError, check_positive_int
-from bgf_pyg.data.emoji import IMAGES_DIR, MANIFEST, read_manifest
+from bgf_pyg.data.emoji import EMOJI_SIZE, IMAGES_DIR, MANIFEST, read_manifest
 from bgf_pyg.data.iconify import (
     Drawing,
     IconSet,
@@ -41,13 +41,14 @@ from bgf_pyg.data.iconify import (
     svg_document,
 )
 
-#: The emoji sets of the npm registry's ``@iconify-json`` scope (one designer each) and their
-#: licences (the packages' own ``license`` field is what the manifest records).
-EMOJI_SETS = {
-    "noto": "Apache-2.0", "noto-v1": "Apache-2.0", "twemoji": "CC-BY-4.0",
-    "openmoji": "CC-BY-SA-4.0", "fluent-emoji-flat": "MIT", "emojione-v1": "CC-BY-SA-4.0",
-    "fxemoji": "Apache-2.0",
-}
+#: The emoji sets of the npm registry's ``@iconify-json`` scope, one designer each: Noto and
+#: Noto v1 (Apache-2.0), Twemoji (CC-BY-4.0), OpenMoji (CC-BY-SA-4.0), Fluent Emoji flat (MIT),
+#: Emoji One v1 (CC-BY-SA-4.0), Firefox OS Emoji (Apache-2.0). The manifest records each
+#: package's own ``license`` field.
+EMOJI_SETS = ("noto", "noto-v1", "twemoji", "openmoji", "fluent-emoji-flat", "emojione-v1",
+              "fxemoji")
+#: An emoji is kept when at least this many sets draw it (by default).
+MIN_STYLES = 5
 NPM_SCOPE = "@iconify-json"
 DOWNLOADS_DIR = "downloads"
 #: Seconds one ``npm pack`` may take.
@@ -119,7 +120,7 @@ class _Names:
         self.parent[self.find(a)] = self.find(b)
 
 
-def emoji_classes(sets: Sequence[IconSet], min_styles: int = 5) -> list[EmojiImage]:
+def emoji_classes(sets: Sequence[IconSet], min_styles: int = MIN_STYLES) -> list[EmojiImage]:
     """The images of every emoji at least ``min_styles`` of ``sets`` draw (the rule of the
     module docstring), one per set, sorted by class and set order.
 
@@ -218,9 +219,9 @@ def cache_state(root: Path) -> str:
 
 def build_emoji_cache(
     root: str | Path,
-    size: int = 96,
-    min_styles: int = 5,
-    sets: Sequence[str] = tuple(EMOJI_SETS),
+    size: int = EMOJI_SIZE,
+    min_styles: int = MIN_STYLES,
+    sets: Sequence[str] = EMOJI_SETS,
     *,
     overwrite: bool = False,
     fetch: Fetch = npm_fetch,
