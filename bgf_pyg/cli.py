@@ -44,6 +44,7 @@ from .data import (
     build_transform,
     check_image_headers,
 )
+from .data.emoji import EMOJI_SIZE
 from .data.noise import CorruptedTraining
 from .data.splits import split_validation
 from .data.transforms import INTERPOLATIONS
@@ -133,6 +134,17 @@ DEMO_METHOD_DEFAULTS: dict[str, dict] = {
     "intra-batch": {"graph_layers": 1},
     "proxygml": {"proxies_per_class": 4},
 }
+
+
+def dataset_defaults(dataset: str, given: Collection[str], args: argparse.Namespace) -> dict:
+    """The defaults ``dataset`` changes, for the options not in ``given``: the emoji are
+    rendered at ``EMOJI_SIZE`` px, so ``--image-size`` is that side and ``--test-resize`` the
+    crop's (the test images are the whole emoji, uncropped)."""
+    if dataset != "emoji":
+        return {}
+    size = args.image_size if "image_size" in given else EMOJI_SIZE
+    defaults = {"image_size": size, "test_resize": size}
+    return {dest: value for dest, value in defaults.items() if dest not in given}
 
 
 def demo_defaults(method: str) -> dict:
@@ -306,13 +318,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true",
                    help="train on test-time transforms (no random augmentation)")
     p.add_argument("--image-size", type=positive_int, default=224,
-                   help="crop side (and a ViT's input)")
+                   help=f"crop side (and a ViT's input); --dataset emoji: {EMOJI_SIZE}")
     p.add_argument("--crop-scale", type=fraction, nargs=2, default=[0.08, 1.0],
                    metavar=("MIN", "MAX"), help="area range of the random resized crop")
     p.add_argument("--interpolation", choices=tuple(INTERPOLATIONS), default="bilinear",
                    help="resampling of crops and resizes")
     p.add_argument("--test-resize", type=positive_int, default=None,
-                   help="test-time resize before the centre crop (default: size·256/224)")
+                   help="test-time resize before the centre crop (default: size·256/224; "
+                        "--dataset emoji: the crop side)")
     p.add_argument("--random-erasing", type=probability, default=0.0,
                    help="probability of random erasing in training (intra-batch: 0.5)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
@@ -363,6 +376,8 @@ def parse_args(
         for dest, value in demo_defaults(args.method).items():
             if dest not in explicit and dest not in preset:
                 setattr(args, dest, value)
+    for dest, value in dataset_defaults(args.dataset, {*explicit, *preset}, args).items():
+        setattr(args, dest, value)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if preset.get("amp") and "amp" not in explicit and torch.device(args.device).type != "cuda":

@@ -1,5 +1,5 @@
-"""Datasets (CUB-200-2011, Cars196, SOP, In-Shop, the embedded two-digit demo), the class-balanced
-sampler and the standard transforms."""
+"""Datasets (CUB-200-2011, Cars196, SOP, In-Shop, the emoji sets, the embedded two-digit demo),
+the class-balanced sampler and the standard transforms."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from bgf_pyg.data.base import IMAGE_CHECKS, ImageListDataset, check_image_header
 from bgf_pyg.data.cars import Cars196
 from bgf_pyg.data.cub import CUB200
 from bgf_pyg.data.demo import DigitsDemo, load_digits_demo
+from bgf_pyg.data.emoji import Emoji
 from bgf_pyg.data.inshop import InShop
 from bgf_pyg.data.samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
 from bgf_pyg.data.sop import StanfordOnlineProducts
@@ -28,14 +29,15 @@ DATASETS = {
     "cars": Cars196,
     "sop": StanfordOnlineProducts,
     "inshop": InShop,
+    "emoji": Emoji,
 }
 
 
 def build_dataset(
     name: str, root: str | Path | None, split: str, transform: Callable | None = None
 ) -> Dataset:
-    """The dataset ``name`` (``cub``, ``cars``, ``sop``, ``inshop`` or ``demo``) of one split;
-    ``root`` is ignored for ``demo``."""
+    """The dataset ``name`` (``cub``, ``cars``, ``sop``, ``inshop``, ``emoji`` or ``demo``) of
+    one split; ``root`` is ignored for ``demo``."""
     if name == "demo":
         return DigitsDemo(split, transform=transform)
     if name not in DATASETS:
@@ -53,6 +55,7 @@ __all__ = [
     "ClassBalancedBatchSampler",
     "DistributedClassBalancedBatchSampler",
     "DigitsDemo",
+    "Emoji",
     "ImageListDataset",
     "InShop",
     "StanfordOnlineProducts",
