@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn.dense.linear import Linear
 
-from ..checks import check_features, check_positive_int, check_probability
+from ..checks import check_features, check_labels, check_positive_int, check_probability
 from ..knn import _select_with_ties
 
 #: Default number of attention scores (heads × query rows × keys) computed at once (16 Mi).
@@ -52,9 +52,8 @@ class TopKAttention(nn.Module):
 
     Scores are computed for a chunk of query rows at a time, so outside autograd (test time,
     ``torch.no_grad``) memory peaks at O(chunk · N · H); in training autograd keeps each chunk's
-    (H, chunk, N) attention matrix, O(N² H) per layer. With a ``batch`` vector the scores between
-    different graphs are masked, so the cost is that of the whole batch's N, not of the largest
-    graph's.
+    (H, chunk, N) attention matrix, O(N² H) per layer. With a ``batch`` vector each graph is
+    attended to on its own (a loop over the graphs), so N is the graph's size.
 
     Args:
         in_channels (int): Size of each input sample.
@@ -120,44 +119,42 @@ class TopKAttention(nn.Module):
         """
         check_features(x, "x", width=self.in_channels, finite=False)
         num_nodes = x.size(0)
-        if batch is not None and (batch.dim() != 1 or batch.numel() != num_nodes):
-            raise ValueError(
-                f"batch must have shape ({num_nodes},) to match x, got {tuple(batch.shape)}"
-            )
+        if batch is not None:
+            check_labels(batch, num_nodes, "batch")
         heads, width = self.heads, self.out_channels
         query, key, value = (
             lin(x).view(num_nodes, heads, width).transpose(0, 1)  # (H, N, d)
             for lin in (self.lin_query, self.lin_key, self.lin_value)
         )
-        rows = self.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(heads * num_nodes, 1))
-        chunks = [
-            self._attend(query[:, start:start + rows], key, value,
-                         None if batch is None else (batch[start:start + rows], batch))
-            for start in range(0, num_nodes, rows)
-        ]
-        out = torch.cat(chunks, dim=1) if chunks else value
+        if batch is None:
+            out = self._attend(query, key, value)
+        else:  # one graph at a time: O(sum of n_g²) scores, and nothing crosses graphs
+            order = batch.argsort(stable=True)
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(num_nodes, device=order.device)
+            parts = [self._attend(query[:, nodes], key[:, nodes], value[:, nodes])
+                     for nodes in order.split(torch.bincount(batch).tolist())]
+            out = torch.cat(parts, dim=1)[:, inverse]
         return out.transpose(0, 1).reshape(num_nodes, heads * width)
 
-    def _attend(
-        self, query: Tensor, key: Tensor, value: Tensor, batch: Optional[tuple[Tensor, Tensor]]
-    ) -> Tensor:
-        """(H, c, d) outputs of the query rows of one chunk, ``batch`` = (the chunk's graphs,
-        every node's graph)."""
-        scores = query @ key.transpose(1, 2) / math.sqrt(query.size(-1))  # (H, c, N)
-        if batch is not None:
-            other_graph = batch[0].unsqueeze(1) != batch[1].unsqueeze(0)
-            scores = scores.masked_fill(other_graph, float("-inf"))
-        # Keys of other graphs are picked only when K exceeds the graph's size; their -inf
-        # scores get weight exactly 0 (a node's own score is finite, so no row is all -inf).
-        kept = min(self.k, scores.size(-1))
-        with torch.no_grad():
-            _, index = _select_with_ties(scores.detach().flatten(0, 1), kept)
-        index = index.view(*scores.shape[:2], kept)
-        weights = scores.gather(-1, index).softmax(dim=-1)
-        weights = F.dropout(weights, p=self.dropout, training=self.training)
-        # Scattered into a dense (H, c, N) matrix: one matmul with the values.
-        attention = scores.new_zeros(scores.shape, dtype=weights.dtype).scatter(-1, index, weights)
-        return attention @ value
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """(H, n, d) outputs of one graph's (H, n, d) queries, keys and values, a chunk of query
+        rows at a time."""
+        num_nodes = key.size(1)
+        kept = min(self.k, num_nodes)
+        rows = self.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(self.heads * num_nodes, 1))
+        chunks = []
+        for start in range(0, num_nodes, rows):
+            scores = query[:, start:start + rows] @ key.transpose(1, 2) / math.sqrt(key.size(-1))
+            with torch.no_grad():  # (H, c, N) scores; the choice of the K has no gradient
+                _, index = _select_with_ties(scores.detach().flatten(0, 1), kept)
+            index = index.view(*scores.shape[:2], kept)
+            weights = scores.gather(-1, index).softmax(dim=-1)
+            weights = F.dropout(weights, p=self.dropout, training=self.training)
+            # Scattered into a dense (H, c, N) matrix: one matmul with the values.
+            attention = scores.new_zeros(scores.shape, dtype=weights.dtype)
+            chunks.append(attention.scatter(-1, index, weights) @ value)
+        return torch.cat(chunks, dim=1) if chunks else value
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
