@@ -15,7 +15,7 @@ from bgf_pyg.cli import build_parser, main, method_hparams
 from bgf_pyg.losses import BatchGraphLoss
 from bgf_pyg.losses import batch_graph as batch_graph_module
 from bgf_pyg.models import EmbeddingNet, build_method
-from bgf_pyg.nn import BatchGraphConv, BGFormer, DualSSA, TopKAttention
+from bgf_pyg.nn import AttentionEntropy, BatchGraphConv, BGFormer, DualSSA, TopKAttention
 from tests.reference import topk_attention_reference
 from tests.test_bgformer import branch_reference
 from tests.test_cli import assert_user_error
@@ -239,3 +239,13 @@ def test_tiny_demo_run_with_the_top_k_visual_graph(tmp_path, capsys):
     assert code == 0
     assert out.strip().splitlines()[-1].startswith("| bgformer |")
     assert '"visual_graph": "attention_topk"' in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_attention_entropy_skips_the_top_k_branch():
+    model = BGFormer(8, num_layers=2, heads=2, visual_graph="attention_topk", topk=3)
+    stats = AttentionEntropy(model)
+    assert sorted(stats.branches) == ["layer0/semantic", "layer1/semantic"]
+    stats.start()
+    graph = build_batch_graph(torch.randn(9, 8), torch.arange(3).repeat_interleave(3), k=2)
+    model(graph.x, None, graph.semantic_edge_index)
+    assert sorted(stats.stop()) == ["layer0/semantic", "layer1/semantic"]
