@@ -59,7 +59,7 @@ from .models import (
     build_method,
 )
 from .monitor import TensorBoardLogger
-from .nn.bgformer import SEMANTIC_BRANCHES
+from .nn.bgformer import SEMANTIC_BRANCHES, VISUAL_GRAPHS
 from .options import (
     DIVERGENCE_OPTIONS,
     HelpFormatter,
@@ -232,7 +232,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help=f"P of a P×M batch (default: {DEFAULT_CLASSES_PER_BATCH}, or every "
                         "class when there are fewer)")
     p.add_argument("--samples-per-class", type=positive_int, default=9, help="M of a P×M batch")
-    p.add_argument("--k", type=positive_int, default=30, help="BGFormer's kNN neighbours")
+    p.add_argument("--k", type=positive_int, default=30,
+                   help="BGFormer's visual neighbours of each sample: the kNN graph's k (below "
+                        "the batch size), or attention_topk's K (the sample itself a candidate; "
+                        "K >= the batch size: full attention)")
     p.add_argument("--proxies-per-class", type=positive_int, default=12, help="ProxyGML's N")
     p.add_argument("--proxygml-r", type=fraction, default=0.05,
                    help="ProxyGML's r: it keeps the top ceil(r·C·N) proxies of each sample")
@@ -247,6 +250,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--semantic-branch", choices=SEMANTIC_BRANCHES, default=None,
                    help="BGFormer's semantic branch (default attention; label_propagation is "
                         "the authors' D^-1(A_same + I) W x)")
+    p.add_argument("--visual-graph", choices=VISUAL_GRAPHS, default=None,
+                   help="BGFormer's visual branch (default knn: attention over the cosine kNN "
+                        "graph of the features, fixed for the batch; attention_topk: the authors' "
+                        "form, each layer and head keeps every sample's --k largest attention "
+                        "scores in the batch)")
     p.add_argument("--detach-graph-input", action=argparse.BooleanOptionalAction, default=False,
                    help="BGFormer: feed the graph blocks detached features, so the backbone "
                         "learns from the loss on its own features alone (off: end to end, as "
@@ -541,9 +549,9 @@ def classes_per_batch(args: argparse.Namespace, num_classes: int) -> int:
 
 def check_batch_graph_k(args: argparse.Namespace, num_classes: int) -> None:
     """BGFormer's ``--k`` neighbours come from the other samples of the *global* batch (every
-    rank's P×M batch together): refuse a k it cannot supply."""
-    if args.method != "bgformer":
-        return
+    rank's P×M batch together): refuse a kNN graph's k it cannot supply."""
+    if args.method != "bgformer" or args.visual_graph == "attention_topk":
+        return  # a top-K of K >= the batch is full attention
     world, p = distributed.get_world_size(), classes_per_batch(args, num_classes)
     batch = world * p * args.samples_per_class
     if args.k >= batch:
@@ -571,7 +579,7 @@ def method_hparams(args: argparse.Namespace) -> dict:
     graph = {"num_layers": args.graph_layers, "heads": args.graph_heads}
     if args.method == "bgformer":
         hparams = {"k": args.k, "alpha": args.alpha, "lam": args.lam,
-                   "semantic_branch": args.semantic_branch,
+                   "semantic_branch": args.semantic_branch, "visual_graph": args.visual_graph,
                    "detach_graph_input": args.detach_graph_input, **graph}
     elif args.method == "intra-batch":
         hparams = {"temperature": args.temperature, "cat": args.mpn_cat, **graph}

@@ -210,6 +210,7 @@ SCOPES: dict[str, tuple[Scope, ...]] = {
     "hyp_c": (Scope(method=("plain", "bgformer"), loss=("pce",), pce_space=("hyperbolic",)),),
     "clip_r": (Scope(method=("plain", "bgformer"), loss=("pce",), pce_space=("hyperbolic",)),),
     "semantic_branch": (Scope(method=("bgformer",)),),
+    "visual_graph": (Scope(method=("bgformer",)),),
     "detach_graph_input": (Scope(method=("bgformer",)),),
     "graph_dim": (Scope(method=("bgformer",)),),
     "graph_lr": (Scope(method=GRAPH_METHODS),),

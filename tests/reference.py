@@ -114,3 +114,27 @@ def proxygml_reference(
         log_prob = logits_p - torch.logsumexp(logits_p, dim=1, keepdim=True)
         loss = loss - lam * log_prob[torch.arange(num_classes * n), proxy_label].mean()
     return loss
+
+
+def topk_attention_reference(
+    query: Tensor, key: Tensor, value: Tensor, k: int, batch: Tensor | None = None
+) -> Tensor:
+    """Dynamic top-K attention, one query row and head at a time: among the nodes of row i's
+    graph (``batch``; all nodes when ``None``), i itself included, keep the ``k`` largest scores
+    q_i·k_j/√d (ties: the lower index first; all of them when ``k`` ≥ the graph's size), softmax
+    over those only. ``query``/``key``/``value`` (N, H, d); returns the (N, H, d) output."""
+    query, key, value = query.double(), key.double(), value.double()
+    num_nodes, heads, dim = query.shape
+    graph = [0] * num_nodes if batch is None else batch.tolist()
+    out = torch.zeros(num_nodes, heads, dim, dtype=torch.float64)
+    for i in range(num_nodes):
+        candidates = [j for j in range(num_nodes) if graph[j] == graph[i]]
+        for h in range(heads):
+            score = {j: float(query[i, h] @ key[j, h]) / math.sqrt(dim) for j in candidates}
+            kept = sorted(candidates, key=lambda j: (-score[j], j))[:k]
+            top = max(score[j] for j in kept)
+            weight = {j: math.exp(score[j] - top) for j in kept}
+            total = sum(weight.values())
+            for j in kept:
+                out[i, h] += weight[j] / total * value[j, h]
+    return out

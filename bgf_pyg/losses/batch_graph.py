@@ -17,7 +17,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import Tensor, nn
 
 from ..checks import check_features, check_labels, check_positive_int, check_probability
-from ..graph import assemble_batch_graph
+from ..graph import assemble_batch_graph, label_edges
 
 
 class BatchGraphLoss(nn.Module):
@@ -29,8 +29,12 @@ class BatchGraphLoss(nn.Module):
 
     where :math:`\mathbf{f}` are the backbone's features, :math:`h` the embedding head shared by
     both terms, and :math:`\mathcal{G}` = :func:`~bgf_pyg.build_batch_graph` of the detached
-    features (``k`` visual neighbours, same-label semantic edges). At test time the model is
-    ``head(trunk(x))`` alone: the wrapper is training-only.
+    features (``k`` visual neighbours, same-label semantic edges). A ``bgformer`` whose
+    ``visual_graph`` attribute is ``"attention_topk"`` (:class:`~bgf_pyg.nn.BGFormer` with its
+    authors' dynamic top-K visual branch) chooses its visual neighbours itself: no kNN graph is
+    built, it is called with ``visual_edge_index=None`` and the semantic edges, and ``k`` is not
+    read (its K is the BGFormer's ``topk``). At test time the model is ``head(trunk(x))`` alone:
+    the wrapper is training-only.
 
     ``loss`` is any module called as ``loss(embeddings, labels)``: a PML loss with its own
     reducer and distance (pair- or proxy-based), :class:`~bgf_pyg.losses.ProxyGMLLoss`, or a PCE
@@ -52,8 +56,9 @@ class BatchGraphLoss(nn.Module):
         loss (nn.Module): The metric loss ``L``.
         bgformer (nn.Module): Called as ``bgformer(f, visual_edge_index, semantic_edge_index)``,
             e.g. :class:`~bgf_pyg.nn.BGFormer` of the feature width.
-        k (int, optional): Visual neighbours of each sample in the batch graph (clamped to the
-            batch size − 1). (default: :obj:`30`, the authors' runs)
+        k (int, optional): Visual neighbours of each sample in the kNN batch graph (clamped to
+            the batch size − 1; unused with ``"attention_topk"``). (default: :obj:`30`, the
+            authors' runs)
         alpha (float, optional): Weight :math:`\alpha` of the loss on the backbone features.
             (default: :obj:`0.01`, the authors' CUB and In-Shop value)
         miner (callable, optional): A PML miner; like PML's own wrappers it takes the miner at
@@ -108,9 +113,14 @@ class BatchGraphLoss(nn.Module):
         head = head if head is not None else nn.Identity()
         # The head runs first, so a head that does not fit the features fails before BGFormer.
         emb_f = _apply_head(head, features)
-        graph = assemble_batch_graph(features.detach(), labels, self.k)  # checked above
+        if getattr(self.bgformer, "visual_graph", "knn") == "knn":
+            graph = assemble_batch_graph(features.detach(), labels, self.k)  # checked above
+            visual_edge_index = graph.visual_edge_index
+            semantic_edge_index = graph.semantic_edge_index
+        else:  # the BGFormer picks its visual neighbours from its attention scores
+            visual_edge_index, semantic_edge_index = None, label_edges(labels)
         graph_input = features.detach() if self.detach_graph_input else features
-        g = self.bgformer(graph_input, graph.visual_edge_index, graph.semantic_edge_index)
+        g = self.bgformer(graph_input, visual_edge_index, semantic_edge_index)
         emb_g = _apply_head(head, g)
         return (self.alpha * self._metric_loss(emb_f, labels)
                 + (1.0 - self.alpha) * self._metric_loss(emb_g, labels))

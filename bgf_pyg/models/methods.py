@@ -138,6 +138,9 @@ class BGFormerMethod(Method):
     loss = α·L(head(f), y) + (1 − α)·L(head(g), y) with the *same* head, computed by the
     :class:`~bgf_pyg.losses.BatchGraphLoss` submodule ``graph_loss``.
 
+    ``visual_graph`` picks BGFormer's visual branch: ``"knn"`` (SSA on the cosine kNN graph of
+    ``f.detach()``) or ``"attention_topk"`` (the authors' dynamic top-K attention, no kNN graph
+    built); ``k`` is the number of visual neighbours in both: the kNN graph's k, or the top-K's K.
     ``detach_graph_input`` feeds BGFormer ``f.detach()`` (the backbone then learns from the first
     term alone; see :class:`~bgf_pyg.losses.BatchGraphLoss`).
     ``loss_fn`` and ``bgformer`` are the wrapper's ``graph_loss.loss`` and ``graph_loss.bgformer``;
@@ -156,12 +159,13 @@ class BGFormerMethod(Method):
         lam: float = 0.5,
         semantic_branch: str = "attention",
         detach_graph_input: bool = False,
+        visual_graph: str = "knn",
     ) -> None:
         super().__init__(backbone, loss_fn)
         del self.loss_fn  # registered once, inside graph_loss; ``loss_fn`` is an alias below
         bgformer = BGFormer(
             backbone.feature_dim, num_layers=num_layers, heads=heads, dropout=dropout, lam=lam,
-            semantic_branch=semantic_branch,
+            semantic_branch=semantic_branch, visual_graph=visual_graph, topk=k,
         )
         self.graph_loss = BatchGraphLoss(loss_fn, bgformer, k=k, alpha=alpha,
                                          detach_graph_input=detach_graph_input)

@@ -5,9 +5,11 @@ from .bgformer import BGFormer, BGFormerLayer, DualSSA
 from .conv import BatchGraphConv
 from .intra_batch import IntraBatchAttention, IntraBatchMPN
 from .label_propagation import SameLabelPropagation
+from .topk_attention import TopKAttention
 
 __all__ = [
     "BatchGraphConv",
+    "TopKAttention",
     "DualSSA",
     "BGFormerLayer",
     "BGFormer",

@@ -38,7 +38,8 @@ class AttentionEntropy:
     While active, a forward hook re-runs each branch under ``no_grad`` in eval mode with
     ``return_attention_weights=True`` (eval mode: the softmax before attention dropout, and no
     random numbers drawn, so training itself is unchanged). Inactive, no hook is installed.
-    A ``"propagation"`` semantic branch has no attention and is skipped.
+    A ``"propagation"`` semantic branch has no attention and is skipped, and so (not yet recorded)
+    is a :class:`~bgf_pyg.nn.TopKAttention` visual branch (``visual_graph="attention_topk"``).
     """
 
     def __init__(self, module: nn.Module) -> None:

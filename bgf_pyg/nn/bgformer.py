@@ -18,8 +18,12 @@ from torch_geometric.nn import GCNConv, GraphNorm
 from ..checks import check_divides, check_positive_int, check_probability
 from .conv import BatchGraphConv
 from .label_propagation import SameLabelPropagation
+from .topk_attention import TopKAttention
 
 SEMANTIC_BRANCHES = ("attention", "propagation", "label_propagation")
+#: ``"knn"``: SSA on given visual edges (e.g. :func:`~bgf_pyg.build_batch_graph`'s kNN graph);
+#: ``"attention_topk"``: :class:`~bgf_pyg.nn.TopKAttention`, each layer and head picks its own.
+VISUAL_GRAPHS = ("knn", "attention_topk")
 
 
 def _has_edges(edge_index: Optional[Tensor]) -> bool:
@@ -45,11 +49,13 @@ class DualSSA(nn.Module):
         \mathbf{s} = \mathbf{W}_O \left( \lambda\, \mathrm{SSA}_{vis}(\mathbf{x}, \mathcal{E}_{vis})
         + (1 - \lambda)\, \mathrm{SSA}_{sem}(\mathbf{x}, \mathcal{E}_{sem}) \right)
 
-    Each branch is a :class:`BatchGraphConv` with its own projections (``channels // heads`` per
-    head). Without semantic edges (``None`` or empty: test time, unlabeled data) the visual branch
-    alone is used, :math:`\mathbf{s} = \mathbf{W}_O\, \mathrm{SSA}_{vis}`. The choice is made per
-    graph of ``batch``: in a PyG ``Batch`` of labelled and unlabelled graphs each graph gets what
-    it would get alone.
+    Each branch has its own projections (``channels // heads`` per head): the visual branch is a
+    :class:`BatchGraphConv` on the visual edges, or with ``visual_graph="attention_topk"`` a
+    :class:`~bgf_pyg.nn.TopKAttention` that chooses its own neighbours. Without semantic edges
+    (``None`` or empty: test time, unlabeled data) the visual branch alone is used,
+    :math:`\mathbf{s} = \mathbf{W}_O\, \mathrm{SSA}_{vis}`. The choice is made per graph of
+    ``batch``: in a PyG ``Batch`` of labelled and unlabelled graphs each graph gets what it would
+    get alone.
 
     Args:
         channels (int): Input and output width; must be divisible by :obj:`heads`.
@@ -64,6 +70,14 @@ class DualSSA(nn.Module):
             (default: :obj:`"attention"`)
         add_self_loops (bool, optional): Passed to the attention branches. (default: :obj:`True`)
         attention_path (str, optional): Passed to the attention branches. (default: :obj:`"auto"`)
+        visual_graph (str, optional): ``"knn"``: the visual branch is SSA on the given
+            ``visual_edge_index`` (a graph fixed for the batch, shared by heads and layers), or
+            ``"attention_topk"``: the authors' dynamic top-K attention
+            (:class:`~bgf_pyg.nn.TopKAttention`), which keeps each query's ``topk`` largest
+            attention scores among all nodes of its graph, per head, and reads no visual edges.
+            (default: :obj:`"knn"`)
+        topk (int, optional): K of ``"attention_topk"`` (unused by ``"knn"``).
+            (default: :obj:`30`, the authors' runs)
     """
 
     def __init__(
@@ -75,10 +89,13 @@ class DualSSA(nn.Module):
         semantic_branch: str = "attention",
         add_self_loops: bool = True,
         attention_path: str = "auto",
+        visual_graph: str = "knn",
+        topk: int = 30,
     ) -> None:
         super().__init__()
         check_positive_int(channels, "channels")
         check_positive_int(heads, "heads")
+        check_positive_int(topk, "topk")
         check_divides(heads, channels)
         check_probability(dropout, "dropout")
         check_probability(lam, "lam", allow_one=True)
@@ -86,10 +103,14 @@ class DualSSA(nn.Module):
             raise ValueError(
                 f"semantic_branch must be one of {SEMANTIC_BRANCHES}, got {semantic_branch!r}"
             )
+        if visual_graph not in VISUAL_GRAPHS:
+            raise ValueError(f"visual_graph must be one of {VISUAL_GRAPHS}, got {visual_graph!r}")
         self.channels = channels
         self.heads = heads
         self.lam = lam
         self.semantic_branch = semantic_branch
+        self.visual_graph = visual_graph
+        self.topk = topk
 
         def attention() -> BatchGraphConv:
             return BatchGraphConv(
@@ -97,7 +118,11 @@ class DualSSA(nn.Module):
                 add_self_loops=add_self_loops, attention_path=attention_path,
             )
 
-        self.visual = attention()
+        if visual_graph == "knn":
+            self.visual = attention()
+        else:
+            self.visual = TopKAttention(channels, channels // heads, heads=heads, k=topk,
+                                        dropout=dropout)
         if semantic_branch == "attention":
             self.semantic = attention()
         elif semantic_branch == "propagation":
@@ -115,12 +140,19 @@ class DualSSA(nn.Module):
     def forward(
         self,
         x: Tensor,
-        visual_edge_index: Tensor,
+        visual_edge_index: Optional[Tensor] = None,
         semantic_edge_index: Optional[Tensor] = None,
         batch: Optional[Tensor] = None,
         batch_size: Optional[int] = None,
     ) -> Tensor:
-        out = self.visual(x, visual_edge_index)
+        """``visual_edge_index`` is required by ``visual_graph="knn"`` and not read by
+        ``"attention_topk"`` (which attends within each graph of ``batch``)."""
+        if self.visual_graph == "knn":
+            if visual_edge_index is None:
+                raise ValueError('visual_edge_index is required with visual_graph="knn"')
+            out = self.visual(x, visual_edge_index)
+        else:
+            out = self.visual(x, batch)
         if _has_edges(semantic_edge_index):
             mixed = self.lam * out + (1.0 - self.lam) * self.semantic(x, semantic_edge_index)
             if batch is None:
@@ -133,7 +165,7 @@ class DualSSA(nn.Module):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}({self.channels}, heads={self.heads}, lam={self.lam}, "
-            f"semantic_branch={self.semantic_branch!r})"
+            f"semantic_branch={self.semantic_branch!r}{_visual_graph_repr(self)})"
         )
 
 
@@ -158,8 +190,8 @@ class BGFormerLayer(nn.Module):
         dropout (float, optional): Dropout on attention, residual branches and the FFN.
             (default: :obj:`0.`)
         lam (float, optional): Visual-branch weight of :class:`DualSSA`. (default: :obj:`0.5`)
-        **ssa_kwargs: ``semantic_branch``, ``add_self_loops``, ``attention_path`` of
-            :class:`DualSSA`.
+        **ssa_kwargs: ``semantic_branch``, ``add_self_loops``, ``attention_path``,
+            ``visual_graph``, ``topk`` of :class:`DualSSA`.
     """
 
     def __init__(
@@ -199,7 +231,7 @@ class BGFormerLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        visual_edge_index: Tensor,
+        visual_edge_index: Optional[Tensor] = None,
         semantic_edge_index: Optional[Tensor] = None,
         batch: Optional[Tensor] = None,
         batch_size: Optional[int] = None,
@@ -220,12 +252,28 @@ class BGFormer(nn.Module):
 
     ``forward`` takes tensors ``(x, visual_edge_index, semantic_edge_index, batch)`` or a
     :class:`~bgf_pyg.BatchGraph` / PyG ``Batch`` of them. The authors' runs used depth 2, 8 heads
-    and K ≈ 30 visual neighbours.
+    and K ≈ 30 visual neighbours, chosen by their dynamic top-K attention
+    (``visual_graph="attention_topk"``).
+
+    Two visual graphs:
+
+    - ``"knn"``: SSA on the given ``visual_edge_index``, e.g. the cosine kNN graph of the input
+      features (:func:`~bgf_pyg.build_batch_graph`): fixed for the batch, shared by every head
+      and layer. At test time: ``bgformer(x, knn_edge_index)``.
+    - ``"attention_topk"``: in every layer and head each node attends to the ``topk`` nodes of
+      its graph with the largest attention scores :math:`q_i \cdot k_j / \sqrt{d}` (itself a
+      candidate; all of them when ``topk`` ≥ the graph's size), computed from that layer's own
+      projections (:class:`~bgf_pyg.nn.TopKAttention`). ``visual_edge_index`` is not read (it may
+      be ``None``): at test time ``bgformer(x)`` needs nothing but the features.
 
     Args:
         channels (int): Node feature width.
         num_layers (int, optional): Number of blocks. (default: :obj:`2`)
-        heads, ffn_ratio, dropout, lam, \*\*ssa_kwargs: as :class:`BGFormerLayer`.
+        heads, ffn_ratio, dropout, lam: as :class:`BGFormerLayer`.
+        visual_graph (str, optional): ``"knn"`` or ``"attention_topk"``. (default: :obj:`"knn"`)
+        topk (int, optional): K of ``"attention_topk"``. (default: :obj:`30`)
+        \*\*ssa_kwargs: ``semantic_branch``, ``add_self_loops``, ``attention_path`` of
+            :class:`DualSSA`.
     """
 
     def __init__(
@@ -236,6 +284,8 @@ class BGFormer(nn.Module):
         ffn_ratio: int = 4,
         dropout: float = 0.0,
         lam: float = 0.5,
+        visual_graph: str = "knn",
+        topk: int = 30,
         **ssa_kwargs,
     ) -> None:
         super().__init__()
@@ -244,9 +294,12 @@ class BGFormer(nn.Module):
         self.num_layers = num_layers
         self.heads = heads
         self.layers = nn.ModuleList(
-            BGFormerLayer(channels, heads, ffn_ratio, dropout, lam, **ssa_kwargs)
+            BGFormerLayer(channels, heads, ffn_ratio, dropout, lam, visual_graph=visual_graph,
+                          topk=topk, **ssa_kwargs)
             for _ in range(num_layers)
         )
+        self.visual_graph = visual_graph
+        self.topk = topk
 
     def reset_parameters(self) -> None:
         for layer in self.layers:
@@ -267,9 +320,10 @@ class BGFormer(nn.Module):
             semantic_edge_index = graph.get("semantic_edge_index")
             batch = graph.get("batch")
             batch_size = graph.num_graphs if batch is not None else None
-        if visual_edge_index is None:
+        if visual_edge_index is None and self.visual_graph == "knn":
             raise ValueError(
-                "visual_edge_index is required (pass it, or a BatchGraph / Batch that holds it)"
+                "visual_edge_index is required with visual_graph=\"knn\" (pass it, or a "
+                "BatchGraph / Batch that holds it)"
             )
         for layer in self.layers:
             x = layer(x, visual_edge_index, semantic_edge_index, batch, batch_size)
@@ -278,5 +332,12 @@ class BGFormer(nn.Module):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}({self.channels}, num_layers={self.num_layers}, "
-            f"heads={self.heads})"
+            f"heads={self.heads}{_visual_graph_repr(self)})"
         )
+
+
+def _visual_graph_repr(module: nn.Module) -> str:
+    """``, visual_graph='attention_topk', topk=K`` for the top-K form, nothing for kNN."""
+    if module.visual_graph == "knn":
+        return ""
+    return f", visual_graph={module.visual_graph!r}, topk={module.topk}"
