@@ -481,8 +481,8 @@ def load_splits(
 def frozen_splits(
     args: argparse.Namespace, splits: Splits, trunk: nn.Module, device: torch.device
 ) -> Splits:
-    """``splits`` as :class:`~bgf_pyg.data.features.FeatureDataset` s of the frozen ``trunk``'s
-    features, read from or written to the feature cache
+    """``splits`` as datasets of the frozen ``trunk``'s features
+    (:class:`~bgf_pyg.data.features.FeatureDataset`), read from or written to the feature cache
     (:func:`~bgf_pyg.data.features.cached_features`). Every split gets the features of the
     dataset's test-time transform; the training split also those of its mirror image (unless
     ``--no-augment``), one of the two drawn at random for each item. Under torch.distributed
