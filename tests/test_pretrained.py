@@ -25,6 +25,7 @@ from bgf_pyg.data.features import (
     feature_dataset,
     feature_key,
 )
+from bgf_pyg.data.noise import CorruptedTraining
 from bgf_pyg.data.splits import ClassSubset
 from bgf_pyg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bgf_pyg.models import backbone_normalization, build_backbone, build_method
@@ -227,6 +228,14 @@ def test_feature_dataset_serves_views_to_the_class_balanced_sampler(cub, tmp_pat
     val_features = feature_dataset(val, features_of, [center])
     torch.testing.assert_close(val_features.features[0], both[0, val.indices])
     assert isinstance(val_features[0][0], torch.Tensor) and val_features[0][0].shape == (5,)
+    # flipped labels (robustness studies): the images' features with the corrupted labels
+    noisy = CorruptedTraining(cub, label_noise=1.0, seed=0)
+    noisy_features = feature_dataset(noisy, features_of, [center])
+    torch.testing.assert_close(noisy_features.features[0], both[0])
+    assert torch.equal(noisy_features.labels, noisy.labels)
+    assert not torch.equal(noisy_features.labels, cub.labels)
+    with pytest.raises(ValueError, match="outliers"):
+        feature_dataset(CorruptedTraining(cub, outliers=0.5), features_of, [center])
     with pytest.raises(ValueError, match=r"\(V, N, D\)"):
         FeatureDataset(torch.zeros(2, 3, 4), [0, 1])
 
