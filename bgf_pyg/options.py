@@ -112,6 +112,8 @@ positive_float = Number(float, low=0, low_open=True)
 non_negative_float = Number(float, low=0)
 probability = Number(float, low=0, high=1)
 fraction = Number(float, low=0, high=1, low_open=True)
+#: ``--trainable-stages``: the last 1 to all of EfficientNet-Lite0's stages.
+stage_count = Number(int, low=1, high=NUM_STAGES)
 
 
 def val_classes(text: str) -> int | float:
@@ -184,8 +186,6 @@ BALANCED_METHODS = ("plain", "bgformer", "intra-batch")
 GRAPH_METHODS = ("bgformer", "intra-batch")
 RESNETS = ("resnet50", "resnet18")
 PRETRAINED_BACKBONES = (*RESNETS, *VIT_BACKBONES, *EFFICIENTNET_BACKBONES)
-#: ``--trainable-stages``: the last 1 to all of EfficientNet-Lite0's stages.
-stage_count = Number(int, low=1, high=NUM_STAGES)
 #: BGFormer's heads when --graph-heads is not given (to check --graph-dim before any work).
 BGFORMER_HEADS = inspect.signature(BGFormerMethod).parameters["heads"].default
 

