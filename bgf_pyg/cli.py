@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms as T
 
 from . import distributed
 from .checks import InputError, show_value
@@ -45,6 +47,7 @@ from .data import (
     check_image_headers,
 )
 from .data.emoji import EMOJI_SIZE
+from .data.features import HorizontalFlip, cached_features, feature_dataset
 from .data.noise import CorruptedTraining
 from .data.splits import split_validation
 from .data.transforms import INTERPOLATIONS
@@ -58,6 +61,7 @@ from .models import (
     build_backbone,
     build_method,
 )
+from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES
 from .monitor import TensorBoardLogger
 from .nn.bgformer import SEMANTIC_BRANCHES, VISUAL_GRAPHS
 from .options import (
@@ -75,6 +79,7 @@ from .options import (
     positive_int,
     probability,
     seed_int,
+    stage_count,
     val_classes,
     validate,
 )
@@ -88,6 +93,7 @@ from .train import (
     fit,
     seed_all,
     seed_worker,
+    show_progress,
 )
 
 log = logging.getLogger("bgf_pyg")
@@ -108,6 +114,8 @@ EXIT_USAGE = 2
 #: Folder of the TensorBoard event files inside the run folder.
 TENSORBOARD_DIR = "tensorboard"
 HELP_WIDTH = 90
+#: Folder of the frozen backbone's feature cache inside --data-root (unless --feature-cache).
+FEATURE_CACHE_DIR = ".features"
 #: What a user can cause (bad paths, broken files, impossible settings): one line, exit code 2.
 #: Other errors (torch's RuntimeErrors included) are bugs and keep their traceback.
 USER_ERRORS = (ValueError, OSError, InputError)
@@ -164,7 +172,8 @@ PROTOCOLS = {
 #: Options that may change on ``--resume``; every other one must match the checkpoint's.
 RESUMABLE_OPTIONS = frozenset({"epochs", "eval_every", "resume", "overwrite", "out", "data_root",
                                "device", "num_workers", "no_progress", "check_images",
-                               "checkpoint_every", "dist_timeout", "list_presets"})
+                               "checkpoint_every", "dist_timeout", "list_presets",
+                               "feature_cache"})
 
 
 def dataset_help() -> str:
@@ -218,8 +227,23 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=BACKBONES, default="resnet50",
                    help="image network (vit_* need the timm extra)")
     p.add_argument("--pretrained", default=None,
-                   help="local weights: a torchvision ResNet state dict, or a timm / DINO "
-                        "checkpoint for a ViT (default: random weights; never downloaded)")
+                   help="local weights: a torchvision ResNet state dict, a timm / DINO "
+                        "checkpoint for a ViT, an EfficientNet-Lite0 state dict (default: random "
+                        "weights, efficientnet_lite0: the installed package's ImageNet weights; "
+                        "never downloaded)")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="keep the pretrained backbone fixed: its features of every image (the "
+                        "test-time transform and, unless --no-augment, its mirror image for "
+                        "training) are computed once, cached, and the head, graph module and "
+                        "loss train on them (fast on a CPU)")
+    p.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help=f"folder of the cached features (default: <data-root>/{FEATURE_CACHE_DIR})")
+    p.add_argument("--trainable-stages", type=stage_count, default=None, metavar="N",
+                   help=f"efficientnet_lite0: train only its last N of {NUM_STAGES} stages (1: "
+                        f"the head convolution; {NUM_STAGES}: all), the others frozen (default: "
+                        "all train)")
+    p.add_argument("--backbone-lr", type=positive_float, default=None,
+                   help="learning rate of the backbone's trainable layers (default: --lr)")
     p.add_argument("--pooling", choices=("avg", "max"), default=None,
                    help="ResNet global pooling (default: max for intra-batch, avg otherwise)")
     p.add_argument("--graph-dim", type=positive_int, default=None,
@@ -477,6 +501,41 @@ def load_splits(
     return splits
 
 
+def frozen_splits(
+    args: argparse.Namespace, splits: Splits, trunk: nn.Module, device: torch.device
+) -> Splits:
+    """``splits`` as datasets of the frozen ``trunk``'s features
+    (:class:`~bgf_pyg.data.features.FeatureDataset`), read from or written to the feature cache
+    (:func:`~bgf_pyg.data.features.cached_features`). Every split gets the features of the
+    dataset's test-time transform; the training split also those of its mirror image (unless
+    ``--no-augment``), one of the two drawn at random for each item. Under torch.distributed
+    rank 0 fills the cache and every rank reads it."""
+    test_view = build_transform(args.dataset, train=False, options=transform_options(args))
+    train_views = [test_view] if args.no_augment else [test_view,
+                                                       T.Compose([HorizontalFlip(), test_view])]
+    cache_dir = Path(args.feature_cache or Path(args.data_root) / FEATURE_CACHE_DIR)
+    progress = show_progress(False if args.no_progress else None) and distributed.is_main_process()
+    trunk.to(device)
+
+    def features_of(images: ImageListDataset, transform) -> torch.Tensor:
+        def compute() -> torch.Tensor:
+            return cached_features(images, trunk, transform, cache_dir, name=args.backbone,
+                                   device=device, progress=progress)
+
+        if distributed.is_distributed():
+            distributed.run_on_main(lambda: compute() is None)  # rank 0 writes the cache
+        return compute()
+
+    def convert(dataset: Dataset | None, views: list, sample_views: bool = False):
+        if dataset is None:
+            return None
+        return feature_dataset(dataset, features_of, views, sample_views=sample_views)
+
+    return Splits(convert(splits.train, train_views, sample_views=len(train_views) > 1),
+                  convert(splits.test, [test_view]), convert(splits.gallery, [test_view]),
+                  convert(splits.val, [test_view]), splits.val_class_ids)
+
+
 def evaluation_plan(args: argparse.Namespace, splits: Splits) -> dict:
     """The keyword arguments of :func:`~bgf_pyg.train.fit` that say what is evaluated when:
     the selection split every ``--eval-every`` epochs, the test split once at the end (unless it
@@ -629,17 +688,24 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     backbone = build_backbone(args.backbone, args.embedding_dim, args.pretrained,
                               pooling=args.pooling or METHOD_POOLING.get(args.method, "avg"),
                               in_channels=1 if args.dataset == "demo" else 3,
-                              graph_dim=args.graph_dim, image_size=args.image_size)
-    if not args.resume and args.pretrained is None:
+                              graph_dim=args.graph_dim, image_size=args.image_size,
+                              trainable_stages=args.trainable_stages)
+    if (not args.resume and args.pretrained is None
+            and args.backbone not in EFFICIENTNET_BACKBONES):
         log.info("%s backbone is randomly initialised (no --pretrained weights file given)",
                  args.backbone)
+    if args.freeze_backbone:
+        # the head, graph module and loss train on cached features: the trunk's work is done
+        splits = frozen_splits(args, splits, backbone.trunk, device)
+        backbone.trunk = nn.Identity()
     method = build_method(args.method, backbone, splits.train.num_classes, loss=args.loss,
                           samples_per_class=samples_per_class, loss_options=loss_options(args),
                           **method_hparams(args))
     check_batch_graph_k(args, splits.train.num_classes)
     train = train_loader(args, splits.train, generator)  # its checks run before any training
     optimizer = build_optimizer(method, args.lr, args.proxy_lr, args.weight_decay,
-                                graph_lr=args.graph_lr, name=args.optimizer, eps=args.adam_eps)
+                                graph_lr=args.graph_lr, backbone_lr=args.backbone_lr,
+                                name=args.optimizer, eps=args.adam_eps)
     scheduler = None
     if args.lr_milestones:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(

@@ -46,6 +46,7 @@ import torch
 
 from .checks import InputError, show_value
 from .data import DATASETS
+from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES, import_efficientnet
 from .models.methods import PROXY_LOSSES, BGFormerMethod
 from .models.vit import VIT_BACKBONES, import_timm
 
@@ -111,6 +112,8 @@ positive_float = Number(float, low=0, low_open=True)
 non_negative_float = Number(float, low=0)
 probability = Number(float, low=0, high=1)
 fraction = Number(float, low=0, high=1, low_open=True)
+#: ``--trainable-stages``: the last 1 to all of EfficientNet-Lite0's stages.
+stage_count = Number(int, low=1, high=NUM_STAGES)
 
 
 def val_classes(text: str) -> int | float:
@@ -182,7 +185,7 @@ IMAGE_DATASETS = tuple(DATASETS)
 BALANCED_METHODS = ("plain", "bgformer", "intra-batch")
 GRAPH_METHODS = ("bgformer", "intra-batch")
 RESNETS = ("resnet50", "resnet18")
-PRETRAINED_BACKBONES = (*RESNETS, *VIT_BACKBONES)
+PRETRAINED_BACKBONES = (*RESNETS, *VIT_BACKBONES, *EFFICIENTNET_BACKBONES)
 #: BGFormer's heads when --graph-heads is not given (to check --graph-dim before any work).
 BGFORMER_HEADS = inspect.signature(BGFormerMethod).parameters["heads"].default
 
@@ -192,6 +195,9 @@ SCOPES: dict[str, tuple[Scope, ...]] = {
     "check_images": (Scope(dataset=IMAGE_DATASETS),),
     "pretrained": (Scope(backbone=PRETRAINED_BACKBONES),),
     "pooling": (Scope(backbone=RESNETS),),
+    "freeze_backbone": (Scope(dataset=IMAGE_DATASETS, backbone=PRETRAINED_BACKBONES),),
+    "feature_cache": (Scope(freeze_backbone=IS_SET),),
+    "trainable_stages": (Scope(backbone=EFFICIENTNET_BACKBONES),),
     "loss": (Scope(method=("plain", "bgformer")),),
     "batch_size": (Scope(method=("proxygml",)),),
     "classes_per_batch": (Scope(method=BALANCED_METHODS),),
@@ -332,10 +338,37 @@ def check_timm(args: argparse.Namespace) -> str | None:
     return None
 
 
+def check_pretrained_extra(args: argparse.Namespace) -> str | None:
+    if args.backbone in EFFICIENTNET_BACKBONES:
+        try:
+            import_efficientnet()
+        except InputError as err:
+            return str(err)
+    return None
+
+
+def check_frozen_backbone(args: argparse.Namespace) -> str | None:
+    if not args.freeze_backbone:
+        return None
+    if args.trainable_stages is not None:
+        return ("--freeze-backbone trains no stage of the backbone and --trainable-stages "
+                f"{args.trainable_stages} trains the last ones: pass one")
+    if args.backbone_lr is not None:
+        return "--backbone-lr has no effect with --freeze-backbone: the backbone does not train"
+    if args.pretrained is None and args.backbone not in EFFICIENTNET_BACKBONES:
+        return (f"--freeze-backbone keeps the backbone fixed, so --backbone {args.backbone} "
+                "needs its --pretrained weights (random features would never train)")
+    if args.outliers:
+        return ("--outliers adds noise images, which have no image file whose features could "
+                "be cached: not with --freeze-backbone")
+    return None
+
+
 #: Rules over several options, run after parsing (and after the dataset's defaults are set).
 RULES: list[Callable[[argparse.Namespace], str | None]] = [
     check_data_root, check_milestones, check_resume_overwrite, check_amp, check_graph_dim,
-    check_pce_layout, check_crop_scale, check_timm, check_select_on,
+    check_pce_layout, check_crop_scale, check_timm, check_pretrained_extra,
+    check_frozen_backbone, check_select_on,
 ]
 
 

@@ -665,11 +665,13 @@ def build_optimizer(
     weight_decay: float = 0.0,
     *,
     graph_lr: float | None = None,
+    backbone_lr: float | None = None,
     name: str = "adamw",
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
-    """``name`` (see :data:`OPTIMIZERS`) over ``method.param_groups(lr, proxy_lr, graph_lr)``."""
-    groups = method.param_groups(lr, proxy_lr, graph_lr)
+    """``name`` (see :data:`OPTIMIZERS`) over ``method.param_groups(lr, proxy_lr, graph_lr,
+    backbone_lr)``."""
+    groups = method.param_groups(lr, proxy_lr, graph_lr, backbone_lr)
     if name == "adamw":
         return torch.optim.AdamW(groups, weight_decay=weight_decay, eps=eps)
     if name == "adam":

@@ -1,5 +1,5 @@
 """Datasets (CUB-200-2011, Cars196, SOP, In-Shop, the emoji sets, the embedded two-digit demo),
-the class-balanced sampler and the standard transforms."""
+the class-balanced sampler, the standard transforms and a frozen backbone's cached features."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from bgf_pyg.data.cars import Cars196
 from bgf_pyg.data.cub import CUB200
 from bgf_pyg.data.demo import DigitsDemo, load_digits_demo
 from bgf_pyg.data.emoji import Emoji
+from bgf_pyg.data.features import FeatureDataset, cached_features
 from bgf_pyg.data.inshop import InShop
 from bgf_pyg.data.samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
 from bgf_pyg.data.sop import StanfordOnlineProducts
@@ -56,12 +57,14 @@ __all__ = [
     "DistributedClassBalancedBatchSampler",
     "DigitsDemo",
     "Emoji",
+    "FeatureDataset",
     "ImageListDataset",
     "InShop",
     "StanfordOnlineProducts",
     "TransformOptions",
     "build_dataset",
     "build_transform",
+    "cached_features",
     "check_image_headers",
     "demo_train_transform",
     "eval_transform",

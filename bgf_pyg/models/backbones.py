@@ -1,4 +1,5 @@
-"""Backbones with an embedding head: torchvision ResNet-50/18 and a small CNN for the demo set.
+"""Backbones with an embedding head: torchvision ResNet-50/18, timm ViTs, EfficientNet-Lite0 with
+its packaged ImageNet weights, and a small CNN for the demo set.
 
 Every backbone is an :class:`EmbeddingNet`: a ``trunk`` that maps images to pooled features, an
 optional Linear projection ``proj`` to a narrower width (``graph_dim``) and a ``head``
@@ -22,12 +23,13 @@ from torchvision.models import resnet18, resnet50
 
 from ..checks import InputError, check_positive_int
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .efficientnet import EFFICIENTNET_BACKBONES, efficientnet_trunk
 from .vit import VIT_BACKBONES, vit_trunk
 from .weights import load_matching_state, weights_file
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("resnet50", "resnet18", "smallcnn", *VIT_BACKBONES)
+BACKBONES = ("resnet50", "resnet18", "smallcnn", *VIT_BACKBONES, *EFFICIENTNET_BACKBONES)
 POOLINGS = ("avg", "max")
 #: Small CNN: channel widths of its conv blocks (a 2×2 max-pool follows all but the last) and
 #: side of the grid its last map is pooled to (average and max, concatenated) before the head.
@@ -153,8 +155,8 @@ def _resnet_trunk(name: str, pretrained: str | None, pooling: str) -> tuple[nn.M
 
 
 def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Input (mean, std) of backbone ``name``'s weight family: ImageNet's, or 0.5 for the
-    ImageNet-21k ViTs."""
+    """Input (mean, std) of backbone ``name``'s weight family: ImageNet's (ResNets, DINO ViTs,
+    EfficientNet-Lite0), or 0.5 for the ImageNet-21k ViTs."""
     if name in VIT_BACKBONES:
         return VIT_BACKBONES[name][1]
     return IMAGENET_MEAN, IMAGENET_STD
@@ -169,25 +171,37 @@ def build_backbone(
     *,
     graph_dim: int | None = None,
     image_size: int = 224,
+    trainable_stages: int | None = None,
 ) -> EmbeddingNet:
     """Build ``resnet50`` | ``resnet18`` | ``smallcnn`` | a ViT of :data:`VIT_BACKBONES` (needs
-    ``timm``) with a Linear embedding head.
+    ``timm``) | ``efficientnet_lite0`` (needs the ``pretrained`` extra) with a Linear embedding
+    head.
 
     Args:
         name: backbone name.
         embedding_dim: width of the embedding head.
-        pretrained: local path of a torchvision ImageNet state dict (ResNets) or of a timm / DINO
-            checkpoint (ViTs); ``None`` means random initialisation (``bgf-train`` logs it).
+        pretrained: local path of a torchvision ImageNet state dict (ResNets), of a timm / DINO
+            checkpoint (ViTs) or of an EfficientNet-Lite0 state dict; ``None`` means random
+            initialisation (``bgf-train`` logs it), except for ``efficientnet_lite0``, whose
+            ImageNet weights come from the installed weights package.
         pooling: ResNet global ``"avg"`` or ``"max"`` pooling (the intra-batch original: max);
             ``smallcnn`` pools avg + max to a small grid instead, a ViT takes its CLS token.
         in_channels: input channels of ``smallcnn`` (the others take RGB).
         graph_dim: width of a projection between trunk and head (see :class:`EmbeddingNet`).
         image_size: input side of a ViT (its position embeddings are sized for it).
+        trainable_stages: ``efficientnet_lite0`` only: train its last N stages, freeze the
+            others (:meth:`~bgf_pyg.models.efficientnet.EfficientNetLite0Trunk.freeze_stages`);
+            ``None`` trains all.
     """
     check_positive_int(embedding_dim, "embedding_dim")
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if name in VIT_BACKBONES:
+    if trainable_stages is not None and name not in EFFICIENTNET_BACKBONES:
+        raise ValueError(f"trainable_stages applies to {', '.join(EFFICIENTNET_BACKBONES)}, "
+                         f"not to {name!r}")
+    if name in EFFICIENTNET_BACKBONES:
+        trunk, feature_dim = efficientnet_trunk(name, pretrained, trainable_stages)
+    elif name in VIT_BACKBONES:
         trunk, feature_dim = vit_trunk(name, pretrained, check_positive_int(image_size,
                                                                             "image_size"))
     elif name == "smallcnn":

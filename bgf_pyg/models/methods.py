@@ -8,8 +8,10 @@ Each method is an ``nn.Module`` with
   batch-level part (graph, MPN, loss) sees the global batch (the identity in one process),
 - ``embed(images) -> (B, D)`` L2-normalised embedding (evaluation: ``head(trunk(images))``, no
   graph and no labels, as in both BGFormer and intra-batch at test time),
-- ``param_groups(lr, proxy_lr, graph_lr=None)``: optimiser groups, loss parameters (proxies) at
-  ``proxy_lr``, the graph module (BGFormer, the intra-batch MPN) at ``graph_lr`` when given.
+- ``param_groups(lr, proxy_lr, graph_lr=None, backbone_lr=None)``: optimiser groups, loss
+  parameters (proxies) at ``proxy_lr``, the graph module (BGFormer, the intra-batch MPN) at
+  ``graph_lr`` and the backbone's trunk at ``backbone_lr`` when given; frozen parameters
+  (``requires_grad`` false) in none.
 
 :func:`build_method` picks one by name.
 """
@@ -105,20 +107,28 @@ class Method(nn.Module):
         return []
 
     def param_groups(
-        self, lr: float, proxy_lr: float, graph_lr: float | None = None
+        self,
+        lr: float,
+        proxy_lr: float,
+        graph_lr: float | None = None,
+        backbone_lr: float | None = None,
     ) -> list[dict]:
-        """Networks at ``lr``, the loss parameters at ``proxy_lr`` and, when ``graph_lr`` is
-        given, the graph module at ``graph_lr`` (BGFormer's authors: 3e-5 for backbone and head,
-        8.5e-4 to 1e-4 for the graph blocks)."""
+        """Networks at ``lr``, the loss parameters at ``proxy_lr`` and, when given, the graph
+        module at ``graph_lr`` (BGFormer's authors: 3e-5 for backbone and head, 8.5e-4 to 1e-4
+        for the graph blocks) and the backbone's trunk at ``backbone_lr`` (a pretrained trunk
+        fine-tuned more gently than the new head). Frozen parameters are left out."""
         graph = self.graph_parameters() if graph_lr is not None else []
+        trunk = list(self.backbone.trunk.parameters()) if backbone_lr is not None else []
         proxies = list(self.loss_fn.parameters())
-        special = {id(p) for p in graph + proxies}
+        special = {id(p) for p in graph + trunk + proxies}
         groups = [{"params": [p for p in self.parameters() if id(p) not in special], "lr": lr}]
-        if graph:
-            groups.append({"params": graph, "lr": graph_lr})
-        if proxies:
-            groups.append({"params": proxies, "lr": proxy_lr})
-        return groups
+        for params, rate in ((graph, graph_lr), (trunk, backbone_lr), (proxies, proxy_lr)):
+            if params:
+                groups.append({"params": params, "lr": rate})
+        for group in groups:
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+        # the first group's rate is the one logged as the run's learning rate: always kept
+        return [groups[0], *(g for g in groups[1:] if g["params"])]
 
 
 class PlainMethod(Method):
