@@ -50,17 +50,34 @@ TMP_SUFFIX = ".tmp"
 # ---------------------------------------------------------------------------- writing
 
 
+def _os_error_behind(err: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``err``: ``err`` itself, or the first one in its chain of
+    ``__cause__``/``__context__`` (torch's zip writer reports a failed ``write`` as a
+    ``RuntimeError`` "unexpected pos" whose context is the ``OSError``)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @contextlib.contextmanager
 def reporting_write_errors(path: Path) -> Iterator[None]:
-    """Turn an ``OSError`` while writing ``path`` (e.g. ``ENOSPC``) into an ``InputError`` that
-    names the file."""
+    """Turn an ``OSError`` while writing ``path`` (e.g. ``ENOSPC``), raised directly or behind
+    another exception (``torch.save``'s ``RuntimeError``), into an ``InputError`` that names the
+    file."""
     try:
         yield
-    except OSError as err:
+    except (OSError, RuntimeError) as raised:
+        err = _os_error_behind(raised)
+        if err is None:
+            raise
         hint = (": no space left on device; free some space and continue with --resume"
                 if err.errno in (errno.ENOSPC, errno.EDQUOT) else f": {err.strerror or err}")
         raise InputError(f"could not write {path}{hint} (its previous version is intact)") \
-            from err
+            from raised
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:

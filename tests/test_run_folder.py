@@ -4,6 +4,7 @@ a full disk, a foreign checkpoint or a half-written log end in one clear line.""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import shutil
 
@@ -125,6 +126,65 @@ def test_full_disk_during_a_run_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("bgf_pyg.run_folder.os.fsync", no_space)
     assert train(tmp_path / "run") == 2
     assert "no space left on device" in last_error(capsys)
+
+
+class FillingDisk(io.FileIO):
+    """A file on a disk that fills after ``room`` bytes: its writes fail with ``ENOSPC``."""
+
+    room = 4096
+
+    def write(self, data):
+        if self.tell() + len(memoryview(data).cast("B")) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def fill_disk(monkeypatch, room: int) -> None:
+    monkeypatch.setattr(FillingDisk, "room", room)
+    monkeypatch.setattr("bgf_pyg.run_folder.os.fdopen",
+                        lambda fd, mode="wb": FillingDisk(fd, "wb"))
+
+
+def test_torch_save_reports_a_full_disk_as_a_runtime_error(tmp_path):
+    """The form the next tests rely on: torch's zip writer hides the ``OSError`` behind a
+    ``RuntimeError``."""
+    with FillingDisk(tmp_path / "x.pt", "wb") as f, pytest.raises(RuntimeError) as caught:
+        torch.save({"w": torch.randn(10_000)}, f)
+    cause = caught.value.__cause__ or caught.value.__context__
+    assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+
+
+def test_disk_filling_inside_torch_save_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / LAST_CHECKPOINT
+    save_checkpoint(path, {"epoch": 1, "w": torch.randn(100)})
+    fill_disk(monkeypatch, room=4096)
+    with pytest.raises(InputError) as caught:
+        save_checkpoint(path, {"epoch": 2, "w": torch.randn(10_000)})
+    monkeypatch.undo()
+    assert str(caught.value) == (f"could not write {path}: no space left on device; free some "
+                                 "space and continue with --resume (its previous version is "
+                                 "intact)")
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [LAST_CHECKPOINT]  # no temporary file left
+
+
+def test_other_runtime_errors_of_torch_save_pass_through(tmp_path, monkeypatch):
+    def broken(obj, f):
+        raise RuntimeError("not a disk problem")
+
+    monkeypatch.setattr("bgf_pyg.run_folder.torch.save", broken)
+    with pytest.raises(RuntimeError, match="not a disk problem"):
+        save_checkpoint(tmp_path / LAST_CHECKPOINT, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_filling_inside_torch_save_during_a_run_is_one_line(tmp_path, monkeypatch, capsys):
+    fill_disk(monkeypatch, room=4096)  # room for the metrics log, not for a checkpoint
+    out = tmp_path / "run"
+    assert train(out) == 2
+    line = last_error(capsys)
+    assert f"could not write {out / BEST_CHECKPOINT}: no space left on device" in line
+    assert not list(out.glob("*.tmp"))
 
 
 def test_resume_with_other_options_names_them(run_copy, capsys):
