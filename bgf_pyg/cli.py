@@ -480,7 +480,8 @@ def row_name(args: argparse.Namespace) -> str:
 
 
 def check_against_data(args: argparse.Namespace, train: Dataset) -> None:
-    """The sampling options against the training split's size, before the model is built."""
+    """The sampling options against the training split's size and classes, before the model is
+    built (``bgf-sweep`` runs it on every combination before its first run)."""
     if args.method == "proxygml" and args.batch_size > len(train):
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train)} training "
                          "images, so an epoch would have no batch")
@@ -488,6 +489,7 @@ def check_against_data(args: argparse.Namespace, train: Dataset) -> None:
             and args.classes_per_batch > train.num_classes):
         raise ValueError(f"--classes-per-batch {args.classes_per_batch} exceeds the "
                          f"{train.num_classes} training classes")
+    check_batch_graph_k(args, train.num_classes)
 
 
 def train_loader(
@@ -613,7 +615,6 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     method = build_method(args.method, backbone, splits.train.num_classes, loss=args.loss,
                           samples_per_class=samples_per_class, loss_options=loss_options(args),
                           **method_hparams(args))
-    check_batch_graph_k(args, splits.train.num_classes)
     train = train_loader(args, splits.train, generator)  # its checks run before any training
     optimizer = build_optimizer(method, args.lr, args.proxy_lr, args.weight_decay,
                                 graph_lr=args.graph_lr, name=args.optimizer, eps=args.adam_eps)

@@ -25,7 +25,19 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli import EXIT_USAGE, USER_ERRORS, format_cell, parse_args, run, setup_logging
+from torch.utils.data import Dataset
+
+from .cli import (
+    EXIT_USAGE,
+    USER_ERRORS,
+    check_against_data,
+    error_message,
+    format_cell,
+    load_splits,
+    parse_args,
+    run,
+    setup_logging,
+)
 from .cli import build_parser as build_train_parser
 from .options import OneLineParser, positive_int, seed_int
 from .run_folder import LAST_CHECKPOINT, read_metrics
@@ -100,8 +112,9 @@ def trial_argv(base: Sequence[str], params: dict[str, str], seed: int, out: Path
 
 def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
                base: Sequence[str]) -> None:
-    """Every combination and seed is a valid ``bgf-train`` run selected on the validation split
-    (checked before the first run starts; a bad one exits with code 2)."""
+    """Every combination and seed is a valid ``bgf-train`` run selected on the validation split,
+    its options and its sampling checked against the dataset's classes (once per dataset and
+    validation split, before the first run starts; a bad one exits with code 2)."""
     names = [name for name, _ in args.grid]
     if len(set(names)) != len(names):
         parser.error(f"--grid names an option twice: {names}")
@@ -112,12 +125,23 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
         bad = [v for v in values if v.lower() not in SWITCH_VALUES]
         if name in switches() and bad:
             parser.error(f"--grid {name}: an on/off option takes true or false, got {bad}")
+    training_splits: dict[tuple, Dataset] = {}  # loaded once per dataset and validation split
     for values in itertools.product(*(v for _, v in args.grid)):
-        run_args = parse_args(trial_argv(base, dict(zip(names, values, strict=True)), 0, Path(".")),
-                              prog=PROG)
+        params = dict(zip(names, values, strict=True))
+        run_args = parse_args(trial_argv(base, params, 0, Path(".")), prog=PROG)
         if run_args.select_on != "val" or not run_args.val_classes:
             parser.error("a sweep chooses on the validation split: keep --select-on val and "
                          "--val-classes above 0")
+        key = (run_args.dataset, run_args.data_root, run_args.val_classes, run_args.val_seed)
+        try:
+            if key not in training_splits:
+                training_splits[key] = load_splits(
+                    run_args.dataset, run_args.data_root, augment=False,
+                    val_classes=run_args.val_classes, val_seed=run_args.val_seed).train
+            check_against_data(run_args, training_splits[key])
+        except USER_ERRORS as err:
+            setting = " ".join(f"{k}={v}" for k, v in params.items())
+            parser.error(f"--grid {setting}: {error_message(err, run_args)}")
 
 
 def run_once(base: Sequence[str], params: dict[str, str], seed: int, out: Path) -> dict:

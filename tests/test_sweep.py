@@ -91,6 +91,20 @@ def test_bad_plans_are_refused_before_any_run(tmp_path, capsys, argv, fragment):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("grid,fragment", [
+    ("val-classes=0.2,0.01", "val-classes=0.01: --val-classes 0.01"),
+    ("classes-per-batch=4,41", "classes-per-batch=41: --classes-per-batch 41 exceeds the 40 "
+                               "training classes"),
+])
+def test_plans_the_data_cannot_run_are_refused_before_any_run(tmp_path, capsys, grid, fragment):
+    """Every combination is checked against the dataset's classes (the demo: 50 training classes,
+    40 once a fifth is held out) before the first run starts."""
+    assert main(["--name", "x", "--dir", str(tmp_path / "s"), "--grid", grid, *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bgf-sweep: error: --grid ") and fragment in err[0]
+    assert not (tmp_path / "s").exists()
+
+
 def test_on_off_options_take_true_and_false():
     from bgf_pyg.sweep import trial_argv
 
