@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import statistics
 import sys
 import textwrap
@@ -29,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed
-from .checks import InputError, show_value
+from .checks import InputError, named_parameters, show_value
 from .data import (
     DATASETS as IMAGE_DATASETS,
 )
@@ -345,7 +346,11 @@ def parse_args(
     preset: dict = {}
     if args.preset is not None:  # defaults < preset < explicit options
         try:
-            preset = check_preset(load_preset(args.preset), parser, args.preset)
+            values = load_preset(args.preset)
+        except InputError as err:
+            parser.error(f"argument --preset: {err}")
+        try:
+            preset = check_preset(values, parser, args.preset)
         except InputError as err:
             parser.error(str(err))
         for dest, value in preset.items():
@@ -489,7 +494,6 @@ def check_against_data(args: argparse.Namespace, train: Dataset) -> None:
             and args.classes_per_batch > train.num_classes):
         raise ValueError(f"--classes-per-batch {args.classes_per_batch} exceeds the "
                          f"{train.num_classes} training classes")
-    check_batch_graph_k(args, train.num_classes)
 
 
 def train_loader(
@@ -615,6 +619,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     method = build_method(args.method, backbone, splits.train.num_classes, loss=args.loss,
                           samples_per_class=samples_per_class, loss_options=loss_options(args),
                           **method_hparams(args))
+    check_batch_graph_k(args, splits.train.num_classes)
     train = train_loader(args, splits.train, generator)  # its checks run before any training
     optimizer = build_optimizer(method, args.lr, args.proxy_lr, args.weight_decay,
                                 graph_lr=args.graph_lr, name=args.optimizer, eps=args.adam_eps)
@@ -656,10 +661,25 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def with_option_names(message: str, parameters: Collection[str]) -> str:
+    """``message`` of a library error with the ``parameters`` it names (see
+    :func:`~bgf_pyg.checks.naming`) written as this command's options: ``resume=True`` →
+    ``--resume``, ``samples_per_class=1`` → ``--samples-per-class 1``, and a name with an
+    underscore (never an English word) alone, ``classes_per_batch`` → ``--classes-per-batch``."""
+    for name in parameters:
+        flag = option_name(name)
+        word = rf"(?<![\w\-/\\.]){name}"  # not part of a longer name, an option or a path
+        message = re.sub(rf"{word}=True\b", flag, message)
+        message = re.sub(rf"{word}=", f"{flag} ", message)
+        if "_" in name:
+            message = re.sub(rf"{word}(?![\w\-/\\]|\.\w)", flag, message)
+    return message
+
+
 def error_message(err: BaseException, args: argparse.Namespace) -> str:
-    """The one-line message of a user error; a diverging loss also names the options that set
-    the run's step size and logit scale."""
-    message = " ".join(str(err).split("\n"))
+    """The one-line message of a user error, the library parameters it names written as options;
+    a diverging loss also names the options that set the run's step size and logit scale."""
+    message = with_option_names(" ".join(str(err).split("\n")), named_parameters(err))
     if isinstance(err, DivergenceError):
         options = ", ".join(f"{option_name(d)} {show_value(getattr(args, d))}"
                             for d in DIVERGENCE_OPTIONS if applies(d, args))

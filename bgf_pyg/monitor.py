@@ -37,7 +37,8 @@ class TensorBoardLogger(FitCallback):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
             raise InputError(
-                "--tensorboard needs the tensorboard package: pip install 'bgf_pyg[tensorboard]'"
+                "TensorBoardLogger needs the tensorboard package: "
+                "pip install 'bgf_pyg[tensorboard]'"
             ) from err
         self._writer_class = SummaryWriter
         self._writer = None

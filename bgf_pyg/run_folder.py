@@ -28,7 +28,7 @@ from typing import IO
 
 import torch
 
-from .checks import InputError, show_value
+from .checks import InputError, naming, show_value
 
 try:  # POSIX; on Windows runs are not locked
     import fcntl
@@ -74,10 +74,10 @@ def reporting_write_errors(path: Path) -> Iterator[None]:
         err = _os_error_behind(raised)
         if err is None:
             raise
-        hint = (": no space left on device; free some space and continue with --resume"
+        hint = (": no space left on device; free some space and continue with resume=True"
                 if err.errno in (errno.ENOSPC, errno.EDQUOT) else f": {err.strerror or err}")
-        raise InputError(f"could not write {path}{hint} (its previous version is intact)") \
-            from raised
+        raise naming(InputError(f"could not write {path}{hint} (its previous version is "
+                                "intact)"), "resume") from raised
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
@@ -252,13 +252,16 @@ def check_run_folder(out: str | os.PathLike, resume: bool, overwrite: bool) -> l
     out = Path(out)
     if resume:
         if not (out / LAST_CHECKPOINT).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {out / LAST_CHECKPOINT} (nothing to "
-                                    "--resume; drop it to start a fresh run)")
+            raise naming(FileNotFoundError(
+                f"checkpoint not found: {out / LAST_CHECKPOINT} (nothing to continue; drop "
+                "resume=True to start a fresh run)"), "resume")
         return []
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not overwrite:
-        raise InputError(f"{out} already holds a run ({', '.join(existing)}); continue it with "
-                         "--resume, replace it with --overwrite, or choose another --out")
+        raise naming(InputError(
+            f"{out} already holds a run ({', '.join(existing)}); continue it with resume=True, "
+            "replace it with overwrite=True, or pass out=ANOTHER_FOLDER"),
+            "resume", "overwrite", "out")
     return existing
 
 

@@ -31,6 +31,7 @@ from .cli import (
     EXIT_USAGE,
     USER_ERRORS,
     check_against_data,
+    check_batch_graph_k,
     error_message,
     format_cell,
     load_splits,
@@ -139,6 +140,7 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
                     run_args.dataset, run_args.data_root, augment=False,
                     val_classes=run_args.val_classes, val_seed=run_args.val_seed).train
             check_against_data(run_args, training_splits[key])
+            check_batch_graph_k(run_args, training_splits[key].num_classes)
         except USER_ERRORS as err:
             setting = " ".join(f"{k}={v}" for k, v in params.items())
             parser.error(f"--grid {setting}: {error_message(err, run_args)}")

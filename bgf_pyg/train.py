@@ -38,7 +38,7 @@ from torch_geometric import seed_everything
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checks import InputError, NonFiniteError, check_positive_int
+from .checks import InputError, NonFiniteError, check_positive_int, naming
 from .data import ClassBalancedBatchSampler
 from .metrics import evaluate_retrieval, recall_at_k_query_gallery
 from .models import Method
@@ -516,9 +516,10 @@ def fit(
             best_metrics, last_metrics = state["best_metrics"], state["last_metrics"]
             resume_done = (state.get("step", 0), state.get("loss_sum", 0.0))
             if start > epochs:
-                raise InputError(f"--epochs {epochs} is below the {start} epochs that "
-                                 f"{out / LAST_CHECKPOINT} has already trained; pass --epochs "
-                                 f"{start + 1} or more to train on")
+                raise naming(InputError(
+                    f"epochs={epochs} is below the {start} epochs that {out / LAST_CHECKPOINT} "
+                    f"has already trained; pass epochs={start + 1} or more to train on"),
+                    "epochs")
             log.info("resumed from %s after epoch %d and %d steps", out / LAST_CHECKPOINT, start,
                      resume_done[0])
             if start == epochs:

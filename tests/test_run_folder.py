@@ -162,8 +162,8 @@ def test_disk_filling_inside_torch_save_names_the_file(tmp_path, monkeypatch):
         save_checkpoint(path, {"epoch": 2, "w": torch.randn(10_000)})
     monkeypatch.undo()
     assert str(caught.value) == (f"could not write {path}: no space left on device; free some "
-                                 "space and continue with --resume (its previous version is "
-                                 "intact)")
+                                 "space and continue with resume=True (its previous version "
+                                 "is intact)")
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == [LAST_CHECKPOINT]  # no temporary file left
 
@@ -183,7 +183,9 @@ def test_disk_filling_inside_torch_save_during_a_run_is_one_line(tmp_path, monke
     out = tmp_path / "run"
     assert train(out) == 2
     line = last_error(capsys)
-    assert f"could not write {out / BEST_CHECKPOINT}: no space left on device" in line
+    assert line == (f"bgf-train: error: could not write {out / BEST_CHECKPOINT}: no space left "
+                    "on device; free some space and continue with --resume (its previous "
+                    "version is intact)")
     assert not list(out.glob("*.tmp"))
 
 
