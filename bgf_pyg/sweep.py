@@ -1,4 +1,4 @@
-"""``bgf-sweep``: a small, resumable hyperparameter search on the validation split (DESIGN §9).
+"""``bgf-sweep``: a small, resumable hyperparameter search on the validation split.
 
     bgf-sweep --name demo-lr --grid lr=1e-3,3e-4 --grid k=5,10 --seeds 0 1 -- --method bgformer
 

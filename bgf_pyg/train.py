@@ -1,10 +1,10 @@
 """Fit / evaluate loop: one epoch of training, embedding + retrieval evaluation, checkpoints
 (atomic, resumable to the bit), JSON-lines metrics and a PNG of the curves.
 
-Evaluation protocol (DESIGN §9): every ``eval_every`` epochs the *selection* split is evaluated
-(the validation classes, or the test split as the originals do) and the best epoch on it is kept
-in ``best.pt``; the test split is then evaluated once, at the end, with the selected weights.
-Every metrics record names the split its numbers come from (``"split"``).
+Evaluation protocol (``docs/design.rst`` §12): every ``eval_every`` epochs the *selection* split is
+evaluated (the validation classes, or the test split as the originals do) and the best epoch on it
+is kept in ``best.pt``; the test split is then evaluated once, at the end, with the selected
+weights. Every metrics record names the split its numbers come from (``"split"``).
 
 The pieces are small functions; :func:`fit` strings them together. The run folder ``out``
 (``last.pt`` after every epoch, ``best.pt``, ``metrics.jsonl``, ``curves.png``) is kept by

@@ -1,4 +1,5 @@
-"""The validation split: a fixed, seeded subset of the *training* classes held out (DESIGN §9).
+"""The validation split: a fixed, seeded subset of the *training* classes held out
+(``docs/design.rst`` §12).
 
 The originals choose their best epoch on the test classes. Here the checkpoint (and the
 hyperparameters) are chosen on classes taken from the training split, so the test classes are

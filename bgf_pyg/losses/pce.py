@@ -3,7 +3,7 @@ r"""The pairwise cross-entropy (PCE) loss of Hyp-ViT, as BGFormer's authors trai
 Ermolov et al., "Hyperbolic Vision Transformers: Combining Improvements in Metric Learning",
 CVPR 2022 (``htdt/hyp_metric``, ``train.py :: contrastive_loss``); the same loss drives the BGFormer
 first author's released training script (``SissiW/DyBGR``, ``train.py``), see
-``shared/research/papers.md`` §1.2.
+``docs/design.rst`` §8.
 
 A batch holds P classes × m consecutive samples, each class once. Slot i of the batch is
 :math:`Z_i = (z_{p,i})_{p}` (P × D). For every ordered pair of slots :math:`i \ne j`, the
