@@ -63,20 +63,46 @@ def grid_option(text: str) -> tuple[str, list[str]]:
     return name, choices
 
 
+USAGE = f"{PROG} --name NAME --grid NAME=V1,V2 [options] -- [bgf-train options]"
+EPILOG = """\
+The bgf-train options of every run go after "--" (an option before it that bgf-sweep does not
+know is an error), e.g.
+  bgf-sweep --name demo-lr --grid lr=1e-3,3e-4 --grid k=5,10 --seeds 0 1 -- --method bgformer
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog=PROG, usage=USAGE, epilog=EPILOG, allow_abbrev=False,
+                      description="A small, resumable search over bgf-train options, scored on "
+                                  "the validation split.",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="the study's name (and its folder's)")
     p.add_argument("--dir", default=None, help="study folder (default: runs/sweeps/NAME)")
     p.add_argument("--grid", type=grid_option, action="append", required=True,
                    metavar="NAME=V1,V2", help="a bgf-train option and its values (repeatable)")
-    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0], help="one run per seed")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0], metavar="SEED",
+                   help="one run per seed (default: 0)")
     p.add_argument("--sampler", choices=("grid", "random"), default="grid",
-                   help="every combination, or --trials distinct ones drawn at random")
+                   help="every combination, or --trials distinct ones drawn at random "
+                        "(default: grid)")
     p.add_argument("--trials", type=positive_int, default=None,
                    help="trials to run in all (default: every combination)")
-    p.add_argument("--sampler-seed", type=seed_int, default=0, help="seeds the random sampler")
+    p.add_argument("--sampler-seed", type=seed_int, default=0,
+                   help="seeds the random sampler (default: 0)")
     return p
+
+
+def split_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[
+        argparse.Namespace, list[str]]:
+    """bgf-sweep's options (before ``--``) and the bgf-train options of every run (after it); an
+    unknown option before ``--`` is an error, not silently handed to the runs."""
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, unknown = parser.parse_known_args(argv[:cut])
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (bgf-train's options go "
+                     f"after --: {USAGE})")
+    return args, argv[cut + 1:]
 
 
 def run_folder_name(params: dict[str, str], seed: int) -> str:
@@ -201,11 +227,10 @@ def make_study(args: argparse.Namespace, folder: Path):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``bgf-sweep``; options after ``--`` (or unknown ones) go to every run."""
+    """Entry point of ``bgf-sweep``; the options after ``--`` go to every run."""
     parser = build_parser()
     try:
-        args, base = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-        base = [a for a in base if a != "--"]
+        args, base = split_argv(parser, sys.argv[1:] if argv is None else argv)
         check_plan(parser, args, base)
     except SystemExit as exit_:
         return int(exit_.code or 0)

@@ -117,3 +117,23 @@ def test_on_off_options_take_true_and_false():
     assert flags({"tensorboard": "false", "k": "5"}) == ["--k", "5"]  # no --no- form: left out
     assert parse_args(trial_argv(["--method", "bgformer"], {"detach-graph-input": "true"}, 0,
                                  Path("o"))).detach_graph_input is True
+
+
+@pytest.mark.parametrize("extra", [["--method", "plain"], ["--seed", "1"], ["--epochs", "1"]])
+def test_train_options_before_the_separator_are_an_error(tmp_path, capsys, extra):
+    """Without ``--`` the runs would start with options the user did not mean (``--seed`` even
+    abbreviated ``--seeds``): bgf-sweep refuses, naming the separator."""
+    argv = ["--name", "x", "--dir", str(tmp_path / "s"), "--grid", "lr=1e-3", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert f"unrecognized arguments: {' '.join(extra)}" in err[0] and "go after --" in err[0]
+    assert not (tmp_path / "s").exists()
+
+
+def test_help_shows_each_default_once_in_plain_text(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and "(default: None)" not in text
+    assert all(line.count("(default:") <= 1 for line in text.splitlines())
+    assert "-- [bgf-train options]" in text
