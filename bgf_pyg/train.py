@@ -196,6 +196,10 @@ class FitCallback:
     def after_epoch(self, epoch: int, record: dict) -> None:
         """After epoch ``epoch`` (1-based) with its ``metrics.jsonl`` record."""
 
+    def after_fit(self, record: dict) -> None:
+        """After the final test evaluation, with its ``"final": true`` ``metrics.jsonl`` record
+        (``selected_epoch`` names the weights it evaluated)."""
+
 
 class DivergenceError(InputError):
     """Training diverged: the loss or the network's outputs stopped being finite (usually a step
@@ -611,11 +615,12 @@ def fit(
         elif eval_split == "test":  # the selection split is the test split (the originals)
             result.test_metrics = best_metrics if select_best else last_metrics
         if result.test_metrics:
+            final = {"epoch": epochs, "final": True, "split": "test", "select_on": select_on,
+                     "selected_epoch": result.selected_epoch, **result.test_metrics}
             if main:
-                append_metrics(out, {"epoch": epochs, "final": True, "split": "test",
-                                     "select_on": select_on,
-                                     "selected_epoch": result.selected_epoch,
-                                     **result.test_metrics})
+                append_metrics(out, final)
+            if callback is not None:
+                callback.after_fit(final)
             log.info("%s, weights of epoch %s (selected on: %s): %s",
                      split_label("test", select_on), result.selected_epoch, select_on,
                      _format_metrics(result.test_metrics))
