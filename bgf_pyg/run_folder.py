@@ -216,21 +216,44 @@ def keep_metrics_until(out: str | os.PathLike, epoch: int, header: dict | None =
 
 @contextlib.contextmanager
 def lock_run_folder(out: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``out`` while a run uses it; a second process is refused."""
+    """Hold an exclusive lock on ``out`` while a run uses it; a second process is refused.
+
+    The lock is ``flock`` on ``<out>/.lock``, which its owner deletes when the run ends (before
+    it unlocks, so no one else deletes a lock they do not hold). A process that opened the file
+    just before the owner deleted it finds, once locked, that the path names another file or
+    none, and locks the path afresh."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield
         return
-    with open(out / LOCK_FILE, "a") as lock:
+    path = out / LOCK_FILE
+    while True:
+        lock = open(path, "a")  # closed below, or when the run ends
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            lock.close()
             raise InputError(f"another process is training in {out}") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        if _same_file(lock, path):
+            break
+        lock.close()  # its previous owner deleted it after we opened it
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _same_file(opened: IO, path: Path) -> bool:
+    """Whether ``path`` still names the file ``opened``."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(opened.fileno())
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def remove_stale_temp_files(out: str | os.PathLike) -> list[Path]:

@@ -4,6 +4,7 @@ a full disk, a foreign checkpoint or a half-written log end in one clear line.""
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import shutil
@@ -18,6 +19,7 @@ from bgf_pyg.models import build_backbone, build_method
 from bgf_pyg.run_folder import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
+    LOCK_FILE,
     METRICS_FILE,
     load_checkpoint,
     lock_run_folder,
@@ -102,6 +104,42 @@ def test_a_second_process_cannot_use_a_locked_folder(tmp_path):
                 pass
     with lock_run_folder(tmp_path):  # released
         pass
+
+
+def test_a_finished_run_leaves_no_lock_file(finished_run):
+    assert LAST_CHECKPOINT in {p.name for p in finished_run.iterdir()}
+    assert not (finished_run / LOCK_FILE).exists()
+
+
+def test_only_the_owner_removes_the_lock(tmp_path):
+    with lock_run_folder(tmp_path):
+        assert (tmp_path / LOCK_FILE).exists()
+        with pytest.raises(InputError, match="another process is training"):
+            with lock_run_folder(tmp_path):
+                pass
+        assert (tmp_path / LOCK_FILE).exists()  # the refused process left it alone
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_lock_file_its_owner_deleted_meanwhile_is_locked_afresh(tmp_path, monkeypatch):
+    """A process that opened ``.lock`` just before the owner deleted it and unlocked must not
+    hold a lock on the deleted file (a third process could then lock a new one)."""
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_owner_left(lock, operation):
+        if not calls:  # the owner ends its run between our open() and our flock()
+            (tmp_path / LOCK_FILE).unlink()
+        calls.append(operation)
+        return real_flock(lock, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_owner_left)
+    with lock_run_folder(tmp_path):
+        monkeypatch.undo()
+        assert len(calls) == 2  # locked the deleted file, noticed, locked the new one
+        with pytest.raises(InputError, match="another process is training"):
+            with lock_run_folder(tmp_path):
+                pass
+    assert not (tmp_path / LOCK_FILE).exists()
 
 
 def test_full_disk_names_the_file_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
