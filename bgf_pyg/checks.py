@@ -8,6 +8,7 @@ of a shape error deep inside a matmul.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -22,6 +23,28 @@ class InputError(RuntimeError):
 class NonFiniteError(ValueError):
     """A tensor holds NaN or inf. The training loop reads it as divergence and names the options
     that set the step size; elsewhere it is the ``ValueError`` of a bad argument."""
+
+
+ErrorT = TypeVar("ErrorT", bound=BaseException)
+
+
+def naming(err: ErrorT, *parameters: str) -> ErrorT:
+    """``err``, marked as naming the library ``parameters`` in its message (by their Python names,
+    as ``samples_per_class=1`` or ``samples_per_class``): a command line reports them by its own
+    option names (:func:`named_parameters`)."""
+    err.parameters = parameters  # type: ignore[attr-defined]
+    return err
+
+
+def named_parameters(err: BaseException) -> tuple[str, ...]:
+    """The parameters :func:`naming` marked on ``err`` or on an error in its chain of causes."""
+    found: list[str] = []
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        found += getattr(err, "parameters", ())
+        err = err.__cause__ or err.__context__
+    return tuple(dict.fromkeys(found))
 
 
 def show_value(value: object) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import statistics
 import sys
 import textwrap
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
 from . import distributed
-from .checks import InputError, show_value
+from .checks import InputError, named_parameters, show_value
 from .data import (
     DATASETS as IMAGE_DATASETS,
 )
@@ -390,7 +391,11 @@ def parse_args(
     preset: dict = {}
     if args.preset is not None:  # defaults < preset < explicit options
         try:
-            preset = check_preset(load_preset(args.preset), parser, args.preset)
+            values = load_preset(args.preset)
+        except InputError as err:
+            parser.error(f"argument --preset: {err}")
+        try:
+            preset = check_preset(values, parser, args.preset)
         except InputError as err:
             parser.error(str(err))
         for dest, value in preset.items():
@@ -562,7 +567,8 @@ def row_name(args: argparse.Namespace) -> str:
 
 
 def check_against_data(args: argparse.Namespace, train: Dataset) -> None:
-    """The sampling options against the training split's size, before the model is built."""
+    """The sampling options against the training split's size and classes, before the model is
+    built (``bgf-sweep`` runs it on every combination before its first run)."""
     if args.method == "proxygml" and args.batch_size > len(train):
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train)} training "
                          "images, so an epoch would have no batch")
@@ -744,10 +750,25 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def with_option_names(message: str, parameters: Collection[str]) -> str:
+    """``message`` of a library error with the ``parameters`` it names (see
+    :func:`~bgf_pyg.checks.naming`) written as this command's options: ``resume=True`` →
+    ``--resume``, ``samples_per_class=1`` → ``--samples-per-class 1``, and a name with an
+    underscore (never an English word) alone, ``classes_per_batch`` → ``--classes-per-batch``."""
+    for name in parameters:
+        flag = option_name(name)
+        word = rf"(?<![\w\-/\\.]){name}"  # not part of a longer name, an option or a path
+        message = re.sub(rf"{word}=True\b", flag, message)
+        message = re.sub(rf"{word}=", f"{flag} ", message)
+        if "_" in name:
+            message = re.sub(rf"{word}(?![\w\-/\\]|\.\w)", flag, message)
+    return message
+
+
 def error_message(err: BaseException, args: argparse.Namespace) -> str:
-    """The one-line message of a user error; a diverging loss also names the options that set
-    the run's step size and logit scale."""
-    message = " ".join(str(err).split("\n"))
+    """The one-line message of a user error, the library parameters it names written as options;
+    a diverging loss also names the options that set the run's step size and logit scale."""
+    message = with_option_names(" ".join(str(err).split("\n")), named_parameters(err))
     if isinstance(err, DivergenceError):
         options = ", ".join(f"{option_name(d)} {show_value(getattr(args, d))}"
                             for d in DIVERGENCE_OPTIONS if applies(d, args))

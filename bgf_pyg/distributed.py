@@ -4,20 +4,21 @@ environment, a gradient-carrying all-gather of the batch, and helpers for rank-0
 Every function is a no-op (or the identity) in a single process, so the training loop and the
 method wrappers call them unconditionally.
 
-Why the all-gather sums the gradient (DESIGN §8). Every rank computes the *same* global loss L on
-the gathered batch X = [x_0; …; x_{W−1}]. The backward of :func:`all_gather_with_grad` hands rank r
-the slice r of ∑_s ∂L_s/∂X = W·∂L/∂x_r; DistributedDataParallel then divides the summed parameter
-gradients by W. Both factors cancel, for the layers before the gather (trunk: W·∂L/∂θ on its own
-slice, averaged) and after it (head, BGFormer, proxies: every rank computes the full ∂L/∂θ,
-averaged), so a step on W ranks × B samples equals one process on the W·B batch with no loss
-scaling. pytorch-metric-learning's ``DistributedLossWrapper`` (``utils/distributed.py``) is not
-reused: it wraps a PML loss only (BGFormer and the MPN are not losses), gathers the other ranks'
-rows without gradient, keeps the local rows' and multiplies the loss by W (so the logged loss is
-W times too large); that is right for a loss without parameters behind the gather but would give
-the head, BGFormer and the proxies W times their gradient, and its gathered batch is ordered
-local-rank-first (a different batch graph on every rank). torch's own
-``torch.distributed.nn.functional.all_gather`` has the summing backward but is deprecated in
-torch 2.14 and returns a tuple per rank; the 20 lines below are what we need of it.
+Why the all-gather sums the gradient (``docs/design.rst`` §13). Every rank computes the *same*
+global loss L on the gathered batch X = [x_0; …; x_{W−1}]. The backward of
+:func:`all_gather_with_grad` hands rank r the slice r of ∑_s ∂L_s/∂X = W·∂L/∂x_r;
+DistributedDataParallel then divides the summed parameter gradients by W. Both factors cancel, for
+the layers before the gather (trunk: W·∂L/∂θ on its own slice, averaged) and after it (head,
+BGFormer, proxies: every rank computes the full ∂L/∂θ, averaged), so a step on W ranks × B samples
+equals one process on the W·B batch with no loss scaling. pytorch-metric-learning's
+``DistributedLossWrapper`` (``utils/distributed.py``) is not reused: it wraps a PML loss only
+(BGFormer and the MPN are not losses), gathers the other ranks' rows without gradient, keeps the
+local rows' and multiplies the loss by W (so the logged loss is W times too large); that is right
+for a loss without parameters behind the gather but would give the head, BGFormer and the proxies W
+times their gradient, and its gathered batch is ordered local-rank-first (a different batch graph
+on every rank). torch's own ``torch.distributed.nn.functional.all_gather`` has the summing backward
+but is deprecated in torch 2.14 and returns a tuple per rank; the 20 lines below are what we need
+of it.
 """
 
 from __future__ import annotations

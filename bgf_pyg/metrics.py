@@ -191,8 +191,14 @@ def recall_at_k_query_gallery(
     backend: str = "torch",
 ) -> dict[int, float]:
     """Recall@K of query samples searched against a separate gallery (In-Shop protocol): a hit when
-    any of the K gallery samples most cosine-similar to the query shares its class."""
-    _check_retrieval_inputs(query_emb, query_labels, "query_emb", "query_labels")
+    any of the K gallery samples most cosine-similar to the query shares its class.
+
+    A single query is enough: its neighbours come from the gallery. The protocol reports
+    Recall@K alone, as the In-Shop papers do; NMI, which clusters the query set, is not computed
+    (it is undefined for a single query).
+    """
+    check_features(query_emb, "query_emb", min_rows=1, purpose="for retrieval")
+    check_labels(query_labels, query_emb.size(0), "query_labels")
     check_features(gallery_emb, "gallery_emb", width=query_emb.size(1), min_rows=1,
                    purpose="to search")
     check_labels(gallery_labels, gallery_emb.size(0), "gallery_labels")

@@ -4,7 +4,8 @@ Every ``every`` steps: the training loss, each parameter group's learning rate a
 attention entropy of BGFormer's visual and semantic branches per layer (with the entropy of
 uniform attention beside it: a branch whose entropy stays at that bound only averages its
 neighbours). Every epoch: the epoch's loss, learning rate and evaluation metrics, tagged
-with the split they come from (``eval/val/recall@1``).
+with the split they come from (``eval/val/recall@1``). At the end: the final test metrics of the
+selected weights, at their epoch (``eval/test/final/recall@1``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class TensorBoardLogger(FitCallback):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
             raise InputError(
-                "--tensorboard needs the tensorboard package: pip install 'bgf_pyg[tensorboard]'"
+                "TensorBoardLogger needs the tensorboard package: "
+                "pip install 'bgf_pyg[tensorboard]'"
             ) from err
         self._writer_class = SummaryWriter
         self._writer = None
@@ -72,6 +74,13 @@ class TensorBoardLogger(FitCallback):
             if key != "epoch" and isinstance(value, int | float):
                 section = "epoch" if key in ("loss", "lr") else f"eval/{record['split']}"
                 self.writer.add_scalar(f"{section}/{key}", value, epoch)
+        self.writer.flush()
+
+    def after_fit(self, record: dict) -> None:
+        """The final test metrics under ``eval/test/final/``, at the selected epoch."""
+        for key, value in record.items():
+            if key.startswith(("recall@", "map@r", "r_precision", "nmi")):
+                self.writer.add_scalar(f"eval/test/final/{key}", value, record["selected_epoch"])
         self.writer.flush()
 
     def close(self) -> None:

@@ -364,11 +364,20 @@ def check_frozen_backbone(args: argparse.Namespace) -> str | None:
     return None
 
 
+def check_tensorboard(args: argparse.Namespace) -> str | None:
+    if args.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            return "--tensorboard needs the tensorboard package: pip install 'bgf_pyg[tensorboard]'"
+    return None
+
+
 #: Rules over several options, run after parsing (and after the dataset's defaults are set).
 RULES: list[Callable[[argparse.Namespace], str | None]] = [
     check_data_root, check_milestones, check_resume_overwrite, check_amp, check_graph_dim,
     check_pce_layout, check_crop_scale, check_timm, check_pretrained_extra,
-    check_frozen_backbone, check_select_on,
+    check_frozen_backbone, check_tensorboard, check_select_on,
 ]
 
 

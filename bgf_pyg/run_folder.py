@@ -28,7 +28,7 @@ from typing import IO
 
 import torch
 
-from .checks import InputError, show_value
+from .checks import InputError, naming, show_value
 
 try:  # POSIX; on Windows runs are not locked
     import fcntl
@@ -50,17 +50,34 @@ TMP_SUFFIX = ".tmp"
 # ---------------------------------------------------------------------------- writing
 
 
+def _os_error_behind(err: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``err``: ``err`` itself, or the first one in its chain of
+    ``__cause__``/``__context__`` (torch's zip writer reports a failed ``write`` as a
+    ``RuntimeError`` "unexpected pos" whose context is the ``OSError``)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @contextlib.contextmanager
 def reporting_write_errors(path: Path) -> Iterator[None]:
-    """Turn an ``OSError`` while writing ``path`` (e.g. ``ENOSPC``) into an ``InputError`` that
-    names the file."""
+    """Turn an ``OSError`` while writing ``path`` (e.g. ``ENOSPC``), raised directly or behind
+    another exception (``torch.save``'s ``RuntimeError``), into an ``InputError`` that names the
+    file."""
     try:
         yield
-    except OSError as err:
-        hint = (": no space left on device; free some space and continue with --resume"
+    except (OSError, RuntimeError) as raised:
+        err = _os_error_behind(raised)
+        if err is None:
+            raise
+        hint = (": no space left on device; free some space and continue with resume=True"
                 if err.errno in (errno.ENOSPC, errno.EDQUOT) else f": {err.strerror or err}")
-        raise InputError(f"could not write {path}{hint} (its previous version is intact)") \
-            from err
+        raise naming(InputError(f"could not write {path}{hint} (its previous version is "
+                                "intact)"), "resume") from raised
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
@@ -199,21 +216,44 @@ def keep_metrics_until(out: str | os.PathLike, epoch: int, header: dict | None =
 
 @contextlib.contextmanager
 def lock_run_folder(out: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``out`` while a run uses it; a second process is refused."""
+    """Hold an exclusive lock on ``out`` while a run uses it; a second process is refused.
+
+    The lock is ``flock`` on ``<out>/.lock``, which its owner deletes when the run ends (before
+    it unlocks, so no one else deletes a lock they do not hold). A process that opened the file
+    just before the owner deleted it finds, once locked, that the path names another file or
+    none, and locks the path afresh."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield
         return
-    with open(out / LOCK_FILE, "a") as lock:
+    path = out / LOCK_FILE
+    while True:
+        lock = open(path, "a")  # closed below, or when the run ends
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            lock.close()
             raise InputError(f"another process is training in {out}") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        if _same_file(lock, path):
+            break
+        lock.close()  # its previous owner deleted it after we opened it
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _same_file(opened: IO, path: Path) -> bool:
+    """Whether ``path`` still names the file ``opened``."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(opened.fileno())
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def remove_stale_temp_files(out: str | os.PathLike) -> list[Path]:
@@ -235,13 +275,16 @@ def check_run_folder(out: str | os.PathLike, resume: bool, overwrite: bool) -> l
     out = Path(out)
     if resume:
         if not (out / LAST_CHECKPOINT).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {out / LAST_CHECKPOINT} (nothing to "
-                                    "--resume; drop it to start a fresh run)")
+            raise naming(FileNotFoundError(
+                f"checkpoint not found: {out / LAST_CHECKPOINT} (nothing to continue; drop "
+                "resume=True to start a fresh run)"), "resume")
         return []
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not overwrite:
-        raise InputError(f"{out} already holds a run ({', '.join(existing)}); continue it with "
-                         "--resume, replace it with --overwrite, or choose another --out")
+        raise naming(InputError(
+            f"{out} already holds a run ({', '.join(existing)}); continue it with resume=True, "
+            "replace it with overwrite=True, or pass out=ANOTHER_FOLDER"),
+            "resume", "overwrite", "out")
     return existing
 
 

@@ -1,4 +1,4 @@
-"""``bgf-sweep``: a small, resumable hyperparameter search on the validation split (DESIGN §9).
+"""``bgf-sweep``: a small, resumable hyperparameter search on the validation split.
 
     bgf-sweep --name demo-lr --grid lr=1e-3,3e-4 --grid k=5,10 --seeds 0 1 -- --method bgformer
 
@@ -25,7 +25,20 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli import EXIT_USAGE, USER_ERRORS, format_cell, parse_args, run, setup_logging
+from torch.utils.data import Dataset
+
+from .cli import (
+    EXIT_USAGE,
+    USER_ERRORS,
+    check_against_data,
+    check_batch_graph_k,
+    error_message,
+    format_cell,
+    load_splits,
+    parse_args,
+    run,
+    setup_logging,
+)
 from .cli import build_parser as build_train_parser
 from .options import OneLineParser, positive_int, seed_int
 from .run_folder import LAST_CHECKPOINT, read_metrics
@@ -50,20 +63,46 @@ def grid_option(text: str) -> tuple[str, list[str]]:
     return name, choices
 
 
+USAGE = f"{PROG} --name NAME --grid NAME=V1,V2 [options] -- [bgf-train options]"
+EPILOG = """\
+The bgf-train options of every run go after "--" (an option before it that bgf-sweep does not
+know is an error), e.g.
+  bgf-sweep --name demo-lr --grid lr=1e-3,3e-4 --grid k=5,10 --seeds 0 1 -- --method bgformer
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog=PROG, usage=USAGE, epilog=EPILOG, allow_abbrev=False,
+                      description="A small, resumable search over bgf-train options, scored on "
+                                  "the validation split.",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="the study's name (and its folder's)")
     p.add_argument("--dir", default=None, help="study folder (default: runs/sweeps/NAME)")
     p.add_argument("--grid", type=grid_option, action="append", required=True,
                    metavar="NAME=V1,V2", help="a bgf-train option and its values (repeatable)")
-    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0], help="one run per seed")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0], metavar="SEED",
+                   help="one run per seed (default: 0)")
     p.add_argument("--sampler", choices=("grid", "random"), default="grid",
-                   help="every combination, or --trials distinct ones drawn at random")
+                   help="every combination, or --trials distinct ones drawn at random "
+                        "(default: grid)")
     p.add_argument("--trials", type=positive_int, default=None,
                    help="trials to run in all (default: every combination)")
-    p.add_argument("--sampler-seed", type=seed_int, default=0, help="seeds the random sampler")
+    p.add_argument("--sampler-seed", type=seed_int, default=0,
+                   help="seeds the random sampler (default: 0)")
     return p
+
+
+def split_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[
+        argparse.Namespace, list[str]]:
+    """bgf-sweep's options (before ``--``) and the bgf-train options of every run (after it); an
+    unknown option before ``--`` is an error, not silently handed to the runs."""
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, unknown = parser.parse_known_args(argv[:cut])
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (bgf-train's options go "
+                     f"after --: {USAGE})")
+    return args, argv[cut + 1:]
 
 
 def run_folder_name(params: dict[str, str], seed: int) -> str:
@@ -100,8 +139,9 @@ def trial_argv(base: Sequence[str], params: dict[str, str], seed: int, out: Path
 
 def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
                base: Sequence[str]) -> None:
-    """Every combination and seed is a valid ``bgf-train`` run selected on the validation split
-    (checked before the first run starts; a bad one exits with code 2)."""
+    """Every combination and seed is a valid ``bgf-train`` run selected on the validation split,
+    its options and its sampling checked against the dataset's classes (once per dataset and
+    validation split, before the first run starts; a bad one exits with code 2)."""
     names = [name for name, _ in args.grid]
     if len(set(names)) != len(names):
         parser.error(f"--grid names an option twice: {names}")
@@ -112,12 +152,24 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
         bad = [v for v in values if v.lower() not in SWITCH_VALUES]
         if name in switches() and bad:
             parser.error(f"--grid {name}: an on/off option takes true or false, got {bad}")
+    training_splits: dict[tuple, Dataset] = {}  # loaded once per dataset and validation split
     for values in itertools.product(*(v for _, v in args.grid)):
-        run_args = parse_args(trial_argv(base, dict(zip(names, values, strict=True)), 0, Path(".")),
-                              prog=PROG)
+        params = dict(zip(names, values, strict=True))
+        run_args = parse_args(trial_argv(base, params, 0, Path(".")), prog=PROG)
         if run_args.select_on != "val" or not run_args.val_classes:
             parser.error("a sweep chooses on the validation split: keep --select-on val and "
                          "--val-classes above 0")
+        key = (run_args.dataset, run_args.data_root, run_args.val_classes, run_args.val_seed)
+        try:
+            if key not in training_splits:
+                training_splits[key] = load_splits(
+                    run_args.dataset, run_args.data_root, augment=False,
+                    val_classes=run_args.val_classes, val_seed=run_args.val_seed).train
+            check_against_data(run_args, training_splits[key])
+            check_batch_graph_k(run_args, training_splits[key].num_classes)
+        except USER_ERRORS as err:
+            setting = " ".join(f"{k}={v}" for k, v in params.items())
+            parser.error(f"--grid {setting}: {error_message(err, run_args)}")
 
 
 def run_once(base: Sequence[str], params: dict[str, str], seed: int, out: Path) -> dict:
@@ -175,11 +227,10 @@ def make_study(args: argparse.Namespace, folder: Path):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``bgf-sweep``; options after ``--`` (or unknown ones) go to every run."""
+    """Entry point of ``bgf-sweep``; the options after ``--`` go to every run."""
     parser = build_parser()
     try:
-        args, base = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-        base = [a for a in base if a != "--"]
+        args, base = split_argv(parser, sys.argv[1:] if argv is None else argv)
         check_plan(parser, args, base)
     except SystemExit as exit_:
         return int(exit_.code or 0)

@@ -1,10 +1,10 @@
 """Fit / evaluate loop: one epoch of training, embedding + retrieval evaluation, checkpoints
 (atomic, resumable to the bit), JSON-lines metrics and a PNG of the curves.
 
-Evaluation protocol (DESIGN §9): every ``eval_every`` epochs the *selection* split is evaluated
-(the validation classes, or the test split as the originals do) and the best epoch on it is kept
-in ``best.pt``; the test split is then evaluated once, at the end, with the selected weights.
-Every metrics record names the split its numbers come from (``"split"``).
+Evaluation protocol (``docs/design.rst`` §12): every ``eval_every`` epochs the *selection* split is
+evaluated (the validation classes, or the test split as the originals do) and the best epoch on it
+is kept in ``best.pt``; the test split is then evaluated once, at the end, with the selected
+weights. Every metrics record names the split its numbers come from (``"split"``).
 
 The pieces are small functions; :func:`fit` strings them together. The run folder ``out``
 (``last.pt`` after every epoch, ``best.pt``, ``metrics.jsonl``, ``curves.png``) is kept by
@@ -38,7 +38,7 @@ from torch_geometric import seed_everything
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checks import InputError, NonFiniteError, check_positive_int
+from .checks import InputError, NonFiniteError, check_positive_int, naming
 from .data import ClassBalancedBatchSampler
 from .metrics import evaluate_retrieval, recall_at_k_query_gallery
 from .models import Method
@@ -195,6 +195,10 @@ class FitCallback:
 
     def after_epoch(self, epoch: int, record: dict) -> None:
         """After epoch ``epoch`` (1-based) with its ``metrics.jsonl`` record."""
+
+    def after_fit(self, record: dict) -> None:
+        """After the final test evaluation, with its ``"final": true`` ``metrics.jsonl`` record
+        (``selected_epoch`` names the weights it evaluated)."""
 
 
 class DivergenceError(InputError):
@@ -516,9 +520,10 @@ def fit(
             best_metrics, last_metrics = state["best_metrics"], state["last_metrics"]
             resume_done = (state.get("step", 0), state.get("loss_sum", 0.0))
             if start > epochs:
-                raise InputError(f"--epochs {epochs} is below the {start} epochs that "
-                                 f"{out / LAST_CHECKPOINT} has already trained; pass --epochs "
-                                 f"{start + 1} or more to train on")
+                raise naming(InputError(
+                    f"epochs={epochs} is below the {start} epochs that {out / LAST_CHECKPOINT} "
+                    f"has already trained; pass epochs={start + 1} or more to train on"),
+                    "epochs")
             log.info("resumed from %s after epoch %d and %d steps", out / LAST_CHECKPOINT, start,
                      resume_done[0])
             if start == epochs:
@@ -610,11 +615,12 @@ def fit(
         elif eval_split == "test":  # the selection split is the test split (the originals)
             result.test_metrics = best_metrics if select_best else last_metrics
         if result.test_metrics:
+            final = {"epoch": epochs, "final": True, "split": "test", "select_on": select_on,
+                     "selected_epoch": result.selected_epoch, **result.test_metrics}
             if main:
-                append_metrics(out, {"epoch": epochs, "final": True, "split": "test",
-                                     "select_on": select_on,
-                                     "selected_epoch": result.selected_epoch,
-                                     **result.test_metrics})
+                append_metrics(out, final)
+            if callback is not None:
+                callback.after_fit(final)
             log.info("%s, weights of epoch %s (selected on: %s): %s",
                      split_label("test", select_on), result.selected_epoch, select_on,
                      _format_metrics(result.test_metrics))

@@ -82,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> float:
     miner = miners.MultiSimilarityMiner()
 
     # BGFormer: wrap the loss (and its miner); the wrapper owns the graph blocks' weights.
-    criterion = BatchGraphLoss(loss_fn, BGFormer(FEATURES, num_layers=2, heads=4), k=10,
-                               alpha=0.5, miner=miner)
+    # λ = 1 (visual branch only), α = 0.9, k = 10: the settings the demo's search chose (README).
+    criterion = BatchGraphLoss(loss_fn, BGFormer(FEATURES, num_layers=2, heads=4, lam=1.0),
+                               k=10, alpha=0.9, miner=miner)
     # BGFormer: the optimiser also gets the wrapper's parameters.
     optimizer = torch.optim.AdamW([*model.parameters(), *criterion.parameters()], lr=1e-3)
 

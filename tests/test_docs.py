@@ -71,3 +71,23 @@ def test_docs_build_without_warnings(tmp_path):
                          str(tmp_path / "html")])
     assert status == 0
     assert "BatchGraphLoss" in (tmp_path / "html" / "api" / "losses.html").read_text("utf-8")
+
+
+#: What the package's own text may not cite: files outside the repository.
+FOREIGN_CITATIONS = re.compile(r"DESIGN\.md|DESIGN §|shared/research|papers\.md|reference_code\.md")
+
+
+def test_the_package_cites_its_own_design_document():
+    """Docstrings, help texts and presets cite ``docs/design.rst`` (in the toctree), never the
+    design notes outside the repository, and every section they cite exists."""
+    cited = set()
+    for path in [*(ROOT / "bgf_pyg").rglob("*"), *(ROOT / "examples").rglob("*.py"),
+                 *(ROOT / "benchmarks").rglob("*.py"), ROOT / "README.md"]:
+        if path.is_file() and path.suffix in (".py", ".toml", ".md", ".rst"):
+            text = path.read_text(encoding="utf-8")
+            assert not FOREIGN_CITATIONS.search(text), path
+            cited |= {int(n) for n in re.findall(r"docs/design\.rst`{0,2} §(\d+)", text)}
+    design = (DOCS / "design.rst").read_text(encoding="utf-8")
+    sections = {int(n) for n in re.findall(r"^§(\d+) ", design, re.M)}
+    assert cited and cited <= sections
+    assert re.search(r"^   design$", (DOCS / "index.rst").read_text(encoding="utf-8"), re.M)

@@ -98,3 +98,21 @@ def test_cub_example_checks_every_run_before_the_first(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "cub.py: error: argument --lr: expected a finite number > 0, got '-1'")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("methods,crossover", [(["bgc_sparse", "bgc_dense"], True),
+                                               (["bgc_sparse", "gemm_floor"], False)])
+def test_sparse_vs_dense_benchmark_prints_no_none_and_no_jit_warning(tmp_path, methods,
+                                                                     crossover):
+    """A tiny grid: the crossover line only where both paths ran, never ``None``; PyG's
+    import-time ``torch.jit.script`` deprecation stays silent."""
+    script = EXAMPLES.parent / "benchmarks" / "sparse_vs_dense.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--n", "32", "64", "--k", "4", "--repeats", "1",
+         "--warmup", "0", "--no-compile", "--threads", "1", "--methods", *methods,
+         "--out", str(tmp_path / "bench.json")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "jit.script" not in result.stderr and "None" not in result.stdout
+    assert ("crossover, k=4: " in result.stdout) == crossover

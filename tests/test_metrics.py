@@ -97,6 +97,22 @@ def test_query_gallery_against_brute_force():
     assert recall_at_k_query_gallery(q, qy, g, gy) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_single_query_against_a_gallery_against_brute_force(seed):
+    q, qy = random_data(n=1, seed=10 + seed)
+    g, gy = random_data(n=30, seed=20 + seed)
+    ks = (1, 5, 30)
+    expected = {k: brute_recall(q, qy, g, gy, k, exclude_self=False) for k in ks}
+    assert recall_at_k_query_gallery(q, qy, g, gy, ks) == pytest.approx(expected)
+    assert recall_at_k_query_gallery(q, qy, g, gy, ks)[30] == float(bool((gy == qy).any()))
+
+
+def test_a_query_gallery_search_needs_a_query():
+    g, gy = random_data(n=30)
+    with pytest.raises(ValueError, match="query_emb needs at least 1 samples"):
+        recall_at_k_query_gallery(g[:0], gy[:0], g, gy)
+
+
 def test_chunked_equals_unchunked():
     x, y = random_data(n=150, seed=5)
     assert evaluate_retrieval(x, y, chunk_size=7, with_nmi=False) == evaluate_retrieval(

@@ -58,6 +58,30 @@ def test_logger_writes_losses_rates_metrics_and_attention_entropy(tmp_path):
             assert all(0 < e <= u + 1e-6 for e, u in zip(entropy, uniform, strict=True))
 
 
+def test_logger_writes_the_final_test_metrics(tmp_path):
+    """The test split, evaluated once with the selected weights, reaches TensorBoard too, at the
+    selected epoch, under its own tag (a test-selected run's per-epoch curve is eval/test/)."""
+    monitor = pytest.importorskip("bgf_pyg.monitor")
+    pytest.importorskip("torch.utils.tensorboard")
+    torch.manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(8)
+    images = torch.randn(labels.numel(), 6) + labels.view(-1, 1).float()
+    method = build_method("plain", EmbeddingNet(nn.Linear(6, 16), 16, 8), 3)
+    loader = DataLoader(TensorDataset(images, labels),
+                        batch_sampler=ClassBalancedBatchSampler(labels, 3, 4, num_batches=2))
+    evaluation = DataLoader(TensorDataset(images, labels), batch_size=12)
+    with monitor.TensorBoardLogger(tmp_path / "tb", method) as logger:
+        fit(method, loader, build_optimizer(method, 1e-3, 1e-1), tmp_path / "run", epochs=3,
+            progress=False, eval_loader=evaluation, test_loader=evaluation, callback=logger,
+            eval_split="val", select_on="val")
+    curves = scalars(tmp_path / "tb")
+    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()][-1]
+    assert final["final"]
+    for key in ("recall@1", "recall@8", "map@r", "r_precision", "nmi"):
+        assert curves[f"eval/test/final/{key}"] == [
+            (final["selected_epoch"], pytest.approx(final[key]))]
+
+
 def test_cli_hands_the_logger_to_fit(tmp_path, monkeypatch):
     monitor = pytest.importorskip("bgf_pyg.monitor")
     pytest.importorskip("torch.utils.tensorboard")

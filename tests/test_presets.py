@@ -4,6 +4,8 @@ records its values; bad presets and bad option combinations are one-line errors 
 from __future__ import annotations
 
 import json
+from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +48,7 @@ def test_preset_runs_one_epoch_and_records_its_values(name, tmp_path, capsys, ti
     overrides = {**SMALL, **BATCH[preset["method"]]}
     for key, value in overrides.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    overrides["amp"] = False
+    overrides.update(amp=False, select_on="last")
     assert main(argv) == 0, capsys.readouterr().err
     config = run_config(tmp_path)
     assert "configuration:" in capsys.readouterr().err  # the log line
@@ -138,3 +140,34 @@ def test_preset_schedule_cut_by_epochs_is_a_note(tmp_path, capsys):
     notes = [line for line in capsys.readouterr().err.splitlines() if ": note: " in line]
     assert args.lr_milestones == [19]
     assert len(notes) == 1 and "--lr-milestones 19 39" in notes[0] and "keeping 19" in notes[0]
+
+
+def header(name: str) -> str:
+    """The comment lines heading preset ``name``."""
+    lines = resources.files("bgf_pyg.presets").joinpath(f"{name}.toml").read_text().splitlines()
+    return "\n".join(line for line in lines if line.startswith("#"))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_presets_run_the_papers_protocol_and_say_so(name, tmp_path):
+    """A preset selects on the test split with every training class, as its paper did, says so in
+    its header, and the validation protocol is one option away."""
+    from bgf_pyg.cli import parse_args
+
+    common = ["--preset", name, "--data-root", str(tmp_path), "--device", "cpu",
+              "--backbone", "resnet18"]  # the BGFormer presets' ViT needs the optional timm
+    args = parse_args(common)
+    assert (args.select_on, args.val_classes) == ("test", 0)
+    text = " ".join(header(name).replace("#", " ").split())
+    assert 'select_on = "test"' in text and "test-selected" in text
+    assert "training on all training classes" in text and "--select-on val" in text
+    honest = parse_args([*common, "--select-on", "val"])
+    assert (honest.select_on, honest.val_classes) == ("val", 0.2)
+
+
+def test_readme_states_the_presets_protocol():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = " ".join(readme.split("## Reproducing the papers", 1)[1].split("\n## ", 1)[0].split())
+    assert 'keeps the best epoch on the test split (`select_on = "test"`)' in section
+    assert "`--select-on val` runs this package's protocol instead" in section
+    assert "last evaluation" not in section

@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN §9): the validation split of held-out training classes,
+"""The evaluation protocol (design §9): the validation split of held-out training classes,
 ``--select-on val|test|last``, the test split evaluated once with the selected weights, and the
 labels that say which protocol produced a number."""
 
@@ -55,7 +55,7 @@ def test_split_is_disjoint_seeded_and_independent_of_order(classes, repeats, see
                                st.floats(2 / len(classes), 1 - 2 / len(classes))))
     expected = round(spec * len(classes)) if isinstance(spec, float) else spec
     if not 2 <= expected <= len(classes) - 2:  # rounding left too few: the error case
-        with pytest.raises(InputError, match="--val-classes"):
+        with pytest.raises(InputError, match="val_classes"):
             choose_val_classes(ids, spec, seed)
         return
     shuffled = data.draw(st.permutations(ids))

@@ -4,6 +4,8 @@ a full disk, a foreign checkpoint or a half-written log end in one clear line.""
 from __future__ import annotations
 
 import errno
+import fcntl
+import io
 import json
 import shutil
 
@@ -17,6 +19,7 @@ from bgf_pyg.models import build_backbone, build_method
 from bgf_pyg.run_folder import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
+    LOCK_FILE,
     METRICS_FILE,
     load_checkpoint,
     lock_run_folder,
@@ -103,6 +106,42 @@ def test_a_second_process_cannot_use_a_locked_folder(tmp_path):
         pass
 
 
+def test_a_finished_run_leaves_no_lock_file(finished_run):
+    assert LAST_CHECKPOINT in {p.name for p in finished_run.iterdir()}
+    assert not (finished_run / LOCK_FILE).exists()
+
+
+def test_only_the_owner_removes_the_lock(tmp_path):
+    with lock_run_folder(tmp_path):
+        assert (tmp_path / LOCK_FILE).exists()
+        with pytest.raises(InputError, match="another process is training"):
+            with lock_run_folder(tmp_path):
+                pass
+        assert (tmp_path / LOCK_FILE).exists()  # the refused process left it alone
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_lock_file_its_owner_deleted_meanwhile_is_locked_afresh(tmp_path, monkeypatch):
+    """A process that opened ``.lock`` just before the owner deleted it and unlocked must not
+    hold a lock on the deleted file (a third process could then lock a new one)."""
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_owner_left(lock, operation):
+        if not calls:  # the owner ends its run between our open() and our flock()
+            (tmp_path / LOCK_FILE).unlink()
+        calls.append(operation)
+        return real_flock(lock, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_owner_left)
+    with lock_run_folder(tmp_path):
+        monkeypatch.undo()
+        assert len(calls) == 2  # locked the deleted file, noticed, locked the new one
+        with pytest.raises(InputError, match="another process is training"):
+            with lock_run_folder(tmp_path):
+                pass
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
 def test_full_disk_names_the_file_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / LAST_CHECKPOINT
     save_checkpoint(path, {"epoch": 1})
@@ -125,6 +164,67 @@ def test_full_disk_during_a_run_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("bgf_pyg.run_folder.os.fsync", no_space)
     assert train(tmp_path / "run") == 2
     assert "no space left on device" in last_error(capsys)
+
+
+class FillingDisk(io.FileIO):
+    """A file on a disk that fills after ``room`` bytes: its writes fail with ``ENOSPC``."""
+
+    room = 4096
+
+    def write(self, data):
+        if self.tell() + len(memoryview(data).cast("B")) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def fill_disk(monkeypatch, room: int) -> None:
+    monkeypatch.setattr(FillingDisk, "room", room)
+    monkeypatch.setattr("bgf_pyg.run_folder.os.fdopen",
+                        lambda fd, mode="wb": FillingDisk(fd, "wb"))
+
+
+def test_torch_save_reports_a_full_disk_as_a_runtime_error(tmp_path):
+    """The form the next tests rely on: torch's zip writer hides the ``OSError`` behind a
+    ``RuntimeError``."""
+    with FillingDisk(tmp_path / "x.pt", "wb") as f, pytest.raises(RuntimeError) as caught:
+        torch.save({"w": torch.randn(10_000)}, f)
+    cause = caught.value.__cause__ or caught.value.__context__
+    assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+
+
+def test_disk_filling_inside_torch_save_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / LAST_CHECKPOINT
+    save_checkpoint(path, {"epoch": 1, "w": torch.randn(100)})
+    fill_disk(monkeypatch, room=4096)
+    with pytest.raises(InputError) as caught:
+        save_checkpoint(path, {"epoch": 2, "w": torch.randn(10_000)})
+    monkeypatch.undo()
+    assert str(caught.value) == (f"could not write {path}: no space left on device; free some "
+                                 "space and continue with resume=True (its previous version "
+                                 "is intact)")
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [LAST_CHECKPOINT]  # no temporary file left
+
+
+def test_other_runtime_errors_of_torch_save_pass_through(tmp_path, monkeypatch):
+    def broken(obj, f):
+        raise RuntimeError("not a disk problem")
+
+    monkeypatch.setattr("bgf_pyg.run_folder.torch.save", broken)
+    with pytest.raises(RuntimeError, match="not a disk problem"):
+        save_checkpoint(tmp_path / LAST_CHECKPOINT, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_filling_inside_torch_save_during_a_run_is_one_line(tmp_path, monkeypatch, capsys):
+    fill_disk(monkeypatch, room=4096)  # room for the metrics log, not for a checkpoint
+    out = tmp_path / "run"
+    assert train(out) == 2
+    line = last_error(capsys)
+    assert line == (f"bgf-train: error: could not write {out / BEST_CHECKPOINT}: no space left "
+                    "on device; free some space and continue with --resume (its previous "
+                    "version is intact)")
+    assert not list(out.glob("*.tmp"))
 
 
 def test_resume_with_other_options_names_them(run_copy, capsys):

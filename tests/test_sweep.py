@@ -91,6 +91,20 @@ def test_bad_plans_are_refused_before_any_run(tmp_path, capsys, argv, fragment):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("grid,fragment", [
+    ("val-classes=0.2,0.01", "val-classes=0.01: --val-classes 0.01"),
+    ("classes-per-batch=4,41", "classes-per-batch=41: --classes-per-batch 41 exceeds the 40 "
+                               "training classes"),
+])
+def test_plans_the_data_cannot_run_are_refused_before_any_run(tmp_path, capsys, grid, fragment):
+    """Every combination is checked against the dataset's classes (the demo: 50 training classes,
+    40 once a fifth is held out) before the first run starts."""
+    assert main(["--name", "x", "--dir", str(tmp_path / "s"), "--grid", grid, *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bgf-sweep: error: --grid ") and fragment in err[0]
+    assert not (tmp_path / "s").exists()
+
+
 def test_on_off_options_take_true_and_false():
     from bgf_pyg.sweep import trial_argv
 
@@ -103,3 +117,23 @@ def test_on_off_options_take_true_and_false():
     assert flags({"tensorboard": "false", "k": "5"}) == ["--k", "5"]  # no --no- form: left out
     assert parse_args(trial_argv(["--method", "bgformer"], {"detach-graph-input": "true"}, 0,
                                  Path("o"))).detach_graph_input is True
+
+
+@pytest.mark.parametrize("extra", [["--method", "plain"], ["--seed", "1"], ["--epochs", "1"]])
+def test_train_options_before_the_separator_are_an_error(tmp_path, capsys, extra):
+    """Without ``--`` the runs would start with options the user did not mean (``--seed`` even
+    abbreviated ``--seeds``): bgf-sweep refuses, naming the separator."""
+    argv = ["--name", "x", "--dir", str(tmp_path / "s"), "--grid", "lr=1e-3", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert f"unrecognized arguments: {' '.join(extra)}" in err[0] and "go after --" in err[0]
+    assert not (tmp_path / "s").exists()
+
+
+def test_help_shows_each_default_once_in_plain_text(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and "(default: None)" not in text
+    assert all(line.count("(default:") <= 1 for line in text.splitlines())
+    assert "-- [bgf-train options]" in text

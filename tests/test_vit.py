@@ -78,4 +78,4 @@ def test_vit_without_timm_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
     code = main(["--dataset", "cub", "--data-root", "unused", "--backbone", "vit_small_dino",
                  "--no-progress"])
-    assert_user_error(capsys, code, "timm", 'pip install "bgf_pyg[timm]"')
+    assert_user_error(capsys, code, "timm", 'pip install -e ".[timm]"')

@@ -12,7 +12,7 @@ parts (the digits), recombined into unseen classes.
 
 Each digit is upsampled to 28×28 and distorted once, seeded: a random affine map (rotation ±30°,
 scale 0.8–1.2, shift ±10 % of its side) and Gaussian noise (σ = 0.3 on [0, 1] pixels) on the whole
-image. See DESIGN §5.
+image. See ``docs/design.rst`` §14.
 """
 
 from __future__ import annotations

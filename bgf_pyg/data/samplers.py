@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from bgf_pyg import distributed
-from bgf_pyg.checks import check_labels, check_positive_int
+from bgf_pyg.checks import check_labels, check_positive_int, naming
 
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):
@@ -132,11 +132,11 @@ class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
         p = check_positive_int(classes_per_batch, "classes_per_batch")
         num_classes = torch.as_tensor(labels).unique().numel()
         if p * world_size > num_classes:
-            raise ValueError(
+            raise naming(ValueError(
                 f"classes_per_batch × world size = {p} × {world_size} = {p * world_size} exceeds "
                 f"the {num_classes} training classes: each rank draws its own {p} classes per "
-                f"step; use --classes-per-batch <= {num_classes // world_size} or fewer processes"
-            )
+                f"step; use classes_per_batch <= {num_classes // world_size} or fewer processes"
+            ), "classes_per_batch")
         super().__init__(labels, p * world_size, samples_per_class, num_batches, seed)
         self.rank, self.world_size, self.local_classes = rank, world_size, p
 

@@ -1,4 +1,5 @@
-"""The validation split: a fixed, seeded subset of the *training* classes held out (DESIGN §9).
+"""The validation split: a fixed, seeded subset of the *training* classes held out
+(``docs/design.rst`` §12).
 
 The originals choose their best epoch on the test classes. Here the checkpoint (and the
 hyperparameters) are chosen on classes taken from the training split, so the test classes are
@@ -14,11 +15,9 @@ from typing import Any
 
 import torch
 
-from bgf_pyg.checks import InputError
+from bgf_pyg.checks import InputError, naming
 from bgf_pyg.data.base import LabelledDataset, reindex
 
-#: The option that sets the split (named in its errors).
-VAL_OPTION = "--val-classes"
 #: Fewest classes a retrieval split (validation or training) may keep.
 MIN_CLASSES = 2
 
@@ -26,10 +25,10 @@ MIN_CLASSES = 2
 def val_class_count(val_classes: float, num_classes: int) -> int:
     """How many of ``num_classes`` training classes ``val_classes`` holds out: ``0`` none, a
     fraction in (0, 1) of them (rounded), or an integer count. Raises an ``InputError`` naming
-    ``--val-classes`` when fewer than 2 validation or 2 training classes would remain."""
+    ``val_classes`` when fewer than 2 validation or 2 training classes would remain."""
     if isinstance(val_classes, bool) or val_classes < 0:
-        raise InputError(f"{VAL_OPTION} must be 0, a fraction in (0, 1) or a class count, "
-                         f"got {val_classes!r}")
+        raise naming(InputError(f"val_classes must be 0, a fraction in (0, 1) or a class count, "
+                                f"got {val_classes!r}"), "val_classes")
     if val_classes == 0:
         return 0
     if isinstance(val_classes, float) and val_classes < 1:
@@ -37,12 +36,13 @@ def val_class_count(val_classes: float, num_classes: int) -> int:
     elif float(val_classes).is_integer():
         count = int(val_classes)
     else:
-        raise InputError(f"{VAL_OPTION} must be 0, a fraction in (0, 1) or a class count, "
-                         f"got {val_classes!r}")
+        raise naming(InputError(f"val_classes must be 0, a fraction in (0, 1) or a class count, "
+                                f"got {val_classes!r}"), "val_classes")
     if count < MIN_CLASSES or num_classes - count < MIN_CLASSES:
-        raise InputError(f"{VAL_OPTION} {val_classes} holds out {count} of the {num_classes} "
-                         f"training classes; the validation and the training split each need "
-                         f"at least {MIN_CLASSES}")
+        raise naming(InputError(
+            f"val_classes={val_classes} holds out {count} of the {num_classes} training classes; "
+            f"the validation and the training split each need at least {MIN_CLASSES}"),
+            "val_classes")
     return count
 
 
@@ -75,8 +75,8 @@ class ClassSubset(LabelledDataset):
         self.dataset = dataset
         self.indices = [i for i, c in enumerate(dataset.class_ids) if (c in chosen) != exclude]
         if not self.indices:
-            raise InputError(f"{VAL_OPTION}: the {'training' if exclude else 'validation'} part "
-                             f"of {dataset!r} is empty")
+            raise naming(InputError(f"val_classes: the {'training' if exclude else 'validation'} "
+                                    f"part of {dataset!r} is empty"), "val_classes")
         self.class_ids = [dataset.class_ids[i] for i in self.indices]
         self.labels = torch.tensor(reindex(self.class_ids), dtype=torch.long)
         self.transform = transform
@@ -97,7 +97,7 @@ def split_validation(
     held-out classes of :func:`choose_val_classes`; ``val_classes`` must not be 0."""
     held_out = choose_val_classes(dataset.class_ids, val_classes, seed)
     if not held_out:
-        raise InputError(f"{VAL_OPTION} 0 asks for no validation split")
+        raise naming(InputError("val_classes=0 asks for no validation split"), "val_classes")
     train = ClassSubset(dataset, held_out, exclude=True, transform=train_transform)
     val = ClassSubset(dataset, held_out, transform=val_transform)
     return train, val, held_out

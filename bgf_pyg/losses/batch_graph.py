@@ -3,7 +3,7 @@ pytorch-metric-learning (PML).
 
 BGFormer training (Wang et al., "Rethinking Batch Sample Relationships for Data Representation: A
 Batch-Graph Transformer based Approach", arXiv 2211.10622, TMM 2023; loss form from the first
-author's released training code, see ``shared/research/papers.md`` §1.2): trunk features f, a batch
+author's released training code, see ``docs/design.rst`` §7): trunk features f, a batch
 graph on ``f.detach()``, refined tokens g = BGFormer(f, graph), and
 α·L(head(f), y) + (1 − α)·L(head(g), y) with the *same* head.
 """

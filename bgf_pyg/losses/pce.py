@@ -3,7 +3,7 @@ r"""The pairwise cross-entropy (PCE) loss of Hyp-ViT, as BGFormer's authors trai
 Ermolov et al., "Hyperbolic Vision Transformers: Combining Improvements in Metric Learning",
 CVPR 2022 (``htdt/hyp_metric``, ``train.py :: contrastive_loss``); the same loss drives the BGFormer
 first author's released training script (``SissiW/DyBGR``, ``train.py``), see
-``shared/research/papers.md`` §1.2.
+``docs/design.rst`` §8.
 
 A batch holds P classes × m consecutive samples, each class once. Slot i of the batch is
 :math:`Z_i = (z_{p,i})_{p}` (P × D). For every ordered pair of slots :math:`i \ne j`, the
@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import check_features, check_labels, check_positive_float, check_positive_int
+from ..checks import (
+    check_features,
+    check_labels,
+    check_positive_float,
+    check_positive_int,
+    naming,
+)
 
 SPACES = ("sphere", "hyperbolic")
 #: Logit offset that removes a sample's similarity to itself (Hyp-ViT's ``eye_mask``).
@@ -120,14 +126,16 @@ class PairwiseCrossEntropyLoss(nn.Module):
         samples (the loss would pair samples of different classes as positives)."""
         m = self.samples_per_class
         n = labels.numel()
-        expected = (f"the PCE loss needs batches of P >= 2 distinct classes x samples_per_class="
-                    f"{m} consecutive samples of each (the class-balanced sampler with "
-                    f"--samples-per-class {m})")
+        expected = (f"the PCE loss needs batches of P >= 2 distinct classes x {m} consecutive "
+                    f"samples of each (the class-balanced sampler with samples_per_class={m})")
         if n % m != 0 or n < 2 * m:
-            raise ValueError(f"labels: {expected}; got a batch of {n} samples")
+            raise naming(ValueError(f"labels: {expected}; got a batch of {n} samples"),
+                         "samples_per_class")
         rows = labels.view(n // m, m)
         if not bool((rows == rows[:, :1]).all()):
-            raise ValueError(f"labels: {expected}; got labels {labels[:2 * m].tolist()}...")
+            got = labels[:2 * m].tolist()
+            raise naming(ValueError(f"labels: {expected}; got labels {got}..."),
+                         "samples_per_class")
         if rows[:, 0].unique().numel() != rows.size(0):
             raise ValueError(f"labels: {expected}; a class fills more than one group of {m}")
 

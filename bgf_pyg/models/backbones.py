@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 
-from ..checks import InputError, check_positive_int
+from ..checks import InputError, check_positive_int, naming
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .efficientnet import EFFICIENTNET_BACKBONES, efficientnet_trunk
 from .vit import VIT_BACKBONES, vit_trunk
@@ -206,7 +206,9 @@ def build_backbone(
                                                                             "image_size"))
     elif name == "smallcnn":
         if pretrained is not None:
-            raise ValueError("smallcnn has no ImageNet weights; drop --pretrained or use a ResNet")
+            raise naming(ValueError("smallcnn has no ImageNet weights to load from "
+                                    "pretrained=PATH; use a ResNet or train from scratch"),
+                         "pretrained")
         trunk: nn.Module = SmallCNN(check_positive_int(in_channels, "in_channels"))
         feature_dim = trunk.out_channels
     else:

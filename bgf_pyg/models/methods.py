@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
+from ..checks import naming
 from ..distributed import gather_batch
 from ..knn import normalize_rows
 from ..losses import BatchGraphLoss, LabelSmoothingCE, PairwiseCrossEntropyLoss, ProxyGMLLoss
@@ -56,10 +57,10 @@ def check_two_classes(labels: Tensor) -> None:
     """A pair-based loss needs a negative pair: refuse a batch whose samples all share one class
     (its loss would be 0 and the step would silently train nothing)."""
     if labels.numel() > 0 and bool((labels == labels[0]).all()):
-        raise ValueError(
+        raise naming(ValueError(
             "labels: every sample of the batch has the same class, so a pair-based metric loss "
-            "has no negative pair; sample at least 2 classes per batch (--classes-per-batch >= 2)"
-        )
+            "has no negative pair; sample at least 2 classes per batch (classes_per_batch >= 2)"
+        ), "classes_per_batch")
 
 
 def build_metric_loss(
@@ -292,10 +293,10 @@ def build_method(
     pairwise = loss in PAIR_LOSSES or loss == PCE
     if samples_per_class == 1 and (name == "bgformer" or name == "plain" and pairwise):
         what = "BGFormer's semantic edges" if name == "bgformer" else f"the {loss!r} pair loss"
-        raise ValueError(
-            f"--samples-per-class 1 leaves no positive pairs for {what}; use >= 2 samples per "
+        raise naming(ValueError(
+            f"samples_per_class=1 leaves no positive pairs for {what}; use >= 2 samples per "
             "class or a proxy-based loss/method (proxy_anchor, normalized_softmax, proxygml)"
-        )
+        ), "samples_per_class")
     if name == "intra-batch":
         method: Method = IntraBatchMethod(backbone, num_classes, **hparams)
     elif name == "proxygml":

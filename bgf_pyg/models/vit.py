@@ -1,4 +1,4 @@
-"""Vision Transformer trunks from ``timm`` (optional extra: ``pip install "bgf_pyg[timm]"``).
+"""Vision Transformer trunks from ``timm`` (optional extra: ``pip install -e ".[timm]"``).
 
 BGFormer's authors train ViTs through timm (``SissiW/DyBGR`` ``net/model.py``, built on Hyp-ViT's
 ``htdt/hyp_metric``): the CLS token of the last layer (after the final LayerNorm) is the feature,
@@ -33,7 +33,7 @@ VIT_BACKBONES: dict[str, tuple[str, tuple[tuple[float, ...], tuple[float, ...]]]
     "vit_base_in21k": ("vit_base_patch16_224", HALF_MEAN_STD),
     "vit_base_dino": ("vit_base_patch16_224", (IMAGENET_MEAN, IMAGENET_STD)),
 }
-TIMM_EXTRA = 'pip install "bgf_pyg[timm]"'
+TIMM_EXTRA = 'pip install -e ".[timm]"'  # as README: the source checkout's extra
 
 
 def import_timm():

@@ -3,7 +3,7 @@
 Wang, Jiang, Wang, Luo: "Rethinking Batch Sample Relationships for Data Representation: A
 Batch-Graph Transformer based Approach", arXiv 2211.10622 (TMM 2023). No official code exists; the
 block follows the paper's description and the first author's related SGFormer module (see
-``shared/research/papers.md``), with PyG's ``GraphNorm`` in place of LayerNorm as the paper names.
+``docs/design.rst`` §4-6), with PyG's ``GraphNorm`` in place of LayerNorm as the paper names.
 """
 
 from __future__ import annotations

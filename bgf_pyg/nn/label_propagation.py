@@ -1,7 +1,7 @@
 r"""The semantic branch of BGFormer's authors: label propagation over the same-class graph.
 
 Read from the first author's related SGFormer module (``SissiW/DyBGR``, ``Attention_SG``; see
-``shared/research/papers.md`` §1.2 and ``shared/DESIGN.md`` §7): a single linear projection, then
+``docs/design.rst`` §5): a single linear projection, then
 :math:`\hat A = D^{-1}(A_{same} + I)` with :math:`A_{same}[i, j] = 1` when :math:`y_i = y_j`,
 *including* :math:`i = j`, so a node's self weight is :math:`2 / (n_i + 1)` and each of its
 :math:`n_i - 1` same-class mates gets :math:`1 / (n_i + 1)` (:math:`n_i` = size of its class in

@@ -48,7 +48,7 @@ def load_preset(name: str) -> dict[str, Any]:
     ones) or a file that is not valid TOML."""
     names = available_presets()
     if name not in names:
-        raise InputError(f"--preset: unknown preset {name!r}; choose one of {', '.join(names)}")
+        raise InputError(f"unknown preset {name!r}; choose one of {', '.join(names)}")
     text = (_files() / f"{name}{SUFFIX}").read_text(encoding="utf-8")
     try:
         return tomllib.loads(text)
