@@ -1,4 +1,4 @@
-"""torch.distributed training (design §8): 2 gloo ranks × B samples give one process's step on the
+"""torch.distributed training (design §13): 2 gloo ranks × B samples give one process's step on the
 2B batch, for every method; the distributed sampler; the gradient-carrying all-gather; a 2-rank
 run killed mid-epoch resumes to the bit."""
 

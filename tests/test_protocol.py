@@ -1,4 +1,4 @@
-"""The evaluation protocol (design §9): the validation split of held-out training classes,
+"""The evaluation protocol (design §12): the validation split of held-out training classes,
 ``--select-on val|test|last``, the test split evaluated once with the selected weights, and the
 labels that say which protocol produced a number."""
 
