@@ -1,0 +1,196 @@
+"""Does BGFormer help with a pretrained backbone on real images? The emoji benchmark.
+
+Every method trains on the frozen features of ImageNet-pretrained EfficientNet-Lite0
+(``--backbone efficientnet_lite0 --freeze-backbone``, 96 px) of the emoji set's training classes
+(``bgf-data emoji``; one class is one emoji, its images the drawings of up to seven designers) and
+is tested once on the unseen half of the emoji. Each model's settings were chosen by ``bgf-sweep``
+on the validation classes (seed 0; the commands are in the README's Results section and the
+sweeps' runs in ``benchmarks/results/sweeps/``); this script then trains each model for every seed
+and reports test R@1 and MAP@R, mean ± std over the seeds, each BGFormer model minus plain (the
+same loss) paired by seed, and the wall time of every run. The first row is the pretrained
+features themselves, untrained. Every run is kept in the JSON as it finishes; running the command
+again skips the finished runs and resumes a killed one.
+
+    python benchmarks/emoji_pretrained.py --data-root data/emoji --seeds 0 1 2 3 4 \\
+        --out benchmarks/results/emoji_pretrained.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bgf_pyg.cli import frozen_splits, load_splits, parse_args, raw_pixel_metrics, run, setup_logging
+from bgf_pyg.cli import transform_options
+from bgf_pyg.models.efficientnet import efficientnet_trunk
+from bgf_pyg.options import OneLineParser, seed_int
+from bgf_pyg.run_folder import LAST_CHECKPOINT, atomic_write
+
+#: Options every run shares: frozen pretrained features, 128-d embeddings, 16 × 4 batches.
+COMMON = ["--dataset", "emoji", "--backbone", "efficientnet_lite0", "--freeze-backbone",
+          "--embedding-dim", "128", "--epochs", "30", "--eval-every", "5", "--no-progress"]
+BALANCED = ["--classes-per-batch", "16", "--samples-per-class", "4"]
+#: BGFormer's shared settings: a learned 128-d projection feeds the graph and the head.
+BGFORMER = ["--method", "bgformer", *BALANCED, "--graph-dim", "128", "--lr", "1e-3"]
+#: name → (the plain model it is paired with or None, bgf-train options chosen on validation)
+MODELS: dict[str, tuple[str | None, list[str]]] = {
+    "plain (multi-similarity)": (None, ["--method", "plain", *BALANCED, "--lr", "3e-4"]),
+    "plain (PCE)": (None, ["--method", "plain", *BALANCED, "--lr", "1e-3", "--loss", "pce"]),
+    "bgformer, kNN, visual only": (
+        "plain (multi-similarity)", [*BGFORMER, "--lam", "1.0", "--alpha", "0.5", "--k", "10"]),
+    "bgformer, top-K, visual only": (
+        "plain (multi-similarity)", [*BGFORMER, "--lam", "1.0", "--alpha", "0.5", "--k", "10",
+                                     "--visual-graph", "attention_topk"]),
+    "bgformer, kNN + semantic": (
+        "plain (multi-similarity)", [*BGFORMER, "--lam", "0.5", "--alpha", "0.5", "--k", "10"]),
+    "bgformer, kNN + semantic, detached": (
+        "plain (multi-similarity)", [*BGFORMER, "--lam", "0.5", "--alpha", "0.5", "--k", "10",
+                                     "--detach-graph-input"]),
+    "bgformer, top-K + label propagation": (
+        "plain (multi-similarity)", [*BGFORMER, "--lam", "0.7", "--alpha", "0.5", "--k", "30",
+                                     "--visual-graph", "attention_topk",
+                                     "--semantic-branch", "label_propagation"]),
+    "intra-batch": (None, ["--method", "intra-batch", *BALANCED, "--lr", "1e-3"]),
+    "proxygml": (None, ["--method", "proxygml", "--batch-size", "64", "--lr", "1e-3"]),
+}
+UNTRAINED = "pretrained features, untrained"
+METRICS = ("recall@1", "map@r")
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = OneLineParser(prog="emoji_pretrained.py", description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", required=True, help="the emoji cache (bgf-data emoji --root)")
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--runs", default="runs/emoji", help="parent of the run folders")
+    p.add_argument("--out", default="benchmarks/results/emoji_pretrained.json")
+    p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
+    return p.parse_args(argv)
+
+
+def run_name(model: str, seed: int) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in model).strip("-")
+    return f"{'-'.join(filter(None, slug.split('-')))}-s{seed}"
+
+
+def train_argv(args: argparse.Namespace, model: str, seed: int) -> list[str]:
+    out = Path(args.runs, run_name(model, seed))
+    return [*COMMON, "--data-root", args.data_root, *MODELS[model][1], "--seed", str(seed),
+            "--out", str(out),
+            # a run killed midway continues from its checkpoint; one without starts afresh
+            "--resume" if (out / LAST_CHECKPOINT).is_file() else "--overwrite"]
+
+
+def untrained_metrics(args: argparse.Namespace) -> dict[str, float]:
+    """Test-split retrieval on the frozen backbone's pooled features (read from the cache)."""
+    options = parse_args([*COMMON, "--data-root", args.data_root, *MODELS[next(iter(MODELS))][1],
+                          "--out", str(Path(args.runs, "untrained"))], prog="emoji_pretrained.py")
+    splits = load_splits(options.dataset, options.data_root, options=transform_options(options),
+                         val_classes=options.val_classes, val_seed=options.val_seed)
+    trunk, _ = efficientnet_trunk(options.backbone, options.pretrained)
+    splits = frozen_splits(options, splits, trunk.eval(), torch.device("cpu"))
+    return raw_pixel_metrics(splits.test)
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Mean and std of each metric over seeds per model; each BGFormer model minus its plain
+    model, paired by seed."""
+    by_model: dict[str, dict[int, dict]] = {}
+    for r in records:
+        by_model.setdefault(r["model"], {})[r["seed"]] = r
+    rows = []
+    for model, runs in by_model.items():
+        row = {"model": model, "seeds": sorted(runs),
+               "wall_s": statistics.mean(r["wall_s"] for r in runs.values())}
+        for metric in METRICS:
+            values = [r[metric] for r in runs.values()]
+            row[metric] = (statistics.mean(values),
+                           statistics.stdev(values) if len(values) > 1 else 0.0)
+        paired = MODELS.get(model, (None, []))[0]
+        if paired in by_model:
+            diffs = [runs[s]["recall@1"] - by_model[paired][s]["recall@1"]
+                     for s in sorted(runs) if s in by_model[paired]]
+            row["minus_plain_recall@1"] = {
+                "against": paired, "per_seed": diffs, "mean": statistics.mean(diffs),
+                "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                "ahead": sum(d > 0 for d in diffs)}
+        rows.append(row)
+    return rows
+
+
+def save(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
+
+
+def plot(path: Path, summary: list[dict], untrained: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [UNTRAINED, *(s["model"] for s in summary)]
+    means = [100 * untrained["recall@1"], *(100 * s["recall@1"][0] for s in summary)]
+    stds = [0.0, *(100 * s["recall@1"][1] for s in summary)]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.2))
+    ax.barh(range(len(names)), means, xerr=stds, capsize=3, color="tab:blue")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("test R@1 (%), unseen emoji; mean ± std over seeds")
+    ax.set_xlim(min(means) - 5, max(means) + 5)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Emoji set, frozen EfficientNet-Lite0 features (96 px)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    out = Path(args.out)
+    plan = [(m, s) for m in args.models for s in args.seeds]
+    for model, seed in plan:  # every run's options are checked before the first one starts
+        parse_args(train_argv(args, model, seed), prog="emoji_pretrained.py")
+    saved = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+    records = saved["runs"]
+    done = {(r["model"], r["seed"]) for r in records}
+    setup_logging()
+    payload = {"config": {"common": COMMON, "models": {m: MODELS[m] for m in args.models},
+                          "threads": torch.get_num_threads()},
+               "untrained": saved.get("untrained") or untrained_metrics(args), "runs": records}
+    for i, (model, seed) in enumerate(plan, 1):
+        if (model, seed) in done:
+            continue
+        print(f"[{i}/{len(plan)}] {run_name(model, seed)}", file=sys.stderr)
+        start = time.perf_counter()
+        metrics = run(parse_args(train_argv(args, model, seed), prog="emoji_pretrained.py"))
+        records.append({"model": model, "seed": seed, "wall_s": time.perf_counter() - start,
+                        **metrics})
+        payload["summary"] = summarise(records)
+        save(out, payload)
+    payload["summary"] = summary = summarise(records)
+    save(out, payload)
+    plot(Path(args.plot) if args.plot else out.with_suffix(".png"), summary, payload["untrained"])
+    print(f"test, in %, mean ± std over seeds {' '.join(map(str, args.seeds))}:")
+    print(f"  {UNTRAINED:40s} R@1 {100 * payload['untrained']['recall@1']:5.1f}  "
+          f"MAP@R {100 * payload['untrained']['map@r']:5.1f}")
+    for s in summary:
+        line = (f"  {s['model']:40s} R@1 {100 * s['recall@1'][0]:5.1f} ± "
+                f"{100 * s['recall@1'][1]:.1f}  MAP@R {100 * s['map@r'][0]:5.1f} ± "
+                f"{100 * s['map@r'][1]:.1f}  {s['wall_s']:.0f} s/run")
+        if "minus_plain_recall@1" in s:
+            d = s["minus_plain_recall@1"]
+            line += (f"  − plain: {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} "
+                     f"(ahead on {d['ahead']}/{len(d['per_seed'])})")
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
