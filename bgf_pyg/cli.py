@@ -639,8 +639,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     )
     if logger is not None:  # each epoch flushes, so a run that stops early keeps its curves
         logger.close()
-    log_refinements(args, evaluate_refine_request(args, method, splits, device), result.epochs,
-                    result.selected_epoch)
+    if args.refine != ["none"]:
+        log_refinements(args, evaluate_refine_request(args, method, splits, device),
+                        result.epochs, result.selected_epoch)
     trained = result.epochs - result.start_epoch
     log.info("%s on %s: trained %s (%s) in %.0f s; test R@1 %.4f with the weights of epoch %s "
              "(%s); checkpoints in %s", row_name(args), args.dataset, plural(trained, "epoch"),
@@ -701,9 +702,7 @@ def check_refine_request(args: argparse.Namespace, method, splits: Splits) -> No
 def evaluate_refine_request(args: argparse.Namespace, method, splits: Splits,
                             device: torch.device) -> list[dict]:
     """The records of :func:`~bgf_pyg.refine.protocol.evaluate_refinements` for ``--refine``
-    with the model's current weights (none for ``--refine none``)."""
-    if args.refine == ["none"]:
-        return []
+    with the model's current weights."""
     test = embed_split(method, eval_loader(args, splits.test), device,
                        eval_loader(args, splits.gallery))
     val = None if splits.val is None else embed_split(method, eval_loader(args, splits.val),
