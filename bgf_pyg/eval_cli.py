@@ -33,7 +33,13 @@ from .cli import (
     transform_options,
 )
 from .options import HelpFormatter, OneLineParser, check_refine, device, non_negative_int
-from .run_folder import BEST_CHECKPOINT, atomic_write, load_checkpoint, require_keys
+from .run_folder import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    atomic_write,
+    load_checkpoint,
+    require_keys,
+)
 
 PROG = "bgf-eval"
 
@@ -44,7 +50,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
                                   "with and without test-time refinement.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (bgf-train --out)")
     p.add_argument("--checkpoint", default=None,
-                   help=f"checkpoint to evaluate (default: RUN_DIR/{BEST_CHECKPOINT})")
+                   help=f"checkpoint to evaluate (default: RUN_DIR/{BEST_CHECKPOINT}, or "
+                        f"{LAST_CHECKPOINT} for a run that selected none)")
     add_refine_options(p, "evaluate the checkpoint")
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: the one the run was trained with)")
@@ -73,9 +80,18 @@ def run_options(config: dict, eval_args: argparse.Namespace) -> argparse.Namespa
     return args
 
 
+def selected_checkpoint(run_dir: Path) -> Path:
+    """The run's selected weights: ``best.pt``, or ``last.pt`` for a run that kept none
+    (``--select-on last``)."""
+    best = run_dir / BEST_CHECKPOINT
+    return best if best.is_file() or not (run_dir / LAST_CHECKPOINT).is_file() else (
+        run_dir / LAST_CHECKPOINT)
+
+
 def evaluate_run(eval_args: argparse.Namespace) -> tuple[argparse.Namespace, list[dict]]:
     """Rebuild the run's model and splits, load the checkpoint, evaluate every refinement."""
-    path = Path(eval_args.checkpoint or Path(eval_args.run_dir) / BEST_CHECKPOINT)
+    path = Path(eval_args.checkpoint) if eval_args.checkpoint else selected_checkpoint(
+        Path(eval_args.run_dir))
     state = load_checkpoint(path)
     require_keys(state, ("model", "config"), path)
     config = state["config"] or {}
@@ -99,6 +115,7 @@ def evaluate_run(eval_args: argparse.Namespace) -> tuple[argparse.Namespace, lis
     device = torch.device(args.device)
     method.to(device)
     args.refine = args.refine if "none" in args.refine else ["none", *args.refine]
+    args.checkpoint = f"{path} (epoch {state.get('epoch', '?')})"
     return args, evaluate_refine_request(args, method, splits, device)
 
 
@@ -117,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return EXIT_USAGE
-    print(results_caption(args))
+    print(f"{results_caption(args)}; weights: {args.checkpoint}")
     print(refinement_tables(row_name(args), records))
     return 0
 

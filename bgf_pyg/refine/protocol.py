@@ -119,6 +119,8 @@ def refine_set(name: str, method: Method, setting: dict, data: EvalSet,
     device = next(method.parameters()).device
     field = "embeddings" if name == QueryExpansion.name else "features"
     query = getattr(data, field).to(device)
+    if neighbors is not None:
+        neighbors = (neighbors[0].to(device), neighbors[1].to(device))
     if data.gallery is None:
         return refine.refine(query, neighbors=neighbors).cpu(), None
     gallery = refine.refine_gallery(getattr(data.gallery, field).to(device))
