@@ -27,8 +27,15 @@ from pathlib import Path
 
 import torch
 
-from bgf_pyg.cli import frozen_splits, load_splits, parse_args, raw_pixel_metrics, run, setup_logging
-from bgf_pyg.cli import transform_options
+from bgf_pyg.cli import (
+    frozen_splits,
+    load_splits,
+    parse_args,
+    raw_pixel_metrics,
+    run,
+    setup_logging,
+    transform_options,
+)
 from bgf_pyg.models.efficientnet import efficientnet_trunk
 from bgf_pyg.options import OneLineParser, seed_int
 from bgf_pyg.run_folder import LAST_CHECKPOINT, atomic_write

@@ -79,13 +79,15 @@ from .options import (
     positive_float,
     positive_int,
     probability,
+    refinement_list,
     seed_int,
     stage_count,
     val_classes,
     validate,
 )
 from .presets import available_presets, check_preset, load_preset, preset_title
-from .run_folder import check_run_folder
+from .refine.protocol import check_refinements, embed_split, evaluate_refinements, settings
+from .run_folder import append_metrics, check_run_folder, read_metrics
 from .train import (
     OPTIMIZERS,
     SELECT_ON,
@@ -174,7 +176,7 @@ PROTOCOLS = {
 RESUMABLE_OPTIONS = frozenset({"epochs", "eval_every", "resume", "overwrite", "out", "data_root",
                                "device", "num_workers", "no_progress", "check_images",
                                "checkpoint_every", "dist_timeout", "list_presets",
-                               "feature_cache"})
+                               "feature_cache", "refine", "refine_k", "refine_alpha"})
 
 
 def dataset_help() -> str:
@@ -346,6 +348,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="the checkpoint whose test metrics are reported: best on the validation "
                         "classes, best on the test split (the originals' protocol; labelled "
                         "test-selected), or the last epoch's")
+    add_refine_options(p, "after training, evaluate the selected checkpoint")
     p.add_argument("--num-workers", type=non_negative_int, default=0,
                    help="DataLoader worker processes")
     p.add_argument("--no-augment", action="store_true",
@@ -690,24 +693,13 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                          label_noise=args.label_noise, outliers=args.outliers,
                          corruption_seed=args.seed)
     check_against_data(args, splits.train)
-    samples_per_class = None if args.method == "proxygml" else args.samples_per_class
-    backbone = build_backbone(args.backbone, args.embedding_dim, args.pretrained,
-                              pooling=args.pooling or METHOD_POOLING.get(args.method, "avg"),
-                              in_channels=1 if args.dataset == "demo" else 3,
-                              graph_dim=args.graph_dim, image_size=args.image_size,
-                              trainable_stages=args.trainable_stages)
     if (not args.resume and args.pretrained is None
             and args.backbone not in EFFICIENTNET_BACKBONES):
         log.info("%s backbone is randomly initialised (no --pretrained weights file given)",
                  args.backbone)
-    if args.freeze_backbone:
-        # the head, graph module and loss train on cached features: the trunk's work is done
-        splits = frozen_splits(args, splits, backbone.trunk, device)
-        backbone.trunk = nn.Identity()
-    method = build_method(args.method, backbone, splits.train.num_classes, loss=args.loss,
-                          samples_per_class=samples_per_class, loss_options=loss_options(args),
-                          **method_hparams(args))
+    method, splits = build_run_method(args, splits, device)
     check_batch_graph_k(args, splits.train.num_classes)
+    check_refine_request(args, method, splits)
     train = train_loader(args, splits.train, generator)  # its checks run before any training
     optimizer = build_optimizer(method, args.lr, args.proxy_lr, args.weight_decay,
                                 graph_lr=args.graph_lr, backbone_lr=args.backbone_lr,
@@ -736,6 +728,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     )
     if logger is not None:  # each epoch flushes, so a run that stops early keeps its curves
         logger.close()
+    if args.refine != ["none"]:
+        log_refinements(args, evaluate_refine_request(args, method, splits, device),
+                        result.epochs, result.selected_epoch)
     trained = result.epochs - result.start_epoch
     log.info("%s on %s: trained %s (%s) in %.0f s; test R@1 %.4f with the weights of epoch %s "
              "(%s); checkpoints in %s", row_name(args), args.dataset, plural(trained, "epoch"),
@@ -743,6 +738,104 @@ def run(args: argparse.Namespace) -> dict[str, float]:
              time.perf_counter() - start, result.test_metrics["recall@1"], result.selected_epoch,
              PROTOCOLS[args.select_on], out)
     return result.test_metrics
+
+
+def build_run_method(
+    args: argparse.Namespace, splits: Splits, device: torch.device
+) -> tuple[nn.Module, Splits]:
+    """The (untrained) method the options describe, and the splits it reads: with
+    ``--freeze-backbone`` the splits of the frozen trunk's cached features, the trunk itself then
+    replaced by ``Identity`` (the head, graph module and loss train on those features)."""
+    samples_per_class = None if args.method == "proxygml" else args.samples_per_class
+    backbone = build_backbone(args.backbone, args.embedding_dim, args.pretrained,
+                              pooling=args.pooling or METHOD_POOLING.get(args.method, "avg"),
+                              in_channels=1 if args.dataset == "demo" else 3,
+                              graph_dim=args.graph_dim, image_size=args.image_size,
+                              trainable_stages=args.trainable_stages)
+    if args.freeze_backbone:
+        splits = frozen_splits(args, splits, backbone.trunk, device)
+        backbone.trunk = nn.Identity()
+    method = build_method(args.method, backbone, splits.train.num_classes, loss=args.loss,
+                          samples_per_class=samples_per_class, loss_options=loss_options(args),
+                          **method_hparams(args))
+    return method, splits
+
+
+# ---------------------------------------------------------------------------- refinement
+
+
+def add_refine_options(p: argparse.ArgumentParser, when: str) -> None:
+    """``--refine``, ``--refine-k`` and ``--refine-alpha`` (shared with ``bgf-eval``)."""
+    p.add_argument("--refine", type=refinement_list, default=["none"], metavar="NAMES",
+                   help=f"{when} with each of these test-time refinements of the test set on "
+                        "its kNN graph, comma-separated: none, qe (query expansion), bgformer "
+                        "(the trained BGFormer's visual branch); one results row each")
+    p.add_argument("--refine-k", type=positive_int, nargs="+", default=None, metavar="K",
+                   help="neighbours of the refinement; several values are a grid, chosen on the "
+                        "validation classes (default: qe 10, bgformer the training --k)")
+    p.add_argument("--refine-alpha", type=non_negative_float, nargs="+", default=None,
+                   metavar="ALPHA", help="query expansion's similarity exponent (0: plain "
+                   "mean); several values are a grid, chosen on the validation classes "
+                   "(default: 3)")
+
+
+def check_refine_request(args: argparse.Namespace, method, splits: Splits) -> None:
+    """Refuse, before any training or embedding, a refinement that cannot run on these sets."""
+    if args.refine == ["none"]:
+        return
+    if distributed.is_distributed():
+        raise ValueError("--refine runs in one process: evaluate the finished run with bgf-eval "
+                         "instead of under torchrun")
+    sizes = [len(d) for d in (splits.test, splits.gallery, splits.val) if d is not None]
+    for name in args.refine:
+        for setting in settings(name, method, args.refine_k, args.refine_alpha):
+            if setting.get("k", 0) >= min(sizes):
+                raise ValueError(f"--refine-k {setting['k']} ({name}) must be smaller than the "
+                                 f"smallest set refined ({min(sizes)} items): an item's "
+                                 "neighbours are other items")
+    check_refinements(args.refine, method, args.refine_k, args.refine_alpha, sizes,
+                      splits.val is not None)
+
+
+def evaluate_refine_request(args: argparse.Namespace, method, splits: Splits,
+                            device: torch.device) -> list[dict]:
+    """The records of :func:`~bgf_pyg.refine.protocol.evaluate_refinements` for ``--refine``
+    with the model's current weights."""
+    test = embed_split(method, eval_loader(args, splits.test), device,
+                       eval_loader(args, splits.gallery))
+    val = None if splits.val is None else embed_split(method, eval_loader(args, splits.val),
+                                                       device)
+    return evaluate_refinements(method, test, val, args.refine, ks=args.refine_k,
+                                alphas=args.refine_alpha)
+
+
+def log_refinements(args: argparse.Namespace, records: list[dict], epochs: int,
+                    selected_epoch: int | None) -> None:
+    """Append the refinement records to ``metrics.jsonl`` as final records (rank 0)."""
+    if not distributed.is_main_process():
+        return
+    for record in records:
+        append_metrics(args.out, {"epoch": epochs, "final": True, "select_on": args.select_on,
+                                  "selected_epoch": selected_epoch, **record})
+
+
+def refinement_row(name: str, record: dict) -> str:
+    """A results row's name: the model, the refinement and the setting it used."""
+    setting = ", ".join(f"{key[len('refine_'):].replace('alpha', 'α')} {value:g}"
+                        for key, value in record.items() if key in ("refine_k", "refine_alpha"))
+    return f"{name}, refine {record['refine']}" + (f" ({setting})" if setting else "")
+
+
+def refinement_tables(name: str, records: list[dict]) -> str:
+    """The test table (one row per refinement, its setting chosen on validation) and, when
+    there is one, the validation grid it was chosen from."""
+    test = [(refinement_row(name, r), [r]) for r in records if r["split"] == "test"]
+    val = [(refinement_row(name, r), [r]) for r in records if r["split"] == "val"]
+    text = format_table(test)
+    if val:
+        text += ("\n\nValidation classes (each refinement's setting is the best of these by "
+                 "R@1):\n" + format_table(val))
+    return text
 
 
 def plural(n: int, noun: str) -> str:
@@ -837,7 +930,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.destroy_distributed()
     if distributed.launcher_rank() == 0:
         print(results_caption(args))
-        print(format_table([(row_name(args), [metrics])]))
+        if args.refine == ["none"]:
+            print(format_table([(row_name(args), [metrics])]))
+        else:
+            records = [r for r in read_metrics(args.out) if r.get("final") and "refine" in r]
+            print(refinement_tables(row_name(args), records))
     return 0
 
 

@@ -209,6 +209,12 @@ def recall_at_k_query_gallery(
     return _recall_from_neighbours(nn_labels == query_labels.to(nn_labels.device).unsqueeze(1), ks)
 
 
+def retrieval_depth(labels: Tensor, ks: Sequence[int], num_items: int) -> int:
+    """How deep :func:`evaluate_retrieval` searches: ``max(max(ks), largest class count − 1)``
+    (``ks`` checked against the ``num_items − 1`` candidates)."""
+    return max(max(_check_ks(ks, num_items - 1)), _max_r(labels))
+
+
 def evaluate_retrieval(
     emb: Tensor,
     labels: Tensor,
@@ -218,20 +224,31 @@ def evaluate_retrieval(
     chunk_size: int | None = None,
     backend: str = "torch",
     seed: int = 0,
+    neighbors: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, float]:
     """Recall@K, MAP@R, R-Precision (and NMI) from one chunked top-k search.
 
-    The search depth is ``max(max(ks), largest class count − 1)``, so memory stays at
-    O(chunk_size · N + N · depth).
+    The search depth is :func:`retrieval_depth` (``max(max(ks), largest class count − 1)``), so
+    memory stays at O(chunk_size · N + N · depth). ``neighbors``: that search already run,
+    ``(similarity, index)`` of :func:`bgf_pyg.knn.cosine_topk` (self excluded, at least that
+    deep), e.g. shared with a refinement (:mod:`bgf_pyg.refine`) that reuses its first k columns.
 
     Returns:
         ``{"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ...}`` (``"nmi"`` only with
         ``with_nmi``).
     """
     _check_retrieval_inputs(emb, labels)
-    ks = _check_ks(ks, emb.size(0) - 1)
-    k = max(max(ks), _max_r(labels))
-    nn_labels = _neighbour_labels(emb, labels, k, chunk_size=chunk_size, backend=backend)
+    depth = retrieval_depth(labels, ks, emb.size(0))
+    ks = [int(k) for k in ks]
+    if neighbors is None:
+        nn_labels = _neighbour_labels(emb, labels, depth, chunk_size=chunk_size, backend=backend)
+    else:
+        index = neighbors[1]
+        if index.dim() != 2 or index.size(0) != emb.size(0) or index.size(1) < depth:
+            raise ValueError(f"neighbors must hold ({emb.size(0)}, >= {depth}) indices (a "
+                             f"self-excluded search at least {depth} deep), got "
+                             f"{tuple(index.shape)}")
+        nn_labels = labels.to(index.device)[index[:, :depth]]
     hits = nn_labels == labels.to(nn_labels.device).unsqueeze(1)
     out = {f"recall@{k}": v for k, v in _recall_from_neighbours(hits, ks).items()}
     out["map@r"], out["r_precision"] = _map_and_r_precision(hits, labels)

@@ -49,6 +49,7 @@ from .data import DATASETS
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES, import_efficientnet
 from .models.methods import PROXY_LOSSES, BGFormerMethod
 from .models.vit import VIT_BACKBONES, import_timm
+from .refine import REFINEMENTS
 
 SEED_MAX = 2**32 - 1  # NumPy's seed range
 
@@ -132,6 +133,17 @@ def val_classes(text: str) -> int | float:
     if not (math.isfinite(value) and 0 < value < 1):
         raise argparse.ArgumentTypeError(expected)
     return value
+
+
+def refinement_list(text: str) -> list[str]:
+    """An argparse ``type=`` for ``--refine``: comma-separated names among :data:`REFINEMENTS`
+    (order kept, repeats dropped)."""
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in REFINEMENTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names among "
+                                         f"{', '.join(REFINEMENTS)}, got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def device(text: str) -> str:
@@ -373,11 +385,27 @@ def check_tensorboard(args: argparse.Namespace) -> str | None:
     return None
 
 
+def check_refine(args: argparse.Namespace) -> str | None:
+    refine = args.refine
+    if "bgformer" in refine and args.method != "bgformer":
+        return (f"--refine bgformer needs a trained BGFormer, and --method is {args.method}; "
+                "use --refine none,qe")
+    if args.refine_alpha is not None and "qe" not in refine:
+        return "--refine-alpha has no effect here: it applies to --refine qe"
+    if args.refine_k is not None and refine == ["none"]:
+        return "--refine-k has no effect here: it applies to --refine qe or bgformer"
+    grid = len(args.refine_k or ()) > 1 or len(args.refine_alpha or ()) > 1
+    if grid and not args.val_classes:
+        return ("--refine-k / --refine-alpha: a grid of settings is chosen on the validation "
+                "classes, and this run has none (--val-classes 0); give one value of each")
+    return None
+
+
 #: Rules over several options, run after parsing (and after the dataset's defaults are set).
 RULES: list[Callable[[argparse.Namespace], str | None]] = [
     check_data_root, check_milestones, check_resume_overwrite, check_amp, check_graph_dim,
     check_pce_layout, check_crop_scale, check_timm, check_pretrained_extra,
-    check_frozen_backbone, check_tensorboard, check_select_on,
+    check_frozen_backbone, check_tensorboard, check_select_on, check_refine,
 ]
 
 

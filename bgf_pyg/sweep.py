@@ -180,7 +180,7 @@ def run_once(base: Sequence[str], params: dict[str, str], seed: int, out: Path) 
         resume = ["--resume"] if (out / LAST_CHECKPOINT).is_file() else ["--overwrite"]
         run(parse_args([*trial_argv(base, params, seed, out), *resume], prog=PROG))
         records = read_metrics(out)
-    final = [r for r in records if r.get("final")][-1]
+    final = [r for r in records if r.get("final") and "refine" not in r][-1]
     val = next(r for r in records if r.get("split") == "val"
                and r["epoch"] == final["selected_epoch"] and not r.get("final"))
     test = {k: v for k, v in final.items() if k.startswith(("recall@", "map@r", "nmi"))}

@@ -281,13 +281,20 @@ def train_one_epoch(
 
 @torch.no_grad()
 def compute_embeddings(
-    method: Method, loader: Iterable, device: torch.device, *, progress: bool = False
+    method: Method,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    progress: bool = False,
+    embed: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """L2-normalised embeddings ``method.embed`` of every batch of ``loader``, and the labels."""
+    """L2-normalised embeddings ``method.embed`` of every batch of ``loader``, and the labels
+    (``embed``: another map of the images, e.g. ``method.backbone.features``)."""
     method.eval()
+    embed = method.embed if embed is None else embed
     embs, labels = [], []
     for images, y in tqdm(loader, desc="embed", disable=not progress, leave=False):
-        embs.append(method.embed(images.to(device)).float().cpu())
+        embs.append(embed(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(y))
     if not embs:
         raise InputError("the evaluation loader yielded no batch (empty evaluation split?)")
