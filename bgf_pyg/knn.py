@@ -31,18 +31,30 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def scaled_rows(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x / m, ‖x / m‖, m)`` per row, ``m`` = the row's largest absolute entry (detached; 1 for
+    a zero row), so that ``‖x‖ = m · ‖x / m‖`` never overflows or underflows in the squares: a
+    finite float32 row beyond ~1.8e19 has an infinite plain norm. Both outputs are (N, 1) but the
+    first; the math runs in ``x``'s dtype."""
+    scale = x.detach().abs().amax(dim=1, keepdim=True)
+    scale = scale.masked_fill(scale == 0, 1.0)
+    scaled = x / scale
+    return scaled, torch.linalg.vector_norm(scaled, dim=1, keepdim=True), scale
+
+
 def normalize_rows(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Rows of ``x`` scaled to unit L2 norm, computed in :func:`compute_dtype` (in half precision
     a norm clamp underflows to 0 and a zero row gives 0/0 = NaN). A zero row (norm ≤
     :data:`NORM_EPS`) stays zero and passes gradient 0: ``F.normalize``'s x / eps would pass one of
-    about 1/eps = 10¹², which overflows a float16 gradient to inf.
+    about 1/eps = 10¹², which overflows a float16 gradient to inf. The norm is taken of the row
+    divided by its largest entry (:func:`scaled_rows`), so a huge finite row is normalised too
+    instead of becoming x / inf = 0.
 
     Returned in ``dtype`` (default: the compute dtype). Differentiable.
     """
-    work = x.to(compute_dtype(x.dtype))
-    norm = torch.linalg.vector_norm(work, dim=1, keepdim=True)
-    zero = norm <= NORM_EPS
-    out = (work / norm.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
+    scaled, norm, scale = scaled_rows(x.to(compute_dtype(x.dtype)))
+    zero = norm * scale <= NORM_EPS
+    out = (scaled / norm.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
     return out if dtype is None else out.to(dtype)
 
 
