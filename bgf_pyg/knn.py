@@ -4,8 +4,9 @@ Both the batch graph's visual edges and retrieval metrics (Recall@K, MAP@R) need
 row, the k most cosine-similar reference rows. Doing it in row chunks keeps memory at
 O(chunk_size · N_ref) instead of O(N_query · N_ref), so N = 100,000 works on a laptop.
 
-Tie rule (deterministic on every device): among equal similarities the lower reference index wins,
-both for which neighbours are selected and for their order.
+Tie rule (deterministic on every device, and kept by the faiss backend of :mod:`bgf_pyg.metrics`):
+among equal similarities the lower reference index wins, both for which neighbours are selected and
+for their order.
 
 Precision and zero rows: rows are normalised and compared in float32 (float64 stays float64), so a
 float16/bfloat16 row never underflows to a 0/0 = NaN that would rank first in every list. A zero
@@ -64,7 +65,7 @@ def _rows_per_chunk(num_ref: int, chunk_size: int | None) -> int:
     return max(1, DEFAULT_CHUNK_ELEMENTS // max(num_ref, 1))
 
 
-def _select_with_ties(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def select_with_ties(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of each row of ``sim``, ties at the k-th value resolved towards the lower index.
 
     Returns values and indices sorted by similarity (descending), then by index (ascending).
@@ -134,7 +135,7 @@ def cosine_topk(
         if exclude_self:
             diag = torch.arange(sim.size(0), device=sim.device)
             sim[diag, diag + start] = float("-inf")
-        values, index = _select_with_ties(sim, k)
+        values, index = select_with_ties(sim, k)
         out_values.append(values)
         out_index.append(index)
     if not out_values:
