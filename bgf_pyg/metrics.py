@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from bgf_pyg.checks import check_features, check_labels
-from bgf_pyg.knn import cosine_topk, normalize_rows, select_with_ties
+from bgf_pyg.knn import DEFAULT_CHUNK_ELEMENTS, cosine_topk, normalize_rows, select_with_ties
 
 BACKENDS = ("torch", "faiss", "auto")
 
@@ -61,7 +61,11 @@ def _faiss_topk(query: Tensor, reference: Tensor, k: int, exclude_self: bool) ->
     index.add(r.float().numpy())
     depth = min(k + int(exclude_self) + FAISS_TIE_MARGIN, r.size(0))
     candidates = torch.from_numpy(index.search(q.float().numpy(), depth)[1]).long()
-    scores = torch.bmm(r[candidates], q.unsqueeze(2)).squeeze(2)  # (Q, depth)
+    rows = max(1, DEFAULT_CHUNK_ELEMENTS // (depth * r.size(1)))  # bounds the (rows, depth, D)
+    scores = torch.cat([
+        torch.bmm(r[candidates[start : start + rows]], q[start : start + rows].unsqueeze(2))
+        for start in range(0, q.size(0), rows)
+    ]).view(-1, depth)
     if exclude_self:
         own = candidates == torch.arange(q.size(0)).unsqueeze(1)
         scores = scores.masked_fill(own, float("-inf"))
@@ -72,11 +76,12 @@ def _faiss_topk(query: Tensor, reference: Tensor, k: int, exclude_self: bool) ->
     if depth < r.size(0):
         last = scores.masked_fill(scores == float("-inf"), float("inf")).amin(dim=1)  # not self
         unsure = (scores[:, k - 1] == last).nonzero().view(-1)
-        if unsure.numel() > 0:
-            sim = q[unsure] @ r.t()
+        rows = max(1, DEFAULT_CHUNK_ELEMENTS // r.size(0))
+        for chunk in unsure.split(rows):
+            sim = q[chunk] @ r.t()
             if exclude_self:
-                sim[torch.arange(unsure.numel()), unsure] = float("-inf")
-            candidates[unsure] = select_with_ties(sim, k)[1]
+                sim[torch.arange(chunk.numel()), chunk] = float("-inf")
+            candidates[chunk] = select_with_ties(sim, k)[1]
     return candidates
 
 

@@ -106,7 +106,7 @@ class BatchGraphLoss(nn.Module):
         """
         width = getattr(self.bgformer, "channels", None)
         check_features(features, "features", width=width, min_rows=1,
-                       purpose="(an empty batch has no metric loss)")
+                       purpose="for a metric loss")
         check_labels(labels, features.size(0), "labels")
         head = head if head is not None else nn.Identity()
         # The head runs first, so a head that does not fit the features fails before BGFormer.
