@@ -37,6 +37,9 @@ BALL_EPS = 1e-3
 MIN_NORM = 1e-15
 #: Keeps ``artanh``'s argument below 1 (hyptorch's ``artanh`` clamp).
 ARTANH_EPS = 1e-5
+#: Pairs whose expanded squared distance is below this fraction of ``‖x‖² + ‖y‖²`` have lost
+#: about ``log10(1 / NEAR_PAIR)`` digits to cancellation: they are recomputed exactly.
+NEAR_PAIR = 1e-2
 
 
 def to_poincare_ball(x: Tensor, c: float, clip_r: float | None) -> Tensor:
@@ -59,21 +62,34 @@ def to_poincare_ball(x: Tensor, c: float, clip_r: float | None) -> Tensor:
     return torch.where(ball_norm > max_norm, ball / ball_norm * max_norm, ball)
 
 
+def squared_distances(x: Tensor, y: Tensor) -> Tensor:
+    r"""Pairwise :math:`\|x_i - y_j\|^2` (N × M) by the matmul expansion
+    :math:`\|x\|^2 + \|y\|^2 - 2\langle x, y\rangle`, with the pairs where that expansion
+    cancels (below :data:`NEAR_PAIR` of :math:`\|x\|^2 + \|y\|^2`, e.g. a point and itself)
+    recomputed from exact differences: a matmul's speed, no N × M × D tensor, and
+    :math:`\|x - x\|^2 = 0` exactly."""
+    scale = x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1).unsqueeze(0)
+    sq = (scale - 2 * (x @ y.t())).clamp_min(0)
+    near_x, near_y = (sq < NEAR_PAIR * scale).nonzero(as_tuple=True)
+    exact = (x[near_x] - y[near_y]).pow(2).sum(-1)
+    return sq.index_put((near_x, near_y), exact)
+
+
 def poincare_distance(x: Tensor, y: Tensor, c: float) -> Tensor:
     r"""Pairwise Poincaré distances (N × M) of points on the ball of curvature ``c``:
     :math:`d_c(x, y) = \frac{2}{\sqrt c} \operatorname{artanh}(\sqrt c\, \|(-x) \oplus_c y\|)`.
 
     Computed from the identity :math:`\|(-x) \oplus_c y\|^2 = \|x - y\|^2 / (c\|x - y\|^2 +
-    (1 - c\|x\|^2)(1 - c\|y\|^2))`, with :math:`\|x - y\|` from exact differences
-    (``torch.cdist`` without its matmul expansion, no N × M × D tensor): near the boundary the
-    Möbius sum divides by :math:`(1 - c\|x\|^2)^2`, which turns any rounding (or a floor kept
-    for the gradient) in an expanded :math:`\|x - y\|^2` into a visible distance of a point to
-    itself. Here :math:`d_c(x, x) = 0` exactly, with a finite gradient.
+    (1 - c\|x\|^2)(1 - c\|y\|^2))` with :func:`squared_distances`: near the boundary the Möbius
+    sum divides by :math:`(1 - c\|x\|^2)^2`, which turns any rounding (or a floor kept for the
+    gradient) in an expanded numerator into a visible distance of a point to itself. Here
+    :math:`d_c(x, x) = 0` (up to a 1e-15 floor), with a finite gradient.
     """
-    diff = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    sq = squared_distances(x, y)
     x_conf = 1 - c * x.pow(2).sum(-1, keepdim=True)
     y_conf = 1 - c * y.pow(2).sum(-1).unsqueeze(0)
-    norm = diff / (c * diff.pow(2) + x_conf * y_conf).clamp_min(MIN_NORM).sqrt()
+    # The floor keeps sqrt's gradient finite at d(x, x) = 0.
+    norm = (sq / (c * sq + x_conf * y_conf)).clamp_min(MIN_NORM**2).sqrt()
     sqrt_c = c**0.5
     return 2 / sqrt_c * torch.atanh((sqrt_c * norm).clamp(max=1 - ARTANH_EPS))
 
