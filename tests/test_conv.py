@@ -234,6 +234,12 @@ def test_return_attention_weights_does_not_change_the_output(edge_dim, path):
             out = conv(x1, edge_index, edge_attr)
             result = conv(x1, edge_index, edge_attr, return_attention_weights=True)
             assert torch.allclose(result[0], out), (seed, add_loops)
+        if not seed % 2:  # PyG's bipartite form: 4 sources, 2 targets
+            x2 = torch.randn(2, 16)
+            conv = BatchGraphConv((8, 16), 32, **conv_kwargs)
+            out = conv((x1, x2), edge_index, edge_attr)
+            result = conv((x1, x2), edge_index, edge_attr, return_attention_weights=True)
+            assert torch.allclose(result[0], out), (seed, "bipartite")
 
 
 def test_bipartite_and_lazy_input():
