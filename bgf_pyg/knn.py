@@ -4,8 +4,9 @@ Both the batch graph's visual edges and retrieval metrics (Recall@K, MAP@R) need
 row, the k most cosine-similar reference rows. Doing it in row chunks keeps memory at
 O(chunk_size · N_ref) instead of O(N_query · N_ref), so N = 100,000 works on a laptop.
 
-Tie rule (deterministic on every device): among equal similarities the lower reference index wins,
-both for which neighbours are selected and for their order.
+Tie rule (deterministic on every device, and kept by the faiss backend of :mod:`bgf_pyg.metrics`):
+among equal similarities the lower reference index wins, both for which neighbours are selected and
+for their order.
 
 Precision and zero rows: rows are normalised and compared in float32 (float64 stays float64), so a
 float16/bfloat16 row never underflows to a 0/0 = NaN that would rank first in every list. A zero
@@ -31,18 +32,30 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def scaled_rows(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x / m, ‖x / m‖, m)`` per row, ``m`` = the row's largest absolute entry (detached; 1 for
+    a zero row), so that ``‖x‖ = m · ‖x / m‖`` never overflows or underflows in the squares: a
+    finite float32 row beyond ~1.8e19 has an infinite plain norm. Both outputs are (N, 1) but the
+    first; the math runs in ``x``'s dtype."""
+    scale = x.detach().abs().amax(dim=1, keepdim=True)
+    scale = scale.masked_fill(scale == 0, 1.0)
+    scaled = x / scale
+    return scaled, torch.linalg.vector_norm(scaled, dim=1, keepdim=True), scale
+
+
 def normalize_rows(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Rows of ``x`` scaled to unit L2 norm, computed in :func:`compute_dtype` (in half precision
     a norm clamp underflows to 0 and a zero row gives 0/0 = NaN). A zero row (norm ≤
     :data:`NORM_EPS`) stays zero and passes gradient 0: ``F.normalize``'s x / eps would pass one of
-    about 1/eps = 10¹², which overflows a float16 gradient to inf.
+    about 1/eps = 10¹², which overflows a float16 gradient to inf. The norm is taken of the row
+    divided by its largest entry (:func:`scaled_rows`), so a huge finite row is normalised too
+    instead of becoming x / inf = 0.
 
     Returned in ``dtype`` (default: the compute dtype). Differentiable.
     """
-    work = x.to(compute_dtype(x.dtype))
-    norm = torch.linalg.vector_norm(work, dim=1, keepdim=True)
-    zero = norm <= NORM_EPS
-    out = (work / norm.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
+    scaled, norm, scale = scaled_rows(x.to(compute_dtype(x.dtype)))
+    zero = norm * scale <= NORM_EPS
+    out = (scaled / norm.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
     return out if dtype is None else out.to(dtype)
 
 
@@ -52,7 +65,7 @@ def _rows_per_chunk(num_ref: int, chunk_size: int | None) -> int:
     return max(1, DEFAULT_CHUNK_ELEMENTS // max(num_ref, 1))
 
 
-def _select_with_ties(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def select_with_ties(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of each row of ``sim``, ties at the k-th value resolved towards the lower index.
 
     Returns values and indices sorted by similarity (descending), then by index (ascending).
@@ -122,7 +135,7 @@ def cosine_topk(
         if exclude_self:
             diag = torch.arange(sim.size(0), device=sim.device)
             sim[diag, diag + start] = float("-inf")
-        values, index = _select_with_ties(sim, k)
+        values, index = select_with_ties(sim, k)
         out_values.append(values)
         out_index.append(index)
     if not out_values:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from bgf_pyg.checks import check_features, check_labels
-from bgf_pyg.knn import cosine_topk, normalize_rows
+from bgf_pyg.knn import DEFAULT_CHUNK_ELEMENTS, cosine_topk, normalize_rows, select_with_ties
 
 BACKENDS = ("torch", "faiss", "auto")
 
@@ -39,21 +39,50 @@ def _check_ks(ks: Sequence[int], candidates: int) -> list[int]:
     return ks
 
 
+#: Candidates faiss returns beyond the k needed; they are re-ranked with exact scores and the
+#: tie rule of :mod:`bgf_pyg.knn` (faiss orders equal scores its own way).
+FAISS_TIE_MARGIN = 8
+
+
 def _faiss_topk(query: Tensor, reference: Tensor, k: int, exclude_self: bool) -> Tensor:
-    """Exact inner-product search of the normalised embeddings with faiss: (Q, k) indices."""
+    """Exact inner-product search of the normalised embeddings with faiss: (Q, k) indices.
+
+    faiss picks ``k + FAISS_TIE_MARGIN`` candidates; they are re-scored as
+    :func:`~bgf_pyg.knn.cosine_topk` scores them (its compute dtype) and ordered by score, equal
+    scores by reference index, so both backends give the same neighbours, ties included. A row
+    whose k-th score still equals its last candidate's (a tie that may continue past the list)
+    is searched exactly by the torch rule."""
     import faiss
 
-    q = normalize_rows(query, dtype=torch.float32).cpu().numpy()
-    r = q if reference is query else normalize_rows(reference, dtype=torch.float32).cpu().numpy()
-    index = faiss.IndexFlatIP(r.shape[1])
-    index.add(r)
-    found = torch.from_numpy(index.search(q, k + int(exclude_self))[1]).long()
-    if not exclude_self:
-        return found
-    # Drop the query itself where faiss returned it, else the (k+1)-th neighbour.
-    keep = found != torch.arange(found.size(0)).unsqueeze(1)
-    keep[keep.all(dim=1), -1] = False
-    return found[keep].view(-1, k)
+    q = normalize_rows(query)
+    r = q if reference is query else normalize_rows(reference, dtype=q.dtype)
+    q, r = q.cpu(), r.cpu()
+    index = faiss.IndexFlatIP(r.size(1))
+    index.add(r.float().numpy())
+    depth = min(k + int(exclude_self) + FAISS_TIE_MARGIN, r.size(0))
+    candidates = torch.from_numpy(index.search(q.float().numpy(), depth)[1]).long()
+    rows = max(1, DEFAULT_CHUNK_ELEMENTS // (depth * r.size(1)))  # bounds the (rows, depth, D)
+    scores = torch.cat([
+        torch.bmm(r[candidates[start : start + rows]], q[start : start + rows].unsqueeze(2))
+        for start in range(0, q.size(0), rows)
+    ]).view(-1, depth)
+    if exclude_self:
+        own = candidates == torch.arange(q.size(0)).unsqueeze(1)
+        scores = scores.masked_fill(own, float("-inf"))
+    order = candidates.sort(dim=1, stable=True).indices  # equal scores: lower index first
+    candidates, scores = candidates.gather(1, order), scores.gather(1, order)
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    candidates, scores = candidates.gather(1, order)[:, :k], scores.gather(1, order)
+    if depth < r.size(0):
+        last = scores.masked_fill(scores == float("-inf"), float("inf")).amin(dim=1)  # not self
+        unsure = (scores[:, k - 1] == last).nonzero().view(-1)
+        rows = max(1, DEFAULT_CHUNK_ELEMENTS // r.size(0))
+        for chunk in unsure.split(rows):
+            sim = q[chunk] @ r.t()
+            if exclude_self:
+                sim[torch.arange(chunk.numel()), chunk] = float("-inf")
+            candidates[chunk] = select_with_ties(sim, k)[1]
+    return candidates
 
 
 def _use_faiss(backend: str) -> bool:

@@ -100,6 +100,48 @@ def test_multi_similarity_with_a_miner():
 
 
 @pytest.mark.parametrize("make_loss", [
+    lambda: losses.CrossBatchMemory(losses.MultiSimilarityLoss(), EMB, memory_size=64),
+    lambda: losses.MultipleLosses([losses.ContrastiveLoss(), losses.MultiSimilarityLoss()],
+                                  weights=[0.5, 1.0]),
+], ids=["cross_batch_memory", "multiple_losses"])
+def test_a_miner_with_pml_wrapper_losses(make_loss):
+    """PML's wrappers are no BaseMetricLossFunction but take indices_tuple: the miner's pairs
+    reach them, each term mined on its own embeddings."""
+    import copy
+
+    torch.manual_seed(0)
+    features, labels = batch(2)
+    head = nn.Linear(FEAT, EMB)
+    loss_fn, mined = make_loss(), []
+    ms_miner = miners.MultiSimilarityMiner(epsilon=0.05)
+
+    def miner(embeddings, labels):
+        mined.append(ms_miner(embeddings, labels))
+        return mined[-1]
+
+    reference_loss = copy.deepcopy(loss_fn)  # CrossBatchMemory's queue changes at every call
+    criterion = BatchGraphLoss(loss_fn, BGFormer(FEAT, heads=2), k=4, alpha=0.2, miner=miner)
+    params = [features, *head.parameters(), *criterion.bgformer.parameters()]
+    got = criterion(features, labels, head=head)
+    assert len(mined) == 2  # one mining per term
+    want = reference(reference_loss, criterion.bgformer, head, features, labels, 4, 0.2, miner)
+    assert_same_loss_and_grads(got, want, params)
+
+
+@pytest.mark.parametrize("make_loss", [
+    lambda: losses.NormalizedSoftmaxLoss(NUM_CLASSES, EMB),
+    lambda: losses.ArcFaceLoss(NUM_CLASSES, EMB),
+    lambda: losses.MultiSimilarityLoss(),
+], ids=["normalized_softmax", "arcface", "multi_similarity"])
+def test_an_empty_batch_is_refused(make_loss):
+    """PML's NormalizedSoftmaxLoss and ArcFaceLoss would return NaN for 0 rows."""
+    criterion = BatchGraphLoss(make_loss(), BGFormer(FEAT, heads=2), k=3)
+    empty, no_labels = torch.empty(0, FEAT), torch.empty(0, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"features needs at least 1 samples .*shape \(0, 16\)"):
+        criterion(empty, no_labels, head=nn.Linear(FEAT, EMB))
+
+
+@pytest.mark.parametrize("make_loss", [
     lambda: losses.ProxyAnchorLoss(NUM_CLASSES, EMB),
     lambda: ProxyGMLLoss(NUM_CLASSES, EMB, proxies_per_class=2, r=0.5),
 ], ids=["proxy_anchor", "proxygml"])

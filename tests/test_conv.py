@@ -165,6 +165,83 @@ def test_sparse_tensor_matches_edge_list():
     assert adj_alpha.storage.value().shape == (adj_t.nnz(), 2)
 
 
+def pyg_test_inputs(edge_dim: int):
+    """The inputs of PyG's ``test_transformer_conv``: 4 sources, targets 0 and 1, edge features."""
+    x1, x2 = torch.randn(4, 8), torch.randn(2, 16)
+    edge_index = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 1]])
+    edge_attr = torch.randn(edge_index.size(1), edge_dim)
+    return x1, x2, edge_index, edge_attr
+
+
+@pytest.mark.skipif(not torch_geometric.typing.WITH_TORCH_SPARSE, reason="needs torch-sparse")
+@pytest.mark.parametrize("edge_dim", [1, 8])
+@pytest.mark.parametrize("bipartite", [False, True])
+def test_sparse_tensor_values_are_the_edge_features(edge_dim, bipartite):
+    from torch_sparse import SparseTensor
+
+    torch.manual_seed(edge_dim + 10 * bipartite)
+    x1, x2, edge_index, edge_attr = pyg_test_inputs(edge_dim)
+    x, in_channels, size = ((x1, x2), (8, 16), (4, 2)) if bipartite else (x1, 8, (4, 4))
+    conv = BatchGraphConv(in_channels, 32, heads=2, edge_dim=edge_dim, root_weight=True)
+    out, (ei, alpha) = conv(x, edge_index, edge_attr, return_attention_weights=True)
+    values = edge_attr.view(-1) if edge_dim == 1 else edge_attr  # (E,) when edge_dim=1
+    adj = SparseTensor.from_edge_index(edge_index, values, sparse_sizes=size)
+    torch.testing.assert_close(conv(x, adj.t()), out, atol=1e-6, rtol=1e-5)
+    adj_out, adj_alpha = conv(x, adj.t(), return_attention_weights=True)
+    torch.testing.assert_close(adj_out, out, atol=1e-6, rtol=1e-5)
+    assert adj_alpha.sizes() == [size[1], size[0], 2]
+    dense = torch.zeros(size[1], size[0], 2).index_put_((ei[1], ei[0]), alpha, accumulate=True)
+    torch.testing.assert_close(adj_alpha.to_dense(), dense)
+    # An explicit edge_attr wins over the values, as in PyG's propagate.
+    other = torch.randn_like(edge_attr)
+    torch.testing.assert_close(conv(x, adj.t(), other), conv(x, edge_index, other))
+
+
+def test_hybrid_torch_sparse_values_are_the_edge_features():
+    torch.manual_seed(3)
+    x1, _, edge_index, edge_attr = pyg_test_inputs(8)
+    conv = BatchGraphConv(8, 32, heads=2, edge_dim=8)
+    adj = to_torch_coo_tensor(edge_index.flip(0), edge_attr, size=(4, 4))  # (4, 4, 8) hybrid
+    torch.testing.assert_close(conv(x1, adj), conv(x1, edge_index, edge_attr))
+    with pytest.raises(ValueError, match="edge_attr is required"):  # scalar values are weights
+        conv(x1, to_torch_coo_tensor(edge_index.flip(0), size=(4, 4)))
+
+
+def test_edge_dim_one_takes_a_vector_of_edge_features():
+    x1, _, edge_index, edge_attr = pyg_test_inputs(1)
+    conv = BatchGraphConv(8, 32, heads=2, edge_dim=1)
+    torch.testing.assert_close(
+        conv(x1, edge_index, edge_attr.view(-1)), conv(x1, edge_index, edge_attr)
+    )
+
+
+@pytest.mark.parametrize("edge_dim", [None, 8])
+@pytest.mark.parametrize("path", ["auto", "sparse", "dense"])
+def test_return_attention_weights_does_not_change_the_output(edge_dim, path):
+    """PyG's ``assert torch.allclose(result[0], out)`` (default tolerances) on its test graph and
+    on random graphs, over seeds: the weights must come from the same computation."""
+    conv_kwargs = dict(heads=2, concat=True, root_weight=True, edge_dim=edge_dim,
+                       attention_path=path)
+    for seed in range(30):
+        torch.manual_seed(seed)
+        x1, _, edge_index, edge_attr = pyg_test_inputs(edge_dim or 1)
+        if seed % 2:
+            x1, edge_index = torch.randn(12, 8), random_graph()
+            edge_attr = torch.randn(edge_index.size(1), edge_dim or 1)
+        edge_attr = edge_attr if edge_dim else None
+        for add_loops in (True, False):
+            conv = BatchGraphConv(8, 32, add_self_loops=add_loops, **conv_kwargs)
+            out = conv(x1, edge_index, edge_attr)
+            result = conv(x1, edge_index, edge_attr, return_attention_weights=True)
+            assert torch.allclose(result[0], out), (seed, add_loops)
+        if not seed % 2:  # PyG's bipartite form: 4 sources, 2 targets
+            x2 = torch.randn(2, 16)
+            conv = BatchGraphConv((8, 16), 32, **conv_kwargs)
+            out = conv((x1, x2), edge_index, edge_attr)
+            result = conv((x1, x2), edge_index, edge_attr, return_attention_weights=True)
+            assert torch.allclose(result[0], out), (seed, "bipartite")
+
+
 def test_bipartite_and_lazy_input():
     x_src, x_dst = torch.randn(7, 5), torch.randn(4, 3)
     edge_index = torch.stack([torch.randint(0, 7, (15,)), torch.randint(0, 4, (15,))])

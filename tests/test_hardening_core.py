@@ -154,6 +154,17 @@ def test_normalize_rows_zero_row_is_zero_with_zero_gradient():
         assert torch.equal(z.grad, torch.zeros_like(z))
 
 
+def test_normalize_rows_of_huge_finite_rows_keeps_their_direction():
+    """A float32 row beyond ~1.8e19 has an infinite plain norm (x / inf = 0 before)."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+    big = (x * torch.tensor([[1e20], [3e30], [1.0], [1e-6]], dtype=torch.float64)).float()
+    big.requires_grad_()
+    out = normalize_rows(big)
+    torch.testing.assert_close(out, (x / x.norm(dim=1, keepdim=True)).float())
+    (out * torch.randn(4, 5)).sum().backward()
+    assert torch.isfinite(big.grad).all()
+
+
 def test_half_precision_batch_graph_equals_float32_with_a_zero_row():
     torch.manual_seed(1)
     x = torch.randn(16, 8).half()

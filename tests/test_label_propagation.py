@@ -3,6 +3,7 @@ re-statement built from the labels alone."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bgf_pyg import build_batch_graph
@@ -52,3 +53,33 @@ def test_dual_ssa_semantic_only_is_projected_propagation():
     sem = ssa.semantic.lin
     ref = dense_propagation(x, labels, sem.weight, sem.bias) @ ssa.lin_out.weight.t()
     torch.testing.assert_close(out, ref + ssa.lin_out.bias)
+
+
+@pytest.mark.parametrize(("channels", "error", "match"), [
+    (0, ValueError, "channels must be >= 1, got 0"),
+    (-1, ValueError, "channels must be >= 1, got -1"),
+    (2.5, TypeError, "channels must be an int >= 1, got float 2.5"),
+    (True, TypeError, "channels must be an int"),
+])
+def test_bad_channels_are_refused(channels, error, match):
+    with pytest.raises(error, match=match):
+        SameLabelPropagation(channels)
+
+
+@pytest.mark.parametrize(("x", "edge_index", "error", "match"), [
+    (torch.randn(4, 5), None, ValueError, r"x must have 6 columns, got shape \(4, 5\)"),
+    (torch.randn(4), None, ValueError, r"x must be a 2-D tensor of shape \(N, D\)"),
+    (torch.randn(2, 4, 6), None, ValueError, r"x must be a 2-D tensor"),
+    (torch.ones(4, 6, dtype=torch.long), None, TypeError, "x must be a floating-point tensor"),
+    ([[0.0] * 6] * 4, None, TypeError, "x must be a torch.Tensor"),
+    (torch.randn(4, 6), torch.tensor([[0, 1, 2]]), ValueError,
+     r"edge_index must have shape \(2, E\)"),
+    (torch.randn(4, 6), torch.tensor([[0, 4], [1, 0]]), ValueError,
+     r"edge_index\[0\] \(sources\) must lie in \[0, 4\)"),
+    (torch.randn(4, 6), torch.tensor([[0.0, 1.0], [1.0, 0.0]]), TypeError,
+     "edge_index must be an int64"),
+])
+def test_bad_inputs_name_the_argument(x, edge_index, error, match):
+    edge_index = torch.tensor([[0, 1], [1, 0]]) if edge_index is None else edge_index
+    with pytest.raises(error, match=match):
+        SameLabelPropagation(6)(x, edge_index)

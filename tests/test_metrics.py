@@ -203,6 +203,60 @@ def test_real_faiss_matches_torch():
     )
 
 
+def tied_data():
+    """Heavy ties across classes: 90 rows that are copies of 3 vectors, labels mixed, so equal
+    similarities decide neighbours (and ties run past faiss's extra candidates)."""
+    gen = torch.Generator().manual_seed(12)
+    base = torch.randn(3, 8, generator=gen)
+    pick = torch.randint(0, 3, (90,), generator=gen)
+    return base[pick], torch.randint(0, 6, (90,), generator=gen)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="needs faiss-cpu")
+def test_real_faiss_breaks_ties_as_torch():
+    x, y = torch.ones(3, 4), torch.tensor([0, 1, 0])  # three identical embeddings
+    for backend in ("torch", "faiss"):
+        assert recall_at_k(x, y, ks=(1,), backend=backend)[1] == pytest.approx(1 / 3)
+        assert map_at_r(x, y, backend=backend) == pytest.approx(0.5)
+    x, y = tied_data()
+    torch_out = evaluate_retrieval(x, y, ks=(1, 2, 4, 8, 16), with_nmi=False)
+    assert evaluate_retrieval(x, y, ks=(1, 2, 4, 8, 16), with_nmi=False,
+                              backend="faiss") == pytest.approx(torch_out)
+    q, qy, g, gy = x[:30], y[:30], x[30:], y[30:]
+    assert recall_at_k_query_gallery(q, qy, g, gy, ks=(1, 4, 16), backend="faiss") == (
+        pytest.approx(recall_at_k_query_gallery(q, qy, g, gy, ks=(1, 4, 16))))
+
+
+class ReversedTieFaissIndex:
+    """faiss stand-in that orders equal scores by *higher* index first (faiss promises no order)."""
+
+    def __init__(self, dim):
+        self.data = np.zeros((0, dim), dtype=np.float32)
+
+    def add(self, x):
+        self.data = np.concatenate([self.data, x])
+
+    def search(self, q, k):
+        sim = q @ self.data.T
+        index = np.argsort(-sim[:, ::-1], axis=1, kind="stable")[:, :k]
+        index = self.data.shape[0] - 1 - index
+        return np.take_along_axis(sim, index, axis=1), index
+
+
+def test_faiss_backend_keeps_the_index_tie_rule(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss",
+                        types.SimpleNamespace(IndexFlatIP=ReversedTieFaissIndex))
+    x, y = tied_data()
+    ks = (1, 2, 4, 8, 16)
+    torch_out = evaluate_retrieval(x, y, ks=ks, with_nmi=False)
+    assert evaluate_retrieval(x, y, ks=ks, with_nmi=False, backend="faiss") == torch_out
+    q, qy, g, gy = x[:30], y[:30], x[30:], y[30:]
+    assert recall_at_k_query_gallery(q, qy, g, gy, ks=(1, 4, 16), backend="faiss") == (
+        recall_at_k_query_gallery(q, qy, g, gy, ks=(1, 4, 16)))
+    x, y = torch.ones(3, 4), torch.tensor([0, 1, 0])
+    assert recall_at_k(x, y, ks=(1,), backend="faiss")[1] == pytest.approx(1 / 3)
+
+
 class FakeFaissIndex:
     """numpy stand-in for ``faiss.IndexFlatIP``, so the faiss branch is tested without faiss."""
 

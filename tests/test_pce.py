@@ -12,16 +12,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bgf_pyg.losses import PairwiseCrossEntropyLoss
+from bgf_pyg.losses.pce import BALL_EPS, poincare_distance
 
 TAU, C, CLIP_R = 0.2, 0.1, 2.3
 
 
-def ref_ball(x: torch.Tensor) -> torch.Tensor:
-    """Clip to CLIP_R, then exp_0 on the ball of curvature C."""
+def ref_ball(x: torch.Tensor, clip_r: float | None = CLIP_R) -> torch.Tensor:
+    """Clip to ``clip_r``, then exp_0 on the ball of curvature C, then Hyp-ViT's projection to
+    radius (1 - 1e-3) / sqrt(C)."""
     norm = x.norm(dim=1, keepdim=True)
-    x = x * torch.clamp(CLIP_R / norm, max=1.0)
+    if clip_r is not None:
+        x = x * torch.clamp(clip_r / norm, max=1.0)
     norm = x.norm(dim=1, keepdim=True)
-    return torch.tanh(math.sqrt(C) * norm) * x / (math.sqrt(C) * norm)
+    ball = torch.tanh(math.sqrt(C) * norm) * x / (math.sqrt(C) * norm)
+    max_norm = (1 - 1e-3) / math.sqrt(C)
+    ball_norm = ball.norm(dim=1, keepdim=True)
+    return torch.where(ball_norm > max_norm, ball / ball_norm * max_norm, ball)
 
 
 def ref_mobius_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -38,12 +44,13 @@ def ref_similarity(x: torch.Tensor, y: torch.Tensor, space: str) -> torch.Tensor
             v = ref_mobius_add(-x[i], y[j])
             # norm via a tiny floor: d(x, x) = 0 is masked anyway, but sqrt(0)'s gradient is not
             nrm = (v @ v + 1e-30).sqrt()
-            out[i, j] = -2 / math.sqrt(C) * torch.atanh(math.sqrt(C) * nrm)
+            # hyptorch's artanh clamps its argument to 1 - 1e-5 (reached only at the boundary)
+            out[i, j] = -2 / math.sqrt(C) * torch.atanh((math.sqrt(C) * nrm).clamp(max=1 - 1e-5))
     return out
 
 
-def ref_pce(emb: torch.Tensor, m: int, space: str) -> torch.Tensor:
-    z = F.normalize(emb, dim=1) if space == "sphere" else ref_ball(emb)
+def ref_pce(emb: torch.Tensor, m: int, space: str, clip_r: float | None = CLIP_R) -> torch.Tensor:
+    z = F.normalize(emb, dim=1) if space == "sphere" else ref_ball(emb, clip_r)
     z = z.view(-1, m, z.size(1))
     p = z.size(0)
     loss = emb.new_zeros(())
@@ -117,3 +124,76 @@ def test_pce_computes_in_float32_under_autocast():
         low = loss_fn(emb.bfloat16(), labels)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, loss_fn(emb.bfloat16().float(), labels))
+
+
+@pytest.mark.parametrize(("space", "clip_r"),
+                         [("sphere", CLIP_R), ("hyperbolic", CLIP_R), ("hyperbolic", None)])
+def test_pce_huge_finite_rows_keep_their_direction(space, clip_r):
+    """A float32 row whose plain norm overflows (> ~1.8e19) maps like the same direction at norm
+    100 (beyond the clip radius and tanh's saturation): the same loss, finite gradients."""
+    torch.manual_seed(0)
+    emb, labels = torch.randn(9, 6), torch.arange(3).repeat_interleave(3)
+    huge = {0: 1e25, 4: 3e30, 8: 1e20}
+    big, moderate = emb.clone(), emb.clone()
+    for row, scale in huge.items():
+        big[row] = emb[row] * scale
+        moderate[row] = emb[row] / emb[row].norm() * 100
+    loss_fn = PairwiseCrossEntropyLoss(3, TAU, space, C, clip_r)
+    big.requires_grad_()
+    loss = loss_fn(big, labels)
+    loss.backward()
+    # float32 points on the projection radius: the distances' rounding is amplified there
+    tol = 1e-4 if clip_r is None else 1e-5
+    torch.testing.assert_close(loss, loss_fn(moderate, labels), rtol=tol, atol=tol)
+    torch.testing.assert_close(loss, ref_pce(moderate.double(), 3, space, clip_r).float(),
+                               rtol=tol, atol=tol)
+    assert torch.isfinite(big.grad).all()
+
+
+def test_pce_float16_zero_row_on_the_sphere_has_a_zero_gradient():
+    torch.manual_seed(1)
+    emb = torch.randn(8, 6).half()
+    emb[2] = 0
+    emb.requires_grad_()
+    labels = torch.arange(2).repeat_interleave(4)
+    loss = PairwiseCrossEntropyLoss(4, space="sphere")(emb, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(emb.grad).all()
+    assert torch.equal(emb.grad[2], torch.zeros(6, dtype=torch.float16))
+    torch.testing.assert_close(loss, ref_pce(emb.detach().double(), 4, "sphere").float(),
+                               rtol=1e-3, atol=1e-3)
+
+
+def ref_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Hyp-ViT's vector form in float64: 2 / sqrt(c) artanh(sqrt(c) ||-x (+)_c y||)."""
+    return -ref_similarity(x.double(), y.double(), "hyperbolic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("radius", [0.5, 0.99, 1 - BALL_EPS])  # sqrt(c) ||x||
+def test_poincare_distance_to_itself_is_zero_near_the_boundary(radius, dtype):
+    torch.manual_seed(2)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    x = (x / x.norm(dim=1, keepdim=True) * radius / math.sqrt(C)).to(dtype).requires_grad_()
+    dist = poincare_distance(x, x, C)
+    assert dist.diagonal().abs().max() < 1e-6
+    tol = 1e-9 if dtype == torch.float64 else 1e-2  # float32 points near the boundary
+    torch.testing.assert_close(dist.double(), ref_distance(x.detach(), x.detach()),
+                               rtol=tol, atol=tol)
+    dist.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_pce_saturated_batch_matches_the_vector_form():
+    """Without clipping, large embeddings land on the projection radius; samples of a class that
+    coincide there are at distance 0, as in Hyp-ViT's vector form."""
+    torch.manual_seed(3)
+    # Classes 3e-4 apart in direction: on the boundary that is a distance of a few units.
+    base = torch.randn(1, 6, dtype=torch.float64)
+    directions = base + 3e-4 * torch.randn(4, 6, dtype=torch.float64)
+    emb = (40 * directions).repeat_interleave(3, dim=0)
+    emb[1::3] += 4e-3 * torch.randn(4, 6, dtype=torch.float64)  # one sample per class moved
+    labels = torch.arange(4).repeat_interleave(3)
+    loss = PairwiseCrossEntropyLoss(3, TAU, "hyperbolic", C, clip_r=None)(emb, labels)
+    torch.testing.assert_close(loss, ref_pce(emb, 3, "hyperbolic", clip_r=None),
+                               rtol=1e-9, atol=1e-9)

@@ -10,10 +10,10 @@ graph on ``f.detach()``, refined tokens g = BGFormer(f, graph), and
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
-from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import Tensor, nn
 
 from ..checks import check_features, check_labels, check_positive_int, check_probability
@@ -64,7 +64,9 @@ class BatchGraphLoss(nn.Module):
         miner (callable, optional): A PML miner; like PML's own wrappers it takes the miner at
             construction and mines each term on its own embeddings (hard pairs of
             :math:`h(\mathbf{f})` and :math:`h(\mathbf{g})` differ), passing the indices to
-            ``loss(embeddings, labels, indices_tuple)``. Needs a PML loss. (default: :obj:`None`)
+            ``loss(embeddings, labels, indices_tuple=...)``. Needs a loss whose ``forward``
+            takes ``indices_tuple``: a PML loss, or PML's wrappers ``CrossBatchMemory`` and
+            ``MultipleLosses``. (default: :obj:`None`)
         detach_graph_input (bool, optional): Feed BGFormer :math:`\mathbf{f}` detached: the
             refined term then trains BGFormer and the head only, and the backbone learns from
             :math:`\alpha\, L(h(\mathbf{f}), \mathbf{y})` alone. The paper trains end to end
@@ -88,10 +90,10 @@ class BatchGraphLoss(nn.Module):
         for value, name in ((loss, "loss"), (bgformer, "bgformer")):
             if not isinstance(value, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
-        if miner is not None and not isinstance(loss, BaseMetricLossFunction):
+        if miner is not None and not _takes_indices_tuple(loss):
             raise TypeError(
-                "miner needs a pytorch-metric-learning loss (one that takes indices_tuple), got "
-                f"loss {type(loss).__name__}"
+                "miner needs a pytorch-metric-learning loss (one whose forward takes "
+                f"indices_tuple), got loss {type(loss).__name__}"
             )
         self.bgformer = bgformer
         self.loss = loss
@@ -108,7 +110,8 @@ class BatchGraphLoss(nn.Module):
         ``head=None`` is the identity (BGFormer then refines the embeddings themselves).
         """
         width = getattr(self.bgformer, "channels", None)
-        check_features(features, "features", width=width)
+        check_features(features, "features", width=width, min_rows=1,
+                       purpose="for a metric loss")
         check_labels(labels, features.size(0), "labels")
         head = head if head is not None else nn.Identity()
         # The head runs first, so a head that does not fit the features fails before BGFormer.
@@ -128,12 +131,22 @@ class BatchGraphLoss(nn.Module):
     def _metric_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         if self.miner is None:
             return self.loss(embeddings, labels)
-        return self.loss(embeddings, labels, self.miner(embeddings, labels))
+        return self.loss(embeddings, labels, indices_tuple=self.miner(embeddings, labels))
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.loss.__class__.__name__}, "
                 f"{self.bgformer!r}, k={self.k}, alpha={self.alpha}"
                 f"{', detach_graph_input=True' if self.detach_graph_input else ''})")
+
+
+def _takes_indices_tuple(loss: nn.Module) -> bool:
+    """Whether ``loss.forward`` has an ``indices_tuple`` parameter (PML's losses and wrappers)."""
+    try:
+        parameters = inspect.signature(loss.forward).parameters
+    except (TypeError, ValueError):  # a builtin or C forward without a signature
+        return False
+    parameter = parameters.get("indices_tuple")
+    return parameter is not None and parameter.kind != inspect.Parameter.POSITIONAL_ONLY
 
 
 def _apply_head(head: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

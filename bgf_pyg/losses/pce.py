@@ -23,7 +23,6 @@ with :math:`s(x, y) = x^\top y` on the unit sphere (embeddings L2-normalised) or
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import (
@@ -33,51 +32,70 @@ from ..checks import (
     check_positive_int,
     naming,
 )
+from ..knn import normalize_rows, scaled_rows
 
 SPACES = ("sphere", "hyperbolic")
 #: Logit offset that removes a sample's similarity to itself (Hyp-ViT's ``eye_mask``).
 SELF_MASK = 1e9
 #: Points are kept this far inside the ball's boundary (hyptorch's ``project``, float32).
 BALL_EPS = 1e-3
-#: Smallest norm / squared norm used in a division or a square root (zero vectors, self-distances).
+#: Smallest norm used in a division or a square root (zero vectors).
 MIN_NORM = 1e-15
 #: Keeps ``artanh``'s argument below 1 (hyptorch's ``artanh`` clamp).
 ARTANH_EPS = 1e-5
+#: Pairs whose expanded squared distance is below this fraction of ``‖x‖² + ‖y‖²`` have lost
+#: about ``log10(1 / NEAR_PAIR)`` digits to cancellation: they are recomputed exactly.
+NEAR_PAIR = 1e-2
 
 
 def to_poincare_ball(x: Tensor, c: float, clip_r: float | None) -> Tensor:
     r"""Clip ``x`` to norm ``clip_r`` (feature clipping), then map it onto the Poincaré ball of
     curvature ``c`` by :math:`\exp_0(u) = \tanh(\sqrt c \|u\|)\, u / (\sqrt c \|u\|)`, kept
-    ``BALL_EPS`` inside the boundary."""
-    norm = x.norm(dim=-1, keepdim=True).clamp_min(MIN_NORM)
+    ``BALL_EPS`` inside the boundary.
+
+    Computed as :math:`(x/m) \tanh(\sqrt c \min(\|x\|, r)) / (\sqrt c \|x/m\|)` with
+    :math:`m` the row's largest entry (:func:`~bgf_pyg.knn.scaled_rows`), so that a huge finite row
+    keeps its direction instead of overflowing its norm (NaN with clipping, 0 without)."""
+    scaled, scaled_norm, scale = scaled_rows(x)
+    scaled_norm = scaled_norm.clamp_min(MIN_NORM)  # a zero row: exp_0's derivative, the identity
+    norm = scaled_norm * scale
     if clip_r is not None:
-        scale = torch.clamp(clip_r / norm, max=1.0)
-        x, norm = x * scale, norm * scale
+        norm = norm.clamp(max=clip_r)
     sqrt_c = c**0.5
-    ball = torch.tanh(sqrt_c * norm) * x / (sqrt_c * norm)
+    ball = torch.tanh(sqrt_c * norm) * scaled / (sqrt_c * scaled_norm)
     max_norm = (1.0 - BALL_EPS) / sqrt_c
     ball_norm = ball.norm(dim=-1, keepdim=True).clamp_min(MIN_NORM)
     return torch.where(ball_norm > max_norm, ball / ball_norm * max_norm, ball)
+
+
+def squared_distances(x: Tensor, y: Tensor) -> Tensor:
+    r"""Pairwise :math:`\|x_i - y_j\|^2` (N × M) by the matmul expansion
+    :math:`\|x\|^2 + \|y\|^2 - 2\langle x, y\rangle`, with the pairs where that expansion
+    cancels (below :data:`NEAR_PAIR` of :math:`\|x\|^2 + \|y\|^2`, e.g. a point and itself)
+    recomputed from exact differences: a matmul's speed, no N × M × D tensor, and
+    :math:`\|x - x\|^2 = 0` exactly."""
+    scale = x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1).unsqueeze(0)
+    sq = (scale - 2 * (x @ y.t())).clamp_min(0)
+    near_x, near_y = (sq < NEAR_PAIR * scale).nonzero(as_tuple=True)
+    exact = (x[near_x] - y[near_y]).pow(2).sum(-1)
+    return sq.index_put((near_x, near_y), exact)
 
 
 def poincare_distance(x: Tensor, y: Tensor, c: float) -> Tensor:
     r"""Pairwise Poincaré distances (N × M) of points on the ball of curvature ``c``:
     :math:`d_c(x, y) = \frac{2}{\sqrt c} \operatorname{artanh}(\sqrt c\, \|(-x) \oplus_c y\|)`.
 
-    The norm of the Möbius sum is expanded in inner products, so no N × M × D tensor is formed:
-    with :math:`a = -x`, :math:`a \oplus_c y = (A a + B y) / E`, :math:`A = 1 + 2c\langle a, y
-    \rangle + c\|y\|^2`, :math:`B = 1 - c\|a\|^2`, :math:`E = 1 + 2c\langle a, y\rangle +
-    c^2\|a\|^2\|y\|^2`.
+    Computed from the identity :math:`\|(-x) \oplus_c y\|^2 = \|x - y\|^2 / (c\|x - y\|^2 +
+    (1 - c\|x\|^2)(1 - c\|y\|^2))` with :func:`squared_distances`: near the boundary the Möbius
+    sum divides by :math:`(1 - c\|x\|^2)^2`, which turns any rounding (or a floor kept for the
+    gradient) in an expanded numerator into a visible distance of a point to itself. Here
+    :math:`d_c(x, x) = 0` (up to a 1e-15 floor), with a finite gradient.
     """
-    ay = -(x @ y.t())
-    a2 = x.pow(2).sum(-1, keepdim=True)
-    y2 = y.pow(2).sum(-1).unsqueeze(0)
-    coef_a = 1 + 2 * c * ay + c * y2
-    coef_b = 1 - c * a2
-    denom = 1 + 2 * c * ay + c**2 * a2 * y2
-    num2 = coef_a.pow(2) * a2 + 2 * coef_a * coef_b * ay + coef_b.pow(2) * y2
-    # The clamp keeps sqrt's gradient finite at d(x, x) = 0 (and absorbs rounding below 0).
-    norm = num2.clamp_min(MIN_NORM).sqrt() / denom
+    sq = squared_distances(x, y)
+    x_conf = 1 - c * x.pow(2).sum(-1, keepdim=True)
+    y_conf = 1 - c * y.pow(2).sum(-1).unsqueeze(0)
+    # The floor keeps sqrt's gradient finite at d(x, x) = 0.
+    norm = (sq / (c * sq + x_conf * y_conf)).clamp_min(MIN_NORM**2).sqrt()
     sqrt_c = c**0.5
     return 2 / sqrt_c * torch.atanh((sqrt_c * norm).clamp(max=1 - ARTANH_EPS))
 
@@ -142,7 +160,8 @@ class PairwiseCrossEntropyLoss(nn.Module):
     def embed(self, embeddings: Tensor) -> Tensor:
         """Map raw embeddings to the unit sphere or the Poincaré ball."""
         if self.space == "sphere":
-            return F.normalize(embeddings, dim=-1)
+            # Not F.normalize: its x / eps gives a zero row a gradient that overflows float16.
+            return normalize_rows(embeddings, dtype=embeddings.dtype)
         return to_poincare_ball(embeddings, self.c, self.clip_r)
 
     def similarity(self, z: Tensor) -> Tensor:

@@ -46,17 +46,24 @@ def _is_edge_list(edge_index: Adj) -> bool:
     return isinstance(edge_index, Tensor) and edge_index.layout == torch.strided
 
 
-def _adjacency_edges(adj: Adj, num_src: int, num_dst: int) -> Tensor:
+def _adjacency_edges(adj: Adj, num_src: int, num_dst: int) -> tuple[Tensor, OptTensor]:
     """The (2, E) edge list j→i of a ``SparseTensor`` / ``torch.sparse`` adjacency ``adj_t`` (rows
     = targets, columns = sources), in its stored (coalesced) entry order, which edge features
-    follow. Its values are ignored (attention weighs the edges)."""
+    follow, and the edge features the adjacency carries, as PyG's ``propagate`` reads them: a
+    ``SparseTensor``'s values (any shape), a ``torch.sparse`` tensor's values only when they
+    are vectors (hybrid, (E, D)): its scalar values are edge weights. ``None`` without any."""
     size = tuple(adj.sparse_sizes()) if isinstance(adj, SparseTensor) else tuple(adj.shape[:2])
     if size != (num_dst, num_src):
         raise ValueError(
             f"edge_index (a sparse adjacency, rows = targets) must have size ({num_dst}, "
             f"{num_src}) to match x, got {size}"
         )
-    return to_edge_index(adj)[0].flip(0)
+    edges, values = to_edge_index(adj)
+    if isinstance(adj, SparseTensor):
+        values = adj.storage.value()
+    elif values.dim() == 1:
+        values = None
+    return edges.flip(0), values
 
 
 def _weights_as_adjacency(
@@ -146,8 +153,13 @@ class BatchGraphConv(MessagePassing):
     Every path gives the edge-list result, also for non-finite input: a NaN or inf feature makes
     exactly the rows non-finite whose attention neighbourhood holds it. A ``SparseTensor`` or
     ``torch.sparse`` adjacency is read as an edge list in its stored (coalesced) order, which
-    :obj:`edge_attr` rows follow. PyG's explainers see every path: explain mode or a
-    ``propagate``/``message``/``aggregate`` hook routes the layer through :meth:`propagate`.
+    :obj:`edge_attr` rows follow. Without :obj:`edge_attr`, a layer with :obj:`edge_dim` takes the
+    edge features from the adjacency as PyG's ``propagate`` does: a ``SparseTensor``'s values
+    (e.g. ``SparseTensor.from_edge_index(edge_index, edge_attr, sparse_sizes=...).t()``) or a
+    hybrid ``torch.sparse`` tensor's (E, D) values (its scalar values are edge weights and are
+    ignored). With :obj:`edge_dim=1` edge features may be given as a vector (E,). PyG's
+    explainers see every path: explain mode or a ``propagate``/``message``/``aggregate`` hook
+    routes the layer through :meth:`propagate`.
 
     Args:
         in_channels (int or tuple): Size of each input sample, or :obj:`-1` to derive it from the
@@ -307,7 +319,8 @@ class BatchGraphConv(MessagePassing):
             x (torch.Tensor or (torch.Tensor, torch.Tensor)): The input node features.
             edge_index (torch.Tensor or SparseTensor): Edge indices (2, E), row 0 = source, or a
                 ``SparseTensor`` / ``torch.sparse`` adjacency ``adj_t`` (rows = targets).
-            edge_attr (torch.Tensor, optional): Edge features (E, edge_dim).
+            edge_attr (torch.Tensor, optional): Edge features (E, edge_dim) (or (E,) when
+                edge_dim=1); taken from a sparse adjacency's values when not given.
                 (default: :obj:`None`)
             return_attention_weights (bool, optional): If truthy, also return
                 :obj:`(edge_index, attention_weights)` (PyG ≥ 2.8 ``GATConv`` semantics: a
@@ -319,7 +332,11 @@ class BatchGraphConv(MessagePassing):
         # sizes then take one code path, and the attention paths below see one input form.
         adjacency = None if _is_edge_list(edge_index) else edge_index
         if adjacency is not None:
-            edge_index = _adjacency_edges(adjacency, num_src, num_dst)
+            edge_index, values = _adjacency_edges(adjacency, num_src, num_dst)
+            if edge_attr is None and self.lin_edge is not None:
+                edge_attr = values
+        if edge_attr is not None and edge_attr.dim() == 1 and self.edge_dim == 1:
+            edge_attr = edge_attr.view(-1, 1)
         self._check_inputs(x_src, x_dst, edge_index, edge_attr)
         query, key, value = self._project(x_src, x_dst)
         return_weights = bool(return_attention_weights)
@@ -409,7 +426,10 @@ class BatchGraphConv(MessagePassing):
         num_edges = edge_index.size(1)
         if self.lin_edge is not None:
             if edge_attr is None:
-                raise ValueError(f"edge_attr is required: the layer has edge_dim={self.edge_dim}")
+                raise ValueError(
+                    f"edge_attr is required: the layer has edge_dim={self.edge_dim} (pass it, or "
+                    "as the values of a SparseTensor adjacency)"
+                )
             if edge_attr.dim() == 1:
                 raise ValueError(
                     f"edge_attr must have shape (E, {self.edge_dim}), got {tuple(edge_attr.shape)}"

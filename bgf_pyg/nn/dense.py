@@ -76,17 +76,17 @@ def dense_attention(
     # over the N² matrix in all: this mask is the dense path's main cost beyond the two matmuls.
     log_adj = adj.to(query.dtype).masked_fill(~has_neighbour.unsqueeze(1), 1.0).log_()
     q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # (H, N, d)
+    # The output is always SDPA's: asking for the weights must not change what is computed (a
+    # softmax-then-matmul of its own rounds differently). The weights cost a second score pass.
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=log_adj, dropout_p=dropout if training else 0.0
+    )
     alpha = None
     if return_weights:
         scores = q @ k.transpose(1, 2) / math.sqrt(q.size(-1)) + log_adj
         alpha = scores.softmax(dim=-1).masked_fill(~has_neighbour.view(1, -1, 1), 0.0)
         # Edge-list semantics: a non-finite key makes its targets' weights NaN (a value does not).
         alpha = alpha.masked_fill(reached[0].t().unsqueeze(-1), math.nan)
-        out = F.dropout(alpha, p=dropout, training=training) @ v
-    else:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=log_adj, dropout_p=dropout if training else 0.0
-        )
     out = out.transpose(0, 1).masked_fill(~has_neighbour.view(-1, 1, 1), 0.0)
     return out.masked_fill((reached[0] | reached[1]).unsqueeze(-1), math.nan), alpha
 

@@ -15,6 +15,8 @@ from torch_geometric.nn import MessagePassing
 from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.utils import degree, remove_self_loops
 
+from ..checks import check_edge_index, check_features, check_positive_int
+
 #: Weight of a node on itself in A_same + I (once from A_same's diagonal, once from I).
 SELF_WEIGHT = 2.0
 
@@ -35,7 +37,7 @@ class SameLabelPropagation(MessagePassing):
 
     def __init__(self, channels: int, bias: bool = True) -> None:
         super().__init__(aggr="add")
-        self.channels = channels
+        self.channels = check_positive_int(channels, "channels")
         self.lin = Linear(channels, channels, bias=bias, weight_initializer="glorot")
         self.reset_parameters()
 
@@ -44,6 +46,8 @@ class SameLabelPropagation(MessagePassing):
         self.lin.reset_parameters()
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        check_features(x, "x", width=self.channels, finite=False)
+        check_edge_index(edge_index, x.size(0), name="edge_index")
         edge_index, _ = remove_self_loops(edge_index)
         h = self.lin(x)
         neighbours = self.propagate(edge_index, x=h)

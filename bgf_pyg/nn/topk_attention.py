@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch_geometric.nn.dense.linear import Linear
 
 from ..checks import check_features, check_labels, check_positive_int, check_probability
-from ..knn import _select_with_ties
+from ..knn import select_with_ties
 
 #: Default number of attention scores (heads × query rows × keys) computed at once (16 Mi).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -147,7 +147,7 @@ class TopKAttention(nn.Module):
         for start in range(0, num_nodes, rows):
             scores = query[:, start:start + rows] @ key.transpose(1, 2) / math.sqrt(key.size(-1))
             with torch.no_grad():  # (H, c, N) scores; the choice of the K has no gradient
-                _, index = _select_with_ties(scores.detach().flatten(0, 1), kept)
+                _, index = select_with_ties(scores.detach().flatten(0, 1), kept)
             index = index.view(*scores.shape[:2], kept)
             weights = scores.gather(-1, index).softmax(dim=-1)
             weights = F.dropout(weights, p=self.dropout, training=self.training)
