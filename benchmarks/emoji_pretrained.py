@@ -8,8 +8,11 @@ on the validation classes (seed 0; the commands are in the README's Results sect
 sweeps' runs in ``benchmarks/results/sweeps/``); this script then trains each model for every seed
 and reports test R@1 and MAP@R, mean ± std over the seeds, each BGFormer model minus plain (the
 same loss) paired by seed, and the wall time of every run. The first row is the pretrained
-features themselves, untrained. Every run is kept in the JSON as it finishes; running the command
-again skips the finished runs and resumes a killed one.
+features themselves, untrained. Every run also evaluates its selected checkpoint with the test-time
+refinements (``--refine``: query expansion for every model, the learned BGFormer refinement for
+the kNN BGFormer models; k and α chosen on the validation classes), reported per model as the
+change against no refinement, paired by seed. Every run is kept in the JSON as it finishes;
+running the command again skips the finished runs and resumes a killed one.
 
     python benchmarks/emoji_pretrained.py --data-root data/emoji --seeds 0 1 2 3 4 \\
         --out benchmarks/results/emoji_pretrained.json
@@ -38,7 +41,7 @@ from bgf_pyg.cli import (
 )
 from bgf_pyg.models.efficientnet import efficientnet_trunk
 from bgf_pyg.options import OneLineParser, seed_int
-from bgf_pyg.run_folder import LAST_CHECKPOINT, atomic_write
+from bgf_pyg.run_folder import LAST_CHECKPOINT, atomic_write, read_metrics
 
 #: Options every run shares: frozen pretrained features, 128-d embeddings, 16 × 4 batches.
 COMMON = ["--dataset", "emoji", "--backbone", "efficientnet_lite0", "--freeze-backbone",
@@ -68,6 +71,8 @@ MODELS: dict[str, tuple[str | None, list[str]]] = {
     "proxygml": (None, ["--method", "proxygml", "--batch-size", "64", "--lr", "1e-3"]),
 }
 UNTRAINED = "pretrained features, untrained"
+#: Test-time refinements, their settings chosen on the validation classes.
+REFINE_GRID = ["--refine-k", "5", "10", "20", "--refine-alpha", "0", "1", "3"]
 METRICS = ("recall@1", "map@r")
 
 
@@ -87,10 +92,17 @@ def run_name(model: str, seed: int) -> str:
     return f"{'-'.join(filter(None, slug.split('-')))}-s{seed}"
 
 
+def refinements(options: Sequence[str]) -> str:
+    """``--refine``'s value for a model: the learned refinement needs BGFormer's kNN branch."""
+    learned = "bgformer" in options and "attention_topk" not in options
+    return "none,qe,bgformer" if learned else "none,qe"
+
+
 def train_argv(args: argparse.Namespace, model: str, seed: int) -> list[str]:
     out = Path(args.runs, run_name(model, seed))
-    return [*COMMON, "--data-root", args.data_root, *MODELS[model][1], "--seed", str(seed),
-            "--out", str(out),
+    options = MODELS[model][1]
+    return [*COMMON, "--data-root", args.data_root, *options, "--seed", str(seed),
+            "--out", str(out), "--refine", refinements(options), *REFINE_GRID,
             # a run killed midway continues from its checkpoint; one without starts afresh
             "--resume" if (out / LAST_CHECKPOINT).is_file() else "--overwrite"]
 
@@ -104,6 +116,22 @@ def untrained_metrics(args: argparse.Namespace) -> dict[str, float]:
     trunk, _ = efficientnet_trunk(options.backbone, options.pretrained)
     splits = frozen_splits(options, splits, trunk.eval(), torch.device("cpu"))
     return raw_pixel_metrics(splits.test)
+
+
+def refinement_records(out: Path) -> dict[str, dict]:
+    """The test records of each refinement of a finished run, by refinement name."""
+    return {r["refine"]: {key: value for key, value in r.items()
+                          if key in (*METRICS, "refine_k", "refine_alpha")}
+            for r in read_metrics(out) if r.get("final") and r.get("split") == "test"
+            and "refine" in r}
+
+
+def paired(values: dict[int, float], reference: dict[int, float]) -> dict:
+    """``values`` minus ``reference``, paired by seed."""
+    diffs = [values[s] - reference[s] for s in sorted(values) if s in reference]
+    return {"per_seed": diffs, "mean": statistics.mean(diffs),
+            "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "ahead": sum(d > 0 for d in diffs)}
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -120,14 +148,24 @@ def summarise(records: list[dict]) -> list[dict]:
             values = [r[metric] for r in runs.values()]
             row[metric] = (statistics.mean(values),
                            statistics.stdev(values) if len(values) > 1 else 0.0)
-        paired = MODELS.get(model, (None, []))[0]
-        if paired in by_model:
-            diffs = [runs[s]["recall@1"] - by_model[paired][s]["recall@1"]
-                     for s in sorted(runs) if s in by_model[paired]]
+        plain = MODELS.get(model, (None, []))[0]
+        if plain in by_model:
             row["minus_plain_recall@1"] = {
-                "against": paired, "per_seed": diffs, "mean": statistics.mean(diffs),
-                "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                "ahead": sum(d > 0 for d in diffs)}
+                "against": plain,
+                **paired({s: r["recall@1"] for s, r in runs.items()},
+                         {s: r["recall@1"] for s, r in by_model[plain].items()})}
+        row["refine"] = {}
+        for name in ("qe", "bgformer"):
+            refined = {s: r["refine"][name] for s, r in runs.items() if name in r.get("refine", {})}
+            if not refined:
+                continue
+            row["refine"][name] = {
+                "settings": [(r.get("refine_k"), r.get("refine_alpha")) for r in refined.values()],
+                **{metric: {"mean": statistics.mean(r[metric] for r in refined.values()),
+                            "minus_none": paired(
+                                {s: r[metric] for s, r in refined.items()},
+                                {s: runs[s]["refine"]["none"][metric] for s in refined})}
+                   for metric in METRICS}}
         rows.append(row)
     return rows
 
@@ -178,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         metrics = run(parse_args(train_argv(args, model, seed), prog="emoji_pretrained.py"))
         records.append({"model": model, "seed": seed, "wall_s": time.perf_counter() - start,
-                        **metrics})
+                        **metrics,
+                        "refine": refinement_records(Path(args.runs, run_name(model, seed)))})
         payload["summary"] = summarise(records)
         save(out, payload)
     payload["summary"] = summary = summarise(records)
@@ -196,6 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             line += (f"  − plain: {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} "
                      f"(ahead on {d['ahead']}/{len(d['per_seed'])})")
         print(line)
+        for name, refined in s["refine"].items():
+            print(f"    refine {name:8s} " + "  ".join(
+                f"{metric} {100 * refined[metric]['mean']:5.1f} "
+                f"({100 * refined[metric]['minus_none']['mean']:+.1f} ± "
+                f"{100 * refined[metric]['minus_none']['std']:.1f}, up on "
+                f"{refined[metric]['minus_none']['ahead']}/"
+                f"{len(refined[metric]['minus_none']['per_seed'])})" for metric in METRICS))
     return 0
 
 
