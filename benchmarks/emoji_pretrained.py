@@ -97,8 +97,7 @@ def thread_argv(args: argparse.Namespace) -> list[str]:
 def train_argv(args: argparse.Namespace, model: str, seed: int) -> list[str]:
     out = Path(args.runs, run_name(model, seed))
     return [*COMMON, "--data-root", args.data_root, *MODELS[model][1], *thread_argv(args),
-            "--seed", str(seed),
-            "--out", str(out),
+            "--seed", str(seed), "--out", str(out),
             # a run killed midway continues from its checkpoint; one without starts afresh
             "--resume" if (out / LAST_CHECKPOINT).is_file() else "--overwrite"]
 
