@@ -38,9 +38,10 @@ from bgf_pyg.cli import (
     run,
     setup_logging,
     transform_options,
+    use_threads,
 )
 from bgf_pyg.models.efficientnet import efficientnet_trunk
-from bgf_pyg.options import OneLineParser, seed_int
+from bgf_pyg.options import OneLineParser, positive_int, seed_int
 from bgf_pyg.run_folder import LAST_CHECKPOINT, atomic_write, read_metrics
 
 #: Options every run shares: frozen pretrained features, 128-d embeddings, 16 × 4 batches.
@@ -81,6 +82,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", required=True, help="the emoji cache (bgf-data emoji --root)")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="bgf-train --threads of every run (default: bgf-train's)")
     p.add_argument("--runs", default="runs/emoji", help="parent of the run folders")
     p.add_argument("--out", default="benchmarks/results/emoji_pretrained.json")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
@@ -98,11 +101,16 @@ def refinements(options: Sequence[str]) -> str:
     return "none,qe,bgformer" if learned else "none,qe"
 
 
+def thread_argv(args: argparse.Namespace) -> list[str]:
+    return [] if args.threads is None else ["--threads", str(args.threads)]
+
+
 def train_argv(args: argparse.Namespace, model: str, seed: int) -> list[str]:
     out = Path(args.runs, run_name(model, seed))
     options = MODELS[model][1]
-    return [*COMMON, "--data-root", args.data_root, *options, "--seed", str(seed),
-            "--out", str(out), "--refine", refinements(options), *REFINE_GRID,
+    return [*COMMON, "--data-root", args.data_root, *options, *thread_argv(args),
+            "--seed", str(seed), "--out", str(out), "--refine", refinements(options),
+            *REFINE_GRID,
             # a run killed midway continues from its checkpoint; one without starts afresh
             "--resume" if (out / LAST_CHECKPOINT).is_file() else "--overwrite"]
 
@@ -110,7 +118,8 @@ def train_argv(args: argparse.Namespace, model: str, seed: int) -> list[str]:
 def untrained_metrics(args: argparse.Namespace) -> dict[str, float]:
     """Test-split retrieval on the frozen backbone's pooled features (read from the cache)."""
     options = parse_args([*COMMON, "--data-root", args.data_root, *MODELS[next(iter(MODELS))][1],
-                          "--out", str(Path(args.runs, "untrained"))], prog="emoji_pretrained.py")
+                          *thread_argv(args), "--out", str(Path(args.runs, "untrained"))],
+                         prog="emoji_pretrained.py")
     splits = load_splits(options.dataset, options.data_root, options=transform_options(options),
                          val_classes=options.val_classes, val_seed=options.val_seed)
     trunk, _ = efficientnet_trunk(options.backbone, options.pretrained)
@@ -200,14 +209,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     out = Path(args.out)
     plan = [(m, s) for m in args.models for s in args.seeds]
-    for model, seed in plan:  # every run's options are checked before the first one starts
-        parse_args(train_argv(args, model, seed), prog="emoji_pretrained.py")
+    # every run's options are checked before the first one starts
+    checked = [parse_args(train_argv(args, *key), prog="emoji_pretrained.py") for key in plan]
     saved = json.loads(out.read_text()) if out.is_file() else {"runs": []}
     records = saved["runs"]
     done = {(r["model"], r["seed"]) for r in records}
     setup_logging()
+    use_threads(checked[0].threads)  # the untrained row's too
     payload = {"config": {"common": COMMON, "models": {m: MODELS[m] for m in args.models},
-                          "threads": torch.get_num_threads()},
+                          "threads": checked[0].threads},
                "untrained": saved.get("untrained") or untrained_metrics(args), "runs": records}
     for i, (model, seed) in enumerate(plan, 1):
         if (model, seed) in done:

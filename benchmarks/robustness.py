@@ -54,6 +54,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--alpha", type=probability, default=None,
                    help="BGFormer's α for both bgformer models (default: the demo's); with a "
                         "smaller α the graph term weighs more in the loss")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="bgf-train --threads of every run (default: bgf-train's)")
     p.add_argument("--runs", default="runs/robustness", help="parent of the run folders")
     p.add_argument("--out", default="benchmarks/results/robustness_demo.json")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
@@ -83,6 +85,8 @@ def train_argv(args: argparse.Namespace, model: str, corruption: str, level: flo
         argv += ["--alpha", str(args.alpha)]
     if corruption != "clean":
         argv += [f"--{corruption.replace('_', '-')}", str(level)]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
     # a run killed midway continues from its checkpoint; a folder without one starts afresh
     argv.append("--resume" if (out / LAST_CHECKPOINT).is_file() else "--overwrite")
     return argv
@@ -134,8 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = [(m, c, lvl, s) for c, lvl in conditions(args) for m in args.models
             for s in args.seeds]
     # every run's options are checked before the first one starts
-    for model, corruption, level, seed in plan:
-        parse_args(train_argv(args, model, corruption, level, seed), prog="robustness.py")
+    checked = [parse_args(train_argv(args, *key), prog="robustness.py") for key in plan]
     saved = json.loads(out.read_text()) if out.is_file() else {"config": {}, "runs": []}
     for option in ("epochs", "alpha"):  # runs of other settings would be averaged together
         if option in saved["config"] and saved["config"][option] != getattr(args, option):
@@ -145,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = {(r["model"], r["corruption"], r["level"], r["seed"]) for r in records}
     config = {"epochs": args.epochs, "alpha": args.alpha, "demo_batch": DEMO_BATCH,
               "demo_defaults": {m: demo_defaults(MODELS[m][0]) for m in args.models},
-              "models": {m: MODELS[m] for m in args.models}}
+              "models": {m: MODELS[m] for m in args.models}, "threads": checked[0].threads}
     setup_logging()
     start = time.perf_counter()
     for i, (model, corruption, level, seed) in enumerate(plan, 1):

@@ -15,6 +15,7 @@ a user error is reported by every rank.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -70,6 +71,7 @@ from .options import (
     HelpFormatter,
     OneLineParser,
     applies,
+    auto_threads,
     device,
     explicit_dests,
     fraction,
@@ -176,7 +178,8 @@ PROTOCOLS = {
 RESUMABLE_OPTIONS = frozenset({"epochs", "eval_every", "resume", "overwrite", "out", "data_root",
                                "device", "num_workers", "no_progress", "check_images",
                                "checkpoint_every", "dist_timeout", "list_presets",
-                               "feature_cache", "refine", "refine_k", "refine_alpha"})
+                               "feature_cache", "refine", "refine_k", "refine_alpha",
+                               "threads"})
 
 
 def dataset_help() -> str:
@@ -373,7 +376,29 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--dist-timeout", type=positive_float, default=distributed.DEFAULT_TIMEOUT_S,
                    metavar="SECONDS", help="under torchrun: how long a rank waits for the others "
                    "before failing")
+    add_threads_option(p)
     return p
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """``--threads`` (shared with ``bgf-eval``)."""
+    p.add_argument("--threads", type=positive_int, default=auto_threads(), metavar="N",
+                   help="CPU threads of torch's operations in this process; more than the free "
+                        "cores slows a run several times over on a shared machine, and results "
+                        "may differ in the last bits with the count (on CUDA it matters little). "
+                        "Auto: OMP_NUM_THREADS when set, else half the CPUs this process may "
+                        "use, divided among torchrun's processes on the node, at least 1 "
+                        "(default: %(default)s, the auto count here)")
+
+
+def use_threads(count: int) -> None:
+    """Run torch's CPU operations on ``count`` threads (``--threads``): intra-op always,
+    inter-op too while torch still allows it (only before its first parallel work)."""
+    torch.set_num_threads(count)
+    if torch.get_num_interop_threads() != count:
+        # once started, the inter-op pool keeps its count (it runs few of the operations)
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(count)
 
 
 def parse_args(
@@ -679,8 +704,11 @@ def transform_options(args: argparse.Namespace) -> TransformOptions:
 def run(args: argparse.Namespace) -> dict[str, float]:
     """Train and evaluate one method as ``args`` (from :func:`parse_args`) says; return the last
     evaluation's metrics."""
+    use_threads(args.threads)
     device = distributed.init_distributed(args.device, args.dist_timeout)
-    distributed.check_same_on_all_ranks(vars(args), "options")
+    # each rank its own --threads default (its CPUs)
+    distributed.check_same_on_all_ranks(
+        {k: v for k, v in vars(args).items() if k != "threads"}, "options")
     out = Path(args.out)
     check_run_folder(out, args.resume, args.overwrite)  # before any data is read
     # The same seed on every rank: identical initial weights and identical dropout masks in the
@@ -719,7 +747,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         method, train, optimizer, out,
         epochs=args.epochs, scheduler=scheduler, device=device, eval_every=args.eval_every,
         resume=args.resume, overwrite=args.overwrite,
-        config={**run_config(args), "val_class_ids": splits.val_class_ids}, amp=args.amp,
+        config={**run_config(args), "val_class_ids": splits.val_class_ids,
+                "threads": torch.get_num_threads()}, amp=args.amp,
         progress=False if args.no_progress else None, callback=logger,
         checkpoint_every=args.checkpoint_every,
         clip_grad=args.clip_grad, freeze_bn=args.freeze_bn,

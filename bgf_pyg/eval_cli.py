@@ -21,6 +21,7 @@ from .cli import (
     EXIT_USAGE,
     USER_ERRORS,
     add_refine_options,
+    add_threads_option,
     build_parser,
     build_run_method,
     check_refine_request,
@@ -31,6 +32,7 @@ from .cli import (
     row_name,
     setup_logging,
     transform_options,
+    use_threads,
 )
 from .options import HelpFormatter, OneLineParser, check_refine, device, non_negative_int
 from .run_folder import (
@@ -62,6 +64,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write every record (refinement, split, setting, metrics) to FILE "
                         "(default: none)")
+    add_threads_option(p)
     return p
 
 
@@ -72,7 +75,7 @@ def run_options(config: dict, eval_args: argparse.Namespace) -> argparse.Namespa
     for name, value in config.items():
         if name.startswith("--"):
             setattr(args, name[2:].replace("-", "_"), value)
-    for dest in ("refine", "refine_k", "refine_alpha", "num_workers"):
+    for dest in ("refine", "refine_k", "refine_alpha", "num_workers", "threads"):
         setattr(args, dest, getattr(eval_args, dest))
     if eval_args.data_root is not None:
         args.data_root = eval_args.data_root
@@ -126,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     setup_logging()
+    use_threads(eval_args.threads)
     try:
         args, records = evaluate_run(eval_args)
         if eval_args.json is not None:

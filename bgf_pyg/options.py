@@ -38,7 +38,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-from collections.abc import Callable, Collection, Sequence
+import os
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -115,6 +116,23 @@ probability = Number(float, low=0, high=1)
 fraction = Number(float, low=0, high=1, low_open=True)
 #: ``--trainable-stages``: the last 1 to all of EfficientNet-Lite0's stages.
 stage_count = Number(int, low=1, high=NUM_STAGES)
+
+
+def auto_threads(environ: Mapping[str, str] | None = None, cpus: int | None = None) -> int:
+    """``--threads``' default: ``OMP_NUM_THREADS`` when it is set to a count (a per-process
+    setting: torchrun sets it to 1), else half the ``cpus`` this process may run on (default:
+    ``os.sched_getaffinity``), divided among torchrun's ``LOCAL_WORLD_SIZE`` processes; at
+    least 1. Half, because torch's own default (one thread per core) stalls when another
+    process holds a core: every parallel operation waits for its slowest thread."""
+    environ = os.environ if environ is None else environ
+    first = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # "4,2": nested levels
+    if first.isdigit() and int(first) > 0:
+        return int(first)
+    if cpus is None:
+        cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1)
+    local = environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, cpus // 2 // (int(local) if local.isdigit() and int(local) > 0 else 1))
 
 
 def val_classes(text: str) -> int | float:

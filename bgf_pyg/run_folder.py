@@ -125,17 +125,24 @@ def require_keys(state: Mapping, keys: tuple[str, ...], path: str | os.PathLike)
                          "training loop (or was written by an older version)")
 
 
+#: Keys of a checkpoint's configuration that record how the run was executed, not what it
+#: computes (the CPU thread count): stored, never compared on resume.
+EXECUTION_KEYS = frozenset({"threads"})
+
+
 def check_config(
     saved: Mapping | None, current: Mapping | None, path: str | os.PathLike
 ) -> None:
     """Refuse to resume from a checkpoint written with another configuration, naming every
-    differing option. A checkpoint without a recorded configuration is not compared."""
+    differing option (:data:`EXECUTION_KEYS` aside). A checkpoint without a recorded
+    configuration is not compared."""
     if current is None:
         return
     if saved is None:
         log.warning("%s records no configuration; the options are not compared", path)
         return
-    differ = [k for k in sorted({*saved, *current}) if saved.get(k) != current.get(k)]
+    differ = [k for k in sorted({*saved, *current} - EXECUTION_KEYS)
+              if saved.get(k) != current.get(k)]
     if differ:
         changes = "; ".join(f"{k} {show_value(current.get(k))} now, "
                             f"{show_value(saved.get(k))} in the checkpoint" for k in differ)

@@ -30,6 +30,7 @@ from bgf_pyg.cli import (
     row_name,
     run,
     setup_logging,
+    use_threads,
 )
 from bgf_pyg.data import build_dataset
 from bgf_pyg.models import METHODS
@@ -94,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("No --data-root given: training on the embedded demo set (two-digit numbers, "
               "28×56, smallcnn) instead of CUB-200-2011.")
     setup_logging()
+    use_threads(plan[methods[0], args.seeds[0]].threads)  # every run's, the baseline row's too
     rows, failures, exit_code = [], [], 0
     finished: dict[str, dict[int, dict[str, float]]] = {}
     start = time.perf_counter()
