@@ -49,27 +49,33 @@ COMMON = ["--dataset", "emoji", "--backbone", "efficientnet_lite0", "--freeze-ba
           "--embedding-dim", "128", "--epochs", "30", "--eval-every", "5", "--no-progress"]
 BALANCED = ["--classes-per-batch", "16", "--samples-per-class", "4"]
 #: BGFormer's shared settings: a learned 128-d projection feeds the graph and the head.
-BGFORMER = ["--method", "bgformer", *BALANCED, "--graph-dim", "128", "--lr", "1e-3"]
+BGFORMER = ["--method", "bgformer", *BALANCED, "--graph-dim", "128", "--lr", "3e-4"]
+PLAIN = "plain (multi-similarity)"
 #: name → (the plain model it is paired with or None, bgf-train options chosen on validation)
 MODELS: dict[str, tuple[str | None, list[str]]] = {
-    "plain (multi-similarity)": (None, ["--method", "plain", *BALANCED, "--lr", "3e-4"]),
+    PLAIN: (None, ["--method", "plain", *BALANCED, "--lr", "3e-4"]),
     "plain (PCE)": (None, ["--method", "plain", *BALANCED, "--lr", "1e-3", "--loss", "pce"]),
     "bgformer, kNN, visual only": (
-        "plain (multi-similarity)", [*BGFORMER, "--lam", "1.0", "--alpha", "0.5", "--k", "10"]),
+        PLAIN, [*BGFORMER, "--lam", "1.0", "--alpha", "0.9", "--k", "5"]),
     "bgformer, top-K, visual only": (
-        "plain (multi-similarity)", [*BGFORMER, "--lam", "1.0", "--alpha", "0.5", "--k", "10",
-                                     "--visual-graph", "attention_topk"]),
+        PLAIN, [*BGFORMER, "--lam", "1.0", "--alpha", "0.9", "--k", "10",
+                "--visual-graph", "attention_topk"]),
     "bgformer, kNN + semantic": (
-        "plain (multi-similarity)", [*BGFORMER, "--lam", "0.5", "--alpha", "0.5", "--k", "10"]),
+        PLAIN, [*BGFORMER, "--lam", "0.5", "--alpha", "0.5", "--k", "10"]),
     "bgformer, kNN + semantic, detached": (
-        "plain (multi-similarity)", [*BGFORMER, "--lam", "0.5", "--alpha", "0.5", "--k", "10",
-                                     "--detach-graph-input"]),
-    "bgformer, top-K + label propagation": (
-        "plain (multi-similarity)", [*BGFORMER, "--lam", "0.7", "--alpha", "0.5", "--k", "30",
-                                     "--visual-graph", "attention_topk",
-                                     "--semantic-branch", "label_propagation"]),
-    "intra-batch": (None, ["--method", "intra-batch", *BALANCED, "--lr", "1e-3"]),
-    "proxygml": (None, ["--method", "proxygml", "--batch-size", "64", "--lr", "1e-3"]),
+        PLAIN, [*BGFORMER, "--lam", "0.5", "--alpha", "0.5", "--k", "10",
+                "--detach-graph-input"]),
+    "bgformer, authors' form": (
+        PLAIN, [*BGFORMER, "--lam", "0.3", "--alpha", "0.5", "--k", "30",
+                "--visual-graph", "attention_topk", "--semantic-branch", "label_propagation"]),
+    "bgformer, authors' form, detached": (
+        PLAIN, [*BGFORMER, "--lam", "0.3", "--alpha", "0.5", "--k", "30",
+                "--visual-graph", "attention_topk", "--semantic-branch", "label_propagation",
+                "--detach-graph-input"]),
+    "intra-batch": (None, ["--method", "intra-batch", *BALANCED, "--lr", "1e-3",
+                           "--graph-layers", "2"]),
+    "proxygml": (None, ["--method", "proxygml", "--batch-size", "64", "--lr", "3e-4",
+                        "--proxies-per-class", "1"]),
 }
 UNTRAINED = "pretrained features, untrained"
 #: Test-time refinements, their settings chosen on the validation classes.
