@@ -77,8 +77,8 @@ def run_options(config: dict, eval_args: argparse.Namespace) -> argparse.Namespa
             setattr(args, name[2:].replace("-", "_"), value)
     for dest in ("refine", "refine_k", "refine_alpha", "num_workers", "threads"):
         setattr(args, dest, getattr(eval_args, dest))
-    if eval_args.data_root is not None:
-        args.data_root = eval_args.data_root
+    args.data_root = eval_args.data_root or config.get("data_root")
+    args.feature_cache = config.get("feature_cache")
     args.device = eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 

@@ -126,8 +126,9 @@ def require_keys(state: Mapping, keys: tuple[str, ...], path: str | os.PathLike)
 
 
 #: Keys of a checkpoint's configuration that record how the run was executed, not what it
-#: computes (the CPU thread count): stored, never compared on resume.
-EXECUTION_KEYS = frozenset({"threads"})
+#: computes (the CPU thread count, the folders the data and the feature cache were read from):
+#: stored, never compared on resume.
+EXECUTION_KEYS = frozenset({"threads", "data_root", "feature_cache"})
 
 
 def check_config(

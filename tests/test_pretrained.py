@@ -3,6 +3,7 @@ feature cache and the two ways to train on a CPU: frozen features and partial fi
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from bgf_pyg import run_folder
+from bgf_pyg import cli, run_folder
 from bgf_pyg.cli import main, parse_args, transform_options
 from bgf_pyg.data import CUB200, ClassBalancedBatchSampler, eval_transform
 from bgf_pyg.data.features import (
@@ -28,6 +29,7 @@ from bgf_pyg.data.features import (
 from bgf_pyg.data.noise import CorruptedTraining
 from bgf_pyg.data.splits import ClassSubset
 from bgf_pyg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from bgf_pyg.eval_cli import main as eval_main
 from bgf_pyg.models import backbone_normalization, build_backbone, build_method
 from bgf_pyg.models.efficientnet import NUM_STAGES, PRETRAINED_EXTRA
 from bgf_pyg.train import build_optimizer
@@ -287,6 +289,27 @@ def test_frozen_training_with_a_resnet_weights_file(tmp_path, capsys, tiny_eval)
                             "--feature-cache", str(tmp_path / "features")))
     assert code == 0, capsys.readouterr().err
     assert len(list((tmp_path / "features").glob("resnet18-*.pt"))) == 2  # train, test
+
+
+def test_bgf_eval_rebuilds_a_frozen_run_from_its_checkpoint(tmp_path, capsys, tiny_eval,
+                                                            monkeypatch):
+    """bgf-eval reads the run's data folder and feature cache from its checkpoint (no
+    --data-root) and evaluates the cached features of a frozen run as bgf-train did."""
+    monkeypatch.setattr(cli, "evaluate_refinements", functools.partial(
+        cli.evaluate_refinements, metric_ks=(1,), with_nmi=False))  # 4 test images
+    torch.manual_seed(0)
+    weights = tmp_path / "r18.pth"
+    torch.save(build_backbone("resnet18", 8).trunk.state_dict(), weights)
+    root = make_cub(tmp_path)
+    run = tmp_path / "run"
+    assert main(frozen_argv(root, run, "bgformer", "--backbone", "resnet18", "--pretrained",
+                            str(weights), "--no-augment", "--feature-cache",
+                            str(tmp_path / "features"))) == 0
+    trained = capsys.readouterr().out.strip().splitlines()[-1]
+    assert eval_main([str(run), "--refine", "none", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "computed and cached" not in captured.err  # the cached features were read
+    assert trained.split("|")[2:] == captured.out.strip().splitlines()[-1].split("|")[2:]
 
 
 # ---------------------------------------------------------------------------- partial fine-tuning
