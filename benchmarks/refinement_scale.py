@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from rss import rss_growth_mib  # benchmarks/rss.py, beside this script
 
 from bgf_pyg.knn import cosine_topk, normalize_rows
 from bgf_pyg.metrics import evaluate_retrieval, retrieval_depth
@@ -43,23 +44,11 @@ SOP_TEST_SIZE = 60_502
 CLASS_SIZE = 5
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure(fn: Callable[[], object]) -> tuple[object, float, float]:
     """``(result, seconds, peak RSS growth in MiB)`` of one call."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset VmHWM to the current RSS
-    before = _status_kib("VmRSS")
     start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    return result, seconds, (_status_kib("VmHWM") - before) / 1024
+    result, mib = rss_growth_mib(fn)
+    return result, time.perf_counter() - start, mib
 
 
 def run(n: int, k: int, dim: int, seed: int) -> dict:

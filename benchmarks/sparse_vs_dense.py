@@ -48,6 +48,7 @@ import bgf_pyg  # noqa: F401  (before PyG: it silences PyG's import-time torch.j
 import torch
 import torch.nn.functional as F
 import torch_geometric
+from rss import rss_growth_mib  # benchmarks/rss.py, beside this script
 from torch import Tensor, nn
 from torch_geometric.nn import GATConv, TransformerConv
 
@@ -150,14 +151,6 @@ class Timer:
         return (time.perf_counter() - begin) * 1e3
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float:
     """Peak memory growth of one call (see the module docstring for the method)."""
     if device.type == "cuda":
@@ -167,11 +160,7 @@ def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / MIB
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - before) / 1024
+    return rss_growth_mib(fn)[1]
 
 
 def step_fns(

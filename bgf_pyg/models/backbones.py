@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 
-from ..checks import InputError, check_positive_int, naming
+from ..checks import check_positive_int, naming
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .efficientnet import EFFICIENTNET_BACKBONES, efficientnet_trunk
 from .vit import VIT_BACKBONES, vit_trunk
-from .weights import load_matching_state, weights_file
+from .weights import load_matching_state, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,7 @@ def load_imagenet_weights(model: nn.Module, path: str | os.PathLike) -> None:
     Raises ``FileNotFoundError`` for a missing file and ``InputError`` (naming ``path``) for a
     file that is not a readable state dict of this architecture.
     """
-    path = weights_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise InputError(f"could not read pretrained weights from {path}: {err}") from err
-    if not isinstance(state, dict):
-        raise InputError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    path, state = read_state_dict(path)
     load_matching_state(model, state, path, "the backbone", skip_prefix="fc.")
 
 

@@ -22,11 +22,10 @@ import logging
 import os
 from types import ModuleType
 
-import torch
 from torch import Tensor, nn
 
 from ..checks import InputError
-from .weights import load_matching_state, weights_file
+from .weights import load_matching_state, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +119,7 @@ def load_efficientnet_weights(net: nn.Module, path: str | os.PathLike) -> None:
     """Load an EfficientNet-Lite0 state dict (the package's key names) from ``path`` into the
     package's ``net``, its classifier ``_fc.*`` skipped; ``FileNotFoundError`` or an
     ``InputError`` naming ``path`` for a missing or foreign file."""
-    path = weights_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise InputError(f"could not read pretrained weights from {path}: {err}") from err
-    if not isinstance(state, dict):
-        raise InputError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    path, state = read_state_dict(path)
     load_matching_state(net, state, path, "the efficientnet_lite0 backbone", skip_prefix="_fc.")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor, nn
 
 from ..checks import InputError
@@ -16,6 +17,19 @@ def weights_file(path: str | os.PathLike) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights file not found: {path}")
     return path
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[str, dict[str, Tensor]]:
+    """``(path, state dict)`` of the local weights file ``path``: ``FileNotFoundError`` when it is
+    missing, an ``InputError`` naming it when it is unreadable or holds no state dict."""
+    path = weights_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        raise InputError(f"could not read pretrained weights from {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise InputError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return path, state
 
 
 def load_matching_state(
