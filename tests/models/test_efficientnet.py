@@ -31,8 +31,8 @@ from bgf_pyg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bgf_pyg.models import backbone_normalization, build_backbone, build_method
 from bgf_pyg.models.efficientnet import NUM_STAGES, PRETRAINED_EXTRA
 from bgf_pyg.train import build_optimizer
+from tests.data.test_datasets import make_cub
 from tests.test_cli import assert_user_error
-from tests.test_data import make_cub
 
 #: Both packages of the extra; the tests that need the weights skip without them.
 HAS_EXTRA = all(importlib.util.find_spec(m) for m in
