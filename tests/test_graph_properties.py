@@ -12,9 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bgf_pyg import build_batch_graph
-from tests.reference import (
-    cosine_reference,
-)
+from tests.reference import cosine_reference
 from tests.strategies import bounded, features
 
 

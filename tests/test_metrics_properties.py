@@ -14,9 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bgf_pyg.metrics import evaluate_retrieval
-from tests.reference import (
-    retrieval_reference,
-)
+from tests.reference import retrieval_reference
 from tests.strategies import bounded, features
 
 

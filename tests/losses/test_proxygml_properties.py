@@ -12,9 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bgf_pyg.losses import ProxyGMLLoss
-from tests.reference import (
-    proxygml_reference,
-)
+from tests.reference import proxygml_reference
 from tests.strategies import bounded
 
 
