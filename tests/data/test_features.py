@@ -1,6 +1,6 @@
 """The frozen backbone's feature cache (``bgf_pyg.data.features``): reused while nothing changed,
-rebuilt when an input changes, never half-written, served to the class-balanced sampler; and
-training on the frozen features end to end."""
+rebuilt when an input changes, never half-written, served to the class-balanced sampler; training
+on the frozen features end to end; and the inputs both refuse."""
 
 from __future__ import annotations
 
