@@ -1,14 +1,24 @@
 """``bgf-train``: user errors end with one line on stderr and exit code 2; a tiny demo run prints
-the results table."""
+the results table; the evaluation protocol end to end: ``--select-on val|test|last``, the test
+split evaluated once with the selected weights, the validation split recorded and kept on resume,
+and the labels that say which protocol produced a number."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from bgf_pyg.cli import format_table, main
+from bgf_pyg.data import DigitsDemo, build_transform
+from bgf_pyg.data.splits import choose_val_classes
+from bgf_pyg.models import build_backbone, build_method
+from bgf_pyg.train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, read_metrics
 
 
 def fake_cub(root: Path, images: str, labels: str) -> Path:
@@ -113,3 +123,122 @@ def test_format_table_mean_and_std():
     table = format_table([("m", runs), ("inshop", [{"recall@1": 0.9}])])
     assert "| m | 60.0 ± 14.1 | – | – | – | 30.0 ± 7.1 | – |" in table
     assert "| inshop | 90.0 | – |" in table
+
+
+#: A tiny demo run: 16-d plain, no augmentation, 8 of the 40 training numbers × 60 a batch (2
+#: steps an epoch).
+TINY = ["--method", "plain", "--embedding-dim", "16", "--samples-per-class", "60",
+        "--eval-every", "1", "--device", "cpu", "--no-progress", "--no-augment"]
+
+
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def val_run(tmp_path_factory) -> tuple[Path, str, str]:
+    """Two epochs selected on the validation numbers."""
+    out = tmp_path_factory.mktemp("val") / "run"
+    code, stdout, stderr = run_main([*TINY, "--epochs", "2", "--out", str(out)])
+    assert code == 0, stderr
+    return out, stdout, stderr
+
+
+def reference_recall_at_1(emb: torch.Tensor, labels: torch.Tensor) -> float:
+    """R@1 by brute force in float64: the label of each embedding's nearest other embedding."""
+    emb = emb.double()
+    dist = torch.cdist(emb, emb)
+    dist.fill_diagonal_(float("inf"))
+    return (labels[dist.argmin(1)] == labels).double().mean().item()
+
+
+def test_val_run_selects_on_val_and_tests_that_checkpoint_once(val_run):
+    out, stdout, stderr = val_run
+    records = read_metrics(out)
+    epochs, finals = records[:-1], records[-1:]
+    assert [r["split"] for r in epochs] == ["val", "val"]
+    assert [r.get("final") for r in finals] == [True] and finals[0]["split"] == "test"
+    best = max(epochs, key=lambda r: r["recall@1"])  # the first of equals, as fit keeps it
+    assert finals[0]["selected_epoch"] == best["epoch"]
+    state = load_checkpoint(out / BEST_CHECKPOINT)
+    assert state["epoch"] == best["epoch"]
+    # The reported test R@1 is that of best.pt's weights, recomputed here independently.
+    method = build_method("plain", build_backbone("smallcnn", 16), 3)
+    method.load_state_dict(state["model"])
+    method.eval()
+    test = DigitsDemo("test", transform=build_transform("demo", train=False))
+    with torch.no_grad():
+        emb = method.embed(torch.stack([test[i][0] for i in range(len(test))]))
+    assert finals[0]["recall@1"] == pytest.approx(reference_recall_at_1(emb, test.labels),
+                                                  abs=1e-6)
+    assert "checkpoint selected on the validation classes" in stdout
+    assert stdout.strip().splitlines()[-1].startswith("| plain |")
+    assert "test-selected" not in stdout + stderr
+
+
+def test_val_split_is_recorded_and_kept_on_resume(val_run, tmp_path):
+    out, _, _ = val_run
+    held_out = load_checkpoint(out / LAST_CHECKPOINT)["config"]["val_class_ids"]
+    assert held_out == choose_val_classes(sorted(set(DigitsDemo("train").class_ids)), 0.2, 0)
+    assert not set(held_out) & set(DigitsDemo("test").class_ids)
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    code, _, err = run_main([*TINY, "--epochs", "2", "--out", str(run), "--resume",
+                             "--val-seed", "7"])
+    assert code == 2 and "--val-seed 7 now, 0 in the checkpoint" in err
+    state = load_checkpoint(run / LAST_CHECKPOINT)  # a split changed behind the options' back
+    state["config"]["val_class_ids"] = [0, 1]
+    torch.save(state, run / LAST_CHECKPOINT)
+    code, _, err = run_main([*TINY, "--epochs", "2", "--out", str(run), "--resume"])
+    assert code == 2 and "val_class_ids" in err
+    shutil.rmtree(run)
+    shutil.copytree(out, run)
+    code, _, err = run_main([*TINY, "--epochs", "3", "--out", str(run), "--resume"])
+    assert code == 0, err
+    records = read_metrics(run)
+    assert [(r["epoch"], r["split"], bool(r.get("final"))) for r in records] == [
+        (1, "val", False), (2, "val", False), (3, "val", False), (3, "test", True)]
+    assert load_checkpoint(run / LAST_CHECKPOINT)["config"]["val_class_ids"] == held_out
+
+
+def test_test_selected_result_is_labelled(tmp_path):
+    code, stdout, stderr = run_main([*TINY, "--epochs", "1", "--select-on", "test",
+                                     "--out", str(tmp_path)])
+    assert code == 0, stderr
+    assert "TEST-SELECTED" in stdout
+    assert stdout.strip().splitlines()[-1].startswith("| plain (test-selected) |")
+    metric_lines = [line for line in stderr.splitlines() if "recall@1" in line or "R@1" in line]
+    assert len(metric_lines) == 3 and all("test-selected" in line for line in metric_lines)
+    records = read_metrics(tmp_path)
+    assert [(r["split"], r.get("select_on")) for r in records] == [("test", None),
+                                                                   ("test", "test")]
+    assert "val_class_ids" in load_checkpoint(tmp_path / LAST_CHECKPOINT)["config"]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["final"]
+
+
+@pytest.mark.parametrize("value,fragment", [
+    ("-1", "expected 0, a fraction in (0, 1) or a class count"),
+    ("1.5", "expected 0, a fraction in (0, 1) or a class count"),
+    ("nan", "expected 0, a fraction in (0, 1) or a class count"),
+    ("half", "expected 0, a fraction in (0, 1) or a class count"),
+    ("1", "holds out 1 of the 50 training classes"),
+    ("49", "holds out 49 of the 50 training classes"),
+    ("0.01", "holds out 0 of the 50 training classes"),
+    ("0", "--select-on val needs a validation split"),
+])
+def test_bad_val_classes_is_one_line_naming_the_option(tmp_path, value, fragment):
+    code, stdout, stderr = run_main([*TINY, "--val-classes", value, "--out", str(tmp_path)])
+    assert code == 2 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("bgf-train: error:") and "Traceback" not in stderr
+    assert "--val-classes" in lines[-1] and fragment in lines[-1]
+    assert not (tmp_path / LAST_CHECKPOINT).exists()
+
+
+def test_val_seed_needs_a_validation_split(tmp_path):
+    code, _, stderr = run_main([*TINY, "--select-on", "last", "--val-seed", "3",
+                                "--out", str(tmp_path)])
+    assert code == 2 and "--val-seed has no effect here" in stderr

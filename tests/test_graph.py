@@ -6,6 +6,7 @@ from torch_geometric.data import Batch
 
 from bgf_pyg import BatchGraph, build_batch_graph
 from bgf_pyg.knn import cosine_topk
+from tests.reference import cosine_reference
 
 
 def edge_set(edge_index: torch.Tensor) -> set[tuple[int, int]]:
@@ -115,3 +116,30 @@ def test_large_graph_in_bounded_chunks():
     assert graph.num_visual_edges == 15000
     reference = build_batch_graph(x, k=5)
     assert torch.equal(graph.visual_edge_index, reference.visual_edge_index)
+
+
+@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("num_nodes", [0, 1])
+def test_batch_graph_of_zero_or_one_node(num_nodes, loop):
+    graph = build_batch_graph(torch.randn(num_nodes, 4), torch.zeros(num_nodes).long(), loop=loop)
+    loops = [[i, i] for i in range(num_nodes)] if loop else []
+    assert graph.visual_edge_index.t().tolist() == loops
+    assert graph.semantic_edge_index.t().tolist() == loops
+    assert graph.visual_edge_weight.tolist() == [1.0] * len(loops)
+    graph.validate()
+
+
+def test_half_precision_batch_graph_equals_float32_with_a_zero_row():
+    torch.manual_seed(1)
+    x = torch.randn(16, 8).half()
+    x[3] = 0.0
+    half = build_batch_graph(x, k=4)
+    full = build_batch_graph(x.float(), k=4)
+    assert torch.equal(half.visual_edge_index, full.visual_edge_index)
+    assert half.visual_edge_weight.dtype == torch.float16
+    assert torch.isfinite(half.visual_edge_weight).all()
+    # Node 3 is chosen only where cosine 0 is among the 4 best, never first by accident.
+    cos = cosine_reference(x)
+    for target in half.visual_edge_index[1, half.visual_edge_index[0] == 3].tolist():
+        others = sorted((cos[target, j] for j in range(16) if j != target), reverse=True)
+        assert others[3] <= 0.0

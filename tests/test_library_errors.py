@@ -1,17 +1,23 @@
 """Library errors name the library's parameters (``samples_per_class``); only the command line
-speaks in its flags (``--samples-per-class``), rewriting the parameters an error names."""
+speaks in its flags (``--samples-per-class``), rewriting the parameters an error names. Bad
+constructor arguments and too-small batches fail at once, naming the argument."""
 
 from __future__ import annotations
 
 import ast
+import math
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from bgf_pyg.checks import InputError, named_parameters, naming
 from bgf_pyg.cli import main, with_option_names
+from bgf_pyg.losses import LabelSmoothingCE, ProxyGMLLoss
 from bgf_pyg.models import build_backbone, build_method
+from bgf_pyg.nn import BatchGraphConv, BGFormer, BGFormerLayer, DualSSA, IntraBatchMPN
+from bgf_pyg.nn.intra_batch import IntraBatchAttention, IntraBatchLayer
 from bgf_pyg.run_folder import LAST_CHECKPOINT, check_run_folder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bgf_pyg"
@@ -88,3 +94,51 @@ def test_parameters_are_found_through_the_chain_of_causes():
             raise InputError("wrapped") from inner
     except InputError as outer:
         assert named_parameters(outer) == ("epochs",)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: BatchGraphConv(8, 0), "out_channels must be >= 1"),
+        (lambda: BatchGraphConv(8, 4, heads=0), "heads must be >= 1"),
+        (lambda: BatchGraphConv(8, 4.0), "out_channels must be an int"),
+        (lambda: BatchGraphConv(0, 4), "in_channels must be >= 1"),
+        (lambda: BatchGraphConv((8, 0), 4), r"in_channels\[1\] must be >= 1"),
+        (lambda: BatchGraphConv((8, 4, 2), 4), "in_channels must be an int or a pair"),
+        (lambda: BatchGraphConv(8, 4, dropout=-0.1), r"dropout must lie in \[0, 1\)"),
+        (lambda: BatchGraphConv(8, 4, dropout=math.nan), "dropout must lie"),
+        (lambda: BatchGraphConv(8, 4, edge_dim=0), "edge_dim must be >= 1"),
+        (lambda: DualSSA(8, heads=3), r"channels \(8\) must be divisible by heads \(3\)"),
+        (lambda: DualSSA(8, heads=2, dropout=1.5), "dropout must lie"),
+        (lambda: DualSSA(8, heads=2, lam=math.nan), r"lam must lie in \[0, 1\]"),
+        (lambda: BGFormerLayer(0, heads=1), "channels must be >= 1"),
+        (lambda: BGFormerLayer(8, heads=2, dropout=-1.0), "dropout must lie"),
+        (lambda: BGFormer(8, heads=0), "heads must be >= 1"),
+        (lambda: BGFormer(8, num_layers=0), "num_layers must be >= 1"),
+        (lambda: IntraBatchAttention(8, heads=3), r"channels \(8\) must be divisible"),
+        (lambda: IntraBatchLayer(8, ffn_ratio=0), "ffn_ratio must be >= 1"),
+        (lambda: IntraBatchMPN(8, heads=3), r"in_channels \(8\) must be divisible by heads"),
+        (lambda: IntraBatchMPN(8, heads=2, dropout=2.0), "dropout must lie"),
+        (lambda: LabelSmoothingCE(temperature=math.inf), "temperature must be a finite"),
+        (lambda: LabelSmoothingCE(epsilon=math.nan), r"epsilon must lie in \[0, 1\]"),
+        (lambda: ProxyGMLLoss(0, 8), "num_classes must be >= 1"),
+        (lambda: ProxyGMLLoss(3, 8, r=math.nan), "r must lie"),
+        (lambda: ProxyGMLLoss(3, 8, weight_lambda=math.inf), "weight_lambda must be a finite"),
+        (lambda: ProxyGMLLoss(3, 8, proxies_per_class=0), "proxies_per_class must be >= 1"),
+    ],
+)
+def test_bad_constructor_arguments_fail_in_the_constructor(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+def test_empty_and_single_row_batches_are_refused_by_name():
+    with pytest.raises(ValueError, match="logits needs at least 1 samples"):
+        LabelSmoothingCE()(torch.randn(0, 3), torch.zeros(0).long())
+    with pytest.raises(ValueError, match="embeddings needs at least 1 samples"):
+        ProxyGMLLoss(3, 4)(torch.randn(0, 4), torch.zeros(0).long())
+    mpn = IntraBatchMPN(8, heads=2, num_classes=3)
+    with pytest.raises(ValueError, match="x needs at least 2 samples .*training mode"):
+        mpn.train()(torch.randn(1, 8))
+    logits, h = mpn.eval()(torch.randn(1, 8))  # evaluation uses running statistics: fine
+    assert logits.shape == (1, 3) and torch.isfinite(h).all()

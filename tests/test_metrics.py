@@ -16,6 +16,7 @@ from bgf_pyg.metrics import (
     recall_at_k,
     recall_at_k_query_gallery,
 )
+from tests.reference import retrieval_reference
 
 
 def dense_ranking(query, reference, exclude_self):
@@ -227,22 +228,6 @@ def test_real_faiss_breaks_ties_as_torch():
         pytest.approx(recall_at_k_query_gallery(q, qy, g, gy, ks=(1, 4, 16))))
 
 
-class ReversedTieFaissIndex:
-    """faiss stand-in that orders equal scores by *higher* index first (faiss promises no order)."""
-
-    def __init__(self, dim):
-        self.data = np.zeros((0, dim), dtype=np.float32)
-
-    def add(self, x):
-        self.data = np.concatenate([self.data, x])
-
-    def search(self, q, k):
-        sim = q @ self.data.T
-        index = np.argsort(-sim[:, ::-1], axis=1, kind="stable")[:, :k]
-        index = self.data.shape[0] - 1 - index
-        return np.take_along_axis(sim, index, axis=1), index
-
-
 def test_faiss_backend_keeps_the_index_tie_rule(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss",
                         types.SimpleNamespace(IndexFlatIP=ReversedTieFaissIndex))
@@ -272,6 +257,16 @@ class FakeFaissIndex:
         return np.take_along_axis(sim, index, axis=1), index
 
 
+class ReversedTieFaissIndex(FakeFaissIndex):
+    """faiss stand-in that orders equal scores by *higher* index first (faiss promises no order)."""
+
+    def search(self, q, k):
+        sim = q @ self.data.T
+        index = np.argsort(-sim[:, ::-1], axis=1, kind="stable")[:, :k]
+        index = self.data.shape[0] - 1 - index
+        return np.take_along_axis(sim, index, axis=1), index
+
+
 def test_faiss_backend_matches_torch(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=FakeFaissIndex))
     x, y = random_data(seed=10)
@@ -282,3 +277,25 @@ def test_faiss_backend_matches_torch(monkeypatch):
     assert recall_at_k_query_gallery(q, qy, g, gy, backend="auto") == pytest.approx(
         recall_at_k_query_gallery(q, qy, g, gy)
     )
+
+
+def test_metrics_on_one_class_and_too_few_samples():
+    emb, labels = torch.randn(6, 4), torch.zeros(6).long()
+    result = evaluate_retrieval(emb, labels, ks=(1, 5), with_nmi=True)
+    assert result == pytest.approx({"recall@1": 1.0, "recall@5": 1.0, "map@r": 1.0,
+                                    "r_precision": 1.0, "nmi": 1.0})
+    with pytest.raises(ValueError, match="emb needs at least 2 samples"):
+        recall_at_k(torch.randn(1, 4), torch.zeros(1).long(), ks=(1,))
+    with pytest.raises(ValueError, match="gallery_emb needs at least 1 samples"):
+        recall_at_k_query_gallery(torch.randn(3, 4), torch.arange(3), torch.randn(0, 4),
+                                  torch.zeros(0).long(), ks=(1,))
+
+
+def test_half_precision_metrics_equal_float64_brute_force_with_a_zero_row():
+    torch.manual_seed(2)
+    emb, labels = torch.randn(20, 6), torch.randint(0, 4, (20,))
+    emb[7] = 0.0
+    result = evaluate_retrieval(emb.half(), labels, ks=(1, 2, 4), with_nmi=True)
+    expected = retrieval_reference(emb.half(), labels, [1, 2, 4])
+    assert all(math.isfinite(v) for v in result.values())
+    assert {k: result[k] for k in expected} == pytest.approx(expected)

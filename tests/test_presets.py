@@ -12,8 +12,8 @@ import torch
 
 from bgf_pyg.cli import main
 from bgf_pyg.presets import available_presets, check_preset, load_preset
+from tests.data.test_datasets import make_cars, make_cub, make_inshop, make_sop
 from tests.test_cli import assert_user_error
-from tests.test_data import make_cars, make_cub, make_inshop, make_sop
 
 MAKERS = {"cub": make_cub, "cars": make_cars, "sop": make_sop, "inshop": make_inshop}
 #: Heavy values the tests override (everything else must come from the preset). The ViT is

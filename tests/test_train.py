@@ -1,4 +1,7 @@
-"""The fit loop: resume equals an uninterrupted run, atomic checkpoints, logs, evaluation."""
+"""The fit loop: resume equals an uninterrupted run, atomic checkpoints, logs, evaluation, the
+weights selected on the split ``select_on`` names; and the recipe options: the graph_dim projection
+on the backbone side, the graph module's own learning rate, gradient clipping, frozen BatchNorm
+statistics and the optimizer choice."""
 
 from __future__ import annotations
 
@@ -8,14 +11,18 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bgf_pyg import train
 from bgf_pyg.data import ClassBalancedBatchSampler, demo_train_transform, load_digits_demo
-from bgf_pyg.models import build_backbone, build_method
+from bgf_pyg.models import EmbeddingNet, build_backbone, build_method
 from bgf_pyg.train import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     METRICS_FILE,
+    Precision,
     build_optimizer,
     evaluate,
     fit,
@@ -24,6 +31,7 @@ from bgf_pyg.train import (
     save_checkpoint,
     seed_all,
     seed_worker,
+    train_one_epoch,
 )
 
 PER_CLASS_TRAIN, PER_CLASS_TEST = 8, 6
@@ -153,3 +161,132 @@ def test_evaluate_query_gallery(demo):
     metrics = evaluate(method, test, torch.device("cpu"), gallery_loader=test)
     assert set(metrics) == {"recall@1", "recall@2", "recall@4", "recall@8"}
     assert metrics["recall@1"] == 1.0  # every query finds itself in the gallery
+
+
+def weights_sum(method) -> float:
+    return sum(p.detach().double().sum().item() for p in method.parameters())
+
+
+@pytest.mark.parametrize("select_on,val_epoch,test_epoch", [
+    ("val", 2, 2), ("test", None, 3), ("last", 3, 3),
+])
+def test_fit_selects_on_the_split_it_says(tmp_path, monkeypatch, select_on, val_epoch,
+                                          test_epoch):
+    """Scripted R@1 per split and epoch: val peaks at epoch 2, test at epoch 3. The final test
+    number must come from the weights of the epoch the protocol selects (found by their sum)."""
+    script = {"val": [0.5, 0.9, 0.6], "test": [0.7, 0.2, 0.95]}
+    calls, epoch_of_weights = {"val": 0, "test": 0}, {}
+
+    def scripted_evaluate(method, loader, device, *, gallery_loader=None, progress=False):
+        split = loader.split
+        if select_on == "test" or split == "val":  # a periodic evaluation
+            calls[split] += 1
+            epoch_of_weights[weights_sum(method)] = calls[split]
+            return {"recall@1": script[split][calls[split] - 1]}
+        epoch = epoch_of_weights[weights_sum(method)]  # the final test: whose weights?
+        return {"recall@1": script["test"][epoch - 1], "weights_of_epoch": epoch}
+
+    monkeypatch.setattr(train, "evaluate", scripted_evaluate)
+    torch.manual_seed(0)
+    images, labels = torch.randn(24, 1, 28, 28), torch.arange(4).repeat_interleave(6)
+    method = build_method("plain", build_backbone("smallcnn", 8), 4)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=12, shuffle=True)
+    val, test = DataLoader([]), DataLoader([])
+    val.split, test.split = "val", "test"
+    plan = ({"eval_loader": test, "eval_split": "test"} if select_on == "test" else
+            {"eval_loader": val, "eval_split": "val", "test_loader": test})
+    result = fit(method, loader, train.build_optimizer(method, 1e-2, 1e-2), tmp_path, epochs=3,
+                 select_on=select_on, progress=False, **plan)
+    final = read_metrics(tmp_path)[-1]
+    assert final["final"] and final["split"] == "test" and final["select_on"] == select_on
+    assert final["selected_epoch"] == result.selected_epoch == test_epoch
+    assert result.test_metrics["recall@1"] == script["test"][test_epoch - 1]
+    if select_on != "test":
+        assert result.test_metrics["weights_of_epoch"] == test_epoch
+    epochs = [r for r in read_metrics(tmp_path) if not r.get("final")]
+    assert [r["split"] for r in epochs] == [plan["eval_split"]] * 3
+    if val_epoch is not None and select_on == "val":
+        assert load_checkpoint(tmp_path / BEST_CHECKPOINT)["epoch"] == val_epoch
+
+
+def backbone(graph_dim=None) -> EmbeddingNet:
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 48))
+    return EmbeddingNet(trunk, 48, 8, graph_dim=graph_dim)
+
+
+def batch(p=3, m=4):
+    torch.manual_seed(0)
+    labels = torch.arange(p).repeat_interleave(m)
+    return torch.randn(len(labels), 3, 4, 4), labels
+
+
+def test_graph_dim_projects_before_graph_and_head():
+    net = backbone(graph_dim=16)
+    images, labels = batch()
+    trunk = net.trunk(images)
+    torch.testing.assert_close(net.features(images), net.proj(trunk))
+    torch.testing.assert_close(net(images), net.head(net.proj(trunk)))  # test time as well
+    method = build_method("bgformer", net, loss="pce", samples_per_class=4, k=3, heads=4)
+    assert method.bgformer.channels == 16 and net.head.in_features == 16
+    torch.testing.assert_close(method.embed(images), F.normalize(net.head(net.proj(trunk))))
+    with pytest.raises(ValueError, match="divisible by heads"):
+        build_method("bgformer", backbone(graph_dim=10), heads=4)
+
+
+def test_graph_lr_group_and_defaults():
+    method = build_method("bgformer", backbone(), loss="proxy_anchor", num_classes=3,
+                          samples_per_class=4, k=3, heads=4)
+    groups = build_optimizer(method, 3e-5, 1e-2, graph_lr=8.5e-4).param_groups
+    assert [g["lr"] for g in groups] == [3e-5, 8.5e-4, 1e-2]
+    graph = {id(p) for p in method.bgformer.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == graph
+    assert not graph & {id(p) for p in groups[0]["params"]}
+    total = sum(len(g["params"]) for g in groups)
+    assert total == len(list(method.parameters()))
+    assert len(build_optimizer(method, 3e-5, 1e-2).param_groups) == 2  # no graph_lr: one rate
+
+
+def test_clip_grad_bounds_the_global_norm():
+    images, labels = batch()
+    method = build_method("bgformer", backbone(), loss="pce", samples_per_class=4, k=3, heads=4)
+    seen = []
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.0)
+
+    def record_norm():
+        grads = [p.grad for p in method.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    optimizer.register_step_pre_hook(lambda *args: record_norm())
+    precision = Precision(torch.device("cpu"))
+    train_one_epoch(method, [(images, labels)], optimizer, precision)
+    assert seen[-1] > 1e-3  # unclipped
+    train_one_epoch(method, [(images, labels)], optimizer, precision, clip_grad=1e-3)
+    assert seen[-1] == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_freeze_bn_keeps_running_statistics():
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                          nn.Linear(4 * 2 * 2, 12))
+    method = build_method("plain", EmbeddingNet(trunk, 12, 8), loss="pce", samples_per_class=4)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
+    images, labels = batch()
+    before = trunk[1].running_mean.clone()
+    train_one_epoch(method, [(images, labels)], optimizer, Precision(torch.device("cpu")),
+                    freeze_bn=True)
+    torch.testing.assert_close(trunk[1].running_mean, before)
+    assert trunk[1].weight.grad is not None  # the affine parameters still train
+    train_one_epoch(method, [(images, labels)], optimizer, Precision(torch.device("cpu")))
+    assert not torch.equal(trunk[1].running_mean, before)
+
+
+@pytest.mark.parametrize("name,cls,decoupled", [("adamw", torch.optim.AdamW, None),
+                                                ("adam", torch.optim.Adam, None),
+                                                ("radam", torch.optim.RAdam, True)])
+def test_optimizer_choice(name, cls, decoupled):
+    method = build_method("plain", backbone(), loss="pce", samples_per_class=4)
+    optimizer = build_optimizer(method, 1e-4, 1e-2, 5e-5, name=name, eps=0.01)
+    assert type(optimizer) is cls
+    group = optimizer.param_groups[0]
+    assert group["eps"] == 0.01 and group["weight_decay"] == 5e-5
+    if decoupled:
+        assert group["decoupled_weight_decay"]

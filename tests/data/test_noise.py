@@ -14,7 +14,7 @@ from bgf_pyg.cli import load_splits, parse_args
 from bgf_pyg.data.base import LabelledDataset
 from bgf_pyg.data.noise import CorruptedTraining, flip_labels, noise_like
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Tensors(LabelledDataset):

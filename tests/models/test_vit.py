@@ -14,8 +14,8 @@ from bgf_pyg.cli import main
 from bgf_pyg.data import TransformOptions, train_transform
 from bgf_pyg.data.transforms import IMAGENET_MEAN
 from bgf_pyg.models import backbone_normalization, build_backbone
+from tests.data.test_datasets import make_cub
 from tests.test_cli import assert_user_error
-from tests.test_data import make_cub
 
 
 @pytest.fixture(scope="module")

@@ -90,3 +90,31 @@ def test_nan_embedding():
     x[1, 2] = float("nan")
     with pytest.raises(ValueError, match="embeddings"):
         ProxyGMLLoss(4, 6)(x, torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_proxygml_takes_every_float_dtype_and_a_zero_row(dtype):
+    torch.manual_seed(3)
+    crit = ProxyGMLLoss(5, 6, proxies_per_class=2, r=0.3, weight_lambda=0.3)
+    x = torch.randn(6, 6).to(dtype)
+    x[2] = 0.0
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    x.requires_grad_(True)
+    loss = crit(x, y)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    # Non-zero rows against the float64 re-statement of the original (zero rows tie everywhere,
+    # so the proxies they select depend on the tie order; they are checked below).
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    expected = proxygml_reference(x.detach()[keep].double(), crit.proxies.detach().double(),
+                                  y[keep], 5, 2, 0.3, 0.3)
+    torch.testing.assert_close(crit(x.detach()[keep], y[keep]).double(), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_proxygml_zero_row_is_uniform_over_the_selected_classes():
+    crit = ProxyGMLLoss(4, 5, proxies_per_class=3, r=1.0, weight_lambda=0.0)
+    loss = crit(torch.zeros(1, 5), torch.tensor([2]))
+    assert loss.item() == pytest.approx(math.log(4))  # Z = 0 for all 4 classes: log 4

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch_geometric.data import Batch
+from torch_geometric.data import Batch, Data
 
 from bgf_pyg import build_batch_graph
 from bgf_pyg.nn import BGFormer, BGFormerLayer, DualSSA
@@ -162,3 +162,32 @@ def test_compiled_forward_backward_matches_eager():
     torch.testing.assert_close(x_compiled.grad, x_eager.grad, atol=1e-4, rtol=1e-4)
     for p, g in zip(model.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)
+
+
+def test_bgformer_on_a_single_node_and_an_empty_batch():
+    model = BGFormer(8, heads=2).eval()
+    one = build_batch_graph(torch.randn(1, 8), torch.tensor([0]))
+    assert torch.isfinite(model(one)).all()
+    assert model(build_batch_graph(torch.randn(0, 8))).shape == (0, 8)
+
+
+def test_bgformer_without_visual_edges_names_them():
+    with pytest.raises(ValueError, match="visual_edge_index is required"):
+        BGFormer(8, heads=2)(Data(x=torch.randn(3, 8)))
+
+
+@pytest.mark.parametrize("semantic_branch", ["attention", "propagation"])
+def test_bgformer_batch_equals_each_graph_alone(semantic_branch):
+    torch.manual_seed(5)
+    labelled = build_batch_graph(torch.randn(6, 8), torch.tensor([0, 0, 1, 1, 2, 2]), k=3)
+    unlabelled = build_batch_graph(torch.randn(5, 8), torch.arange(5), k=3)  # no same-label pair
+    assert labelled.num_semantic_edges > 0 and unlabelled.num_semantic_edges == 0
+    model = BGFormer(8, heads=2, semantic_branch=semantic_branch).double().eval()
+    for graphs in ([labelled, unlabelled], [unlabelled, labelled]):
+        graphs = [g.clone() for g in graphs]
+        for g in graphs:
+            g.x = g.x.double()
+        out = model(Batch.from_data_list(graphs))
+        sizes = [g.num_nodes for g in graphs]
+        for part, graph in zip(out.split(sizes), graphs, strict=True):
+            torch.testing.assert_close(part, model(graph), atol=1e-12, rtol=1e-10)

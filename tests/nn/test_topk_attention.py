@@ -16,8 +16,8 @@ from bgf_pyg.losses import BatchGraphLoss
 from bgf_pyg.losses import batch_graph as batch_graph_module
 from bgf_pyg.models import EmbeddingNet, build_method
 from bgf_pyg.nn import AttentionEntropy, BatchGraphConv, BGFormer, DualSSA, TopKAttention
+from tests.nn.test_bgformer import branch_reference
 from tests.reference import topk_attention_reference
-from tests.test_bgformer import branch_reference
 from tests.test_cli import assert_user_error
 
 

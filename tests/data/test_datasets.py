@@ -1,27 +1,21 @@
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from scipy.io import savemat
-from torch.utils.data import DataLoader
 
 from bgf_pyg.data import (
     CUB200,
     Cars196,
-    ClassBalancedBatchSampler,
     DigitsDemo,
     InShop,
     StanfordOnlineProducts,
     build_dataset,
     build_transform,
     eval_transform,
-    load_digits_demo,
     train_transform,
 )
-from bgf_pyg.data.demo import demo_drawings
-from bgf_pyg.metrics import recall_at_k
 
 # Unequal class sizes: the split must follow the class id, not the counts.
 CUB_IMAGES = {1: 3, 2: 1, 101: 2, 102: 2}
@@ -176,76 +170,6 @@ def test_corrupt_image_names_path(tmp_path):
     dataset[0]
     with pytest.raises(RuntimeError, match=f"cannot read image {dataset.paths[1]}"):
         dataset[1]
-
-
-def batches(sampler):
-    return [list(batch) for batch in sampler]
-
-
-def test_class_balanced_sampler():
-    labels = torch.tensor([0] * 10 + [1] * 2 + [2] * 7 + [3] * 5 + [4] * 6)
-    sampler = ClassBalancedBatchSampler(labels, classes_per_batch=3, samples_per_class=4, seed=1)
-    assert len(sampler) == 30 // 12
-    first = batches(sampler)
-    for batch in first:
-        counts = Counter(labels[batch].tolist())
-        assert len(batch) == 12 and len(counts) == 3 and set(counts.values()) == {4}
-    assert batches(sampler) == first
-    sampler.set_epoch(1)
-    assert batches(sampler) != first
-    sampler.set_epoch(0)
-    assert batches(sampler) == first
-    other = ClassBalancedBatchSampler(labels, 3, 4, num_batches=50, seed=2)
-    assert len(batches(other)) == 50
-
-
-def test_sampler_in_dataloader():
-    dataset = DigitsDemo("train")
-    sampler = ClassBalancedBatchSampler(dataset.labels, 5, 2, num_batches=3)
-    images, labels = next(iter(DataLoader(dataset, batch_sampler=sampler)))
-    assert images.shape == (10, 1, 28, 56)
-    assert labels.unique(return_counts=True)[1].tolist() == [2] * 5
-
-
-def test_sampler_errors():
-    labels = torch.tensor([0, 0, 1, 1])
-    with pytest.raises(ValueError, match="classes_per_batch"):
-        ClassBalancedBatchSampler(labels, 3, 2)
-    with pytest.raises(ValueError, match="samples_per_class"):
-        ClassBalancedBatchSampler(labels, 2, 0)
-
-
-def test_digits_demo():
-    train, test = DigitsDemo("train"), DigitsDemo("test")
-    assert not set(train.class_ids) & set(test.class_ids)
-    assert set(train.class_ids) | set(test.class_ids) == set(range(100))
-    assert len(train) == len(test) == 50 * 24
-    image, label = test[0]
-    assert image.shape == (1, 28, 56) and image.dtype == torch.float32
-    assert 0 <= label < 50 and test.num_classes == 50
-    images, numbers = load_digits_demo("test")
-    again, _ = load_digits_demo("test")
-    assert torch.equal(images, again) and not torch.equal(images, load_digits_demo("test", 1)[0])
-    # The distortion keeps raw pixels far from solving it (chance is 23/1199 ≈ 0.02).
-    assert 0.15 < recall_at_k(images.flatten(1), numbers, (1,))[1] < 0.4
-
-
-def test_demo_drawings_belong_to_one_number():
-    from sklearn.datasets import load_digits
-
-    digit_of = torch.tensor(load_digits().target)
-    owner: dict[int, int] = {}
-    for split in ("train", "test"):
-        numbers, drawings = demo_drawings(split)
-        assert drawings.shape == (len(numbers), 2)
-        # the left drawing shows the tens digit, the right one the units digit
-        assert torch.equal(digit_of[drawings[:, 0]], numbers // 10)
-        assert torch.equal(digit_of[drawings[:, 1]], numbers % 10)
-        for number, pair in zip(numbers.tolist(), drawings.tolist(), strict=True):
-            for drawing in pair:
-                assert owner.setdefault(drawing, number) == number
-    # several drawings per number and side, so images of a number differ in more than distortion
-    assert len(owner) > 1500
 
 
 def test_build_dataset_and_transforms():
