@@ -422,8 +422,8 @@ def check_refine(args: argparse.Namespace) -> str | None:
 #: Rules over several options, run after parsing (and after the dataset's defaults are set).
 RULES: list[Callable[[argparse.Namespace], str | None]] = [
     check_data_root, check_milestones, check_resume_overwrite, check_amp, check_graph_dim,
-    check_pce_layout, check_crop_scale, check_timm, check_pretrained_extra,
-    check_frozen_backbone, check_tensorboard, check_select_on, check_refine,
+    check_pce_layout, check_crop_scale, check_timm, check_frozen_backbone,
+    check_pretrained_extra, check_tensorboard, check_select_on, check_refine,
 ]
 
 
