@@ -7,12 +7,14 @@ is tested once on the unseen half of the emoji. Each model's settings were chose
 on the validation classes (seed 0; the commands are in the README's Results section and the
 sweeps' runs in ``benchmarks/results/sweeps/``); this script then trains each model for every seed
 and reports test R@1 and MAP@R, mean ± std over the seeds, each BGFormer model minus plain (the
-same loss) paired by seed, and the wall time of every run. The first row is the pretrained
-features themselves, untrained. Every run also evaluates its selected checkpoint with the test-time
-refinements (``--refine``: query expansion for every model, the learned BGFormer refinement for
-the kNN BGFormer models; k and α chosen on the validation classes), reported per model as the
-change against no refinement, paired by seed. Every run is kept in the JSON as it finishes;
-running the command again skips the finished runs and resumes a killed one.
+same loss) and minus the control (the same BGFormer model with its graph term weighted 0, so
+plain's loss through BGFormer's 128-d projection), paired by seed, and the wall time of every
+run. The first row is the pretrained features themselves, untrained. Every run also evaluates its
+selected checkpoint with the test-time refinements (``--refine``: query expansion for every
+model, the learned BGFormer refinement for the kNN BGFormer models; k and α chosen on the
+validation classes), reported per model as the change against no refinement, paired by seed.
+Every run is kept in the JSON as it finishes; running the command again skips the finished runs
+and resumes a killed one.
 
     python benchmarks/emoji_pretrained.py --data-root data/emoji --seeds 0 1 2 3 4 \\
         --out benchmarks/results/emoji_pretrained.json
@@ -51,10 +53,15 @@ BALANCED = ["--classes-per-batch", "16", "--samples-per-class", "4"]
 #: BGFormer's shared settings: a learned 128-d projection feeds the graph and the head.
 BGFORMER = ["--method", "bgformer", *BALANCED, "--graph-dim", "128", "--lr", "3e-4"]
 PLAIN = "plain (multi-similarity)"
+#: BGFormer's model with its graph term weighted 0: what each BGFormer model is also paired with.
+CONTROL = "bgformer with α = 1 (no graph term)"
 #: name → (the plain model it is paired with or None, bgf-train options chosen on validation)
 MODELS: dict[str, tuple[str | None, list[str]]] = {
     PLAIN: (None, ["--method", "plain", *BALANCED, "--lr", "3e-4"]),
     "plain (PCE)": (None, ["--method", "plain", *BALANCED, "--lr", "1e-3", "--loss", "pce"]),
+    # the control: the graph term weighs 0, so this is plain's loss through BGFormer's projection
+    CONTROL: (
+        PLAIN, [*BGFORMER, "--lam", "1.0", "--alpha", "1.0", "--k", "5"]),
     "bgformer, kNN, visual only": (
         PLAIN, [*BGFORMER, "--lam", "1.0", "--alpha", "0.9", "--k", "5"]),
     "bgformer, top-K, visual only": (
@@ -169,6 +176,10 @@ def summarise(records: list[dict]) -> list[dict]:
                 "against": plain,
                 **paired({s: r["recall@1"] for s, r in runs.items()},
                          {s: r["recall@1"] for s, r in by_model[plain].items()})}
+        if plain is not None and model != CONTROL and CONTROL in by_model:
+            row["minus_control_recall@1"] = paired(
+                {s: r["recall@1"] for s, r in runs.items()},
+                {s: r["recall@1"] for s, r in by_model[CONTROL].items()})
         row["refine"] = {}
         for name in ("qe", "bgformer"):
             refined = {s: r["refine"][name] for s, r in runs.items() if name in r.get("refine", {})}
@@ -249,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "minus_plain_recall@1" in s:
             d = s["minus_plain_recall@1"]
             line += (f"  − plain: {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} "
+                     f"(ahead on {d['ahead']}/{len(d['per_seed'])})")
+        if "minus_control_recall@1" in s:
+            d = s["minus_control_recall@1"]
+            line += (f"  − control: {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} "
                      f"(ahead on {d['ahead']}/{len(d['per_seed'])})")
         print(line)
         for name, refined in s["refine"].items():
