@@ -1,7 +1,7 @@
 """Train and evaluate on CUB-200-2011, or on the embedded demo set when no --data-root is given.
 
     python examples/cub.py --data-root /data/CUB_200_2011 --method bgformer --pretrained r50.pth
-    python examples/cub.py                              # demo, BGFormer, about a minute (62.6 s)
+    python examples/cub.py                              # demo, BGFormer, about 2 minutes (114 s)
     python examples/cub.py --method all --seeds 0 1 2   # the README's demo table
 
 Every other option is passed to ``bgf-train`` (see ``bgf-train --help``); the demo runs
