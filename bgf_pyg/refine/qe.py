@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..checks import check_features, check_positive_int
 from ..knn import normalize_rows
-from ..nn.kernels.sparse_cpu import _matrix as csr_matrix
+from ..nn.kernels.sparse_cpu import csr_matrix
 from .common import Neighbors, RefinedGallery, check_alpha, check_k, first_neighbors
 
 

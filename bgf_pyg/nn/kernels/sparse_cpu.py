@@ -55,7 +55,9 @@ def csr_attention(
     return torch.ops.bgf_pyg.ssa_csr(query, key, value, edge_index, weight)
 
 
-def _matrix(ptr: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+def csr_matrix(ptr: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A ``torch.sparse_csr_tensor`` of already valid CSR parts (invariants not re-checked; torch's
+    beta warning silenced)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(ptr, col, values, shape, check_invariants=False)
@@ -72,7 +74,7 @@ def _sampled(layout: CSRLayout, left: Tensor, right: Tensor, scale: float) -> Te
         # pattern, so gather, which for graphs this dense costs little.
         pairs = left.index_select(1, layout.target) * right.index_select(1, layout.source)
         return pairs.sum(-1).mul_(scale)
-    pattern = _matrix(
+    pattern = csr_matrix(
         layout.ptr, layout.source, left.new_zeros(layout.source.numel()),
         (left.size(1), right.size(1)),
     )
@@ -85,7 +87,8 @@ def _sampled(layout: CSRLayout, left: Tensor, right: Tensor, scale: float) -> Te
 def _spmm(ptr: Tensor, col: Tensor, values: Tensor, dense: Tensor, rows: int) -> Tensor:
     """(H, rows, d): per head, the CSR matrix (ptr, col, values[h]) times ``dense[h]``."""
     shape = (rows, dense.size(1))
-    return torch.stack([_matrix(ptr, col, values[h], shape) @ dense[h] for h in range(len(values))])
+    return torch.stack([csr_matrix(ptr, col, values[h], shape) @ dense[h]
+                        for h in range(len(values))])
 
 
 def _row_sum(values: Tensor, layout: CSRLayout) -> Tensor:
