@@ -550,14 +550,20 @@ def frozen_splits(
     progress = show_progress(False if args.no_progress else None) and distributed.is_main_process()
     trunk.to(device)
 
+    # The training and validation splits share one image list: read its features once.
+    read: dict[tuple[int, int], torch.Tensor] = {}
+
     def features_of(images: ImageListDataset, transform) -> torch.Tensor:
         def compute() -> torch.Tensor:
             return cached_features(images, trunk, transform, cache_dir, name=args.backbone,
                                    device=device, progress=progress)
 
-        if distributed.is_distributed():
-            distributed.run_on_main(lambda: compute() is None)  # rank 0 writes the cache
-        return compute()
+        key = (id(images), id(transform))
+        if key not in read:
+            if distributed.is_distributed():
+                distributed.run_on_main(lambda: compute() is None)  # rank 0 writes the cache
+            read[key] = compute()
+        return read[key]
 
     def convert(dataset: Dataset | None, views: list, sample_views: bool = False):
         if dataset is None:
