@@ -359,21 +359,17 @@ def check_crop_scale(args: argparse.Namespace) -> str | None:
     return None
 
 
-def check_timm(args: argparse.Namespace) -> str | None:
-    if args.backbone in VIT_BACKBONES:
-        try:
-            import_timm()
-        except InputError as err:
-            return str(err)
-    return None
+#: The backbones an optional extra provides, and the import that names the extra when missing.
+BACKBONE_EXTRAS = ((VIT_BACKBONES, import_timm), (EFFICIENTNET_BACKBONES, import_efficientnet))
 
 
-def check_pretrained_extra(args: argparse.Namespace) -> str | None:
-    if args.backbone in EFFICIENTNET_BACKBONES:
-        try:
-            import_efficientnet()
-        except InputError as err:
-            return str(err)
+def check_backbone_extra(args: argparse.Namespace) -> str | None:
+    for backbones, import_extra in BACKBONE_EXTRAS:
+        if args.backbone in backbones:
+            try:
+                import_extra()
+            except InputError as err:
+                return str(err)
     return None
 
 
@@ -422,8 +418,8 @@ def check_refine(args: argparse.Namespace) -> str | None:
 #: Rules over several options, run after parsing (and after the dataset's defaults are set).
 RULES: list[Callable[[argparse.Namespace], str | None]] = [
     check_data_root, check_milestones, check_resume_overwrite, check_amp, check_graph_dim,
-    check_pce_layout, check_crop_scale, check_timm, check_frozen_backbone,
-    check_pretrained_extra, check_tensorboard, check_select_on, check_refine,
+    check_pce_layout, check_crop_scale, check_frozen_backbone, check_backbone_extra,
+    check_tensorboard, check_select_on, check_refine,
 ]
 
 
