@@ -8,6 +8,7 @@ of a shape error deep inside a matmul.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TypeVar
 
 import torch
@@ -36,14 +37,18 @@ def naming(err: ErrorT, *parameters: str) -> ErrorT:
     return err
 
 
-def named_parameters(err: BaseException) -> tuple[str, ...]:
-    """The parameters :func:`naming` marked on ``err`` or on an error in its chain of causes."""
-    found: list[str] = []
+def error_chain(err: BaseException | None) -> Iterator[BaseException]:
+    """``err``, then each error in its chain of ``__cause__`` / ``__context__``, once each."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        found += getattr(err, "parameters", ())
+        yield err
         err = err.__cause__ or err.__context__
+
+
+def named_parameters(err: BaseException) -> tuple[str, ...]:
+    """The parameters :func:`naming` marked on ``err`` or on an error in its chain of causes."""
+    found = [name for e in error_chain(err) for name in getattr(e, "parameters", ())]
     return tuple(dict.fromkeys(found))
 
 

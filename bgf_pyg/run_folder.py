@@ -28,7 +28,7 @@ from typing import IO
 
 import torch
 
-from .checks import InputError, naming, show_value
+from .checks import InputError, error_chain, naming, show_value
 
 try:  # POSIX; on Windows runs are not locked
     import fcntl
@@ -54,13 +54,7 @@ def _os_error_behind(err: BaseException) -> OSError | None:
     """The ``OSError`` behind ``err``: ``err`` itself, or the first one in its chain of
     ``__cause__``/``__context__`` (torch's zip writer reports a failed ``write`` as a
     ``RuntimeError`` "unexpected pos" whose context is the ``OSError``)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    return next((e for e in error_chain(err) if isinstance(e, OSError)), None)
 
 
 @contextlib.contextmanager
