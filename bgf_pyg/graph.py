@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Data
 
+from . import defaults
 from .checks import check_edge_index, check_features, check_labels, check_positive_int
 from .knn import cosine_topk
 
@@ -127,7 +128,7 @@ def label_edges(y: Tensor, *, loop: bool = False) -> Tensor:
 def build_batch_graph(
     x: Tensor,
     y: Tensor | None = None,
-    k: int = 10,
+    k: int = defaults.K,
     *,
     loop: bool = False,
     chunk_size: int | None = None,

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import defaults
+
 #: Default number of similarity entries (rows × columns) computed at once (64 Mi floats = 256 MiB).
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
 
@@ -100,7 +102,7 @@ def select_with_ties(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def cosine_topk(
     query: Tensor,
     reference: Tensor | None = None,
-    k: int = 10,
+    k: int = defaults.K,
     *,
     exclude_self: bool = False,
     chunk_size: int | None = None,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import defaults
 from ..checks import check_features, check_labels, check_positive_int, check_probability
 from ..graph import assemble_batch_graph, label_edges
 
@@ -81,8 +82,8 @@ class BatchGraphLoss(nn.Module):
         self,
         loss: nn.Module,
         bgformer: nn.Module,
-        k: int = 30,
-        alpha: float = 0.01,
+        k: int = defaults.K,
+        alpha: float = defaults.ALPHA,
         miner: Callable | None = None,
         detach_graph_input: bool = False,
     ) -> None:

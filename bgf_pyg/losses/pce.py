@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import defaults
 from ..checks import (
     check_features,
     check_labels,
@@ -122,7 +123,7 @@ class PairwiseCrossEntropyLoss(nn.Module):
     def __init__(
         self,
         samples_per_class: int = 9,
-        temperature: float = 0.2,
+        temperature: float = defaults.TEMPERATURE,
         space: str = "sphere",
         c: float = 0.1,
         clip_r: float | None = 2.3,

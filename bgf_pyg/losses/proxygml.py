@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bgf_pyg import defaults
 from bgf_pyg.checks import check_features, check_labels, check_positive_int
 from bgf_pyg.knn import compute_dtype, normalize_rows
 
@@ -80,9 +81,9 @@ class ProxyGMLLoss(nn.Module):
         self,
         num_classes: int,
         embedding_dim: int,
-        proxies_per_class: int = 12,
-        r: float = 0.05,
-        weight_lambda: float = 0.3,
+        proxies_per_class: int = defaults.PROXIES_PER_CLASS,
+        r: float = defaults.PROXYGML_R,
+        weight_lambda: float = defaults.PROXYGML_LAMBDA,
     ) -> None:
         super().__init__()
         self.num_classes = check_positive_int(num_classes, "num_classes")

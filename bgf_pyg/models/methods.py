@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
+from .. import defaults
 from ..checks import naming
 from ..distributed import gather_batch
 from ..knn import normalize_rows
@@ -46,10 +47,7 @@ PCE = "pce"
 LOSSES = (*PAIR_LOSSES, *PROXY_LOSSES, PCE)
 METHODS = ("plain", "bgformer", "intra-batch", "proxygml")
 
-#: BGFormer's default weight α of the backbone-feature loss (1 − α goes to the refined tokens).
-DEFAULT_ALPHA = 0.5
-#: Temperature of the intra-batch CE (the original's CUB value) and its label smoothing ε.
-DEFAULT_TEMPERATURE = 0.2
+#: Label smoothing ε of the intra-batch cross-entropy (the original's value).
 DEFAULT_SMOOTHING = 0.1
 
 
@@ -162,12 +160,12 @@ class BGFormerMethod(Method):
         self,
         backbone: EmbeddingNet,
         loss_fn: nn.Module,
-        k: int = 10,
-        alpha: float = DEFAULT_ALPHA,
+        k: int = defaults.K,
+        alpha: float = defaults.ALPHA,
         num_layers: int = 2,
         heads: int = 8,
         dropout: float = 0.0,
-        lam: float = 0.5,
+        lam: float = defaults.LAM,
         semantic_branch: str = "attention",
         detach_graph_input: bool = False,
         visual_graph: str = "knn",
@@ -221,7 +219,7 @@ class IntraBatchMethod(Method):
         self,
         backbone: EmbeddingNet,
         num_classes: int,
-        temperature: float = DEFAULT_TEMPERATURE,
+        temperature: float = defaults.TEMPERATURE,
         epsilon: float = DEFAULT_SMOOTHING,
         num_layers: int = 1,
         heads: int = 2,
@@ -251,9 +249,9 @@ class ProxyGMLMethod(Method):
         self,
         backbone: EmbeddingNet,
         num_classes: int,
-        proxies_per_class: int = 12,
-        r: float = 0.05,
-        weight_lambda: float = 0.3,
+        proxies_per_class: int = defaults.PROXIES_PER_CLASS,
+        r: float = defaults.PROXYGML_R,
+        weight_lambda: float = defaults.PROXYGML_LAMBDA,
     ) -> None:
         loss_fn = ProxyGMLLoss(num_classes, backbone.embedding_dim, proxies_per_class, r,
                                weight_lambda)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 from torch_geometric.nn import GCNConv, GraphNorm
 
+from .. import defaults
 from ..checks import check_divides, check_positive_int, check_probability
 from .conv import BatchGraphConv
 from .label_propagation import SameLabelPropagation
@@ -85,12 +86,12 @@ class DualSSA(nn.Module):
         channels: int,
         heads: int = 8,
         dropout: float = 0.0,
-        lam: float = 0.5,
+        lam: float = defaults.LAM,
         semantic_branch: str = "attention",
         add_self_loops: bool = True,
         attention_path: str = "auto",
         visual_graph: str = "knn",
-        topk: int = 30,
+        topk: int = defaults.K,
     ) -> None:
         super().__init__()
         check_positive_int(channels, "channels")
@@ -200,7 +201,7 @@ class BGFormerLayer(nn.Module):
         heads: int = 8,
         ffn_ratio: int = 4,
         dropout: float = 0.0,
-        lam: float = 0.5,
+        lam: float = defaults.LAM,
         **ssa_kwargs,
     ) -> None:
         super().__init__()
@@ -283,9 +284,9 @@ class BGFormer(nn.Module):
         heads: int = 8,
         ffn_ratio: int = 4,
         dropout: float = 0.0,
-        lam: float = 0.5,
+        lam: float = defaults.LAM,
         visual_graph: str = "knn",
-        topk: int = 30,
+        topk: int = defaults.K,
         **ssa_kwargs,
     ) -> None:
         super().__init__()

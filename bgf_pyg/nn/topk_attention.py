@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn.dense.linear import Linear
 
+from .. import defaults
 from ..checks import check_features, check_labels, check_positive_int, check_probability
 from ..knn import select_with_ties
 
@@ -79,7 +80,7 @@ class TopKAttention(nn.Module):
         in_channels: int,
         out_channels: int,
         heads: int = 1,
-        k: int = 30,
+        k: int = defaults.K,
         dropout: float = 0.0,
         bias: bool = True,
         chunk_size: Optional[int] = None,
