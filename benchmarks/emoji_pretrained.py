@@ -32,61 +32,50 @@ from pathlib import Path
 
 import torch
 
-from bgf_pyg.cli import (
-    frozen_splits,
-    load_splits,
-    parse_args,
-    raw_pixel_metrics,
-    run,
-    setup_logging,
-    transform_options,
-    use_threads,
-)
+from bgf_pyg.arguments import OneLineParser
+from bgf_pyg.checks import InputError
+from bgf_pyg.config import Config, configure
+from bgf_pyg.console import setup_logging
+from bgf_pyg.experiment import run, use_threads
+from bgf_pyg.experiment.splits import config_splits, frozen_splits, raw_pixel_metrics
 from bgf_pyg.models.efficientnet import efficientnet_trunk
-from bgf_pyg.options import OneLineParser, positive_int, seed_int
+from bgf_pyg.options import positive_int, seed_int
 from bgf_pyg.run_folder import LAST_CHECKPOINT, atomic_write, read_metrics
 
 #: Options every run shares: frozen pretrained features, 128-d embeddings, 16 × 4 batches.
-COMMON = ["--dataset", "emoji", "--backbone", "efficientnet_lite0", "--freeze-backbone",
-          "--embedding-dim", "128", "--epochs", "30", "--eval-every", "5", "--no-progress"]
-BALANCED = ["--classes-per-batch", "16", "--samples-per-class", "4"]
+COMMON = {"dataset": "emoji", "backbone": "efficientnet_lite0", "freeze_backbone": True,
+          "embedding_dim": 128, "epochs": 30, "eval_every": 5, "no_progress": True}
+BALANCED = {"classes_per_batch": 16, "samples_per_class": 4}
 #: BGFormer's shared settings: a learned 128-d projection feeds the graph and the head.
-BGFORMER = ["--method", "bgformer", *BALANCED, "--graph-dim", "128", "--lr", "3e-4"]
+BGFORMER = {"method": "bgformer", **BALANCED, "graph_dim": 128, "lr": 3e-4}
 PLAIN = "plain (multi-similarity)"
 #: BGFormer's model with its graph term weighted 0: what each BGFormer model is also paired with.
 CONTROL = "bgformer with α = 1 (no graph term)"
-#: name → (the plain model it is paired with or None, bgf-train options chosen on validation)
-MODELS: dict[str, tuple[str | None, list[str]]] = {
-    PLAIN: (None, ["--method", "plain", *BALANCED, "--lr", "3e-4"]),
-    "plain (PCE)": (None, ["--method", "plain", *BALANCED, "--lr", "1e-3", "--loss", "pce"]),
+#: name → (the plain model it is paired with or None, its options chosen on validation)
+MODELS: dict[str, tuple[str | None, dict]] = {
+    PLAIN: (None, {"method": "plain", **BALANCED, "lr": 3e-4}),
+    "plain (PCE)": (None, {"method": "plain", **BALANCED, "lr": 1e-3, "loss": "pce"}),
     # the control: the graph term weighs 0, so this is plain's loss through BGFormer's projection
-    CONTROL: (
-        PLAIN, [*BGFORMER, "--lam", "1.0", "--alpha", "1.0", "--k", "5"]),
-    "bgformer, kNN, visual only": (
-        PLAIN, [*BGFORMER, "--lam", "1.0", "--alpha", "0.9", "--k", "5"]),
+    CONTROL: (PLAIN, {**BGFORMER, "lam": 1.0, "alpha": 1.0, "k": 5}),
+    "bgformer, kNN, visual only": (PLAIN, {**BGFORMER, "lam": 1.0, "alpha": 0.9, "k": 5}),
     "bgformer, top-K, visual only": (
-        PLAIN, [*BGFORMER, "--lam", "1.0", "--alpha", "0.9", "--k", "10",
-                "--visual-graph", "attention_topk"]),
-    "bgformer, kNN + semantic": (
-        PLAIN, [*BGFORMER, "--lam", "0.5", "--alpha", "0.5", "--k", "10"]),
+        PLAIN, {**BGFORMER, "lam": 1.0, "alpha": 0.9, "k": 10, "visual_graph": "attention_topk"}),
+    "bgformer, kNN + semantic": (PLAIN, {**BGFORMER, "lam": 0.5, "alpha": 0.5, "k": 10}),
     "bgformer, kNN + semantic, detached": (
-        PLAIN, [*BGFORMER, "--lam", "0.5", "--alpha", "0.5", "--k", "10",
-                "--detach-graph-input"]),
+        PLAIN, {**BGFORMER, "lam": 0.5, "alpha": 0.5, "k": 10, "detach_graph_input": True}),
     "bgformer, authors' form": (
-        PLAIN, [*BGFORMER, "--lam", "0.3", "--alpha", "0.5", "--k", "30",
-                "--visual-graph", "attention_topk", "--semantic-branch", "label_propagation"]),
+        PLAIN, {**BGFORMER, "lam": 0.3, "alpha": 0.5, "k": 30, "visual_graph": "attention_topk",
+                "semantic_branch": "label_propagation"}),
     "bgformer, authors' form, detached": (
-        PLAIN, [*BGFORMER, "--lam", "0.3", "--alpha", "0.5", "--k", "30",
-                "--visual-graph", "attention_topk", "--semantic-branch", "label_propagation",
-                "--detach-graph-input"]),
-    "intra-batch": (None, ["--method", "intra-batch", *BALANCED, "--lr", "1e-3",
-                           "--graph-layers", "2"]),
-    "proxygml": (None, ["--method", "proxygml", "--batch-size", "64", "--lr", "3e-4",
-                        "--proxies-per-class", "1"]),
+        PLAIN, {**BGFORMER, "lam": 0.3, "alpha": 0.5, "k": 30, "visual_graph": "attention_topk",
+                "semantic_branch": "label_propagation", "detach_graph_input": True}),
+    "intra-batch": (None, {"method": "intra-batch", **BALANCED, "lr": 1e-3, "graph_layers": 2}),
+    "proxygml": (None, {"method": "proxygml", "batch_size": 64, "lr": 3e-4,
+                        "proxies_per_class": 1}),
 }
 UNTRAINED = "pretrained features, untrained"
 #: Test-time refinements, their settings chosen on the validation classes.
-REFINE_GRID = ["--refine-k", "5", "10", "20", "--refine-alpha", "0", "1", "3"]
+REFINE_GRID = {"refine_k": [5, 10, 20], "refine_alpha": [0.0, 1.0, 3.0]}
 METRICS = ("recall@1", "map@r")
 
 
@@ -96,7 +85,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="bgf-train --threads of every run (default: bgf-train's)")
+                   help="threads of every run (default: the configuration's automatic count)")
     p.add_argument("--runs", default="runs/emoji", help="parent of the run folders")
     p.add_argument("--out", default="benchmarks/results/emoji_pretrained.json")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
@@ -108,35 +97,30 @@ def run_name(model: str, seed: int) -> str:
     return f"{'-'.join(filter(None, slug.split('-')))}-s{seed}"
 
 
-def refinements(options: Sequence[str]) -> str:
-    """``--refine``'s value for a model: the learned refinement needs BGFormer's kNN branch."""
-    learned = "bgformer" in options and "attention_topk" not in options
-    return "none,qe,bgformer" if learned else "none,qe"
+def refinements(options: dict) -> list[str]:
+    """The refinements of a model: the learned one needs BGFormer's kNN branch."""
+    learned = options["method"] == "bgformer" and options.get("visual_graph") != "attention_topk"
+    return ["none", "qe", "bgformer"] if learned else ["none", "qe"]
 
 
-def thread_argv(args: argparse.Namespace) -> list[str]:
-    return [] if args.threads is None else ["--threads", str(args.threads)]
-
-
-def train_argv(args: argparse.Namespace, model: str, seed: int) -> list[str]:
+def run_config(args: argparse.Namespace, model: str, seed: int) -> Config:
+    """The configuration of one run (a run killed midway continues from its checkpoint; one
+    without starts afresh)."""
     out = Path(args.runs, run_name(model, seed))
     options = MODELS[model][1]
-    return [*COMMON, "--data-root", args.data_root, *options, *thread_argv(args),
-            "--seed", str(seed), "--out", str(out), "--refine", refinements(options),
-            *REFINE_GRID,
-            # a run killed midway continues from its checkpoint; one without starts afresh
-            "--resume" if (out / LAST_CHECKPOINT).is_file() else "--overwrite"]
+    resume = (out / LAST_CHECKPOINT).is_file()
+    return configure(**COMMON, data_root=args.data_root, **options, threads=args.threads,
+                     seed=seed, out=str(out), refine=refinements(options), **REFINE_GRID,
+                     resume=resume, overwrite=not resume)
 
 
 def untrained_metrics(args: argparse.Namespace) -> dict[str, float]:
     """Test-split retrieval on the frozen backbone's pooled features (read from the cache)."""
-    options = parse_args([*COMMON, "--data-root", args.data_root, *MODELS[next(iter(MODELS))][1],
-                          *thread_argv(args), "--out", str(Path(args.runs, "untrained"))],
-                         prog="emoji_pretrained.py")
-    splits = load_splits(options.dataset, options.data_root, options=transform_options(options),
-                         val_classes=options.val_classes, val_seed=options.val_seed)
-    trunk, _ = efficientnet_trunk(options.backbone, options.pretrained)
-    splits = frozen_splits(options, splits, trunk.eval(), torch.device("cpu"))
+    config = configure(**COMMON, data_root=args.data_root, **MODELS[next(iter(MODELS))][1],
+                       threads=args.threads, out=str(Path(args.runs, "untrained")))
+    splits = config_splits(config, augment=False, check_images="off")
+    trunk, _ = efficientnet_trunk(config.backbone, config.pretrained)
+    splits = frozen_splits(config, splits, trunk.eval(), torch.device("cpu"))
     return raw_pixel_metrics(splits.test)
 
 
@@ -226,8 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     out = Path(args.out)
     plan = [(m, s) for m in args.models for s in args.seeds]
-    # every run's options are checked before the first one starts
-    checked = [parse_args(train_argv(args, *key), prog="emoji_pretrained.py") for key in plan]
+    # every run's configuration is checked before the first one starts
+    try:
+        checked = [run_config(args, *key) for key in plan]
+    except InputError as err:
+        raise SystemExit(f"emoji_pretrained.py: error: {err}") from err
     saved = json.loads(out.read_text()) if out.is_file() else {"runs": []}
     records = saved["runs"]
     done = {(r["model"], r["seed"]) for r in records}
@@ -241,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         print(f"[{i}/{len(plan)}] {run_name(model, seed)}", file=sys.stderr)
         start = time.perf_counter()
-        metrics = run(parse_args(train_argv(args, model, seed), prog="emoji_pretrained.py"))
+        metrics = run(run_config(args, model, seed)).test_metrics
         records.append({"model": model, "seed": seed, "wall_s": time.perf_counter() - start,
                         **metrics,
                         "refine": refinement_records(Path(args.runs, run_name(model, seed)))})

@@ -18,24 +18,22 @@ import json
 import statistics
 from pathlib import Path
 
-import torch
-
-from bgf_pyg.cli import main
+from bgf_pyg.config import configure
+from bgf_pyg.experiment import run
 from bgf_pyg.run_folder import read_metrics
 
 METRICS = (("recall@1", "R@1"), ("map@r", "MAP@R"))
 REFINEMENTS = ("none", "qe", "bgformer")
 
 
-def run_seed(seed: int, runs: Path, grid: list[str]) -> list[dict]:
+def run_seed(seed: int, runs: Path, grid: dict, threads: int) -> list[dict]:
+    """The refinement records of the demo's BGFormer run of ``seed`` (trained when missing)."""
     out = runs / f"demo-bgformer-refine-s{seed}"
     records = [r for r in read_metrics(out) if r.get("final") and "refine" in r]
     if not records:
-        code = main(["--seed", str(seed), "--out", str(out), "--overwrite", "--no-progress",
-                     "--device", "cpu", "--refine", ",".join(REFINEMENTS), *grid])
-        if code != 0:
-            raise SystemExit(f"seed {seed}: bgf-train exited with {code}")
-        records = [r for r in read_metrics(out) if r.get("final") and "refine" in r]
+        config = configure(seed=seed, out=str(out), overwrite=True, no_progress=True,
+                           device="cpu", refine=list(REFINEMENTS), threads=threads, **grid)
+        records = run(config).refinements
     return records
 
 
@@ -51,14 +49,13 @@ def main_() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--runs", type=Path, default=Path("runs"))
-    parser.add_argument("--refine-k", nargs="+", default=["5", "10", "20"])
-    parser.add_argument("--refine-alpha", nargs="+", default=["0", "1", "3"])
+    parser.add_argument("--refine-k", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--refine-alpha", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/refinement_demo.json"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    grid = ["--refine-k", *args.refine_k, "--refine-alpha", *args.refine_alpha]
-    per_seed = {seed: run_seed(seed, args.runs, grid) for seed in args.seeds}
+    grid = {"refine_k": args.refine_k, "refine_alpha": args.refine_alpha}
+    per_seed = {seed: run_seed(seed, args.runs, grid, args.threads) for seed in args.seeds}
     test = {seed: {r["refine"]: r for r in recs if r["split"] == "test"}
             for seed, recs in per_seed.items()}
     val = {seed: {r["refine"]: r for r in recs if r["split"] == "val"

@@ -27,17 +27,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bgf_pyg.cli import DEMO_DEFAULTS, demo_defaults, parse_args, run, setup_logging
-from bgf_pyg.options import OneLineParser, positive_int, probability, seed_int
+from bgf_pyg.arguments import OneLineParser
+from bgf_pyg.checks import InputError
+from bgf_pyg.config import DEMO_DEFAULTS, Config, configure, demo_defaults
+from bgf_pyg.console import setup_logging
+from bgf_pyg.experiment import run
+from bgf_pyg.options import positive_int, probability, seed_int
 from bgf_pyg.run_folder import LAST_CHECKPOINT, atomic_write
 
 #: Global batch of the demo runs (P × M), so full attention is k = batch − 1.
 DEMO_BATCH = DEMO_DEFAULTS["classes_per_batch"] * DEMO_DEFAULTS["samples_per_class"]
-#: name → (method, extra bgf-train options)
+#: name → (method, its options beyond the demo's)
 MODELS = {
-    "bgformer-knn": ("bgformer", []),
-    "bgformer-full": ("bgformer", ["--k", str(DEMO_BATCH - 1)]),
-    "intra-batch": ("intra-batch", []),
+    "bgformer-knn": ("bgformer", {}),
+    "bgformer-full": ("bgformer", {"k": DEMO_BATCH - 1}),
+    "intra-batch": ("intra-batch", {}),
 }
 METRIC = "recall@1"
 
@@ -55,7 +59,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="BGFormer's α for both bgformer models (default: the demo's); with a "
                         "smaller α the graph term weighs more in the loss")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="bgf-train --threads of every run (default: bgf-train's)")
+                   help="threads of every run (default: the configuration's automatic count)")
     p.add_argument("--runs", default="runs/robustness", help="parent of the run folders")
     p.add_argument("--out", default="benchmarks/results/robustness_demo.json")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
@@ -75,21 +79,20 @@ def run_name(model: str, corruption: str, level: float, seed: int,
     return f"{model}{tag}-{corruption}{level:g}-s{seed}"
 
 
-def train_argv(args: argparse.Namespace, model: str, corruption: str, level: float,
-               seed: int) -> list[str]:
+def run_config(args: argparse.Namespace, model: str, corruption: str, level: float,
+               seed: int) -> Config:
+    """The configuration of one run (checked; a killed run continues from its checkpoint, a
+    folder without one starts afresh)."""
     method, extra = MODELS[model]
     out = Path(args.runs, run_name(model, corruption, level, seed, args.alpha))
-    argv = ["--method", method, *extra, "--seed", str(seed), "--epochs", str(args.epochs),
-            "--out", str(out), "--no-progress"]
+    options = {"method": method, **extra, "seed": seed, "epochs": args.epochs, "out": str(out),
+               "no_progress": True, "threads": args.threads}
     if args.alpha is not None and method == "bgformer":
-        argv += ["--alpha", str(args.alpha)]
+        options["alpha"] = args.alpha
     if corruption != "clean":
-        argv += [f"--{corruption.replace('_', '-')}", str(level)]
-    if args.threads is not None:
-        argv += ["--threads", str(args.threads)]
-    # a run killed midway continues from its checkpoint; a folder without one starts afresh
-    argv.append("--resume" if (out / LAST_CHECKPOINT).is_file() else "--overwrite")
-    return argv
+        options[corruption] = level
+    resume = (out / LAST_CHECKPOINT).is_file()
+    return configure(**options, resume=resume, overwrite=not resume)
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -137,8 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     plan = [(m, c, lvl, s) for c, lvl in conditions(args) for m in args.models
             for s in args.seeds]
-    # every run's options are checked before the first one starts
-    checked = [parse_args(train_argv(args, *key), prog="robustness.py") for key in plan]
+    # every run's configuration is checked before the first one starts
+    try:
+        checked = [run_config(args, *key) for key in plan]
+    except InputError as err:
+        raise SystemExit(f"robustness.py: error: {err}") from err
     saved = json.loads(out.read_text()) if out.is_file() else {"config": {}, "runs": []}
     for option in ("epochs", "alpha"):  # runs of other settings would be averaged together
         if option in saved["config"] and saved["config"][option] != getattr(args, option):
@@ -156,9 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         print(f"[{i}/{len(plan)}] {run_name(model, corruption, level, seed, args.alpha)}",
               file=sys.stderr)
-        options = parse_args(train_argv(args, model, corruption, level, seed),
-                             prog="robustness.py")
-        metrics = run(options)
+        metrics = run(run_config(args, model, corruption, level, seed)).test_metrics
         records.append({"model": model, "corruption": corruption, "level": level, "seed": seed,
                         **metrics})
         save(out, config, records)

@@ -16,25 +16,23 @@ from pathlib import Path
 
 import torch
 
-from .checks import InputError
-from .cli import (
+from .arguments import (
     EXIT_USAGE,
     USER_ERRORS,
-    add_refine_options,
-    add_threads_option,
-    build_parser,
-    build_run_method,
-    check_refine_request,
-    evaluate_refine_request,
-    load_splits,
-    refinement_tables,
-    results_caption,
-    row_name,
-    setup_logging,
-    transform_options,
-    use_threads,
+    HelpFormatter,
+    OneLineParser,
+    add_options,
+    option_name,
+    with_option_names,
 )
-from .options import HelpFormatter, OneLineParser, check_refine, device, non_negative_int
+from .checks import InputError, named_parameters
+from .config import Config, from_checkpoint, resolve
+from .console import setup_logging
+from .experiment import use_threads
+from .experiment.build import build_run_method
+from .experiment.refinement import check_refine_request, evaluate_refine_request
+from .experiment.splits import config_splits
+from .options import check_refine, device, non_negative_int
 from .run_folder import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -42,8 +40,11 @@ from .run_folder import (
     load_checkpoint,
     require_keys,
 )
+from .tables import refinement_tables, results_caption, row_name
 
 PROG = "bgf-eval"
+#: The run's options this command sets (the others are the checkpoint's).
+REFINE_OPTIONS = ("refine", "refine_k", "refine_alpha")
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
@@ -54,7 +55,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help=f"checkpoint to evaluate (default: RUN_DIR/{BEST_CHECKPOINT}, or "
                         f"{LAST_CHECKPOINT} for a run that selected none)")
-    add_refine_options(p, "evaluate the checkpoint")
+    add_options(p, resolve({}, check=False), names=REFINE_OPTIONS)
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: the one the run was trained with)")
     p.add_argument("--device", type=device, default=None,
@@ -64,23 +65,18 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write every record (refinement, split, setting, metrics) to FILE "
                         "(default: none)")
-    add_threads_option(p)
+    add_options(p, resolve({}, check=False), names=("threads",))
     return p
 
 
-def run_options(config: dict, eval_args: argparse.Namespace) -> argparse.Namespace:
-    """The run's ``bgf-train`` options: the parser's defaults, the checkpoint's stored options,
-    then this command's refinement, data and device options."""
-    args = build_parser().parse_args([])
-    for name, value in config.items():
-        if name.startswith("--"):
-            setattr(args, name[2:].replace("-", "_"), value)
-    for dest in ("refine", "refine_k", "refine_alpha", "num_workers", "threads"):
-        setattr(args, dest, getattr(eval_args, dest))
-    args.data_root = eval_args.data_root or config.get("data_root")
-    args.feature_cache = config.get("feature_cache")
-    args.device = eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return args
+def run_options(stored: dict, eval_args: argparse.Namespace) -> Config:
+    """The run's configuration: the checkpoint's stored options, then this command's
+    refinement, data, device and thread options."""
+    return from_checkpoint(
+        stored, **{name: getattr(eval_args, name) for name in (*REFINE_OPTIONS, "num_workers",
+                                                                "threads")},
+        data_root=eval_args.data_root or stored.get("data_root"),
+        feature_cache=stored.get("feature_cache"), device=eval_args.device)
 
 
 def selected_checkpoint(run_dir: Path) -> Path:
@@ -91,35 +87,34 @@ def selected_checkpoint(run_dir: Path) -> Path:
         run_dir / LAST_CHECKPOINT)
 
 
-def evaluate_run(eval_args: argparse.Namespace) -> tuple[argparse.Namespace, list[dict]]:
+def evaluate_run(eval_args: argparse.Namespace) -> tuple[Config, str, list[dict]]:
     """Rebuild the run's model and splits, load the checkpoint, evaluate every refinement."""
     path = Path(eval_args.checkpoint) if eval_args.checkpoint else selected_checkpoint(
         Path(eval_args.run_dir))
     state = load_checkpoint(path)
     require_keys(state, ("model", "config"), path)
-    config = state["config"] or {}
-    args = run_options(config, eval_args)
-    message = check_refine(args)
+    stored = state["config"] or {}
+    config = run_options(stored, eval_args)
+    message = check_refine(config, option_name)
     if message is not None:
         raise InputError(message)
-    splits = load_splits(args.dataset, args.data_root, augment=False, check_images="off",
-                         options=transform_options(args), val_classes=args.val_classes,
-                         val_seed=args.val_seed)
-    if splits.val_class_ids != config.get("val_class_ids"):
+    splits = config_splits(config, augment=False, check_images="off")
+    if splits.val_class_ids != stored.get("val_class_ids"):
         raise InputError(f"the validation classes rebuilt from {path}'s configuration differ "
                          "from the ones the run held out; was the dataset changed?")
-    device = torch.device(args.device)
-    method, splits = build_run_method(args, splits, device)
-    check_refine_request(args, method, splits)
+    device = torch.device(config.device)
+    method, splits = build_run_method(config, splits, device)
+    check_refine_request(config, method, splits)
     try:
         method.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0]
         raise InputError(f"{path} does not fit the model of its configuration: {first}") from err
     method.to(device)
-    args.refine = args.refine if "none" in args.refine else ["none", *args.refine]
-    args.checkpoint = f"{path} (epoch {state.get('epoch', '?')})"
-    return args, evaluate_refine_request(args, method, splits, device)
+    if "none" not in config.refine:
+        config.refine = ["none", *config.refine]
+    weights = f"{path} (epoch {state.get('epoch', '?')})"
+    return config, weights, evaluate_refine_request(config, method, splits, device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,15 +126,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     use_threads(eval_args.threads)
     try:
-        args, records = evaluate_run(eval_args)
+        config, weights, records = evaluate_run(eval_args)
         if eval_args.json is not None:
             text = json.dumps(records, indent=1).encode()
             atomic_write(eval_args.json, lambda f: f.write(text))
     except USER_ERRORS as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        message = with_option_names(" ".join(str(err).split()), named_parameters(err))
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"{results_caption(args)}; weights: {args.checkpoint}")
-    print(refinement_tables(row_name(args), records))
+    print(f"{results_caption(config)}; weights: {weights}")
+    print(refinement_tables(row_name(config), records))
     return 0
 
 

@@ -1,65 +1,45 @@
-"""Validation of ``bgf-train``'s options: one declarative table, checked before any work starts.
+"""The vocabulary of an experiment's options: value domains, scopes and cross-option rules.
 
-Every user error in the options ends as one line on stderr, ``bgf-train: error: ...`` naming the
-option, and exit code 2 (:class:`OneLineParser`). Three kinds of rule, each declared in one line per
-option, so a new option is covered by registering it:
+Three kinds of rule, each declared once per option in :class:`bgf_pyg.config.Config`'s field
+metadata or here, so a new option is covered by declaring it:
 
-1. **Value** — the option's ``type=`` is a :class:`Number` (or :func:`device`): a declared domain
-   such as :data:`positive_int` (≥ 1), :data:`non_negative_float` (≥ 0), :data:`positive_float`
-   (finite, > 0), :data:`probability` ([0, 1]), :data:`fraction` ((0, 1]) or :data:`seed_int`.
-   NaN and ±inf are never accepted. Example::
-
-       p.add_argument("--clip-grad", type=positive_float, default=None, help="...")
-
-   ``tests/test_cli_validation.py`` enumerates every numeric option of the parser and checks 0, -1,
-   NaN and ±inf against the declared domain, so an option declared with a bare ``int``/``float``
-   fails that test.
-2. **Scope** — :data:`SCOPES` maps an option's ``dest`` to where it is read (methods, datasets,
-   losses, backbones, or another option it needs). Setting it explicitly where it is ignored (say
-   ``--proxies-per-class`` with ``--method bgformer``) is an error. One line per option::
-
-       SCOPES["graph_lr"] = (Scope(method=("bgformer",)),)
-
-   Options missing from the table apply everywhere. Only options given on the command line are
-   checked (:func:`explicit_dests`): defaults, the demo's defaults and values a preset supplies
-   never trip it. ``examples/cub.py --method all`` passes ``methods``: an option read by any one
-   of them is accepted.
-3. **Cross-option rules** — small functions in :data:`RULES` (increasing ``--lr-milestones`` below
-   ``--epochs``, ``--resume`` with ``--overwrite``, ``--amp`` without CUDA); each returns an error
+1. **Value** — a :class:`Number` domain such as :data:`positive_int` (≥ 1),
+   :data:`non_negative_float` (≥ 0), :data:`positive_float` (finite, > 0), :data:`probability`
+   ([0, 1]), :data:`fraction` ((0, 1]) or :data:`seed_int`, or a parser of text
+   (:func:`device`, :func:`val_classes`, :func:`refinement_list`). NaN and ±inf are never
+   accepted. ``tests/test_cli_validation.py`` enumerates every numeric option and checks 0, -1,
+   NaN and ±inf against the declared domain.
+2. **Scope** — a :class:`Scope` per option says where it is read (methods, datasets, losses,
+   backbones, or another option it needs). Setting it where it is ignored (say
+   ``proxies_per_class`` with ``method="bgformer"``) is an error. Only options the user set are
+   checked: defaults, the demo's defaults and a preset's values never trip it.
+3. **Cross-option rules** — small functions in :data:`RULES` (increasing ``lr_milestones`` below
+   ``epochs``, ``resume`` with ``overwrite``, ``amp`` without CUDA); each returns an error
    message or ``None``.
 
+Every message names options through a ``name`` function: the field name in Python
+(:func:`bgf_pyg.config.configure`), the option on the command line (``--lr-milestones``).
 :data:`DIVERGENCE_OPTIONS` lists the options a diverging (non-finite) loss names as likely causes.
-:class:`HelpFormatter` appends every option's default to its help text (every option needs one;
-the tests check both).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import NoReturn
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from .checks import InputError, show_value
 from .data import DATASETS
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES, import_efficientnet
-from .models.methods import PROXY_LOSSES, BGFormerMethod
 from .models.vit import VIT_BACKBONES, import_timm
 from .refine import REFINEMENTS
 
 SEED_MAX = 2**32 - 1  # NumPy's seed range
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 @dataclass(frozen=True)
@@ -187,175 +167,126 @@ def device(text: str) -> str:
 
 # ---------------------------------------------------------------------------- scopes
 
-#: A scope value that matches any setting except ``None`` / empty (``--lr-gamma`` needs
-#: ``--lr-milestones``).
+#: A scope value that matches any setting except ``None`` / empty (``lr_gamma`` needs
+#: ``lr_milestones``).
 IS_SET = ("<set>",)
+#: How a message writes an option: ``lr_milestones`` in Python, ``--lr-milestones`` on the
+#: command line.
+Name = Callable[[str], str]
 
 
 class Scope:
-    """Where an option is read: every constraint must hold (a ``dest`` → allowed values, or
+    """Where an option is read: every constraint must hold (an option → allowed values, or
     :data:`IS_SET`), e.g. ``Scope(method=("bgformer",))``."""
 
     def __init__(self, **constraints: tuple) -> None:
         self.constraints = constraints
 
-    def matches(self, args: argparse.Namespace) -> bool:
-        for dest, allowed in self.constraints.items():
-            value = getattr(args, dest)
+    def matches(self, config: object) -> bool:
+        for option, allowed in self.constraints.items():
+            value = getattr(config, option)
             if not (bool(value) if allowed is IS_SET else value in allowed):
                 return False
         return True
 
-    def __str__(self) -> str:
-        return " with ".join(f"{option_name(d)} {'set' if a is IS_SET else '|'.join(a)}"
-                             for d, a in self.constraints.items())
+    def describe(self, name: Name) -> str:
+        """``--method proxygml with --loss pce`` (with ``name`` writing the options)."""
+        return " with ".join(f"{name(o)} {'set' if a is IS_SET else '|'.join(a)}"
+                             for o, a in self.constraints.items())
 
 
-IMAGE_DATASETS = tuple(DATASETS)
-BALANCED_METHODS = ("plain", "bgformer", "intra-batch")
-GRAPH_METHODS = ("bgformer", "intra-batch")
-RESNETS = ("resnet50", "resnet18")
-PRETRAINED_BACKBONES = (*RESNETS, *VIT_BACKBONES, *EFFICIENTNET_BACKBONES)
-#: BGFormer's heads when --graph-heads is not given (to check --graph-dim before any work).
-BGFORMER_HEADS = inspect.signature(BGFormerMethod).parameters["heads"].default
-
-#: Where each option is read (alternatives: any one suffices); absent options apply everywhere.
-SCOPES: dict[str, tuple[Scope, ...]] = {
-    "data_root": (Scope(dataset=IMAGE_DATASETS),),
-    "check_images": (Scope(dataset=IMAGE_DATASETS),),
-    "pretrained": (Scope(backbone=PRETRAINED_BACKBONES),),
-    "pooling": (Scope(backbone=RESNETS),),
-    "freeze_backbone": (Scope(dataset=IMAGE_DATASETS, backbone=PRETRAINED_BACKBONES),),
-    "feature_cache": (Scope(freeze_backbone=IS_SET),),
-    "trainable_stages": (Scope(backbone=EFFICIENTNET_BACKBONES),),
-    "loss": (Scope(method=("plain", "bgformer")),),
-    "batch_size": (Scope(method=("proxygml",)),),
-    "classes_per_batch": (Scope(method=BALANCED_METHODS),),
-    "samples_per_class": (Scope(method=BALANCED_METHODS),),
-    "checkpoint_every": (Scope(method=BALANCED_METHODS),),  # restarts a P×M sampler mid-epoch
-    "k": (Scope(method=("bgformer",)),),
-    "alpha": (Scope(method=("bgformer",)),),
-    "lam": (Scope(method=("bgformer",)),),
-    "proxies_per_class": (Scope(method=("proxygml",)),),
-    "proxygml_r": (Scope(method=("proxygml",)),),
-    "graph_layers": (Scope(method=GRAPH_METHODS),),
-    "graph_heads": (Scope(method=GRAPH_METHODS),),
-    "temperature": (Scope(method=("intra-batch",)),
-                    Scope(method=("plain", "bgformer"), loss=("pce",))),
-    "pce_space": (Scope(method=("plain", "bgformer"), loss=("pce",)),),
-    "hyp_c": (Scope(method=("plain", "bgformer"), loss=("pce",), pce_space=("hyperbolic",)),),
-    "clip_r": (Scope(method=("plain", "bgformer"), loss=("pce",), pce_space=("hyperbolic",)),),
-    "semantic_branch": (Scope(method=("bgformer",)),),
-    "visual_graph": (Scope(method=("bgformer",)),),
-    "detach_graph_input": (Scope(method=("bgformer",)),),
-    "graph_dim": (Scope(method=("bgformer",)),),
-    "graph_lr": (Scope(method=GRAPH_METHODS),),
-    "mpn_cat": (Scope(method=("intra-batch",)),),
-    "proxygml_lambda": (Scope(method=("proxygml",)),),
-    "image_size": (Scope(dataset=IMAGE_DATASETS),),
-    "crop_scale": (Scope(dataset=IMAGE_DATASETS),),
-    "interpolation": (Scope(dataset=IMAGE_DATASETS),),
-    "test_resize": (Scope(dataset=IMAGE_DATASETS),),
-    "random_erasing": (Scope(dataset=IMAGE_DATASETS),),
-    "proxy_lr": (Scope(method=("proxygml",)),
-                 Scope(method=("plain", "bgformer"), loss=tuple(PROXY_LOSSES))),
-    "lr_gamma": (Scope(lr_milestones=IS_SET),),
-    "val_seed": (Scope(val_classes=IS_SET),),
-}
-
-#: Options that set a step size or a logit scale: a diverging loss names those that apply.
-DIVERGENCE_OPTIONS = ("lr", "proxy_lr", "temperature")
-
-
-def option_name(dest: str) -> str:
-    """``lr_milestones`` → ``--lr-milestones``."""
-    return "--" + dest.replace("_", "-")
-
-
-def applies(dest: str, args: argparse.Namespace, methods: Collection[str] | None = None) -> bool:
-    """Whether option ``dest`` is read by the run ``args`` describes (or, with ``methods``, by
-    the run of any one of them: ``examples/cub.py --method all``)."""
-    scopes = SCOPES.get(dest)
-    if scopes is None:
+def applies(option: str, config: Any, scopes: Mapping[str, tuple[Scope, ...]],
+            methods: Collection[str] | None = None) -> bool:
+    """Whether ``option`` is read by the run ``config`` describes (or, with ``methods``, by the
+    run of any one of them: ``examples/cub.py --method all``)."""
+    alternatives = scopes.get(option)
+    if alternatives is None:
         return True
-    candidates = [args] if methods is None else [
-        argparse.Namespace(**{**vars(args), "method": m}) for m in methods]
-    return any(s.matches(a) for s in scopes for a in candidates)
+    candidates = [config] if methods is None else [replace(config, method=m) for m in methods]
+    return any(s.matches(c) for s in alternatives for c in candidates)
 
 
 def check_scopes(
-    args: argparse.Namespace, explicit: Collection[str], methods: Collection[str] | None = None
+    config: object,
+    explicit: Collection[str],
+    scopes: Mapping[str, tuple[Scope, ...]],
+    name: Name,
+    methods: Collection[str] | None = None,
 ) -> str | None:
     """The error for the first explicitly set option that the run ignores, else ``None``."""
-    for dest in explicit:
-        if not applies(dest, args, methods):
-            where = " or ".join(str(s) for s in SCOPES[dest])
-            used = ", ".join(f"{option_name(d)} {show_value(getattr(args, d))}"
-                             for d in dict.fromkeys(c for s in SCOPES[dest] for c in s.constraints))
-            return f"{option_name(dest)} has no effect here ({used}); it applies to {where}"
+    for option in explicit:
+        if not applies(option, config, scopes, methods):
+            where = " or ".join(s.describe(name) for s in scopes[option])
+            used = ", ".join(f"{name(o)} {show_value(getattr(config, o))}"
+                             for o in dict.fromkeys(c for s in scopes[option]
+                                                    for c in s.constraints))
+            return f"{name(option)} has no effect here ({used}); it applies to {where}"
     return None
-
 
 
 # ---------------------------------------------------------------------------- cross-option rules
 
+IMAGE_DATASETS = tuple(DATASETS)
 
-def check_milestones(args: argparse.Namespace) -> str | None:
-    milestones = args.lr_milestones or []
+
+def check_milestones(c, name: Name) -> str | None:
+    milestones = c.lr_milestones or []
     if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
-        return f"--lr-milestones must be strictly increasing, got {show_value(milestones)}"
-    if milestones and milestones[-1] >= args.epochs:
-        return (f"--lr-milestones {milestones[-1]} is not below --epochs {args.epochs}, so it "
-                "never takes effect")
+        return f"{name('lr_milestones')} must be strictly increasing, got {show_value(milestones)}"
+    if milestones and milestones[-1] >= c.epochs:
+        return (f"{name('lr_milestones')} {milestones[-1]} is not below {name('epochs')} "
+                f"{c.epochs}, so it never takes effect")
     return None
 
 
-def check_data_root(args: argparse.Namespace) -> str | None:
-    if args.dataset in IMAGE_DATASETS and args.data_root is None:
-        return f"--data-root is required for --dataset {args.dataset}"
+def check_data_root(c, name: Name) -> str | None:
+    if c.dataset in IMAGE_DATASETS and c.data_root is None:
+        return f"{name('data_root')} is required for {name('dataset')} {c.dataset}"
     return None
 
 
-def check_resume_overwrite(args: argparse.Namespace) -> str | None:
-    if args.resume and args.overwrite:
-        return "--resume continues the run in --out and --overwrite replaces it: pass one"
+def check_resume_overwrite(c, name: Name) -> str | None:
+    if c.resume and c.overwrite:
+        return (f"{name('resume')} continues the run in {name('out')} and {name('overwrite')} "
+                "replaces it: pass one")
     return None
 
 
-def check_select_on(args: argparse.Namespace) -> str | None:
-    if args.select_on == "val" and not args.val_classes:
-        return ("--select-on val needs a validation split: set --val-classes to a fraction or "
-                "count of training classes, or pass --select-on test or last")
+def check_select_on(c, name: Name) -> str | None:
+    if c.select_on == "val" and not c.val_classes:
+        return (f"{name('select_on')} val needs a validation split: set {name('val_classes')} "
+                f"to a fraction or count of training classes, or pass {name('select_on')} test "
+                "or last")
     return None
 
 
-def check_amp(args: argparse.Namespace) -> str | None:
-    if args.amp and torch.device(args.device).type != "cuda":
-        return f"--amp needs a CUDA --device, got {args.device}"
+def check_amp(c, name: Name) -> str | None:
+    if c.amp and torch.device(c.device).type != "cuda":
+        return f"{name('amp')} needs a CUDA {name('device')}, got {c.device}"
     return None
 
 
-def check_graph_dim(args: argparse.Namespace) -> str | None:
-    if args.method != "bgformer" or args.graph_dim is None:
+def check_graph_dim(c, name: Name) -> str | None:
+    if c.method != "bgformer" or c.graph_dim is None:
         return None
-    heads = args.graph_heads if args.graph_heads is not None else BGFORMER_HEADS
-    if args.graph_dim % heads != 0:
-        return (f"--graph-dim ({args.graph_dim}) must be divisible by --graph-heads ({heads}), "
-                "the number of BGFormer's attention heads")
+    if c.graph_dim % c.graph_heads != 0:
+        return (f"{name('graph_dim')} ({c.graph_dim}) must be divisible by "
+                f"{name('graph_heads')} ({c.graph_heads}), the number of BGFormer's attention "
+                "heads")
     return None
 
 
-def check_pce_layout(args: argparse.Namespace) -> str | None:
-    if args.loss == "pce" and args.method in ("plain", "bgformer") and args.samples_per_class < 2:
-        return ("--loss pce pairs the samples of a class: --samples-per-class must be >= 2, got "
-                f"{args.samples_per_class}")
+def check_pce_layout(c, name: Name) -> str | None:
+    if c.loss == "pce" and c.method in ("plain", "bgformer") and c.samples_per_class < 2:
+        return (f"{name('loss')} pce pairs the samples of a class: {name('samples_per_class')} "
+                f"must be >= 2, got {c.samples_per_class}")
     return None
 
 
-def check_crop_scale(args: argparse.Namespace) -> str | None:
-    low, high = args.crop_scale
+def check_crop_scale(c, name: Name) -> str | None:
+    low, high = c.crop_scale
     if low > high:
-        return f"--crop-scale MIN must not exceed MAX, got {low:g} {high:g}"
+        return f"{name('crop_scale')} MIN must not exceed MAX, got {low:g} {high:g}"
     return None
 
 
@@ -363,9 +294,9 @@ def check_crop_scale(args: argparse.Namespace) -> str | None:
 BACKBONE_EXTRAS = ((VIT_BACKBONES, import_timm), (EFFICIENTNET_BACKBONES, import_efficientnet))
 
 
-def check_backbone_extra(args: argparse.Namespace) -> str | None:
+def check_backbone_extra(c, name: Name) -> str | None:
     for backbones, import_extra in BACKBONE_EXTRAS:
-        if args.backbone in backbones:
+        if c.backbone in backbones:
             try:
                 import_extra()
             except InputError as err:
@@ -373,88 +304,59 @@ def check_backbone_extra(args: argparse.Namespace) -> str | None:
     return None
 
 
-def check_frozen_backbone(args: argparse.Namespace) -> str | None:
-    if not args.freeze_backbone:
+def check_frozen_backbone(c, name: Name) -> str | None:
+    if not c.freeze_backbone:
         return None
-    if args.trainable_stages is not None:
-        return ("--freeze-backbone trains no stage of the backbone and --trainable-stages "
-                f"{args.trainable_stages} trains the last ones: pass one")
-    if args.backbone_lr is not None:
-        return "--backbone-lr has no effect with --freeze-backbone: the backbone does not train"
-    if args.pretrained is None and args.backbone not in EFFICIENTNET_BACKBONES:
-        return (f"--freeze-backbone keeps the backbone fixed, so --backbone {args.backbone} "
-                "needs its --pretrained weights (random features would never train)")
-    if args.outliers:
-        return ("--outliers adds noise images, which have no image file whose features could "
-                "be cached: not with --freeze-backbone")
+    if c.trainable_stages is not None:
+        return (f"{name('freeze_backbone')} trains no stage of the backbone and "
+                f"{name('trainable_stages')} {c.trainable_stages} trains the last ones: pass one")
+    if c.backbone_lr is not None:
+        return (f"{name('backbone_lr')} has no effect with {name('freeze_backbone')}: the "
+                "backbone does not train")
+    if c.pretrained is None and c.backbone not in EFFICIENTNET_BACKBONES:
+        return (f"{name('freeze_backbone')} keeps the backbone fixed, so {name('backbone')} "
+                f"{c.backbone} needs its {name('pretrained')} weights (random features would "
+                "never train)")
+    if c.outliers:
+        return (f"{name('outliers')} adds noise images, which have no image file whose features "
+                f"could be cached: not with {name('freeze_backbone')}")
     return None
 
 
-def check_tensorboard(args: argparse.Namespace) -> str | None:
-    if args.tensorboard:
+def check_tensorboard(c, name: Name) -> str | None:
+    if c.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
-            return "--tensorboard needs the tensorboard package: pip install 'bgf_pyg[tensorboard]'"
+            return (f"{name('tensorboard')} needs the tensorboard package: pip install "
+                    "'bgf_pyg[tensorboard]'")
     return None
 
 
-def check_refine(args: argparse.Namespace) -> str | None:
-    refine = args.refine
-    if "bgformer" in refine and args.method != "bgformer":
-        return (f"--refine bgformer needs a trained BGFormer, and --method is {args.method}; "
-                "use --refine none,qe")
-    if args.refine_alpha is not None and "qe" not in refine:
-        return "--refine-alpha has no effect here: it applies to --refine qe"
-    if args.refine_k is not None and refine == ["none"]:
-        return "--refine-k has no effect here: it applies to --refine qe or bgformer"
-    grid = len(args.refine_k or ()) > 1 or len(args.refine_alpha or ()) > 1
-    if grid and not args.val_classes:
-        return ("--refine-k / --refine-alpha: a grid of settings is chosen on the validation "
-                "classes, and this run has none (--val-classes 0); give one value of each")
+def check_refine(c, name: Name) -> str | None:
+    refine = c.refine
+    if "bgformer" in refine and c.method != "bgformer":
+        return (f"{name('refine')} bgformer needs a trained BGFormer, and {name('method')} is "
+                f"{c.method}; use {name('refine')} none,qe")
+    if c.refine_alpha is not None and "qe" not in refine:
+        return f"{name('refine_alpha')} has no effect here: it applies to {name('refine')} qe"
+    if c.refine_k is not None and refine == ["none"]:
+        return (f"{name('refine_k')} has no effect here: it applies to {name('refine')} qe or "
+                "bgformer")
+    grid = len(c.refine_k or ()) > 1 or len(c.refine_alpha or ()) > 1
+    if grid and not c.val_classes:
+        return (f"{name('refine_k')} / {name('refine_alpha')}: a grid of settings is chosen on "
+                f"the validation classes, and this run has none ({name('val_classes')} 0); give "
+                "one value of each")
     return None
 
 
-#: Rules over several options, run after parsing (and after the dataset's defaults are set).
-RULES: list[Callable[[argparse.Namespace], str | None]] = [
+#: Rules over several options, run once the defaults are resolved.
+RULES: list[Callable[[object, Name], str | None]] = [
     check_data_root, check_milestones, check_resume_overwrite, check_amp, check_graph_dim,
     check_pce_layout, check_crop_scale, check_frozen_backbone, check_backbone_extra,
     check_tensorboard, check_select_on, check_refine,
 ]
 
-
-def validate(
-    parser: argparse.ArgumentParser,
-    args: argparse.Namespace,
-    explicit: Collection[str],
-    methods: Collection[str] | None = None,
-) -> None:
-    """Run the scope check and :data:`RULES`; the first failure ends in ``parser.error``."""
-    for rule in (lambda a: check_scopes(a, explicit, methods), *RULES):
-        message = rule(args)
-        if message is not None:
-            parser.error(message)
-
-
-def explicit_dests(build: Callable[[], argparse.ArgumentParser], argv: Sequence[str]) -> set[str]:
-    """The ``dest`` of every option given in ``argv`` (parsed again with every default
-    suppressed, so abbreviations and ``--opt=value`` count as well)."""
-    parser = build()
-    for action in parser._actions:  # argparse has no public way to list the actions
-        action.default = argparse.SUPPRESS
-    parser.set_defaults(**{k: argparse.SUPPRESS for k in parser._defaults})
-    return set(vars(parser.parse_args(argv)))
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the epilog's line breaks and appends ``(default: X)`` to every option whose default is
-    a value (``None`` and switches say their default in their help text)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if (default is not None and default is not False and default != argparse.SUPPRESS
-                and "%(default)" not in text and action.option_strings):
-            text += f" (default: {show_value(default)})"
-        return text
-
+#: Options that set a step size or a logit scale: a diverging loss names those that apply.
+DIVERGENCE_OPTIONS = ("lr", "proxy_lr", "temperature")

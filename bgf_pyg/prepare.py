@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from .arguments import OneLineParser
 from .checks import InputError
 from .data.emoji import EMOJI_SIZE
 from .data.emoji_cache import (
@@ -27,7 +28,7 @@ from .data.emoji_cache import (
     cache_state,
     npm_fetch,
 )
-from .options import OneLineParser, positive_int
+from .options import positive_int
 
 PROG = "bgf-data"
 EXIT_USAGE = 2

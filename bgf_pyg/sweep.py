@@ -16,7 +16,6 @@ numbers are shown beside the validation score but never used to choose.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import statistics
@@ -27,21 +26,23 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from .cli import (
+from .arguments import (
     EXIT_USAGE,
     USER_ERRORS,
-    check_against_data,
-    check_batch_graph_k,
+    OneLineParser,
     error_message,
-    format_cell,
-    load_splits,
-    parse_args,
-    run,
-    setup_logging,
+    given_options,
+    option_name,
 )
-from .cli import build_parser as build_train_parser
-from .options import OneLineParser, positive_int, seed_int
+from .checks import InputError
+from .config import OPTIONS, Config, resolve
+from .console import setup_logging
+from .experiment import run
+from .experiment.build import check_against_data, check_batch_graph_k
+from .experiment.splits import config_splits
+from .options import positive_int, seed_int
 from .run_folder import LAST_CHECKPOINT, read_metrics
+from .tables import format_cell
 
 PROG = "bgf-sweep"
 #: The score of a run: this metric of the validation split at the selected epoch.
@@ -111,74 +112,80 @@ def run_folder_name(params: dict[str, str], seed: int) -> str:
     return "_".join(f"{k}={v}" for k, v in params.items()).replace("/", "%") + f"-s{seed}"
 
 
-@functools.cache
-def switches() -> dict[str, bool]:
-    """``bgf-train``'s on/off options, by name (without ``--``): whether each has a ``--no-``
-    form (``--detach-graph-input``/``--no-detach-graph-input``) or is only ever set on."""
-    found = {}
-    for action in build_train_parser()._actions:
-        names = [o.removeprefix("--") for o in action.option_strings if o.startswith("--")]
-        if action.nargs == 0 and action.dest != "help":
-            found[names[0]] = isinstance(action, argparse.BooleanOptionalAction)
-    return found
-
-
-def trial_argv(base: Sequence[str], params: dict[str, str], seed: int, out: Path) -> list[str]:
-    """The ``bgf-train`` options of one run of a trial; an on/off option's ``true`` gives
-    ``--NAME``, its ``false`` ``--no-NAME`` (or nothing, for an option without that form)."""
-    argv = [*base]
+def trial_options(params: dict[str, str]) -> dict:
+    """The options of a trial's setting, typed: ``NAME=VALUE`` read as ``bgf-train`` reads
+    ``--NAME VALUE``, an on/off option's ``true`` / ``false`` as the switch on or off."""
+    options, argv = {}, []
     for name, value in params.items():
-        if name not in switches():
+        field = name.replace("-", "_")
+        if field in OPTIONS and OPTIONS[field].switch is not None:
+            options[field] = SWITCH_VALUES[value.lower()]
+        else:
             argv += [f"--{name}", value]
-        elif SWITCH_VALUES[value.lower()]:
-            argv.append(f"--{name}")
-        elif switches()[name]:
-            argv.append(f"--no-{name}")
-    return [*argv, "--seed", str(seed), "--out", str(out), "--no-progress"]
+    given, _ = given_options(argv, PROG)
+    return {**given, **options}
+
+
+def trial_config(base: Config, params: dict[str, str], seed: int, out: Path) -> Config:
+    """The configuration of one run of a trial: the base runs' options, the trial's setting,
+    the seed and the run folder."""
+    return base.replace(**trial_options(params), seed=seed, out=str(out), no_progress=True)
+
+
+def checked_config(parser: argparse.ArgumentParser, given: dict) -> Config:
+    """The configuration of ``given`` options, its errors in ``bgf-train``'s words."""
+    try:
+        return resolve(given, name=option_name, note=lambda message: None)
+    except InputError as err:
+        parser.error(str(err))
 
 
 def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
-               base: Sequence[str]) -> None:
+               base: Sequence[str]) -> Config:
     """Every combination and seed is a valid ``bgf-train`` run selected on the validation split,
     its options and its sampling checked against the dataset's classes (once per dataset and
-    validation split, before the first run starts; a bad one exits with code 2)."""
+    validation split, before the first run starts; a bad one exits with code 2). Returns the
+    configuration of the runs' common options."""
     names = [name for name, _ in args.grid]
     if len(set(names)) != len(names):
         parser.error(f"--grid names an option twice: {names}")
+    given, _ = given_options(base, PROG)
     for name in ("seed", "out", "resume", "overwrite"):
-        if name in names or f"--{name}" in base:
+        if name in names or name in given:
             parser.error(f"--{name} is set by {PROG} itself; remove it from the options")
     for name, values in args.grid:
         bad = [v for v in values if v.lower() not in SWITCH_VALUES]
-        if name in switches() and bad:
+        field = name.replace("-", "_")
+        if field in OPTIONS and OPTIONS[field].switch is not None and bad:
             parser.error(f"--grid {name}: an on/off option takes true or false, got {bad}")
+    base_config = checked_config(parser, given)
     training_splits: dict[tuple, Dataset] = {}  # loaded once per dataset and validation split
     for values in itertools.product(*(v for _, v in args.grid)):
         params = dict(zip(names, values, strict=True))
-        run_args = parse_args(trial_argv(base, params, 0, Path(".")), prog=PROG)
-        if run_args.select_on != "val" or not run_args.val_classes:
+        config = checked_config(parser, {**given, **trial_options(params)})
+        if config.select_on != "val" or not config.val_classes:
             parser.error("a sweep chooses on the validation split: keep --select-on val and "
                          "--val-classes above 0")
-        key = (run_args.dataset, run_args.data_root, run_args.val_classes, run_args.val_seed)
+        key = (config.dataset, config.data_root, config.val_classes, config.val_seed)
         try:
             if key not in training_splits:
-                training_splits[key] = load_splits(
-                    run_args.dataset, run_args.data_root, augment=False,
-                    val_classes=run_args.val_classes, val_seed=run_args.val_seed).train
-            check_against_data(run_args, training_splits[key])
-            check_batch_graph_k(run_args, training_splits[key].num_classes)
+                training_splits[key] = config_splits(config, augment=False,
+                                                     check_images="off").train
+            check_against_data(config, training_splits[key])
+            check_batch_graph_k(config, training_splits[key].num_classes)
         except USER_ERRORS as err:
             setting = " ".join(f"{k}={v}" for k, v in params.items())
-            parser.error(f"--grid {setting}: {error_message(err, run_args)}")
+            parser.error(f"--grid {setting}: {error_message(err, config)}")
+    return base_config
 
 
-def run_once(base: Sequence[str], params: dict[str, str], seed: int, out: Path) -> dict:
+def run_once(base: Config, params: dict[str, str], seed: int, out: Path) -> dict:
     """Train (or read, if ``out`` holds a finished run; or resume a killed one) one run; return
     its validation score and test metrics."""
     records = read_metrics(out)
     if not any(r.get("final") for r in records):
-        resume = ["--resume"] if (out / LAST_CHECKPOINT).is_file() else ["--overwrite"]
-        run(parse_args([*trial_argv(base, params, seed, out), *resume], prog=PROG))
+        resume = (out / LAST_CHECKPOINT).is_file()
+        run(trial_config(base, params, seed, out).replace(resume=resume, overwrite=not resume))
         records = read_metrics(out)
     final = [r for r in records if r.get("final") and "refine" not in r][-1]
     val = next(r for r in records if r.get("split") == "val"
@@ -230,8 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bgf-sweep``; the options after ``--`` go to every run."""
     parser = build_parser()
     try:
-        args, base = split_argv(parser, sys.argv[1:] if argv is None else argv)
-        check_plan(parser, args, base)
+        args, base_argv = split_argv(parser, sys.argv[1:] if argv is None else argv)
+        base = check_plan(parser, args, base_argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:

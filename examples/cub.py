@@ -4,10 +4,11 @@
     python examples/cub.py                              # demo, BGFormer, about 2 minutes (114 s)
     python examples/cub.py --method all --seeds 0 1 2   # the README's demo table
 
-Every other option is passed to ``bgf-train`` (see ``bgf-train --help``); the demo runs
-``bgf-train``'s ``--dataset demo`` defaults (``bgf_pyg.cli.DEMO_DEFAULTS``). Every run's options are
-checked before the first one starts; a run that fails does not stop the others: the table shows
-those that finished, the failures are named and the exit code is non-zero.
+Every other option is one of ``bgf-train``'s (see ``bgf-train --help``); the demo runs
+``--dataset demo``'s defaults (``bgf_pyg.config.DEMO_DEFAULTS``). Each run is a
+:class:`bgf_pyg.config.Config` run by :func:`bgf_pyg.experiment.run`; every run's configuration
+is checked before the first one starts; a run that fails does not stop the others: the table
+shows those that finished, the failures are named and the exit code is non-zero.
 """
 
 from __future__ import annotations
@@ -19,22 +20,24 @@ import time
 import traceback
 from collections.abc import Sequence
 
-from bgf_pyg.cli import (
+from bgf_pyg.arguments import (
     EXIT_USAGE,
     USER_ERRORS,
+    OneLineParser,
     error_message,
-    format_table,
-    parse_args,
-    raw_pixel_metrics,
-    results_caption,
-    row_name,
-    run,
-    setup_logging,
-    use_threads,
+    given_options,
+    option_name,
+    print_note,
 )
+from bgf_pyg.checks import InputError
+from bgf_pyg.config import Config, resolve
+from bgf_pyg.console import setup_logging
 from bgf_pyg.data import build_dataset
+from bgf_pyg.experiment import run, use_threads
+from bgf_pyg.experiment.splits import raw_pixel_metrics
 from bgf_pyg.models import METHODS
-from bgf_pyg.options import OneLineParser, seed_int
+from bgf_pyg.options import seed_int
+from bgf_pyg.tables import format_table, results_caption, row_name
 
 PROG = "cub.py"
 #: Exit code when a run failed with a bug (a traceback was printed).
@@ -54,15 +57,22 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
-def run_argv(args: argparse.Namespace, rest: list[str], method: str, seed: int,
-             single: bool) -> list[str]:
-    """The ``bgf-train`` options of one run."""
-    argv = ["--dataset", "demo"] if args.data_root is None else [
-        "--dataset", "cub", "--data-root", args.data_root]
-    argv += [*rest, "--method", method, "--seed", str(seed)]
+def run_config(args: argparse.Namespace, rest: list[str], method: str, seed: int,
+               single: bool, methods: Sequence[str] | None = None) -> Config:
+    """The configuration of one run: the bgf-train options in ``rest``, the dataset, the
+    method, the seed and the run folder (``methods``: every method of this invocation, for the
+    options' scope check). A bad option exits with one line and code 2."""
+    options, _ = given_options(rest, PROG)
+    options.update(method=method, seed=seed)
+    options.update({"dataset": "demo"} if args.data_root is None else {
+        "dataset": "cub", "data_root": args.data_root})
     if args.out is not None:
-        argv += ["--out", args.out if single else f"{args.out}/{method}-s{seed}"]
-    return argv
+        options["out"] = args.out if single else f"{args.out}/{method}-s{seed}"
+    try:
+        return resolve(options, methods=methods, name=option_name,
+                       note=lambda message: print_note(PROG, message))
+    except InputError as err:
+        OneLineParser(prog=PROG).error(str(err))
 
 
 def paired_line(bgformer: dict[int, dict[str, float]], plain: dict[int, dict[str, float]],
@@ -89,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods = METHODS if args.method == "all" else (args.method,)
     single = len(methods) == 1 and len(args.seeds) == 1
     # Every run's options are checked before the first run starts.
-    plan = {(m, s): parse_args(run_argv(args, rest, m, s, single), methods=methods, prog=PROG)
+    plan = {(m, s): run_config(args, rest, m, s, single, methods)
             for m in methods for s in args.seeds}
     if args.data_root is None:
         print("No --data-root given: training on the embedded demo set (two-digit numbers, "
@@ -105,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finished[method] = {}
         for seed in args.seeds:
             try:
-                finished[method][seed] = run(plan[method, seed])
+                finished[method][seed] = run(plan[method, seed]).test_metrics
             except USER_ERRORS as err:
                 failures.append(f"{method} (seed {seed}): {error_message(err, plan[method, seed])}")
                 exit_code = exit_code or EXIT_USAGE

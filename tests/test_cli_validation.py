@@ -14,16 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bgf_pyg.cli import (
-    DEMO_DEFAULTS,
-    DEMO_METHOD_DEFAULTS,
-    build_parser,
-    demo_defaults,
-    main,
-    parse_args,
-)
+from bgf_pyg.arguments import HelpFormatter, option_name
+from bgf_pyg.cli import build_parser, main, parse_args
+from bgf_pyg.config import DEMO_DEFAULTS, DEMO_METHOD_DEFAULTS, SCOPES, demo_defaults
 from bgf_pyg.models import METHODS
-from bgf_pyg.options import SCOPES, HelpFormatter, Number, option_name
+from bgf_pyg.options import Number
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_NUMBERS = ("0", "-1", "nan", "inf", "-inf")
@@ -179,7 +174,7 @@ def test_no_options_is_the_demo_of_examples_cub():
 
     cub = load_example("cub")
     options, rest = cub.parse([])
-    assert parse_args(cub.run_argv(options, rest, "bgformer", 0, single=True)) == args
+    assert cub.run_config(options, rest, "bgformer", 0, single=True) == args
 
 
 @pytest.mark.parametrize("method,fragments", [

@@ -21,6 +21,7 @@ from torch import nn
 from bgf_pyg import cli, distributed
 from bgf_pyg.checks import InputError
 from bgf_pyg.data import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
+from bgf_pyg.experiment import build
 from bgf_pyg.models import build_method
 from bgf_pyg.models.backbones import EmbeddingNet
 from bgf_pyg.train import (
@@ -211,7 +212,7 @@ def _fit_worker(rank: int, method_name: str, out: str, resume: bool, die_after,
     args = argparse.Namespace(method=method_name, num_workers=0, batch_size=4,
                               classes_per_batch=2, samples_per_class=2, seed=0)
     dataset = NoisyImages(die_after)
-    loader = cli.train_loader(args, dataset, generator)
+    loader = build.train_loader(args, dataset, generator)
     trunk = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 16), nn.Tanh())
     method = build_method(method_name, EmbeddingNet(trunk, 16, 8), dataset.num_classes,
                           **CASES[method_name][1])

@@ -42,15 +42,13 @@ TINY = ["--embedding-dim", "16", "--epochs", "1", "--device", "cpu", "--no-progr
 
 
 def test_cub_example_honours_out(tmp_path):
-    from bgf_pyg.cli import parse_args
-
     cub = load_example("cub")
     options, rest = cub.parse(["--method", "plain", "--out", str(tmp_path / "mine")])
-    argv = cub.run_argv(options, rest, "plain", 0, single=True)
-    assert parse_args(argv).out == str(tmp_path / "mine")
+    config = cub.run_config(options, rest, "plain", 0, single=True)
+    assert config.out == str(tmp_path / "mine")
     options, rest = cub.parse(["--method", "all", "--out", str(tmp_path), *TINY])
-    argv = cub.run_argv(options, rest, "plain", 1, single=False)
-    assert parse_args(argv, methods=cub.METHODS).out == str(tmp_path / "plain-s1")
+    config = cub.run_config(options, rest, "plain", 1, single=False, methods=cub.METHODS)
+    assert config.out == str(tmp_path / "plain-s1")
 
 
 def test_method_all_reports_the_finished_and_the_failed(tmp_path, capsys):

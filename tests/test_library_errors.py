@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bgf_pyg.arguments import with_option_names
 from bgf_pyg.checks import InputError, named_parameters, naming
-from bgf_pyg.cli import main, with_option_names
+from bgf_pyg.cli import main
 from bgf_pyg.losses import LabelSmoothingCE, ProxyGMLLoss
 from bgf_pyg.models import build_backbone, build_method
 from bgf_pyg.nn import BatchGraphConv, BGFormer, BGFormerLayer, DualSSA, IntraBatchMPN
@@ -22,7 +23,7 @@ from bgf_pyg.run_folder import LAST_CHECKPOINT, check_run_folder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bgf_pyg"
 #: The command-line layer, which may name its own flags.
-CLI_MODULES = {"cli.py", "options.py", "sweep.py"}
+CLI_MODULES = {"cli.py", "arguments.py", "sweep.py", "eval_cli.py"}
 #: Flags of other programs a library error may name (torchrun's).
 FOREIGN_FLAGS = {"--nproc_per_node"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")

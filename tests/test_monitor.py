@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bgf_pyg import cli
+from bgf_pyg import experiment
 from bgf_pyg.cli import main
 from bgf_pyg.data import ClassBalancedBatchSampler
 from bgf_pyg.models import EmbeddingNet, build_method
@@ -92,7 +92,7 @@ def test_cli_hands_the_logger_to_fit(tmp_path, monkeypatch):
         return FitResult(1, 0.5, 1, {"recall@1": 0.5}, {"recall@1": 0.5},
                          test_metrics={"recall@1": 0.4}, selected_epoch=1)
 
-    monkeypatch.setattr(cli, "fit", fake_fit)
+    monkeypatch.setattr(experiment, "fit", fake_fit)
     argv = ["--method", "bgformer", "--embedding-dim", "16", "--graph-layers", "1",
             "--out", str(tmp_path), "--device", "cpu", "--no-progress"]
     assert main([*argv, "--tensorboard"]) == 0

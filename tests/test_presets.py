@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bgf_pyg.cli import main
-from bgf_pyg.presets import available_presets, check_preset, load_preset
+from bgf_pyg.config import check_preset
+from bgf_pyg.presets import available_presets, load_preset
 from tests.data.test_datasets import make_cars, make_cub, make_inshop, make_sop
 from tests.test_cli import assert_user_error
 
@@ -86,19 +87,16 @@ def test_unknown_preset_lists_the_valid_ones(capsys):
     ({"out": "elsewhere"}, "unknown key 'out'"),
 ])
 def test_bad_preset_file(content, fragment, monkeypatch, capsys):
-    from bgf_pyg import cli
+    from bgf_pyg import config
 
-    monkeypatch.setattr(cli, "load_preset", lambda name: content)
+    monkeypatch.setattr(config, "load_preset", lambda name: content)
     code = main(["--preset", "bgformer-cub", "--no-progress"])
     assert_user_error(capsys, code, "preset 'bgformer-cub'", fragment)
 
 
 def test_shipped_presets_are_valid():
-    from bgf_pyg.cli import build_parser
-
-    parser = build_parser()
     for name in available_presets():
-        check_preset(load_preset(name), parser, name)
+        check_preset(load_preset(name), name)
 
 
 def test_graph_dim_not_divisible_by_heads(capsys):

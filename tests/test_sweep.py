@@ -106,17 +106,13 @@ def test_plans_the_data_cannot_run_are_refused_before_any_run(tmp_path, capsys, 
 
 
 def test_on_off_options_take_true_and_false():
-    from bgf_pyg.sweep import trial_argv
+    from bgf_pyg.sweep import trial_config, trial_options
 
-    def flags(params):
-        argv = trial_argv(["--method", "bgformer"], params, 0, Path("o"))
-        return argv[2:argv.index("--seed")]
-
-    assert flags({"detach-graph-input": "true"}) == ["--detach-graph-input"]
-    assert flags({"detach-graph-input": "False"}) == ["--no-detach-graph-input"]
-    assert flags({"tensorboard": "false", "k": "5"}) == ["--k", "5"]  # no --no- form: left out
-    assert parse_args(trial_argv(["--method", "bgformer"], {"detach-graph-input": "true"}, 0,
-                                 Path("o"))).detach_graph_input is True
+    assert trial_options({"detach-graph-input": "true"}) == {"detach_graph_input": True}
+    assert trial_options({"detach-graph-input": "False"}) == {"detach_graph_input": False}
+    assert trial_options({"tensorboard": "false", "k": "5"}) == {"tensorboard": False, "k": 5}
+    assert trial_config(parse_args(["--method", "bgformer"]), {"detach-graph-input": "true"}, 0,
+                        Path("o")).detach_graph_input is True
 
 
 @pytest.mark.parametrize("extra", [["--method", "plain"], ["--seed", "1"], ["--epochs", "1"]])

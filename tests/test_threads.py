@@ -14,9 +14,10 @@ import torch
 
 from bgf_pyg import options
 from bgf_pyg.checks import InputError
-from bgf_pyg.cli import build_parser, main, parse_args, use_threads
+from bgf_pyg.cli import main, parse_args
 from bgf_pyg.eval_cli import build_eval_parser
 from bgf_pyg.eval_cli import main as eval_main
+from bgf_pyg.experiment import use_threads
 from bgf_pyg.options import auto_threads
 from bgf_pyg.run_folder import check_config, load_checkpoint
 
@@ -128,21 +129,19 @@ def load_script(folder: str, name: str):
 def test_the_scripts_pass_threads_to_bgf_train(tmp_path):
     cub = load_script("examples", "cub")
     args, rest = cub.parse(["--threads", "3"])
-    assert parse_args(cub.run_argv(args, rest, "plain", 0, single=True)).threads == 3
+    assert cub.run_config(args, rest, "plain", 0, single=True).threads == 3
     robustness = load_script("benchmarks", "robustness")
     args = robustness.parse(["--threads", "3", "--runs", str(tmp_path)])
-    assert parse_args(robustness.train_argv(args, "intra-batch", "clean", 0.0, 0)).threads == 3
+    assert robustness.run_config(args, "intra-batch", "clean", 0.0, 0).threads == 3
     emoji = load_script("benchmarks", "emoji_pretrained")
     args = emoji.parse(["--data-root", str(tmp_path), "--threads", "3", "--runs", str(tmp_path)])
-    argv = emoji.train_argv(args, "proxygml", 0)
-    assert argv[argv.index("--threads") + 1] == "3"
-    assert build_parser().parse_args(argv).threads == 3
+    assert emoji.run_config(args, "proxygml", 0).threads == 3
 
 
 def test_bgf_sweep_passes_threads_to_every_run():
     from bgf_pyg.sweep import build_parser as build_sweep_parser
-    from bgf_pyg.sweep import split_argv, trial_argv
+    from bgf_pyg.sweep import split_argv, trial_config
 
     _, base = split_argv(build_sweep_parser(),
                          ["--name", "t", "--grid", "lr=1e-3,3e-4", "--", "--threads", "3"])
-    assert parse_args(trial_argv(base, {"lr": "3e-4"}, 1, Path("out"))).threads == 3
+    assert trial_config(parse_args(base), {"lr": "3e-4"}, 1, Path("out")).threads == 3

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from bgf_pyg import cli, run_folder
+from bgf_pyg import run_folder
 from bgf_pyg.cli import main
 from bgf_pyg.data import CUB200, ClassBalancedBatchSampler, eval_transform
 from bgf_pyg.data.features import (
@@ -28,6 +28,7 @@ from bgf_pyg.data.features import (
 from bgf_pyg.data.noise import CorruptedTraining
 from bgf_pyg.data.splits import ClassSubset
 from bgf_pyg.eval_cli import main as eval_main
+from bgf_pyg.experiment import refinement
 from bgf_pyg.models import build_backbone
 from tests.data.test_datasets import make_cub
 from tests.models.test_efficientnet import SIZE, needs_extra
@@ -229,8 +230,8 @@ def test_bgf_eval_rebuilds_a_frozen_run_from_its_checkpoint(tmp_path, capsys, ti
                                                             monkeypatch):
     """bgf-eval reads the run's data folder and feature cache from its checkpoint (no
     --data-root) and evaluates the cached features of a frozen run as bgf-train did."""
-    monkeypatch.setattr(cli, "evaluate_refinements", functools.partial(
-        cli.evaluate_refinements, metric_ks=(1,), with_nmi=False))  # 4 test images
+    monkeypatch.setattr(refinement, "evaluate_refinements", functools.partial(
+        refinement.evaluate_refinements, metric_ks=(1,), with_nmi=False))  # 4 test images
     torch.manual_seed(0)
     weights = tmp_path / "r18.pth"
     torch.save(build_backbone("resnet18", 8).trunk.state_dict(), weights)

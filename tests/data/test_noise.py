@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bgf_pyg.cli import load_splits, parse_args
+from bgf_pyg.cli import parse_args
 from bgf_pyg.data.base import LabelledDataset
 from bgf_pyg.data.noise import CorruptedTraining, flip_labels, noise_like
+from bgf_pyg.experiment.splits import load_splits
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,7 +104,7 @@ def test_robustness_benchmark_writes_json_and_plot_and_skips_finished_runs(tmp_p
     runs = result["runs"]
     assert [(r["corruption"], r["level"]) for r in runs] == [("clean", 0.0), ("label_noise", 0.4)]
     assert all(0 <= r["recall@1"] <= 1 for r in runs)
-    assert result["config"]["models"]["bgformer-full"][1] == ["--k", "47"]
+    assert result["config"]["models"]["bgformer-full"][1] == {"k": 47}
     assert out.with_suffix(".png").stat().st_size > 0
     assert (tmp_path / "runs" / "bgformer-full-label_noise0.4-s0" / "metrics.jsonl").is_file()
     capsys.readouterr()
@@ -115,12 +116,12 @@ def test_robustness_benchmark_writes_json_and_plot_and_skips_finished_runs(tmp_p
 def test_robustness_alpha_reaches_bgformer_runs_and_keeps_their_own_json(tmp_path):
     bench = load_robustness()
     args = bench.parse(["--alpha", "0.5", "--runs", str(tmp_path)])
-    knn = bench.train_argv(args, "bgformer-knn", "label_noise", 0.2, 1)
-    assert knn[knn.index("--alpha") + 1] == "0.5"
-    assert knn[knn.index("--out") + 1] == str(tmp_path / "bgformer-knn-a0.5-label_noise0.2-s1")
-    intra = bench.train_argv(args, "intra-batch", "clean", 0.0, 0)
-    assert "--alpha" not in intra
-    assert intra[intra.index("--out") + 1] == str(tmp_path / "intra-batch-clean0-s0")
+    knn = bench.run_config(args, "bgformer-knn", "label_noise", 0.2, 1)
+    assert knn.alpha == 0.5 and knn.label_noise == 0.2
+    assert knn.out == str(tmp_path / "bgformer-knn-a0.5-label_noise0.2-s1")
+    intra = bench.run_config(args, "intra-batch", "clean", 0.0, 0)
+    assert "alpha" not in intra.given
+    assert intra.out == str(tmp_path / "intra-batch-clean0-s0")
     out = tmp_path / "r.json"
     out.write_text(json.dumps({"config": {"epochs": 15, "alpha": None}, "runs": []}))
     with pytest.raises(SystemExit, match="holds runs with --alpha None; pass another --out"):

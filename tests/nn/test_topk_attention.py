@@ -11,7 +11,8 @@ from pytorch_metric_learning import losses
 from torch_geometric.data import Batch
 
 from bgf_pyg import BatchGraph, build_batch_graph
-from bgf_pyg.cli import build_parser, main, method_hparams
+from bgf_pyg.cli import build_parser, main
+from bgf_pyg.experiment.build import method_hparams
 from bgf_pyg.losses import BatchGraphLoss
 from bgf_pyg.losses import batch_graph as batch_graph_module
 from bgf_pyg.models import EmbeddingNet, build_method
@@ -215,7 +216,7 @@ def test_cli_option_parses_and_reaches_the_method():
                                       "--k", "12"])
     assert method_hparams(args)["visual_graph"] == "attention_topk"
     assert method_hparams(args)["k"] == 12
-    assert "visual_graph" not in method_hparams(build_parser().parse_args([]))
+    assert method_hparams(build_parser().parse_args([]))["visual_graph"] == "knn"
 
 
 @pytest.mark.parametrize("argv,fragments", [

@@ -1,0 +1,600 @@
+"""Typed configuration of an experiment: every option declared once, with its default, domain,
+scope and help.
+
+:class:`Config` is a dataclass with one field per option. Each field's metadata
+(:class:`Option`) holds its value domain (a :class:`~bgf_pyg.options.Number` or choices), where it
+applies (:class:`~bgf_pyg.options.Scope`) and its help text; ``bgf-train``'s parser and
+``--help`` are generated from it (:mod:`bgf_pyg.arguments`), and so is every check of a value.
+
+A configuration is built by :func:`configure` from the options a user sets, over layers of
+defaults, each later one winning (``docs/design.rst`` §13):
+
+1. the field defaults (the shared hyperparameters from :mod:`bgf_pyg.defaults`);
+2. the method's own defaults (:data:`METHOD_DEFAULTS`: layers and heads of its graph module, the
+   ResNet pooling), read from the method's constructor;
+3. the dataset's (:data:`DEMO_DEFAULTS` and :data:`DEMO_METHOD_DEFAULTS` for ``demo``: the demo
+   of ``examples/cub.py``; the emoji's image size);
+4. a preset (:mod:`bgf_pyg.presets`: an original's recipe, as data over these fields);
+5. the options given.
+
+Options whose default follows from others (``proxy_lr``: 100 × ``lr``, ``val_classes``: a fifth
+of the classes when selecting on validation, ``out``, ``device``, ``threads``) are resolved last.
+:meth:`Config.replace` changes options and resolves again, so ``cfg.replace(method="plain")``
+gets plain's defaults and ``cfg.replace(seed=1)`` its own run folder. Every check runs in
+:func:`configure`, before any work: a bad value, an option the run ignores, a conflict between
+options is an :class:`~bgf_pyg.checks.InputError` naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from . import defaults, distributed
+from .checks import InputError, naming, show_value
+from .data import DATASETS as IMAGE_DATASETS
+from .data import IMAGE_CHECKS
+from .data.emoji import EMOJI_SIZE
+from .data.transforms import INTERPOLATIONS
+from .losses.pce import SPACES
+from .models import BACKBONES, LOSSES, METHODS
+from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES
+from .models.methods import PROXY_LOSSES, BGFormerMethod, IntraBatchMethod
+from .models.vit import VIT_BACKBONES
+from .nn.bgformer import SEMANTIC_BRANCHES, VISUAL_GRAPHS
+from .options import (
+    IS_SET,
+    RULES,
+    Number,
+    Scope,
+    auto_threads,
+    check_scopes,
+    device,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    refinement_list,
+    seed_int,
+    stage_count,
+    val_classes,
+)
+from .presets import load_preset
+from .train import OPTIMIZERS, SELECT_ON
+
+log = logging.getLogger("bgf_pyg")
+
+DATASETS = (*IMAGE_DATASETS, "demo")
+BALANCED_METHODS = ("plain", "bgformer", "intra-batch")
+GRAPH_METHODS = ("bgformer", "intra-batch")
+RESNETS = ("resnet50", "resnet18")
+PRETRAINED_BACKBONES = (*RESNETS, *VIT_BACKBONES, *EFFICIENTNET_BACKBONES)
+PCE_LOSS = (Scope(method=("plain", "bgformer"), loss=("pce",)),)
+HYPERBOLIC = (Scope(method=("plain", "bgformer"), loss=("pce",), pce_space=("hyperbolic",)),)
+ON_IMAGES = (Scope(dataset=IMAGE_DATASETS),)
+BGFORMER = (Scope(method=("bgformer",)),)
+
+#: ``proxy_lr`` when not given, relative to ``lr`` (proxies move faster than the network, as in
+#: the originals).
+PROXY_LR_FACTOR = 100.0
+#: ``val_classes`` when not given, with ``select_on="val"``: a fifth of the training classes
+#: (CUB: 20 of 100, the demo: 10 of 50).
+DEFAULT_VAL_FRACTION = 0.2
+#: P of a P×M batch when not given (the intra-batch original's CUB batches: 6 classes × 9).
+DEFAULT_CLASSES_PER_BATCH = 6
+
+
+@dataclass(frozen=True)
+class Option:
+    """What a field of :class:`Config` is: its help text, its value domain (``domain``: a
+    :class:`~bgf_pyg.options.Number` or a parser of text; ``choices``; ``nargs`` values), an
+    on/off switch (``switch``: ``"on"`` has only ``--name``, ``"on_off"`` also ``--no-name``),
+    and where it applies (``scope``: alternatives, any one suffices; empty: everywhere)."""
+
+    help: str
+    domain: Callable[[str], Any] | None = None
+    choices: tuple | None = None
+    nargs: int | str | None = None
+    metavar: str | tuple[str, ...] | None = None
+    switch: str | None = None
+    scope: tuple[Scope, ...] = ()
+
+
+def option(default: Any, help: str, **declaration: Any) -> Any:
+    """A :class:`Config` field: ``default`` and its :class:`Option` declaration."""
+    meta = {"option": Option(help, **declaration)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def switch(help: str, *, negatable: bool = False, scope: tuple[Scope, ...] = ()) -> Any:
+    """An on/off :class:`Config` field (off by default)."""
+    return option(False, help, switch="on_off" if negatable else "on", scope=scope)
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Every option of one experiment (see :mod:`bgf_pyg.config`; build one with
+    :func:`configure`). Field names are ``bgf-train``'s options with ``_`` for ``-``."""
+
+    preset: str | None = option(
+        None, "start from an original's configuration (see --list-presets); explicit options "
+              "override it", metavar="NAME")
+    dataset: str = option("demo", "benchmark (see below)", choices=DATASETS)
+    data_root: str | None = option(None, "dataset folder (not for demo; see below)",
+                                   scope=ON_IMAGES)
+    check_images: str = option(
+        "header", "before training, open every image: read its header (about 0.02 ms an image "
+                  "with a warm file cache), decode it (about 2 ms), or skip; missing files are "
+                  "always found", choices=IMAGE_CHECKS, scope=ON_IMAGES)
+    method: str = option("bgformer", "training method", choices=METHODS)
+    loss: str = option(
+        "multi_similarity", "metric loss of plain and bgformer (pce: Hyp-ViT's pairwise "
+                            "cross-entropy, BGFormer's authors' loss)", choices=LOSSES,
+        scope=(Scope(method=("plain", "bgformer")),))
+    pce_space: str = option("sphere", "pce: similarity on the unit sphere or the Poincaré ball",
+                            choices=SPACES, scope=PCE_LOSS)
+    hyp_c: float = option(0.1, "pce: curvature of the ball", domain=positive_float,
+                          scope=HYPERBOLIC)
+    clip_r: float = option(2.3, "pce: feature clipping radius before the ball's exponential map",
+                           domain=positive_float, scope=HYPERBOLIC)
+    backbone: str = option("resnet50", "image network (vit_* need the timm extra)",
+                           choices=BACKBONES)
+    pretrained: str | None = option(
+        None, "local weights: a torchvision ResNet state dict, a timm / DINO checkpoint for a "
+              "ViT, an EfficientNet-Lite0 state dict (default: random weights, "
+              "efficientnet_lite0: the installed package's ImageNet weights; never downloaded)",
+        scope=(Scope(backbone=PRETRAINED_BACKBONES),))
+    freeze_backbone: bool = switch(
+        "keep the pretrained backbone fixed: its features of every image (the test-time "
+        "transform and, unless --no-augment, its mirror image for training) are computed once, "
+        "cached, and the head, graph module and loss train on them (fast on a CPU)",
+        scope=(Scope(dataset=IMAGE_DATASETS, backbone=PRETRAINED_BACKBONES),))
+    feature_cache: str | None = option(
+        None, "folder of the cached features (default: <data-root>/.features)", metavar="DIR",
+        scope=(Scope(freeze_backbone=IS_SET),))
+    trainable_stages: int | None = option(
+        None, f"efficientnet_lite0: train only its last N of {NUM_STAGES} stages (1: the head "
+              f"convolution; {NUM_STAGES}: all), the others frozen (default: all train)",
+        domain=stage_count, metavar="N", scope=(Scope(backbone=EFFICIENTNET_BACKBONES),))
+    backbone_lr: float | None = option(
+        None, "learning rate of the backbone's trainable layers (default: --lr)",
+        domain=positive_float)
+    pooling: str | None = option("avg", "ResNet global pooling (intra-batch's original: max)",
+                                 choices=("avg", "max"), scope=(Scope(backbone=RESNETS),))
+    graph_dim: int | None = option(
+        None, "BGFormer: project backbone features to this width before the graph and the "
+              "head, test time included (default: the backbone's own width)",
+        domain=positive_int, scope=BGFORMER)
+    epochs: int = option(30, "epochs to train in all", domain=positive_int)
+    batch_size: int = option(32, "size of proxygml's random batches", domain=positive_int,
+                             scope=(Scope(method=("proxygml",)),))
+    classes_per_batch: int | None = option(
+        None, f"P of a P×M batch (default: {DEFAULT_CLASSES_PER_BATCH}, or every class when "
+              "there are fewer)", domain=positive_int, scope=(Scope(method=BALANCED_METHODS),))
+    samples_per_class: int = option(9, "M of a P×M batch", domain=positive_int,
+                                    scope=(Scope(method=BALANCED_METHODS),))
+    k: int = option(
+        defaults.K, "BGFormer's visual neighbours of each sample: the kNN graph's k (below the "
+                    "batch size), or attention_topk's K (the sample itself a candidate; K >= the "
+                    "batch size: full attention)", domain=positive_int, scope=BGFORMER)
+    proxies_per_class: int = option(defaults.PROXIES_PER_CLASS, "ProxyGML's N",
+                                    domain=positive_int, scope=(Scope(method=("proxygml",)),))
+    proxygml_r: float = option(
+        defaults.PROXYGML_R, "ProxyGML's r: it keeps the top ceil(r·C·N) proxies of each sample",
+        domain=fraction, scope=(Scope(method=("proxygml",)),))
+    graph_layers: int | None = option(
+        None, "layers of the graph module: BGFormer's blocks or the intra-batch MPN's",
+        domain=positive_int, scope=(Scope(method=GRAPH_METHODS),))
+    graph_heads: int | None = option(
+        None, "attention heads of BGFormer or of the MPN", domain=positive_int,
+        scope=(Scope(method=GRAPH_METHODS),))
+    alpha: float = option(defaults.ALPHA, "BGFormer: weight of the loss on the backbone features",
+                          domain=probability, scope=BGFORMER)
+    lam: float = option(defaults.LAM, "BGFormer: weight of the visual branch in dual SSA",
+                        domain=probability, scope=BGFORMER)
+    semantic_branch: str = option(
+        "attention", "BGFormer's semantic branch (label_propagation is the authors' "
+                     "D^-1(A_same + I) W x)", choices=SEMANTIC_BRANCHES, scope=BGFORMER)
+    visual_graph: str = option(
+        "knn", "BGFormer's visual branch (knn: attention over the cosine kNN graph of the "
+               "features, fixed for the batch; attention_topk: the authors' form, each layer and "
+               "head keeps every sample's --k largest attention scores in the batch)",
+        choices=VISUAL_GRAPHS, scope=BGFORMER)
+    detach_graph_input: bool = switch(
+        "BGFormer: feed the graph blocks detached features, so the backbone learns from the "
+        "loss on its own features alone (off: end to end, as the paper)", negatable=True,
+        scope=BGFORMER)
+    mpn_cat: bool = switch(
+        "intra-batch: concatenate every MPN layer's output (the Cars original)", negatable=True,
+        scope=(Scope(method=("intra-batch",)),))
+    proxygml_lambda: float = option(
+        defaults.PROXYGML_LAMBDA, "ProxyGML's weight of the proxy regulariser",
+        domain=non_negative_float, scope=(Scope(method=("proxygml",)),))
+    temperature: float = option(
+        defaults.TEMPERATURE, "intra-batch: logit temperature T; pce: τ", domain=positive_float,
+        scope=(Scope(method=("intra-batch",)), *PCE_LOSS))
+    embedding_dim: int = option(512, "width of the embedding head", domain=positive_int)
+    lr: float = option(1e-4, "AdamW learning rate of the networks", domain=positive_float)
+    proxy_lr: float | None = option(
+        None, f"learning rate of the loss's proxies ({PROXY_LR_FACTOR:g} × --lr when not given)",
+        domain=positive_float,
+        scope=(Scope(method=("proxygml",)),
+               Scope(method=("plain", "bgformer"), loss=tuple(PROXY_LOSSES))))
+    graph_lr: float | None = option(
+        None, "learning rate of the graph module (BGFormer, the MPN; default: --lr)",
+        domain=positive_float, scope=(Scope(method=GRAPH_METHODS),))
+    weight_decay: float = option(1e-4, "weight decay of the optimiser", domain=non_negative_float)
+    optimizer: str = option("adamw", "adam: coupled L2 decay (ProxyGML); radam: decoupled "
+                                     "(intra-batch)", choices=OPTIMIZERS)
+    adam_eps: float = option(1e-8, "the optimiser's epsilon", domain=positive_float)
+    clip_grad: float | None = option(
+        None, "clip the gradients' global norm to this value (default: no clipping)",
+        domain=positive_float)
+    freeze_bn: bool = switch("keep the backbone's BatchNorm statistics frozen while training",
+                             negatable=True)
+    lr_milestones: list[int] | None = option(
+        None, "multiply every learning rate by --lr-gamma after these epochs (strictly "
+              "increasing, below --epochs; ProxyGML's original: 19 39, i.e. from its 20th and "
+              "40th epoch)", domain=positive_int, nargs="+", metavar="EPOCH")
+    lr_gamma: float = option(0.1, "factor of each --lr-milestones step", domain=fraction,
+                             scope=(Scope(lr_milestones=IS_SET),))
+    out: str | None = option(None, "run folder (default: runs/DATASET-METHOD-sSEED)")
+    resume: bool = switch("continue the run in --out from its last.pt (same options; --epochs "
+                          "may grow)")
+    checkpoint_every: int | None = option(
+        None, "also write last.pt every STEPS steps inside an epoch (P×M batches only), so "
+              "--resume continues mid-epoch", domain=positive_int, metavar="STEPS",
+        scope=(Scope(method=BALANCED_METHODS),))  # restarts a P×M sampler mid-epoch
+    overwrite: bool = switch("replace the run already in --out (without it, such a folder is "
+                             "refused)")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)",
+                                domain=device)
+    seed: int = option(0, "seeds every random choice", domain=seed_int)
+    eval_every: int = option(5, "evaluate the selection split every N epochs (and after the "
+                                "last)", domain=positive_int)
+    val_classes: int | float | None = option(
+        None, "hold out this fraction (in (0, 1)) or number of the training classes as the "
+              f"validation split; 0: none (default: {DEFAULT_VAL_FRACTION:g} of them with "
+              "--select-on val; 0 otherwise)", domain=val_classes, metavar="FRACTION_OR_COUNT")
+    label_noise: float = option(
+        0.0, "robustness studies: flip this fraction of the training labels to another class "
+             "(seeded by --seed; validation and test stay clean)", domain=probability,
+        metavar="FRACTION")
+    outliers: float = option(
+        0.0, "robustness studies: add uniform-noise images with random labels to the training "
+             "split, this fraction of its size (seeded by --seed)", domain=probability,
+        metavar="FRACTION")
+    val_seed: int = option(
+        0, "seeds which training classes are held out (independent of --seed, so every seed of "
+           "a sweep sees the same split)", domain=seed_int, scope=(Scope(val_classes=IS_SET),))
+    select_on: str = option(
+        "val", "the checkpoint whose test metrics are reported: best on the validation classes, "
+               "best on the test split (the originals' protocol; labelled test-selected), or the "
+               "last epoch's", choices=SELECT_ON)
+    refine: list[str] = option(
+        ["none"], "evaluate the selected weights (bgf-train: after training) with each of these "
+                  "test-time refinements of the test set on its kNN graph, comma-separated: "
+                  "none, qe (query expansion), bgformer (the trained BGFormer's visual branch); "
+                  "one results row each", domain=refinement_list, metavar="NAMES")
+    refine_k: list[int] | None = option(
+        None, "neighbours of the refinement; several values are a grid, chosen on the "
+              "validation classes (default: qe 10, bgformer the training --k)",
+        domain=positive_int, nargs="+", metavar="K")
+    refine_alpha: list[float] | None = option(
+        None, "query expansion's similarity exponent (0: plain mean); several values are a "
+              "grid, chosen on the validation classes (default: 3)", domain=non_negative_float,
+        nargs="+", metavar="ALPHA")
+    num_workers: int = option(0, "DataLoader worker processes", domain=non_negative_int)
+    no_augment: bool = switch("train on test-time transforms (no random augmentation)")
+    image_size: int = option(224, f"crop side (and a ViT's input); --dataset emoji: {EMOJI_SIZE}",
+                             domain=positive_int, scope=ON_IMAGES)
+    crop_scale: list[float] = option([0.08, 1.0], "area range of the random resized crop",
+                                     domain=fraction, nargs=2, metavar=("MIN", "MAX"),
+                                     scope=ON_IMAGES)
+    interpolation: str = option("bilinear", "resampling of crops and resizes",
+                                choices=tuple(INTERPOLATIONS), scope=ON_IMAGES)
+    test_resize: int | None = option(
+        None, "test-time resize before the centre crop (default: size·256/224; --dataset "
+              "emoji: the crop side)", domain=positive_int, scope=ON_IMAGES)
+    random_erasing: float = option(
+        0.0, "probability of random erasing in training (intra-batch: 0.5)", domain=probability,
+        scope=ON_IMAGES)
+    amp: bool = switch("mixed precision (CUDA only)", negatable=True)
+    no_progress: bool = switch("no progress bars")
+    tensorboard: bool = switch(
+        "log losses, learning rates, metrics and BGFormer's attention entropy to "
+        "<out>/tensorboard (needs the tensorboard package)")
+    dist_timeout: float = option(
+        distributed.DEFAULT_TIMEOUT_S, "under torchrun: how long a rank waits for the others "
+                                       "before failing", domain=positive_float,
+        metavar="SECONDS")
+    threads: int | None = option(
+        None, "CPU threads of torch's operations in this process; more than the free cores "
+              "slows a run several times over on a shared machine, and results may differ in "
+              "the last bits with the count (on CUDA it matters little). Auto: OMP_NUM_THREADS "
+              "when set, else half the CPUs this process may use, divided among torchrun's "
+              "processes on the node, at least 1 (default: %(default)s, the auto count here)",
+        domain=positive_int, metavar="N")
+    #: The options :func:`configure` was given (what :meth:`replace` starts from).
+    given: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def options(self) -> dict[str, Any]:
+        """Every option by name (what a run records as its configuration)."""
+        return {f.name: getattr(self, f.name) for f in option_fields()}
+
+    def replace(self, **changes: Any) -> Config:
+        """This configuration's given options with ``changes``, every default resolved again
+        (a new method's or dataset's defaults, a new seed's run folder)."""
+        return configure(**{**self.given, **changes})
+
+
+def option_fields() -> tuple[Field, ...]:
+    """The fields of :class:`Config` that are options."""
+    return tuple(f for f in fields(Config) if "option" in f.metadata)
+
+
+def field_default(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in option_fields()}
+#: Where each option applies (options not listed apply everywhere).
+SCOPES: dict[str, tuple[Scope, ...]] = {name: o.scope for name, o in OPTIONS.items() if o.scope}
+#: Options a preset may not set: they say where a run lives or choose another preset.
+NOT_PRESETTABLE = frozenset({"preset", "resume", "out", "data_root"})
+
+
+def _signature_default(cls: type, parameter: str) -> Any:
+    return inspect.signature(cls).parameters[parameter].default
+
+
+#: Each method's own defaults for the options whose meaning it shares with another method: its
+#: graph module's layers and heads (from its constructor) and the ResNet pooling of its original.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "bgformer": {"graph_layers": _signature_default(BGFormerMethod, "num_layers"),
+                 "graph_heads": _signature_default(BGFormerMethod, "heads")},
+    "intra-batch": {"graph_layers": _signature_default(IntraBatchMethod, "num_layers"),
+                    "graph_heads": _signature_default(IntraBatchMethod, "heads"),
+                    "pooling": "max"},
+}
+#: The demo configuration: the defaults of ``dataset="demo"`` (so ``bgf-train`` with no options
+#: and ``examples/cub.py`` without ``--data-root`` run the same thing): 30 epochs of 20
+#: class-balanced 8×6 batches (960 images of the 40 training numbers left by the validation
+#: split) with the demo's augmentation, AdamW at 1e-3, a 64-d embedding.
+DEMO_DEFAULTS: dict[str, Any] = {
+    "backbone": "smallcnn", "embedding_dim": 64, "epochs": 30, "eval_every": 10, "lr": 1e-3,
+    "classes_per_batch": 8, "samples_per_class": 6, "batch_size": 48, "k": 10,
+    "proxies_per_class": 12, "proxygml_r": 0.5,
+}
+#: Each method's own demo settings, chosen on the validation classes with ``bgf-sweep`` (seed 0,
+#: validation R@1 of the selected checkpoint; every search and its table is in the README's demo
+#: section); they override :data:`DEMO_DEFAULTS`. Plain keeps them (multi-similarity at 1e-3 beat
+#: PCE and 3e-4). BGFormer: λ = 1 turns the semantic (label) branch off (with λ = 0.5 or 0.75
+#: validation R@1 fell to 0.51–0.78 against 0.94–0.96 without it), α = 0.9 (0.958 against 0.942
+#: at 0.5 and 0.80 at 0.1), k = 10 (tied with 20), multi-similarity (PCE 0.71–0.85).
+#: Intra-batch: one MPN layer (0.946 against 0.938 for two). ProxyGML: 4 proxies per class
+#: (0.979 against 0.962 for the original's 12).
+DEMO_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "bgformer": {"lam": 1.0, "alpha": 0.9, "k": 10, "loss": "multi_similarity"},
+    "intra-batch": {"graph_layers": 1},
+    "proxygml": {"proxies_per_class": 4},
+}
+
+
+def demo_defaults(method: str) -> dict[str, Any]:
+    """The ``dataset="demo"`` defaults of ``method``."""
+    return {**DEMO_DEFAULTS, **DEMO_METHOD_DEFAULTS.get(method, {})}
+
+
+def dataset_defaults(dataset: str, method: str, image_size: int | None = None) -> dict[str, Any]:
+    """The defaults ``dataset`` changes: the demo's settings; the emoji are rendered at
+    ``EMOJI_SIZE`` px, so the crop side is that (or the ``image_size`` asked for) and the
+    test-time resize the crop's (the test images are whole emoji, uncropped)."""
+    if dataset == "demo":
+        return demo_defaults(method)
+    if dataset == "emoji":
+        size = image_size or EMOJI_SIZE
+        return {"image_size": size, "test_resize": size}
+    return {}
+
+
+def identity(name: str) -> str:
+    return name
+
+
+def check_value(name: str, value: Any, where: str | None = None) -> Any:
+    """``value`` of option ``name`` checked against its declaration (type, domain, choices, number
+    of values) and converted as the command line would (a path to ``str``); ``InputError``
+    naming ``where`` (default: the option) otherwise."""
+    spec = OPTIONS[name]
+    where = where or name
+    if spec.switch is not None:
+        if not isinstance(value, bool):
+            raise InputError(f"{where} must be true or false, got {_kind(value)}")
+        return value
+    if value is None and field_default(CONFIG_FIELDS[name]) is None:
+        return None
+    if spec.domain is refinement_list:
+        if not isinstance(value, list | tuple) or not value:
+            raise InputError(f"{where} must be a list of refinement names, got {_kind(value)}")
+        return _scalar(spec, ",".join(map(str, value)), where)
+    if spec.nargs is not None:
+        count = spec.nargs if isinstance(spec.nargs, int) else None
+        if not isinstance(value, list | tuple) or (count is not None and len(value) != count) \
+                or not value:
+            size = f"{count} values" if count else "values"
+            raise InputError(f"{where} must be an array of {size}, got {_kind(value)}")
+        return [_scalar(spec, v, where) for v in value]
+    return _scalar(spec, value, where)
+
+
+def _kind(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _scalar(spec: Option, value: Any, where: str) -> Any:
+    kind = spec.domain.kind if isinstance(spec.domain, Number) else None
+    if isinstance(value, bool) or isinstance(value, dict | list | tuple):
+        raise InputError(f"{where} must be a single {getattr(kind, '__name__', 'value')}, "
+                         f"got {_kind(value)}")
+    if kind in (int, float) and isinstance(value, str):
+        raise InputError(f"{where} must be a number ({kind.__name__}), got {_kind(value)}")
+    if kind is int and not isinstance(value, int):
+        raise InputError(f"{where} must be an int, got {_kind(value)}")
+    if spec.domain is None and spec.choices is None:  # a path or name
+        if not isinstance(value, str | bytes) and not hasattr(value, "__fspath__"):
+            raise InputError(f"{where} must be a string, got {_kind(value)}")
+        return str(value) if hasattr(value, "__fspath__") else value
+    if spec.domain is not None:
+        try:
+            value = spec.domain(str(value) if kind is None else repr(value))
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+            raise InputError(f"{where}: {err}") from err
+    if spec.choices is not None and value not in spec.choices:
+        raise InputError(f"{where} must be one of {', '.join(map(str, spec.choices))}, got "
+                         f"{value!r}")
+    return value
+
+
+CONFIG_FIELDS: dict[str, Field] = {f.name: f for f in option_fields()}
+
+
+def check_preset(preset: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Validate ``preset``'s values against the options: every key an option a preset may set,
+    every value of that option's type (switches: booleans; several values: arrays). Returns the
+    values converted; raises ``InputError`` naming the preset and the key."""
+    resolved = {}
+    for key, value in preset.items():
+        if key not in OPTIONS or key in NOT_PRESETTABLE:
+            raise InputError(f"preset {name!r}: unknown key {key!r} (not an option a preset "
+                             "may set)")
+        resolved[key] = check_value(key, value, where=f"preset {name!r}: {key}")
+    return resolved
+
+
+def configure(**options: Any) -> Config:
+    """The :class:`Config` of the given ``options`` (field names), every other option at the
+    default that applies (see :mod:`bgf_pyg.config`), checked before any work: an
+    :class:`~bgf_pyg.checks.InputError` naming the option otherwise."""
+    return resolve(options)
+
+
+def resolve(
+    given: Mapping[str, Any],
+    *,
+    methods: Collection[str] | None = None,
+    name: Callable[[str], str] = identity,
+    note: Callable[[str], None] | None = None,
+    check: bool = True,
+) -> Config:
+    """:func:`configure` for a front end: ``name`` writes a field as the front end does (the
+    command line: ``--lr-milestones``), ``note`` reports a value resolved differently from what
+    a preset asked (default: a log warning); ``methods``: the methods these options serve
+    (``examples/cub.py --method all``: an option of any one of them applies). ``check=False``
+    skips the checks of the result (for ``--help``)."""
+    note = note or log.warning
+    unknown = [key for key in given if key not in OPTIONS]
+    if unknown:
+        raise naming(InputError(f"unknown option(s) {', '.join(map(repr, unknown))}; the "
+                                "options are the fields of bgf_pyg.config.Config"), *unknown)
+    given = {key: check_value(key, value, where=name(key)) for key, value in given.items()}
+    values = {f.name: field_default(f) for f in option_fields()}
+    method = given.get("method", values["method"])
+    dataset = given.get("dataset", values["dataset"])
+    preset: dict[str, Any] = {}
+    if given.get("preset") is not None:
+        preset = check_preset(load_preset(given["preset"]), given["preset"])
+        method, dataset = preset.get("method", method), preset.get("dataset", dataset)
+        method, dataset = given.get("method", method), given.get("dataset", dataset)
+    values.update(METHOD_DEFAULTS.get(method, {}))
+    values.update(dataset_defaults(dataset, method,
+                                   given.get("image_size", preset.get("image_size"))))
+    values.update(preset)
+    values.update(given)
+    if "lr_milestones" in preset and "lr_milestones" not in given:
+        # a preset's schedule cut short by ``epochs`` keeps the steps that fall inside the run
+        milestones = values["lr_milestones"]
+        kept = [m for m in milestones if m < values["epochs"]]
+        if len(kept) < len(milestones):
+            note(f"{name('epochs')} {values['epochs']} ends before the preset's "
+                 f"{name('lr_milestones')} {show_value(milestones)}; keeping "
+                 f"{show_value(kept) if kept else 'none'}")
+        values["lr_milestones"] = kept or None
+    if values["device"] is None:
+        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if preset.get("amp") and "amp" not in given and torch.device(values["device"]).type != "cuda":
+        # a recipe's mixed precision is a GPU setting: on CPU it trains in float32 (an explicit
+        # ``amp`` on CPU is still refused)
+        note(f"preset {values['preset']} uses mixed precision, which needs CUDA; training in "
+             f"float32 on {values['device']}")
+        values["amp"] = False
+    if values["out"] is None:
+        values["out"] = f"runs/{values['dataset']}-{values['method']}-s{values['seed']}"
+    if values["proxy_lr"] is None:
+        values["proxy_lr"] = PROXY_LR_FACTOR * values["lr"]
+    if values["val_classes"] is None:
+        values["val_classes"] = DEFAULT_VAL_FRACTION if values["select_on"] == "val" else 0
+    if values["threads"] is None:
+        values["threads"] = auto_threads()
+    config = Config(**values, given=dict(given))
+    if check:
+        check_config(config, given, methods=methods, name=name)
+    return config
+
+
+def check_config(
+    config: Config,
+    explicit: Collection[str],
+    *,
+    methods: Collection[str] | None = None,
+    name: Callable[[str], str] = identity,
+) -> None:
+    """The scope of every ``explicit`` option and every rule over several options
+    (:data:`~bgf_pyg.options.RULES`); the first failure is an ``InputError``."""
+    for rule in (lambda c, n: check_scopes(c, explicit, SCOPES, n, methods), *RULES):
+        message = rule(config, name)
+        if message is not None:
+            raise InputError(message)
+
+
+#: Options that may change when a run is resumed; every other one must match its checkpoint's.
+RESUMABLE = frozenset({"epochs", "eval_every", "resume", "overwrite", "out", "data_root", "device",
+                       "num_workers", "no_progress", "check_images", "checkpoint_every",
+                       "dist_timeout", "feature_cache", "refine", "refine_k", "refine_alpha",
+                       "threads"})
+
+
+def checkpoint_key(name: str) -> str:
+    """The key a checkpoint stores option ``name`` under: ``--lr-milestones`` (the command
+    line's name, as every checkpoint has since the first one)."""
+    return "--" + name.replace("_", "-")
+
+
+def checkpoint_config(config: Config) -> dict[str, Any]:
+    """The options a resumed run must share with its checkpoint, by :func:`checkpoint_key`."""
+    return {checkpoint_key(k): v for k, v in sorted(config.options().items())
+            if k not in RESUMABLE}
+
+
+def from_checkpoint(stored: Mapping[str, Any], **changes: Any) -> Config:
+    """The configuration of a run from its checkpoint's :func:`checkpoint_config`, with
+    ``changes``; its options are not checked again (they were when the run started)."""
+    options = {name: stored[checkpoint_key(name)] for name in OPTIONS
+               if stored.get(checkpoint_key(name)) is not None}  # None: "the default" before
+    return resolve({**options, **changes}, check=False)
+
+
+def as_record(config: Config) -> dict[str, Any]:
+    """The configuration as a run records it (``metrics.jsonl``'s first line, the log)."""
+    return dict(sorted(config.options().items()))
+

@@ -1,0 +1,152 @@
+"""What one experiment trains with, built from its :class:`~bgf_pyg.config.Config`: the method,
+its data loaders, its optimiser and schedule, and the checks of the options against the data."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .. import distributed
+from ..checks import naming
+from ..config import DEFAULT_CLASSES_PER_BATCH, Config
+from ..data import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
+from ..models import build_backbone, build_method
+from ..models.efficientnet import EFFICIENTNET_BACKBONES
+from ..train import build_optimizer, seed_worker
+from .splits import Splits, frozen_splits
+
+log = logging.getLogger("bgf_pyg")
+
+EVAL_BATCH_SIZE = 128
+
+
+def method_hparams(config: Config) -> dict:
+    """The method-specific keyword arguments of :func:`~bgf_pyg.models.build_method`."""
+    if config.method == "proxygml":
+        return {"proxies_per_class": config.proxies_per_class, "r": config.proxygml_r,
+                "weight_lambda": config.proxygml_lambda}
+    graph = {"num_layers": config.graph_layers, "heads": config.graph_heads}
+    if config.method == "bgformer":
+        return {"k": config.k, "alpha": config.alpha, "lam": config.lam,
+                "semantic_branch": config.semantic_branch, "visual_graph": config.visual_graph,
+                "detach_graph_input": config.detach_graph_input, **graph}
+    if config.method == "intra-batch":
+        return {"temperature": config.temperature, "cat": config.mpn_cat, **graph}
+    return {}
+
+
+def loss_options(config: Config) -> dict:
+    """Keyword arguments of the ``pce`` loss (none for the other losses)."""
+    if config.loss != "pce":
+        return {}
+    return {"space": config.pce_space, "c": config.hyp_c, "clip_r": config.clip_r,
+            "temperature": config.temperature}
+
+
+def build_run_method(
+    config: Config, splits: Splits, device: torch.device
+) -> tuple[nn.Module, Splits]:
+    """The (untrained) method ``config`` describes, and the splits it reads: with
+    ``freeze_backbone`` the splits of the frozen trunk's cached features, the trunk itself then
+    replaced by ``Identity`` (the head, graph module and loss train on those features)."""
+    samples_per_class = None if config.method == "proxygml" else config.samples_per_class
+    backbone = build_backbone(config.backbone, config.embedding_dim, config.pretrained,
+                              pooling=config.pooling,
+                              in_channels=1 if config.dataset == "demo" else 3,
+                              graph_dim=config.graph_dim, image_size=config.image_size,
+                              trainable_stages=config.trainable_stages)
+    if config.freeze_backbone:
+        splits = frozen_splits(config, splits, backbone.trunk, device)
+        backbone.trunk = nn.Identity()
+    method = build_method(config.method, backbone, splits.train.num_classes, loss=config.loss,
+                          samples_per_class=samples_per_class,
+                          loss_options=loss_options(config), **method_hparams(config))
+    return method, splits
+
+
+def log_random_backbone(config: Config) -> None:
+    """Say when a backbone trains from random weights (no weights file was given)."""
+    if (not config.resume and config.pretrained is None
+            and config.backbone not in EFFICIENTNET_BACKBONES):
+        log.info("%s backbone is randomly initialised (no pretrained weights file given)",
+                 config.backbone)
+
+
+def build_optimization(
+    config: Config, method: nn.Module
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The optimiser of ``method``'s parameter groups and the step schedule, if any."""
+    optimizer = build_optimizer(method, config.lr, config.proxy_lr, config.weight_decay,
+                                graph_lr=config.graph_lr, backbone_lr=config.backbone_lr,
+                                name=config.optimizer, eps=config.adam_eps)
+    scheduler = None
+    if config.lr_milestones:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=config.lr_milestones, gamma=config.lr_gamma)
+    return optimizer, scheduler
+
+
+def check_against_data(config: Config, train: Dataset) -> None:
+    """The sampling options against the training split's size and classes, before the model is
+    built (``bgf-sweep`` runs it on every combination before its first run)."""
+    if config.method == "proxygml" and config.batch_size > len(train):
+        raise naming(ValueError(f"batch_size={config.batch_size} exceeds the {len(train)} "
+                                "training images, so an epoch would have no batch"), "batch_size")
+    if (config.method != "proxygml" and config.classes_per_batch is not None
+            and config.classes_per_batch > train.num_classes):
+        raise naming(ValueError(f"classes_per_batch={config.classes_per_batch} exceeds the "
+                                f"{train.num_classes} training classes"), "classes_per_batch")
+
+
+def classes_per_batch(config: Config, num_classes: int) -> int:
+    """P of each rank's P×M batch: ``classes_per_batch``, else the default P or as many as the
+    ranks can draw disjointly."""
+    if config.classes_per_batch is not None:
+        return config.classes_per_batch
+    return max(1, min(DEFAULT_CLASSES_PER_BATCH, num_classes // distributed.get_world_size()))
+
+
+def check_batch_graph_k(config: Config, num_classes: int) -> None:
+    """BGFormer's ``k`` neighbours come from the other samples of the *global* batch (every
+    rank's P×M batch together): refuse a kNN graph's k it cannot supply."""
+    if config.method != "bgformer" or config.visual_graph == "attention_topk":
+        return  # a top-K of K >= the batch is full attention
+    world, p = distributed.get_world_size(), classes_per_batch(config, num_classes)
+    batch = world * p * config.samples_per_class
+    if config.k >= batch:
+        raise naming(ValueError(
+            f"k={config.k} must be smaller than the global batch of {batch} samples "
+            f"({world} process(es) × {p} classes × {config.samples_per_class} samples): each "
+            "sample's neighbours are other samples"), "k")
+
+
+def train_loader(config: Config, dataset: Dataset, generator: torch.Generator) -> DataLoader:
+    """Random batches for ProxyGML (as the original), class-balanced P×M batches otherwise
+    (seeded by ``config.seed``); ``generator`` drives the shuffling and the workers' seeds."""
+    common = {"num_workers": config.num_workers, "worker_init_fn": seed_worker,
+              "generator": generator}
+    world = distributed.get_world_size()
+    if config.method == "proxygml":
+        if world == 1:
+            return DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                              drop_last=True, **common)
+        # Each rank a disjoint 1/W of a seeded permutation: batch_size rows per rank and step.
+        shards = DistributedSampler(dataset, shuffle=True, seed=config.seed, drop_last=True)
+        return DataLoader(dataset, batch_size=config.batch_size, sampler=shards,
+                          drop_last=True, **common)
+    p = classes_per_batch(config, dataset.num_classes)
+    sampler_type = (ClassBalancedBatchSampler if world == 1
+                    else DistributedClassBalancedBatchSampler)
+    sampler = sampler_type(dataset.labels, p, config.samples_per_class, seed=config.seed)
+    return DataLoader(dataset, batch_sampler=sampler, **common)
+
+
+def eval_loader(config: Config, dataset: Dataset | None) -> DataLoader | None:
+    """Batches of ``dataset`` for embedding (this rank's shard under torch.distributed)."""
+    if dataset is None:
+        return None
+    return DataLoader(distributed.shard(dataset), batch_size=EVAL_BATCH_SIZE,
+                      num_workers=config.num_workers)
