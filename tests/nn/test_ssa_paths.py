@@ -6,6 +6,9 @@ in-edges, bipartite, input self-loops replaced by added ones, edge features); th
 
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +28,21 @@ try:
 except ImportError:
     HAS_TRITON = False
 FUSED_RUNS = HAS_TRITON and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.skipif(not HAS_TRITON or FUSED_RUNS, reason="no Triton, or the fused tests run here")
+def test_fused_path_interpreted_in_subprocess():
+    """Without a GPU the fused path runs in Triton's CPU interpreter, which must be switched on
+    before Triton is first imported: a fresh process runs this file's fused reference tests."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", __file__,
+         "-k", "test_every_path_equals_the_dense_reference and fused"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"{len(SHAPES)} passed" in result.stdout, result.stdout[-2000:]
 
 
 def dense_reference(query, key, value, edge_index, add_self_loops, edge=None):
