@@ -48,13 +48,13 @@ CHOOSING = ("auto", "sparse")
 #: Paths that take no edge features.
 NO_EDGE_FEATURES = ("dense", "csr", "fused")
 
-#: ``path="auto"`` runs the dense path when N_src·N_dst ≤ this × |E| (self-loops counted): the
-#: N² masked attention (SDPA, no per-edge gathers or scatters) then costs less than the sparse
+#: ``path="auto"`` runs the dense path when N_src·N_dst ≤ this × :math:`|E|` (self-loops counted):
+#: the N² masked attention (SDPA, no per-edge gathers or scatters) then costs less than the sparse
 #: path. From a quiet sweep (CPU, 1 thread, D = 512, 8 heads, forward+backward, kNN graphs with
-#: loops; ``benchmarks/results/cpu_threshold_quiet*.json``): dense won at 11.6 pairs per edge
-#: (N = 128, k = 10: 8.5 vs 8.9 ms) and 8.3 (N = 256, k = 30: 17.7 vs 18.4 ms), tied at 12.2
-#: (N = 256, k = 20) and lost from 16.5 on (N = 512, k = 30: 43.9 vs 36.0 ms; N = 512, k = 20:
-#: 43.4 vs 32.5 ms). The former 30 came from one run on a loaded machine.
+#: loops; ``benchmarks/results/cpu_threshold_quiet*.json``): dense won at 11.6 pairs per edge (N =
+#: 128, k = 10: 8.5 vs 8.9 ms) and 8.3 (N = 256, k = 30: 17.7 vs 18.4 ms), tied at 12.2 (N = 256, k
+#: = 20) and lost from 16.5 on (N = 512, k = 30: 43.9 vs 36.0 ms; N = 512, k = 20: 43.4 vs 32.5 ms).
+#: The former 30 came from one run on a loaded machine.
 DENSE_PAIRS_PER_EDGE = 12
 
 Weights = Optional[tuple[Tensor, Tensor]]
@@ -69,8 +69,8 @@ class Route(NamedTuple):
 
 
 def dense_preferred(num_edges: int, num_src: int, num_dst: int, add_self_loops: bool) -> bool:
-    """Whether ``"auto"`` takes the dense path: N_src·N_dst ≤ :data:`DENSE_PAIRS_PER_EDGE` · |E|,
-    with the self-loops to be added counted in |E|."""
+    """Whether ``"auto"`` takes the dense path: N_src·N_dst ≤ :data:`DENSE_PAIRS_PER_EDGE` ·
+    :math:`|E|`, with the self-loops to be added counted as edges."""
     num_edges += min(num_src, num_dst) if add_self_loops else 0
     return num_src * num_dst <= DENSE_PAIRS_PER_EDGE * num_edges
 
@@ -81,7 +81,7 @@ def regular_sources(
     """The (N_dst, k) sources of the ``"regular"`` path, or ``None`` when it cannot run: every
     target must have the same number k of in-edges, sorted by target, and with
     ``add_self_loops`` (the loop becomes slot 0) the input must have no loops and
-    N_dst ≤ N_src. Reads the edge list once (O(|E|), no sort; one device sync)."""
+    N_dst ≤ N_src. Reads the edge list once (:math:`O(|E|)`, no sort; one device sync)."""
     if (
         num_dst == 0
         or edge_index.size(1) % num_dst != 0
