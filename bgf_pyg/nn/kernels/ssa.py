@@ -51,10 +51,10 @@ NO_EDGE_FEATURES = ("dense", "csr", "fused")
 #: ``path="auto"`` runs the dense path when N_src·N_dst ≤ this × :math:`|E|` (self-loops counted):
 #: the N² masked attention (SDPA, no per-edge gathers or scatters) then costs less than the sparse
 #: path. From a quiet sweep (CPU, 1 thread, D = 512, 8 heads, forward+backward, kNN graphs with
-#: loops; ``benchmarks/results/cpu_threshold_quiet*.json``): dense won at 11.6 pairs per edge (N =
-#: 128, k = 10: 8.5 vs 8.9 ms) and 8.3 (N = 256, k = 30: 17.7 vs 18.4 ms), tied at 12.2 (N = 256, k
-#: = 20) and lost from 16.5 on (N = 512, k = 30: 43.9 vs 36.0 ms; N = 512, k = 20: 43.4 vs 32.5 ms).
-#: The former 30 came from one run on a loaded machine.
+#: loops; ``benchmarks/results/cpu_threshold_quiet*.json``): dense won at 11.6 pairs per edge
+#: (N = 128, k = 10: 8.5 vs 8.9 ms) and 8.3 (N = 256, k = 30: 17.7 vs 18.4 ms), tied at 12.2
+#: (N = 256, k = 20) and lost from 16.5 on (N = 512, k = 30: 43.9 vs 36.0 ms; N = 512, k = 20: 43.4
+#: vs 32.5 ms). The former 30 came from one run on a loaded machine.
 DENSE_PAIRS_PER_EDGE = 12
 
 Weights = Optional[tuple[Tensor, Tensor]]
