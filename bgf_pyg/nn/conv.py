@@ -479,7 +479,8 @@ class BatchGraphConv(MessagePassing):
             self.lin_value(x_src).view(shape),
         )
 
-    # Which path a call takes, for the tests that pin the rules; forward asks select_path.
+    # The rules as tests/nn pins them per layer (forward asks select_path, which applies them):
+    # whether a call takes the dense path, a kernel, or the regular layout (its sources).
     def _use_dense(
         self, edge_index: Tensor, edge_attr: OptTensor, num_src: int, num_dst: int
     ) -> bool:
