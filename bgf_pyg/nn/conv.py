@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import typing
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.typing import Adj, NoneType, OptTensor, PairTensor, SparseTensor
 from torch_geometric.utils import (
-    add_self_loops,
-    remove_self_loops,
-    softmax,
     to_edge_index,
     to_torch_coo_tensor,
     to_torch_csc_tensor,
@@ -30,15 +25,27 @@ from ..checks import (
     check_probability,
     is_compiling,
 )
-from .dense import dense_adjacency, dense_attention
-from .kernels import csr_attention, csr_attention_supported
+from .kernels import csr_attention_supported
+from .kernels.ssa import (
+    CHOOSING,
+    DENSE_PAIRS_PER_EDGE,  # noqa: F401  (read here by benchmarks/)
+    Route,
+    dense_preferred,
+    edge_messages,
+    regular_sources,
+    select_path,
+    ssa_attention,
+    with_self_loops,
+)
 
 if typing.TYPE_CHECKING:
     from typing import overload
 else:
     from torch.jit import _overload_method as overload
 
-ATTENTION_PATHS = ("auto", "sparse", "dense", "fused")
+#: The values of ``attention_path``: the choosing ones, then the paths a layer can be held to
+#: (:mod:`bgf_pyg.nn.kernels.ssa`; its CPU ``"csr"`` kernel runs under ``"sparse"``).
+ATTENTION_PATHS = ("auto", "sparse", "dense", "fused", "regular", "edges")
 
 
 def _is_edge_list(edge_index: Adj) -> bool:
@@ -102,16 +109,6 @@ def _check_constructor_args(
         check_positive_int(edge_dim, "edge_dim")
 
 
-#: ``attention_path="auto"`` runs the dense path when N_src·N_dst ≤ this × |E| (self-loops
-#: counted): the N² masked attention (SDPA, no per-edge gathers or scatters) then costs less than
-#: the sparse path. From a quiet sweep (CPU, 1 thread, D = 512, 8 heads, forward+backward, kNN
-#: graphs with loops; ``benchmarks/results/cpu_threshold_quiet*.json``): dense won at 11.6 pairs
-#: per edge (N = 128, k = 10: 8.5 vs 8.9 ms) and 8.3 (N = 256, k = 30: 17.7 vs 18.4 ms), tied at
-#: 12.2 (N = 256, k = 20) and lost from 16.5 on (N = 512, k = 30: 43.9 vs 36.0 ms; N = 512,
-#: k = 20: 43.4 vs 32.5 ms). The former 30 came from one run on a loaded machine.
-DENSE_PAIRS_PER_EDGE = 12
-
-
 class BatchGraphConv(MessagePassing):
     r"""Structure-constrained self-attention (SSA) from `"Rethinking Batch Sample Relationships for
     Data Representation: A Batch-Graph Transformer based Approach"
@@ -139,17 +136,19 @@ class BatchGraphConv(MessagePassing):
     names; strict loading works, the unused ``lin_skip`` of a TransformerConv with
     :obj:`root_weight=False` is ignored when this layer has none).
 
-    Two equivalent implementations are available: the edge-list ``"sparse"`` path (gathers per edge
-    and a scatter softmax, :math:`O(|E|)` memory) and the ``"dense"`` path (masked attention on
-    an (N, N) adjacency, O(N²) memory; one matmul, faster for small or nearly complete graphs);
-    ``"auto"`` picks one from :math:`N` and :math:`|E|`. Edge features always use the sparse path.
-    On CPU (float32/float64, no edge features) the sparse path runs as per-head sparse-matrix
-    products with a recomputing backward (:mod:`bgf_pyg.nn.kernels.sparse_cpu`), which allocates
-    no :math:`(|E|, H, d)` tensor; under ``torch.compile`` it keeps the gather form below, which
-    inductor fuses. Elsewhere it gathers per edge; when every target has the same number k of
-    in-edges, sorted by target (the kNN graphs of :func:`~bgf_pyg.build_batch_graph`), it
-    reshapes the edges to (N, k) and takes a dense softmax over the k slots instead of a scatter
-    softmax (not under ``torch.compile``).
+    The forward pass projects, runs the attention on one of the paths of
+    :func:`~bgf_pyg.nn.kernels.ssa.ssa_attention` (which also holds the rules choosing among them)
+    and combines the heads; the ``"edges"`` path runs as PyG's :meth:`propagate` (gathers per
+    edge, a scatter softmax in :meth:`message`, :math:`O(|E|)` memory). ``"dense"`` is masked
+    attention on an (N, N) adjacency (O(N²) memory; one matmul, faster for small or nearly
+    complete graphs); ``"auto"`` picks it from :math:`N` and :math:`|E|`, else the ``"sparse"``
+    choice. Edge features always take the sparse choice. That choice is, on CPU (float32/float64,
+    no edge features), per-head sparse-matrix products with a recomputing backward
+    (:mod:`bgf_pyg.nn.kernels.sparse_cpu`), which allocate no :math:`(|E|, H, d)` tensor; else,
+    when every target has the same number k of in-edges, sorted by target (the kNN graphs of
+    :func:`~bgf_pyg.build_batch_graph`), ``"regular"``: the edges reshaped to (N, k) and a dense
+    softmax over the k slots instead of a scatter softmax; else ``"edges"``. Under
+    ``torch.compile`` it is always ``"edges"``, which inductor fuses.
     Every path gives the edge-list result, also for non-finite input: a NaN or inf feature makes
     exactly the rows non-finite whose attention neighbourhood holds it. A ``SparseTensor`` or
     ``torch.sparse`` adjacency is read as an edge list in its stored (coalesced) order, which
@@ -159,7 +158,7 @@ class BatchGraphConv(MessagePassing):
     hybrid ``torch.sparse`` tensor's (E, D) values (its scalar values are edge weights and are
     ignored). With :obj:`edge_dim=1` edge features may be given as a vector (E,). PyG's
     explainers see every path: explain mode or a ``propagate``/``message``/``aggregate`` hook
-    routes the layer through :meth:`propagate`.
+    routes the layer through :meth:`propagate`, whatever :obj:`attention_path` says.
 
     Args:
         in_channels (int or tuple): Size of each input sample, or :obj:`-1` to derive it from the
@@ -183,12 +182,16 @@ class BatchGraphConv(MessagePassing):
             :math:`\mathbf{W}_S \mathbf{x}_i`. (default: :obj:`False`)
         fill_value (float or str, optional): Edge features of added self-loops (see
             :meth:`torch_geometric.utils.add_self_loops`). (default: :obj:`"mean"`)
-        attention_path (str, optional): ``"sparse"`` (edge list), ``"dense"`` (masked dense
-            attention), ``"fused"`` (the Triton kernel of :mod:`bgf_pyg.nn.kernels.fused_triton`:
-            CUDA, or CPU under ``TRITON_INTERPRET=1``; needs ``triton``; no edge features) or
-            ``"auto"``: dense when :math:`N_s N_t \le` :data:`DENSE_PAIRS_PER_EDGE`
-            :math:`\cdot |\mathcal{E}|`, else sparse. ``"auto"`` never picks ``"fused"``: no GPU
-            measurement has shown it faster yet. (default: :obj:`"auto"`)
+        attention_path (str, optional): ``"auto"`` (dense when :math:`N_s N_t \le`
+            :data:`~bgf_pyg.nn.kernels.ssa.DENSE_PAIRS_PER_EDGE` :math:`\cdot |\mathcal{E}|`,
+            else the sparse choice), ``"sparse"`` (the edge-list choice above), or one path held
+            to: ``"dense"`` (edge features still take the sparse choice), ``"fused"`` (the
+            Triton kernel of :mod:`bgf_pyg.nn.kernels.fused_triton`: CUDA, or CPU under
+            ``TRITON_INTERPRET=1``; needs ``triton``; no edge features), ``"regular"`` (only on
+            regular target-sorted graphs; with :obj:`add_self_loops` also no loops in the input
+            and no edge features) or ``"edges"``. A path that cannot run on the input is refused
+            with an error naming :obj:`attention_path`. ``"auto"`` never picks ``"fused"``: no
+            GPU measurement has shown it faster yet. (default: :obj:`"auto"`)
         **kwargs (optional): Additional arguments of
             :class:`torch_geometric.nn.conv.MessagePassing`.
 
@@ -341,52 +344,74 @@ class BatchGraphConv(MessagePassing):
         query, key, value = self._project(x_src, x_dst)
         return_weights = bool(return_attention_weights)
 
-        # PyG's explain tools (GNNExplainer's edge masks, AttentionExplainer's message hooks) see
-        # the attention only inside ``propagate``: with explain mode or a hook that path runs.
-        generic = self._observed()
-        if not generic and self._use_dense(edge_index, edge_attr, num_src, num_dst):
-            out, alpha, edge_index = self._dense_forward(
-                query, key, value, edge_index, return_weights
+        route = Route("edges")
+        if not self._observed():
+            route = select_path(
+                query, edge_index, num_src, path=self._path(edge_attr),
+                edge_features=edge_attr is not None, add_self_loops=self.add_self_loops,
+                name="attention_path",
             )
-        elif not generic and self._use_kernel(query, edge_attr):
-            if self.add_self_loops:
-                edge_index, _ = self._with_self_loops(edge_index, None, num_src, num_dst)
-            out, alpha = self._kernel_forward(query, key, value, edge_index)
+        if route.path == "edges":
+            out, weights = self._propagate(query, key, value, edge_index, edge_attr)
         else:
-            source = None
-            if not generic:
-                source = self._regular_sources(edge_index, edge_attr, num_src, num_dst)
-            if source is not None:
-                out, alpha, edge_index = self._regular_forward(
-                    query, key, value, source, edge_index, edge_attr
-                )
-            else:
-                if self.add_self_loops:
-                    edge_index, edge_attr = self._with_self_loops(
-                        edge_index, edge_attr, num_src, num_dst
-                    )
-                # propagate_type: (query: Tensor, key: Tensor, value: Tensor, edge_attr: OptTensor)
-                out = self.propagate(
-                    edge_index, query=query, key=key, value=value, edge_attr=edge_attr,
-                    size=(num_src, num_dst),
-                )
-                alpha = self._alpha
-                self._alpha = None
+            edge = None
+            if self.lin_edge is not None:
+                edge = self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
+            out, weights = ssa_attention(
+                query, key, value, edge_index, edge=edge, path=route,
+                add_self_loops=self.add_self_loops, dropout=self.dropout,
+                training=self.training, need_weights=return_weights,
+            )
 
         out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(dim=1)
         if self.lin_skip is not None:
             out = out + self.lin_skip(x_dst)
 
         if return_weights:
-            assert alpha is not None
+            assert weights is not None
+            edge_index, alpha = weights
             if adjacency is not None:
                 return out, _weights_as_adjacency(adjacency, edge_index, alpha, num_src, num_dst)
             return out, (edge_index, alpha)
         return out
 
+    def _path(self, edge_attr: OptTensor) -> str:
+        """The path asked of :func:`~bgf_pyg.nn.kernels.ssa.ssa_attention`: ``attention_path``,
+        except that ``"dense"`` lets edge features take the sparse choice (it has no per-pair
+        features)."""
+        if self.attention_path == "dense" and edge_attr is not None:
+            return "sparse"
+        return self.attention_path
+
+    def _propagate(
+        self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_attr: OptTensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The ``"edges"`` path as PyG's ``propagate`` (:meth:`message`, then the sum): the one
+        explainers and hooks see. Returns ``(out, (edge_index', alpha))``."""
+        num_src, num_dst = key.size(0), query.size(0)
+        if self.add_self_loops:
+            edge_index, edge_attr = with_self_loops(
+                edge_index, edge_attr, num_src, num_dst, self.fill_value
+            )
+        # propagate_type: (query: Tensor, key: Tensor, value: Tensor, edge_attr: OptTensor)
+        out = self.propagate(
+            edge_index, query=query, key=key, value=value, edge_attr=edge_attr,
+            size=(num_src, num_dst),
+        )
+        alpha = self._alpha
+        self._alpha = None
+        return out, (edge_index, alpha)
+
     def _observed(self) -> bool:
-        """Explain mode, or a hook on ``propagate``/``message``/``aggregate``: only the generic
-        path calls them. A few dict look-ups, nothing on the tensors."""
+        """Whether something watches :meth:`propagate`: explain mode (GNNExplainer and the other
+        mask-based explainers set it), or a ``propagate``/``message``/``aggregate`` hook
+        (AttentionExplainer reads α through a ``message`` forward hook). Only the ``"edges"``
+        path calls them, so then it runs.
+
+        The hooks are read from ``MessagePassing``'s hook dictionaries: PyG offers no public way
+        to ask whether one is registered, and its own fused route (``message_and_aggregate``)
+        skips ``message`` hooks too, so that route cannot replace this check (see
+        ``docs/design.rst``). Six dictionary look-ups, nothing on the tensors."""
         return bool(self.explain) or any(
             bool(hooks) for hooks in (
                 self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
@@ -409,11 +434,10 @@ class BatchGraphConv(MessagePassing):
             edge = self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
             key_j = key_j + edge
             value_j = value_j + edge
-        alpha = (query_i * key_j).sum(dim=-1) / math.sqrt(self.out_channels)
-        alpha = softmax(alpha, index, ptr, size_i)
-        self._alpha = alpha
-        alpha = F.dropout(alpha, p=self.dropout, training=self.training)
-        return value_j * alpha.unsqueeze(-1)
+        messages, self._alpha = edge_messages(
+            query_i, key_j, value_j, index, size_i, ptr, self.dropout, self.training
+        )
+        return messages
 
     def _check_inputs(
         self, x_src: Tensor, x_dst: Tensor, edge_index: Tensor, edge_attr: OptTensor
@@ -442,14 +466,6 @@ class BatchGraphConv(MessagePassing):
         elif edge_attr is not None:
             raise ValueError("edge_attr was given but the layer has edge_dim=None")
 
-    def _with_self_loops(
-        self, edge_index: Tensor, edge_attr: OptTensor, num_src: int, num_dst: int
-    ) -> tuple[Tensor, OptTensor]:
-        edge_index, edge_attr = remove_self_loops(edge_index, edge_attr)
-        return add_self_loops(
-            edge_index, edge_attr, fill_value=self.fill_value, num_nodes=min(num_src, num_dst)
-        )
-
     def _project(self, x_src: Tensor, x_dst: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Query (N_dst, H, d), key and value (N_src, H, d).
 
@@ -463,135 +479,30 @@ class BatchGraphConv(MessagePassing):
             self.lin_value(x_src).view(shape),
         )
 
+    # The rules as tests/nn pins them per layer (forward asks select_path, which applies them):
+    # whether a call takes the dense path, a kernel, or the regular layout (its sources).
     def _use_dense(
         self, edge_index: Tensor, edge_attr: OptTensor, num_src: int, num_dst: int
     ) -> bool:
-        if edge_attr is not None:
-            return False
-        if self.attention_path != "auto":
-            return self.attention_path == "dense"
-        num_edges = edge_index.size(1) + (min(num_src, num_dst) if self.add_self_loops else 0)
-        return num_src * num_dst <= DENSE_PAIRS_PER_EDGE * num_edges
+        path = self._path(edge_attr)
+        return path == "dense" or (
+            path == "auto" and edge_attr is None
+            and dense_preferred(edge_index.size(1), num_src, num_dst, self.add_self_loops)
+        )
 
     def _use_kernel(self, query: Tensor, edge_attr: OptTensor) -> bool:
-        """Whether an attention kernel runs: the Triton one when ``attention_path="fused"``, else
-        the sparse-matrix one (:mod:`.kernels.sparse_cpu`) for edge lists without edge features
-        on CPU. The caller skips both in explain mode or with a hook (:meth:`_observed`): PyG's
-        explainers need ``propagate``. Under ``torch.compile`` the gather form of ``propagate``
-        runs instead: inductor fuses it, and it measured faster than the opaque kernel (CPU,
-        1 thread, N = 4096, k = 10, D = 512, 8 heads, fwd+bwd: 459 ms vs 562 ms, compiled
-        TransformerConv 427 and 372 ms in the same two runs)."""
-        if self.attention_path == "fused":
-            if edge_attr is not None:
-                raise ValueError(
-                    "attention_path='fused' takes no edge_attr; use attention_path='sparse' for "
-                    "edge features"
-                )
-            return True
-        return (
-            not is_compiling()
-            and edge_attr is None
+        path = self._path(edge_attr)
+        return path == "fused" or (
+            path in CHOOSING and edge_attr is None and not is_compiling()
             and csr_attention_supported(query)
         )
-
-    def _kernel_forward(
-        self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """``(out (N_dst, H, d), alpha (E, H))`` from the CPU sparse-matrix kernel or, with
-        ``attention_path="fused"``, the Triton kernel."""
-        weight = None
-        if self.training and self.dropout > 0:
-            ones = query.new_ones(edge_index.size(1), self.heads)
-            weight = F.dropout(ones, p=self.dropout, training=True)
-        if self.attention_path == "fused":
-            from .kernels.fused_triton import fused_attention
-
-            return fused_attention(query, key, value, edge_index, weight)
-        return csr_attention(query, key, value, edge_index, weight)
-
-    def _dense_forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        edge_index: Tensor,
-        return_weights: bool,
-    ) -> tuple[Tensor, OptTensor, Tensor]:
-        """Masked dense attention; returns ``(out, alpha (E', H) or None, edge_index')``."""
-        num_src, num_dst = key.size(0), query.size(0)
-        adj = dense_adjacency(
-            edge_index, num_src, num_dst, dtype=query.dtype, self_loops=self.add_self_loops
-        )
-        out, alpha = dense_attention(
-            query, key, value, adj, self.dropout, self.training, return_weights
-        )
-        if alpha is not None:
-            if self.add_self_loops:
-                edge_index, _ = self._with_self_loops(edge_index, None, num_src, num_dst)
-            # Per-edge weights: a pair with c duplicate edges carries c shares of the softmax.
-            src, dst = edge_index
-            alpha = (alpha[:, dst, src] / adj[dst, src]).t()
-        return out, alpha, edge_index
 
     def _regular_sources(
         self, edge_index: Tensor, edge_attr: OptTensor, num_src: int, num_dst: int
     ) -> OptTensor:
-        """(N_dst, k) sources when every target has the same k in-edges, sorted by target (the
-        kNN graphs of :func:`~bgf_pyg.build_batch_graph`); with :obj:`add_self_loops` the loop
-        becomes slot 0 (only when the input has no loops). ``None`` when the layout differs.
-
-        The check reads the edge list once (O(|E|), no sort), but its outcome is data dependent:
-        under ``torch.compile`` the generic path runs instead, so the graph stays unbroken.
-        """
-        if (
-            is_compiling()
-            or num_dst == 0
-            or edge_index.size(1) % num_dst != 0
-            or (self.add_self_loops and (edge_attr is not None or num_dst > num_src))
-        ):
+        if is_compiling() or (self.add_self_loops and edge_attr is not None):
             return None
-        source, target = edge_index.view(2, num_dst, -1)
-        node = torch.arange(num_dst, device=edge_index.device).view(-1, 1)
-        regular = target == node
-        if self.add_self_loops:
-            regular = regular & (source != node)
-        if not bool(regular.all()):
-            return None
-        if self.add_self_loops:
-            source = torch.cat([node, source], dim=1)
-        return source
-
-    def _regular_forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        source: Tensor,
-        edge_index: Tensor,
-        edge_attr: OptTensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The sparse softmax on a regular graph: a dense softmax over each target's k slots,
-        with no scatter. Returns ``(out (N_dst, H, d), alpha (E', H), edge_index')`` in the edge
-        order of the generic path (added loops last)."""
-        num_dst, degree = source.shape
-        heads, channels = self.heads, self.out_channels
-        key_j = key.index_select(0, source.reshape(-1)).view(num_dst, degree, heads, channels)
-        value_j = value.index_select(0, source.reshape(-1)).view(num_dst, degree, heads, channels)
-        if self.lin_edge is not None:
-            edge = self.lin_edge(edge_attr).view(num_dst, degree, heads, channels)
-            key_j = key_j + edge
-            value_j = value_j + edge
-        # Broadcast products, not einsum: einsum's bmm over N·H tiny (1, d) @ (d, k) matrices
-        # copies every batch entry on CPU and was 3× slower.
-        score = (query.unsqueeze(1) * key_j).sum(dim=-1) / math.sqrt(channels)  # (N_dst, k, H)
-        alpha = score.softmax(dim=1)
-        weight = F.dropout(alpha, p=self.dropout, training=self.training)
-        out = (weight.unsqueeze(-1) * value_j).sum(dim=1)
-        if self.add_self_loops:
-            loop = source[:, :1].t().expand(2, -1)
-            edge_index = torch.cat([edge_index, loop], dim=1)
-            alpha = torch.cat([alpha[:, 1:].reshape(-1, heads), alpha[:, 0]])
-        return out, alpha.reshape(-1, heads), edge_index
+        return regular_sources(edge_index, num_src, num_dst, self.add_self_loops)
 
     def __repr__(self) -> str:
         return (
