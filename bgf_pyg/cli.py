@@ -59,9 +59,11 @@ from .models import (
     BACKBONES,
     LOSSES,
     METHODS,
+    OPTIMIZERS,
     backbone_normalization,
     build_backbone,
     build_method,
+    build_optimizer,
 )
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES
 from .monitor import TensorBoardLogger
@@ -91,10 +93,8 @@ from .presets import available_presets, check_preset, load_preset, preset_title
 from .refine.protocol import check_refinements, embed_split, evaluate_refinements, settings
 from .run_folder import append_metrics, check_run_folder, read_metrics
 from .train import (
-    OPTIMIZERS,
     SELECT_ON,
     DivergenceError,
-    build_optimizer,
     fit,
     seed_all,
     seed_worker,
