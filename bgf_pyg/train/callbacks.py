@@ -111,7 +111,7 @@ class CurvesCallback(FitCallback):
 
 class LogCallback(FitCallback):
     """One log line per epoch (loss, learning rate and the evaluated split's metrics, named as
-    :func:`~bgf_pyg.train.evaluation.split_label` says) and one for the final test."""
+    :func:`~bgf_pyg.train.split_label` says) and one for the final test."""
 
     def __init__(self, select_on: str) -> None:
         self.select_on = select_on

@@ -1,6 +1,6 @@
 """The training loop: :func:`train_one_epoch` and :func:`fit`, which composes the parts of a run
-(:class:`~bgf_pyg.train.state.TrainingState`, :class:`~bgf_pyg.train.checkpoint.Checkpointer`,
-:class:`~bgf_pyg.train.evaluation.Evaluator` and the :mod:`~bgf_pyg.train.callbacks`)."""
+(:class:`~bgf_pyg.train.TrainingState`, :class:`~bgf_pyg.train.Checkpointer`,
+:class:`~bgf_pyg.train.Evaluator` and the :mod:`~bgf_pyg.train.callbacks`)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,9 @@ class TrainingState:
     evaluation (``last_metrics``).
 
     :meth:`begin_epoch` positions the sampler (past the ``step`` batches a resumed epoch has
-    already trained); :meth:`state_dict` is the ``last.pt`` layout.
+    already trained); :meth:`state_dict` is the ``last.pt`` layout. A mid-epoch state resumes
+    bit-identically when ``loader`` has its own ``generator`` (without one, each new loader
+    iterator draws its seed from torch's global RNG, once more on resume).
     """
 
     method: Method
