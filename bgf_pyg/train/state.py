@@ -120,6 +120,7 @@ class TrainingState:
         generator = _this_rank(state.get("loader_generator"))
         if generator is not None and self.loader.generator is not None:
             self.loader.generator.set_state(generator)
+        self._epoch_generator = _generator_state(self.loader)  # mid-epoch: the epoch-start one
 
 
 def _generator_state(loader: DataLoader) -> Tensor | None:
