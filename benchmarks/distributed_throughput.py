@@ -28,8 +28,8 @@ import torch
 import torch_geometric
 
 from bgf_pyg import distributed
-from bgf_pyg.models import METHODS, build_backbone, build_method
-from bgf_pyg.train import Precision, build_optimizer, train_one_epoch
+from bgf_pyg.models import METHODS, build_backbone, build_method, build_optimizer
+from bgf_pyg.train import Precision, train_one_epoch
 
 RESULT_PREFIX = "THROUGHPUT "
 

@@ -43,7 +43,7 @@ from .data import IMAGE_CHECKS
 from .data.emoji import EMOJI_SIZE
 from .data.transforms import INTERPOLATIONS
 from .losses.pce import SPACES
-from .models import BACKBONES, LOSSES, METHODS
+from .models import BACKBONES, LOSSES, METHODS, OPTIMIZERS
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES
 from .models.methods import PROXY_LOSSES, BGFormerMethod, IntraBatchMethod
 from .models.vit import VIT_BACKBONES
@@ -68,7 +68,7 @@ from .options import (
     val_classes,
 )
 from .presets import load_preset
-from .train import OPTIMIZERS, SELECT_ON
+from .train import SELECT_ON
 
 log = logging.getLogger("bgf_pyg")
 

@@ -22,13 +22,12 @@ from bgf_pyg import cli, distributed
 from bgf_pyg.checks import InputError
 from bgf_pyg.data import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
 from bgf_pyg.experiment import build
-from bgf_pyg.models import build_method
+from bgf_pyg.models import build_method, build_optimizer
 from bgf_pyg.models.backbones import EmbeddingNet
 from bgf_pyg.train import (
     LAST_CHECKPOINT,
     RESUME_KEYS,
     Precision,
-    build_optimizer,
     evaluate,
     fit,
     load_checkpoint,

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from bgf_pyg import experiment
 from bgf_pyg.cli import main
 from bgf_pyg.data import ClassBalancedBatchSampler
-from bgf_pyg.models import EmbeddingNet, build_method
-from bgf_pyg.train import FitResult, build_optimizer, fit
+from bgf_pyg.models import EmbeddingNet, build_method, build_optimizer
+from bgf_pyg.train import FitResult, fit
 
 
 def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bgf_pyg.checks import InputError
 from bgf_pyg.cli import main
-from bgf_pyg.models import build_backbone, build_method
+from bgf_pyg.models import build_backbone, build_method, build_optimizer
 from bgf_pyg.run_folder import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -27,7 +27,7 @@ from bgf_pyg.run_folder import (
     read_metrics,
     save_checkpoint,
 )
-from bgf_pyg.train import build_optimizer, fit
+from bgf_pyg.train import fit
 
 #: A tiny demo run (about a second): plain method, 16-d, 5 batches of 5×36, no augmentation.
 TINY = ["--method", "plain", "--embedding-dim", "16", "--samples-per-class", "36",

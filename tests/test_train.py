@@ -17,13 +17,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bgf_pyg import train
 from bgf_pyg.data import ClassBalancedBatchSampler, demo_train_transform, load_digits_demo
-from bgf_pyg.models import EmbeddingNet, build_backbone, build_method
+from bgf_pyg.models import EmbeddingNet, build_backbone, build_method, build_optimizer
 from bgf_pyg.train import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     METRICS_FILE,
     Precision,
-    build_optimizer,
     evaluate,
     fit,
     load_checkpoint,
@@ -186,7 +185,7 @@ def test_fit_selects_on_the_split_it_says(tmp_path, monkeypatch, select_on, val_
         epoch = epoch_of_weights[weights_sum(method)]  # the final test: whose weights?
         return {"recall@1": script["test"][epoch - 1], "weights_of_epoch": epoch}
 
-    monkeypatch.setattr(train, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(train.evaluation, "evaluate", scripted_evaluate)
     torch.manual_seed(0)
     images, labels = torch.randn(24, 1, 28, 28), torch.arange(4).repeat_interleave(6)
     method = build_method("plain", build_backbone("smallcnn", 8), 4)
@@ -195,7 +194,7 @@ def test_fit_selects_on_the_split_it_says(tmp_path, monkeypatch, select_on, val_
     val.split, test.split = "val", "test"
     plan = ({"eval_loader": test, "eval_split": "test"} if select_on == "test" else
             {"eval_loader": val, "eval_split": "val", "test_loader": test})
-    result = fit(method, loader, train.build_optimizer(method, 1e-2, 1e-2), tmp_path, epochs=3,
+    result = fit(method, loader, build_optimizer(method, 1e-2, 1e-2), tmp_path, epochs=3,
                  select_on=select_on, progress=False, **plan)
     final = read_metrics(tmp_path)[-1]
     assert final["final"] and final["split"] == "test" and final["select_on"] == select_on

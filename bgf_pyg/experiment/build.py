@@ -13,9 +13,9 @@ from .. import distributed
 from ..checks import naming
 from ..config import DEFAULT_CLASSES_PER_BATCH, Config
 from ..data import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
-from ..models import build_backbone, build_method
+from ..models import build_backbone, build_method, build_optimizer
 from ..models.efficientnet import EFFICIENTNET_BACKBONES
-from ..train import build_optimizer, seed_worker
+from ..train import seed_worker
 from .splits import Splits, frozen_splits
 
 log = logging.getLogger("bgf_pyg")

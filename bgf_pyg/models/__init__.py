@@ -20,11 +20,13 @@ from .methods import (
     build_method,
     build_metric_loss,
 )
+from .optim import OPTIMIZERS, build_optimizer
 
 __all__ = [
     "BACKBONES",
     "LOSSES",
     "METHODS",
+    "OPTIMIZERS",
     "BGFormerMethod",
     "EmbeddingNet",
     "IntraBatchMethod",
@@ -36,5 +38,6 @@ __all__ = [
     "build_backbone",
     "build_method",
     "build_metric_loss",
+    "build_optimizer",
     "load_imagenet_weights",
 ]

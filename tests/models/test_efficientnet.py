@@ -13,9 +13,13 @@ import torch
 from bgf_pyg.cli import main, parse_args
 from bgf_pyg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bgf_pyg.experiment.splits import transform_options
-from bgf_pyg.models import backbone_normalization, build_backbone, build_method
+from bgf_pyg.models import (
+    backbone_normalization,
+    build_backbone,
+    build_method,
+    build_optimizer,
+)
 from bgf_pyg.models.efficientnet import NUM_STAGES, PRETRAINED_EXTRA
-from bgf_pyg.train import build_optimizer
 from tests.data.test_datasets import make_cub
 from tests.test_cli import assert_user_error
 
