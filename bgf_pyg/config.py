@@ -7,7 +7,7 @@ applies (:class:`~bgf_pyg.options.Scope`) and its help text; ``bgf-train``'s par
 ``--help`` are generated from it (:mod:`bgf_pyg.arguments`), and so is every check of a value.
 
 A configuration is built by :func:`configure` from the options a user sets, over layers of
-defaults, each later one winning (``docs/design.rst`` §13):
+defaults, each later one winning (``docs/design.rst`` §16):
 
 1. the field defaults (the shared hyperparameters from :mod:`bgf_pyg.defaults`);
 2. the method's own defaults (:data:`METHOD_DEFAULTS`: layers and heads of its graph module, the

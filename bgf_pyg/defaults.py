@@ -3,9 +3,9 @@
 The constructors (:class:`~bgf_pyg.losses.BatchGraphLoss`, :class:`~bgf_pyg.nn.BGFormer`,
 :class:`~bgf_pyg.models.BGFormerMethod`, ...), :func:`~bgf_pyg.graph.build_batch_graph` and the
 experiment configuration (:class:`~bgf_pyg.config.Config`) all take their defaults from here, so a
-parameter of the same name means the same default everywhere (``tests/test_defaults.py`` checks
+parameter of the same name means the same default everywhere (``tests/test_config.py`` checks
 every signature). The values and where they come from: ``docs/design.rst`` §7 (BGFormer), §8
-(intra-batch), §9 (ProxyGML).
+(PCE), §9 (intra-batch), §10 (ProxyGML) and §16 (the configuration).
 """
 
 #: Visual neighbours of each sample: the kNN graph's k, or the dynamic top-K attention's K (the
