@@ -179,8 +179,8 @@ class Config:
     batch_size: int = option(32, "size of proxygml's random batches", domain=positive_int,
                              scope=(Scope(method=("proxygml",)),))
     classes_per_batch: int | None = option(
-        None, f"P of a P×M batch (default: {DEFAULT_CLASSES_PER_BATCH}, or every class when "
-              "there are fewer)", domain=positive_int, scope=(Scope(method=BALANCED_METHODS),))
+        None, f"P of a P×M batch (when not given: {DEFAULT_CLASSES_PER_BATCH}, or every class "
+              "when there are fewer)", domain=positive_int, scope=(Scope(method=BALANCED_METHODS),))
     samples_per_class: int = option(9, "M of a P×M batch", domain=positive_int,
                                     scope=(Scope(method=BALANCED_METHODS),))
     k: int = option(
@@ -248,7 +248,7 @@ class Config:
               "40th epoch)", domain=positive_int, nargs="+", metavar="EPOCH")
     lr_gamma: float = option(0.1, "factor of each --lr-milestones step", domain=fraction,
                              scope=(Scope(lr_milestones=IS_SET),))
-    out: str | None = option(None, "run folder (default: runs/DATASET-METHOD-sSEED)")
+    out: str | None = option(None, "run folder (when not given: runs/DATASET-METHOD-sSEED)")
     resume: bool = switch("continue the run in --out from its last.pt (same options; --epochs "
                           "may grow)")
     checkpoint_every: int | None = option(
@@ -257,14 +257,14 @@ class Config:
         scope=(Scope(method=BALANCED_METHODS),))  # restarts a P×M sampler mid-epoch
     overwrite: bool = switch("replace the run already in --out (without it, such a folder is "
                              "refused)")
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)",
-                                domain=device)
+    device: str | None = option(
+        None, "cpu, cuda or cuda:N (when not given: cuda if available, else cpu)", domain=device)
     seed: int = option(0, "seeds every random choice", domain=seed_int)
     eval_every: int = option(5, "evaluate the selection split every N epochs (and after the "
                                 "last)", domain=positive_int)
     val_classes: int | float | None = option(
         None, "hold out this fraction (in (0, 1)) or number of the training classes as the "
-              f"validation split; 0: none (default: {DEFAULT_VAL_FRACTION:g} of them with "
+              f"validation split; 0: none (when not given: {DEFAULT_VAL_FRACTION:g} of them with "
               "--select-on val; 0 otherwise)", domain=val_classes, metavar="FRACTION_OR_COUNT")
     label_noise: float = option(
         0.0, "robustness studies: flip this fraction of the training labels to another class "
@@ -304,8 +304,8 @@ class Config:
     interpolation: str = option("bilinear", "resampling of crops and resizes",
                                 choices=tuple(INTERPOLATIONS), scope=ON_IMAGES)
     test_resize: int | None = option(
-        None, "test-time resize before the centre crop (default: size·256/224; --dataset "
-              "emoji: the crop side)", domain=positive_int, scope=ON_IMAGES)
+        None, "test-time resize before the centre crop (when not given: size·256/224; "
+              "--dataset emoji: the crop side)", domain=positive_int, scope=ON_IMAGES)
     random_erasing: float = option(
         0.0, "probability of random erasing in training (intra-batch: 0.5)", domain=probability,
         scope=ON_IMAGES)
