@@ -103,15 +103,20 @@ def refinements(options: dict) -> list[str]:
     return ["none", "qe", "bgformer"] if learned else ["none", "qe"]
 
 
-def run_config(args: argparse.Namespace, model: str, seed: int) -> Config:
-    """The configuration of one run (a run killed midway continues from its checkpoint; one
-    without starts afresh)."""
+def run_options(args: argparse.Namespace, model: str, seed: int) -> dict:
+    """The options of one run (a run killed midway continues from its checkpoint; one without
+    starts afresh)."""
     out = Path(args.runs, run_name(model, seed))
     options = MODELS[model][1]
     resume = (out / LAST_CHECKPOINT).is_file()
-    return configure(**COMMON, data_root=args.data_root, **options, threads=args.threads,
-                     seed=seed, out=str(out), refine=refinements(options), **REFINE_GRID,
-                     resume=resume, overwrite=not resume)
+    return {**COMMON, "data_root": args.data_root, **options, "threads": args.threads,
+            "seed": seed, "out": str(out), "refine": refinements(options), **REFINE_GRID,
+            "resume": resume, "overwrite": not resume}
+
+
+def run_config(args: argparse.Namespace, model: str, seed: int) -> Config:
+    """The checked configuration of one run."""
+    return configure(**run_options(args, model, seed))
 
 
 def untrained_metrics(args: argparse.Namespace) -> dict[str, float]:
