@@ -158,7 +158,6 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
         field = name.replace("-", "_")
         if field in OPTIONS and OPTIONS[field].switch is not None and bad:
             parser.error(f"--grid {name}: an on/off option takes true or false, got {bad}")
-    base_config = checked_config(parser, given)
     training_splits: dict[tuple, Dataset] = {}  # loaded once per dataset and validation split
     for values in itertools.product(*(v for _, v in args.grid)):
         params = dict(zip(names, values, strict=True))
@@ -176,7 +175,9 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
         except USER_ERRORS as err:
             setting = " ".join(f"{k}={v}" for k, v in params.items())
             parser.error(f"--grid {setting}: {error_message(err, config)}")
-    return base_config
+    # what the runs share; on its own it may lack what every setting adds (lr_milestones for a
+    # given lr_gamma), so only the trials' configurations are checked
+    return resolve(given, check=False)
 
 
 def run_once(base: Config, params: dict[str, str], seed: int, out: Path) -> dict:

@@ -133,3 +133,13 @@ def test_help_shows_each_default_once_in_plain_text(capsys):
     assert "``" not in text and "(default: None)" not in text
     assert all(line.count("(default:") <= 1 for line in text.splitlines())
     assert "-- [bgf-train options]" in text
+
+
+def test_options_that_every_setting_completes_are_accepted():
+    """``--lr-gamma`` alone needs ``--lr-milestones``, which each setting of the grid gives."""
+    from bgf_pyg.sweep import build_parser, check_plan, split_argv
+
+    parser = build_parser()
+    args, base = split_argv(parser, ["--name", "x", "--grid", "lr-milestones=5,10", "--",
+                                     "--method", "plain", "--lr-gamma", "0.5", "--epochs", "20"])
+    assert check_plan(parser, args, base).lr_gamma == 0.5
