@@ -135,7 +135,6 @@ def parse_config(
     given, asks_help = given_options(argv, prog, add_extra)
     extra_names = set(given) - set(OPTIONS)
     extras = {name: given.pop(name) for name in extra_names}
-    fail = OneLineParser(prog=prog).error
     if asks_help:
         try:
             shown = resolve(given, check=False)
@@ -146,11 +145,23 @@ def parse_config(
         sys.exit(0)
     if handle_extra is not None:
         handle_extra(extras, OneLineParser(prog=prog))
+    return resolve_options(given, prog, methods=methods)
+
+
+def resolve_options(
+    given: dict,
+    prog: str,
+    *,
+    methods: Collection[str] | None = None,
+    note: Callable[[str], None] | None = None,
+) -> Config:
+    """:func:`~bgf_pyg.config.resolve` in this command line's words: notes on stderr (or to
+    ``note``), an error one line naming the options and exit code 2."""
     try:
         return resolve(given, methods=methods, name=option_name,
-                       note=lambda message: print_note(prog, message))
+                       note=note or (lambda message: print_note(prog, message)))
     except InputError as err:
-        fail(with_option_names(str(err), named_parameters(err)))
+        OneLineParser(prog=prog).error(with_option_names(str(err), named_parameters(err)))
 
 
 def print_note(prog: str, message: str) -> None:

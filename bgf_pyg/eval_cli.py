@@ -55,7 +55,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help=f"checkpoint to evaluate (default: RUN_DIR/{BEST_CHECKPOINT}, or "
                         f"{LAST_CHECKPOINT} for a run that selected none)")
-    add_options(p, resolve({}, check=False), names=REFINE_OPTIONS)
+    defaults = resolve({}, check=False)
+    add_options(p, defaults, names=REFINE_OPTIONS)
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: the one the run was trained with)")
     p.add_argument("--device", type=device, default=None,
@@ -65,7 +66,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write every record (refinement, split, setting, metrics) to FILE "
                         "(default: none)")
-    add_options(p, resolve({}, check=False), names=("threads",))
+    add_options(p, defaults, names=("threads",))
     return p
 
 

@@ -32,9 +32,8 @@ from .arguments import (
     OneLineParser,
     error_message,
     given_options,
-    option_name,
+    resolve_options,
 )
-from .checks import InputError
 from .config import OPTIONS, Config, resolve
 from .console import setup_logging
 from .experiment import run
@@ -112,14 +111,19 @@ def run_folder_name(params: dict[str, str], seed: int) -> str:
     return "_".join(f"{k}={v}" for k, v in params.items()).replace("/", "%") + f"-s{seed}"
 
 
+def is_switch(name: str) -> bool:
+    """Whether ``bgf-train`` option ``name`` (``detach-graph-input``) is an on/off switch."""
+    field = name.replace("-", "_")
+    return field in OPTIONS and OPTIONS[field].switch is not None
+
+
 def trial_options(params: dict[str, str]) -> dict:
     """The options of a trial's setting, typed: ``NAME=VALUE`` read as ``bgf-train`` reads
     ``--NAME VALUE``, an on/off option's ``true`` / ``false`` as the switch on or off."""
     options, argv = {}, []
     for name, value in params.items():
-        field = name.replace("-", "_")
-        if field in OPTIONS and OPTIONS[field].switch is not None:
-            options[field] = SWITCH_VALUES[value.lower()]
+        if is_switch(name):
+            options[name.replace("-", "_")] = SWITCH_VALUES[value.lower()]
         else:
             argv += [f"--{name}", value]
     given, _ = given_options(argv, PROG)
@@ -130,14 +134,6 @@ def trial_config(base: Config, params: dict[str, str], seed: int, out: Path) -> 
     """The configuration of one run of a trial: the base runs' options, the trial's setting,
     the seed and the run folder."""
     return base.replace(**trial_options(params), seed=seed, out=str(out), no_progress=True)
-
-
-def checked_config(parser: argparse.ArgumentParser, given: dict) -> Config:
-    """The configuration of ``given`` options, its errors in ``bgf-train``'s words."""
-    try:
-        return resolve(given, name=option_name, note=lambda message: None)
-    except InputError as err:
-        parser.error(str(err))
 
 
 def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -155,13 +151,13 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
             parser.error(f"--{name} is set by {PROG} itself; remove it from the options")
     for name, values in args.grid:
         bad = [v for v in values if v.lower() not in SWITCH_VALUES]
-        field = name.replace("-", "_")
-        if field in OPTIONS and OPTIONS[field].switch is not None and bad:
+        if is_switch(name) and bad:
             parser.error(f"--grid {name}: an on/off option takes true or false, got {bad}")
     training_splits: dict[tuple, Dataset] = {}  # loaded once per dataset and validation split
     for values in itertools.product(*(v for _, v in args.grid)):
         params = dict(zip(names, values, strict=True))
-        config = checked_config(parser, {**given, **trial_options(params)})
+        config = resolve_options({**given, **trial_options(params)}, PROG,
+                                 note=lambda message: None)  # a run notes it when it starts
         if config.select_on != "val" or not config.val_classes:
             parser.error("a sweep chooses on the validation split: keep --select-on val and "
                          "--val-classes above 0")

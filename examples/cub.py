@@ -26,11 +26,9 @@ from bgf_pyg.arguments import (
     OneLineParser,
     error_message,
     given_options,
-    option_name,
-    print_note,
+    resolve_options,
 )
-from bgf_pyg.checks import InputError
-from bgf_pyg.config import Config, resolve
+from bgf_pyg.config import Config
 from bgf_pyg.console import setup_logging
 from bgf_pyg.data import build_dataset
 from bgf_pyg.experiment import run, use_threads
@@ -68,11 +66,7 @@ def run_config(args: argparse.Namespace, rest: list[str], method: str, seed: int
         "dataset": "cub", "data_root": args.data_root})
     if args.out is not None:
         options["out"] = args.out if single else f"{args.out}/{method}-s{seed}"
-    try:
-        return resolve(options, methods=methods, name=option_name,
-                       note=lambda message: print_note(PROG, message))
-    except InputError as err:
-        OneLineParser(prog=PROG).error(str(err))
+    return resolve_options(options, PROG, methods=methods)
 
 
 def paired_line(bgformer: dict[int, dict[str, float]], plain: dict[int, dict[str, float]],
