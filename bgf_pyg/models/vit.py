@@ -9,7 +9,13 @@ the image size differs from the checkpoint's.
 
 Each name fixes the architecture *and* the weight family, because the family decides the input
 normalisation: ImageNet-21k ViTs were trained on [-1, 1] inputs (mean = std = 0.5, the authors'
-``mean_std`` for ``vit*`` models), DINO on ImageNet's mean and std.
+``mean_std`` for ``vit*`` models), DINO and DINOv2 on ImageNet's mean and std. The DINOv2 ViTs
+(:mod:`bgf_pyg.models.dinov2`) take any image size and read three layouts of weights.
+
+The feature (``pooling``) is the CLS token after the final LayerNorm, or that token concatenated
+with the mean of the patch tokens (``cls+mean``, twice the width: DINOv2's linear-evaluation
+feature). Every trunk stays a plain timm ``VisionTransformer`` (``patch_embed``, ``_pos_embed``,
+``blocks``, ``norm``, ``forward_head``): ``cls+mean`` sits in timm's pooling slot ``attn_pool``.
 """
 
 from __future__ import annotations
@@ -18,10 +24,19 @@ import importlib
 import logging
 import os
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from ..checks import InputError
+from ..checks import InputError, naming
 from ..data.transforms import HALF_MEAN_STD, IMAGENET_MEAN, IMAGENET_STD
+from .dinov2 import (
+    DEFAULT_GRID,
+    DINOV2_BACKBONES,
+    LAYOUTS,
+    PATCH_SIZE,
+    position_grid,
+    to_timm_names,
+)
 from .weights import load_matching_state, weights_file
 
 log = logging.getLogger(__name__)
@@ -32,7 +47,10 @@ VIT_BACKBONES: dict[str, tuple[str, tuple[tuple[float, ...], tuple[float, ...]]]
     "vit_small_dino": ("vit_small_patch16_224", (IMAGENET_MEAN, IMAGENET_STD)),
     "vit_base_in21k": ("vit_base_patch16_224", HALF_MEAN_STD),
     "vit_base_dino": ("vit_base_patch16_224", (IMAGENET_MEAN, IMAGENET_STD)),
+    **{name: (arch, (IMAGENET_MEAN, IMAGENET_STD)) for name, arch in DINOV2_BACKBONES.items()},
 }
+#: The feature of a ViT: its CLS token, or the CLS token and the mean patch token concatenated.
+VIT_POOLINGS = ("cls", "cls+mean")
 TIMM_EXTRA = 'pip install -e ".[timm]"'  # as README: the source checkout's extra
 
 
@@ -44,38 +62,144 @@ def import_timm():
         raise InputError(f"ViT backbones need timm, which is not installed: {TIMM_EXTRA}") from err
 
 
+def read_vit_state(path: str | os.PathLike) -> tuple[str, dict[str, Tensor]]:
+    """``(path, state dict)`` of a local checkpoint as timm reads it (``.safetensors`` too;
+    ``state_dict`` / ``model`` wrappers and ``module.`` prefixes removed). Raises
+    ``FileNotFoundError`` or ``InputError`` naming ``path``."""
+    timm = import_timm()
+    path = weights_file(path)
+    try:
+        state = timm.models.load_state_dict(path)
+    except Exception as err:  # a truncated or foreign file raises several types
+        raise InputError(f"could not read ViT weights from {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise InputError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return path, state
+
+
 def load_vit_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a local timm/DINO checkpoint (or ``.npz``) into the timm ViT ``model``; its
     classifier (``head.*``) is skipped. Raises ``FileNotFoundError`` or ``InputError`` naming
     ``path``."""
-    timm = import_timm()
+    import_timm()
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    path = weights_file(path)
-    if path.endswith(".npz"):
+    if os.fspath(path).endswith(".npz"):
+        path = weights_file(path)
         try:
             model.load_pretrained(path)
         except Exception as err:  # numpy and timm raise several types for a foreign file
             raise InputError(f"could not load ViT weights from {path}: {err}") from err
         return
+    path, state = read_vit_state(path)
     try:
-        state = timm.models.load_state_dict(path)
         state = checkpoint_filter_fn(state, model)
-    except Exception as err:  # a truncated or foreign file raises several types
+    except Exception as err:  # a foreign state dict raises several types
         raise InputError(f"could not read ViT weights from {path}: {err}") from err
     load_matching_state(model, state, path, "the ViT backbone", skip_prefix="head.")
 
 
-def vit_trunk(name: str, pretrained: str | None, image_size: int) -> tuple[nn.Module, int]:
-    """The timm ViT of backbone ``name`` for square inputs of side ``image_size``, returning the
-    CLS token; and its width (384 for ViT-S/16, 768 for ViT-B/16)."""
+def dinov2_trunk(
+    name: str, pretrained: str | os.PathLike | None, image_size: int | None = None,
+    **architecture
+) -> nn.Module:
+    """The timm DINOv2 ViT of backbone ``name`` for inputs of side ``image_size``
+    (:func:`dinov2_from_state`), its weights read from the local file ``pretrained`` (``None``:
+    random weights). ``architecture``: timm keyword arguments that override the
+    architecture's (``depth``, ``embed_dim``, ``num_heads``: small models for tests)."""
+    if pretrained is None:
+        side = DEFAULT_GRID if image_size is None else image_size // PATCH_SIZE
+        return import_timm().create_model(DINOV2_BACKBONES[name], pretrained=False,
+                                           num_classes=0, dynamic_img_size=True,
+                                           img_size=side * PATCH_SIZE, **architecture)
+    path, state = read_vit_state(pretrained)
+    return dinov2_from_state(name, state, path, image_size, **architecture)
+
+
+def dinov2_from_state(
+    name: str, state: dict[str, Tensor], source: str, image_size: int | None = None,
+    **architecture
+) -> nn.Module:
+    """The timm DINOv2 ViT of backbone ``name`` (``dynamic_img_size``) holding ``state`` (any
+    layout of :data:`~bgf_pyg.models.dinov2.LAYOUTS`), its position grid resampled to that of
+    ``image_size`` (``None``: kept) as Hugging Face's Dinov2 resamples it. A state of another architecture is
+    an ``InputError`` naming ``source`` (its file) and the layouts."""
+    converted = to_timm_names(state)
+    if converted is None:
+        raise InputError(f"{source} holds no DINOv2 weights: {name} expects a state dict in the "
+                         f"{LAYOUTS} layout; its keys begin {list(state)[:3]}")
+    side = position_grid(converted, source)
+    if image_size is not None and image_size // PATCH_SIZE != side:
+        side = image_size // PATCH_SIZE
+        converted["pos_embed"] = resample_positions(converted["pos_embed"], side)
+    # The weights overwrite timm's own initialisation at once: skip it.
+    model = import_timm().create_model(
+        DINOV2_BACKBONES[name], pretrained=False, num_classes=0, dynamic_img_size=True,
+        img_size=side * PATCH_SIZE, weight_init="skip", **architecture)
+    load_matching_state(model, converted, source,
+                        f"{name} (a DINOv2 state dict in the {LAYOUTS} layout)",
+                        skip_prefix="head.")
+    return model
+
+
+def resample_positions(pos_embed: Tensor, side: int) -> Tensor:
+    """DINOv2 position embeddings (1, 1 + grid², D) resampled to a ``side`` × ``side`` grid as
+    Hugging Face's Dinov2 does at other image sizes: bicubic without antialiasing (timm's own
+    resampling, at each forward of another size, antialiases)."""
+    from timm.layers import resample_abs_pos_embed
+
+    return resample_abs_pos_embed(pos_embed, [side, side], num_prefix_tokens=1, antialias=False)
+
+
+class ClsMeanPool(nn.Module):
+    """The CLS token and the mean of the patch tokens, concatenated: DINOv2's linear-evaluation
+    feature. Sits in a timm ViT's ``attn_pool`` slot (given every token).
+
+    **Shapes:** tokens (B, prefix + patches, D) → (B, 2·D)."""
+
+    def __init__(self, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens:].mean(1)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"num_prefix_tokens={self.num_prefix_tokens}"
+
+
+def set_pooling(model: nn.Module, pooling: str) -> int:
+    """Make the timm ViT ``model`` return the feature ``pooling`` (:data:`VIT_POOLINGS`) and
+    return that feature's width."""
+    if pooling not in VIT_POOLINGS:
+        raise naming(ValueError(f"vit_pooling must be one of {', '.join(VIT_POOLINGS)}, got "
+                                f"{pooling!r}"), "vit_pooling")
+    if pooling == "cls":
+        return model.num_features
+    model.attn_pool = ClsMeanPool(model.num_prefix_tokens)
+    model.pool_include_prefix = True
+    return 2 * model.num_features
+
+
+def vit_trunk(
+    name: str, pretrained: str | None, image_size: int, pooling: str = "cls"
+) -> tuple[nn.Module, int]:
+    """The timm ViT of backbone ``name`` for square inputs of side ``image_size`` (a DINOv2 ViT
+    takes any side from its patch size up), returning the feature ``pooling``; and that
+    feature's width (CLS of ViT-S: 384, of ViT-B: 768; twice that with ``cls+mean``)."""
     timm = import_timm()
-    arch = VIT_BACKBONES[name][0]
-    # With a weights file timm's own initialisation would be overwritten at once: skip it.
-    init = "skip" if pretrained is not None else ""
-    model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size,
-                              weight_init=init)
+    if name in DINOV2_BACKBONES:
+        if image_size < PATCH_SIZE:
+            raise naming(InputError(f"image_size {image_size} is smaller than one {PATCH_SIZE}-px "
+                                    f"patch of {name}"), "image_size")
+        model = dinov2_trunk(name, pretrained, image_size)
+    else:
+        # With a weights file timm's own initialisation would be overwritten at once: skip it.
+        init = "skip" if pretrained is not None else ""
+        model = timm.create_model(VIT_BACKBONES[name][0], pretrained=False, num_classes=0,
+                                  img_size=image_size, weight_init=init)
+        if pretrained is not None:
+            load_vit_weights(model, pretrained)
     if pretrained is not None:
-        load_vit_weights(model, pretrained)
         log.info("%s: loaded weights from %s", name, pretrained)
-    return model, model.num_features
+    return model, set_pooling(model, pooling)
