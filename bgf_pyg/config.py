@@ -46,7 +46,7 @@ from .losses.pce import SPACES
 from .models import BACKBONES, LOSSES, METHODS, OPTIMIZERS
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES
 from .models.methods import PROXY_LOSSES, BGFormerMethod, IntraBatchMethod
-from .models.vit import VIT_BACKBONES
+from .models.vit import VIT_BACKBONES, VIT_POOLINGS
 from .nn.bgformer import SEMANTIC_BRANCHES, VISUAL_GRAPHS
 from .options import (
     IS_SET,
@@ -151,7 +151,8 @@ class Config:
                            choices=BACKBONES)
     pretrained: str | None = option(
         None, "local weights: a torchvision ResNet state dict, a timm / DINO checkpoint for a "
-              "ViT, an EfficientNet-Lite0 state dict (default: random weights, "
+              "ViT (DINOv2: timm, Meta or Hugging Face layout), an EfficientNet-Lite0 state dict "
+              "(default: random weights, "
               "efficientnet_lite0: the installed package's ImageNet weights; never downloaded)",
         scope=(Scope(backbone=PRETRAINED_BACKBONES),))
     freeze_backbone: bool = switch(
@@ -171,6 +172,10 @@ class Config:
         domain=positive_float)
     pooling: str | None = option("avg", "ResNet global pooling (intra-batch's original: max)",
                                  choices=("avg", "max"), scope=(Scope(backbone=RESNETS),))
+    vit_pooling: str = option(
+        "cls", "ViT feature: the CLS token after the final norm, or cls+mean: it and the mean "
+               "patch token concatenated (twice the width; DINOv2's linear-evaluation feature)",
+        choices=VIT_POOLINGS, scope=(Scope(backbone=tuple(VIT_BACKBONES)),))
     graph_dim: int | None = option(
         None, "BGFormer: project backbone features to this width before the graph and the "
               "head, test time included (default: the backbone's own width)",

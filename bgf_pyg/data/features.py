@@ -5,8 +5,10 @@ dataset that serves them (training the embedding head, the graph module and the 
 under one deterministic transform. The cache file is named by a hash of its key and holds the key;
 it is used only when the stored key equals the current one:
 
-- the backbone: its name and a SHA-256 of its state dict (every parameter and buffer: a change of
-  weights file or of any weight is a new key),
+- the backbone: its name and a SHA-256 of its structure (``repr``: its layers and pooling, so
+  ResNet ``max`` and ``avg`` pooling or a ViT's ``cls`` and ``cls+mean`` features differ) and of
+  its state dict (every parameter and buffer: a change of weights file or of any weight is a new
+  key),
 - the transform's description (``repr``: resize, crop size, interpolation, normalisation, flip),
 - the images: a SHA-256 of every file's absolute path, size and modification time, in dataset
   order (another split, file list or order, or a changed image is a new key), and their count.
@@ -62,8 +64,9 @@ class HorizontalFlip:
 
 
 def module_fingerprint(module: nn.Module) -> str:
-    """SHA-256 of ``module``'s class name and state dict (names, dtypes, shapes and bytes)."""
-    digest = hashlib.sha256(type(module).__name__.encode())
+    """SHA-256 of ``module``'s structure (``repr``: its layers and their settings) and state dict
+    (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256(repr(module).encode())
     for name, tensor in module.state_dict().items():
         value = tensor.detach().cpu().contiguous()
         digest.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())

@@ -57,7 +57,8 @@ def build_run_method(
                               pooling=config.pooling,
                               in_channels=1 if config.dataset == "demo" else 3,
                               graph_dim=config.graph_dim, image_size=config.image_size,
-                              trainable_stages=config.trainable_stages)
+                              trainable_stages=config.trainable_stages,
+                              vit_pooling=config.vit_pooling)
     if config.freeze_backbone:
         splits = frozen_splits(config, splits, backbone.trunk, device)
         backbone.trunk = nn.Identity()

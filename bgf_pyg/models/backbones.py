@@ -166,26 +166,31 @@ def build_backbone(
     graph_dim: int | None = None,
     image_size: int = 224,
     trainable_stages: int | None = None,
+    vit_pooling: str = "cls",
 ) -> EmbeddingNet:
     """Build ``resnet50`` | ``resnet18`` | ``smallcnn`` | a ViT of :data:`VIT_BACKBONES` (needs
-    ``timm``) | ``efficientnet_lite0`` (needs the ``pretrained`` extra) with a Linear embedding
-    head.
+    ``timm``; the DINOv2 ones read timm, Meta and Hugging Face weights) | ``efficientnet_lite0``
+    (needs the ``pretrained`` extra) with a Linear embedding head.
 
     Args:
         name: backbone name.
         embedding_dim: width of the embedding head.
         pretrained: local path of a torchvision ImageNet state dict (ResNets), of a timm / DINO
-            checkpoint (ViTs) or of an EfficientNet-Lite0 state dict; ``None`` means random
+            checkpoint (ViTs; DINOv2: :data:`~bgf_pyg.models.dinov2.LAYOUTS`) or of an
+            EfficientNet-Lite0 state dict; ``None`` means random
             initialisation (``bgf-train`` logs it), except for ``efficientnet_lite0``, whose
             ImageNet weights come from the installed weights package.
         pooling: ResNet global ``"avg"`` or ``"max"`` pooling (the intra-batch original: max);
-            ``smallcnn`` pools avg + max to a small grid instead, a ViT takes its CLS token.
+            ``smallcnn`` pools avg + max to a small grid instead, a ViT reads ``vit_pooling``.
         in_channels: input channels of ``smallcnn`` (the others take RGB).
         graph_dim: width of a projection between trunk and head (see :class:`EmbeddingNet`).
-        image_size: input side of a ViT (its position embeddings are sized for it).
+        image_size: input side of a ViT (its position embeddings are sized for it; a DINOv2
+            ViT takes other sides too).
         trainable_stages: ``efficientnet_lite0`` only: train its last N stages, freeze the
             others (:meth:`~bgf_pyg.models.efficientnet.EfficientNetLite0Trunk.freeze_stages`);
             ``None`` trains all.
+        vit_pooling: a ViT's feature: ``"cls"`` (its CLS token) or ``"cls+mean"`` (with the
+            mean patch token, concatenated: twice the width).
     """
     check_positive_int(embedding_dim, "embedding_dim")
     if name not in BACKBONES:
@@ -193,11 +198,13 @@ def build_backbone(
     if trainable_stages is not None and name not in EFFICIENTNET_BACKBONES:
         raise ValueError(f"trainable_stages applies to {', '.join(EFFICIENTNET_BACKBONES)}, "
                          f"not to {name!r}")
+    if vit_pooling != "cls" and name not in VIT_BACKBONES:
+        raise ValueError(f"vit_pooling applies to the ViT backbones, not to {name!r}")
     if name in EFFICIENTNET_BACKBONES:
         trunk, feature_dim = efficientnet_trunk(name, pretrained, trainable_stages)
     elif name in VIT_BACKBONES:
-        trunk, feature_dim = vit_trunk(name, pretrained, check_positive_int(image_size,
-                                                                            "image_size"))
+        trunk, feature_dim = vit_trunk(name, pretrained,
+                                       check_positive_int(image_size, "image_size"), vit_pooling)
     elif name == "smallcnn":
         if pretrained is not None:
             raise naming(ValueError("smallcnn has no ImageNet weights to load from "

@@ -122,8 +122,8 @@ def dinov2_from_state(
 ) -> nn.Module:
     """The timm DINOv2 ViT of backbone ``name`` (``dynamic_img_size``) holding ``state`` (any
     layout of :data:`~bgf_pyg.models.dinov2.LAYOUTS`), its position grid resampled to that of
-    ``image_size`` (``None``: kept) as Hugging Face's Dinov2 resamples it. A state of another architecture is
-    an ``InputError`` naming ``source`` (its file) and the layouts."""
+    ``image_size`` (``None``: kept) as Hugging Face's Dinov2 resamples it. A state of another
+    architecture is an ``InputError`` naming ``source`` (its file) and the layouts."""
     converted = to_timm_names(state)
     if converted is None:
         raise InputError(f"{source} holds no DINOv2 weights: {name} expects a state dict in the "
