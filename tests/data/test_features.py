@@ -41,11 +41,12 @@ class CountingTrunk(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 5, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
         self.images_seen = 0
 
     def forward(self, images):
         self.images_seen += len(images)
-        return self.conv(images).mean(dim=(2, 3))
+        return self.pool(self.conv(images)).flatten(1)
 
 
 @pytest.fixture
@@ -79,6 +80,11 @@ def change_weights(cub, trunk, transform):
     return cub, transform
 
 
+def change_pooling(cub, trunk, transform):
+    trunk.pool = nn.AdaptiveMaxPool2d(1)  # no weights change: ResNet --pooling max, ViT cls+mean
+    return cub, transform
+
+
 def change_size(cub, trunk, transform):
     return cub, eval_transform(SIZE + 8)
 
@@ -97,8 +103,8 @@ def change_the_split(cub, trunk, transform):
     return CUB200(cub.paths[0].parents[2], "test"), transform
 
 
-@pytest.mark.parametrize("change", [change_weights, change_size, change_transform,
-                                    change_an_image, change_the_split])
+@pytest.mark.parametrize("change", [change_weights, change_pooling, change_size,
+                                    change_transform, change_an_image, change_the_split])
 def test_cache_is_rebuilt_when_an_input_changes(cub, tmp_path, change):
     torch.manual_seed(0)
     trunk, transform = CountingTrunk(), eval_transform(SIZE)
