@@ -83,6 +83,7 @@ def test_a_real_process_reports_one_line():
     (["--data-root", "/data"], ["--data-root has no effect", "--dataset demo"]),
     (["--check-images", "decode"], ["--check-images has no effect"]),
     (["--pretrained", "r50.pth"], ["--pretrained has no effect", "--backbone smallcnn"]),
+    (["--vit-pooling", "cls+mean"], ["--vit-pooling has no effect", "--backbone smallcnn"]),
     (["--batch-size", "8"], ["--batch-size has no effect", "--method bgformer"]),
     (["--method", "plain", "--proxy-lr", "0.1"], ["--proxy-lr has no effect", "proxy_anchor"]),
     (["--lr-gamma", "0.5"], ["--lr-gamma has no effect", "--lr-milestones unset"]),

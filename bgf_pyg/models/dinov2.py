@@ -14,11 +14,12 @@ A DINOv2 state dict comes in three layouts, each read from a local file (``docs/
   concatenated into timm's ``qkv``.
 
 The model is built for the run's image side: the weights' position grid (37 × 37 for the 518-px
-checkpoints) is resampled once to that side's grid (side // 14) as Hugging Face's Dinov2
-resamples it (bicubic to the target size, no antialiasing; Meta's code differs by a 0.1 offset
-in its scale factor), so the features at that side equal Hugging Face's. With
-``dynamic_img_size=True`` any other side from the patch size (14 px) up works too, timm
-resampling the grid at each forward (with antialiasing: slightly different features).
+checkpoints) is resampled once to that side's grid as Hugging Face's Dinov2 resamples it (bicubic
+to the target size, no antialiasing; Meta's code differs by a 0.1 offset in its scale factor),
+so the features at a side that is a multiple of 14 equal Hugging Face's. With timm's
+``dynamic_img_size`` any other side works too, timm resampling the grid at each forward (with
+antialiasing: slightly different features); with ``dynamic_img_pad`` a side that is not a
+multiple of 14 is zero-padded on the right and bottom to one (Hugging Face drops the remainder).
 """
 
 from __future__ import annotations

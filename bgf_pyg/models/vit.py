@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 
 import torch
@@ -108,10 +109,8 @@ def dinov2_trunk(
     random weights). ``architecture``: timm keyword arguments that override the
     architecture's (``depth``, ``embed_dim``, ``num_heads``: small models for tests)."""
     if pretrained is None:
-        side = DEFAULT_GRID if image_size is None else image_size // PATCH_SIZE
-        return import_timm().create_model(DINOV2_BACKBONES[name], pretrained=False,
-                                           num_classes=0, dynamic_img_size=True,
-                                           img_size=side * PATCH_SIZE, **architecture)
+        grid = DEFAULT_GRID if image_size is None else patch_grid(image_size)
+        return _create_dinov2(name, grid, init=True, **architecture)
     path, state = read_vit_state(pretrained)
     return dinov2_from_state(name, state, path, image_size, **architecture)
 
@@ -120,26 +119,37 @@ def dinov2_from_state(
     name: str, state: dict[str, Tensor], source: str, image_size: int | None = None,
     **architecture
 ) -> nn.Module:
-    """The timm DINOv2 ViT of backbone ``name`` (``dynamic_img_size``) holding ``state`` (any
-    layout of :data:`~bgf_pyg.models.dinov2.LAYOUTS`), its position grid resampled to that of
+    """The timm DINOv2 ViT of backbone ``name`` holding ``state`` (any layout of
+    :data:`~bgf_pyg.models.dinov2.LAYOUTS`), its position grid resampled to that of
     ``image_size`` (``None``: kept) as Hugging Face's Dinov2 resamples it. A state of another
     architecture is an ``InputError`` naming ``source`` (its file) and the layouts."""
     converted = to_timm_names(state)
     if converted is None:
         raise InputError(f"{source} holds no DINOv2 weights: {name} expects a state dict in the "
                          f"{LAYOUTS} layout; its keys begin {list(state)[:3]}")
-    side = position_grid(converted, source)
-    if image_size is not None and image_size // PATCH_SIZE != side:
-        side = image_size // PATCH_SIZE
-        converted["pos_embed"] = resample_positions(converted["pos_embed"], side)
+    grid = position_grid(converted, source)
+    if image_size is not None and patch_grid(image_size) != grid:
+        grid = patch_grid(image_size)
+        converted["pos_embed"] = resample_positions(converted["pos_embed"], grid)
     # The weights overwrite timm's own initialisation at once: skip it.
-    model = import_timm().create_model(
-        DINOV2_BACKBONES[name], pretrained=False, num_classes=0, dynamic_img_size=True,
-        img_size=side * PATCH_SIZE, weight_init="skip", **architecture)
+    model = _create_dinov2(name, grid, init=False, **architecture)
     load_matching_state(model, converted, source,
                         f"{name} (a DINOv2 state dict in the {LAYOUTS} layout)",
                         skip_prefix="head.")
     return model
+
+
+def patch_grid(image_size: int) -> int:
+    """Patches along a side of ``image_size`` px: a partial patch is padded (timm's
+    ``dynamic_img_pad``), so every side from 1 px works."""
+    return math.ceil(image_size / PATCH_SIZE)
+
+
+def _create_dinov2(name: str, grid: int, init: bool, **architecture) -> nn.Module:
+    return import_timm().create_model(
+        DINOV2_BACKBONES[name], pretrained=False, num_classes=0, dynamic_img_size=True,
+        dynamic_img_pad=True, img_size=grid * PATCH_SIZE, weight_init="" if init else "skip",
+        **architecture)
 
 
 def resample_positions(pos_embed: Tensor, side: int) -> Tensor:
@@ -185,13 +195,10 @@ def vit_trunk(
     name: str, pretrained: str | None, image_size: int, pooling: str = "cls"
 ) -> tuple[nn.Module, int]:
     """The timm ViT of backbone ``name`` for square inputs of side ``image_size`` (a DINOv2 ViT
-    takes any side from its patch size up), returning the feature ``pooling``; and that
+    takes other sides too), returning the feature ``pooling``; and that
     feature's width (CLS of ViT-S: 384, of ViT-B: 768; twice that with ``cls+mean``)."""
     timm = import_timm()
     if name in DINOV2_BACKBONES:
-        if image_size < PATCH_SIZE:
-            raise naming(InputError(f"image_size {image_size} is smaller than one {PATCH_SIZE}-px "
-                                    f"patch of {name}"), "image_size")
         model = dinov2_trunk(name, pretrained, image_size)
     else:
         # With a weights file timm's own initialisation would be overwritten at once: skip it.
