@@ -80,14 +80,18 @@ def source(tmp_path_factory):
     model = tiny_model()
     folder = tmp_path_factory.mktemp("dinov2")
     state = model.state_dict()
-    paths = {"timm": folder / "timm.pth", "meta": folder / "meta.pth", "hf": folder / "hf.bin"}
+    paths = {"timm": folder / "timm.pth", "meta": folder / "meta.pth", "hf": folder / "hf.bin",
+             "hf_safetensors": folder / "model.safetensors"}
     torch.save({"state_dict": state, "epoch": 3}, paths["timm"])  # a timm training checkpoint
     torch.save(meta_layout(state), paths["meta"])
     torch.save(hf_layout(state), paths["hf"])
+    safetensors = pytest.importorskip("safetensors.torch")  # timm depends on it
+    safetensors.save_file({k: v.contiguous().clone() for k, v in hf_layout(state).items()},
+                          paths["hf_safetensors"])
     return model, paths
 
 
-@pytest.mark.parametrize("layout", ["timm", "meta", "hf"])
+@pytest.mark.parametrize("layout", ["timm", "meta", "hf", "hf_safetensors"])
 def test_every_layout_gives_the_same_model(source, layout):
     model, paths = source
     trunk = dinov2_trunk("vit_small_dinov2", paths[layout], **TINY).eval()

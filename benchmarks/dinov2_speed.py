@@ -1,0 +1,80 @@
+"""Speed of the DINOv2 ViT-S/14 on a CPU: frozen CLS features (what ``bgf-train
+--freeze-backbone`` computes once per image and view), and the last block's forward and
+backward on cached tokens (what training the tail from a cached prefix costs per step), one line
+of JSON.
+
+    OMP_NUM_THREADS=1 python benchmarks/dinov2_speed.py --pretrained vit_s_focus_timm.pth \\
+        --size 98 --threads 1
+
+Without ``--pretrained`` the weights are random (the timing does not depend on them). Only the
+network is timed, on random images, after one warm-up; each figure is the median of
+``--repeats`` batches, in milliseconds per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from bgf_pyg.models import build_backbone
+
+
+def median_ms(step: Callable[[], object], repeats: int) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def prefix_tokens(trunk: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The input of the last block: what a cache of the frozen prefix holds."""
+    with torch.no_grad():
+        x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(images))))
+        return trunk.blocks[:-1](x)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrained", default=None, help="ViT-S/14 weights (any layout)")
+    parser.add_argument("--size", type=int, default=98)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    trunk = build_backbone("vit_small_dinov2", 16, args.pretrained, image_size=args.size).trunk
+    trunk.eval()
+    images = torch.randn(args.batch, 3, args.size, args.size,
+                         generator=torch.Generator().manual_seed(0))
+
+    def frozen() -> None:
+        with torch.no_grad():
+            trunk(images)
+
+    tokens = prefix_tokens(trunk, images)
+    last = trunk.blocks[-1]
+    last.requires_grad_(True)
+    trunk.norm.requires_grad_(True)
+
+    def tail_step() -> None:
+        features = trunk.forward_head(trunk.norm(last(tokens)), pre_logits=True)
+        features.square().sum().backward()
+
+    print(json.dumps({
+        "size": args.size, "threads": args.threads, "batch": args.batch,
+        "tokens": list(tokens.shape[1:]), "weights": args.pretrained or "random",
+        "frozen_features_ms": round(median_ms(frozen, args.repeats), 1),
+        "last_block_fwd_bwd_ms": round(median_ms(tail_step, args.repeats), 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
