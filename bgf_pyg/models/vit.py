@@ -195,8 +195,8 @@ def vit_trunk(
     name: str, pretrained: str | None, image_size: int, pooling: str = "cls"
 ) -> tuple[nn.Module, int]:
     """The timm ViT of backbone ``name`` for square inputs of side ``image_size`` (a DINOv2 ViT
-    takes other sides too), returning the feature ``pooling``; and that
-    feature's width (CLS of ViT-S: 384, of ViT-B: 768; twice that with ``cls+mean``)."""
+    takes other sides too), returning the feature ``pooling``; and that feature's width (CLS of
+    ViT-S: 384, of ViT-B: 768; twice that with ``cls+mean``)."""
     timm = import_timm()
     if name in DINOV2_BACKBONES:
         model = dinov2_trunk(name, pretrained, image_size)
