@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import defaults
+from .checks import check_features
 
 #: Default number of similarity entries (rows × columns) computed at once (64 Mi floats = 256 MiB).
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
@@ -121,6 +122,9 @@ def cosine_topk(
         ``(similarity, index)``, both (Q, k), sorted by similarity descending (ties: lower index
         first); the similarity in the compute dtype (float32, or float64).
     """
+    check_features(query, "query", finite=False)
+    if reference is not None:
+        check_features(reference, "reference", width=query.size(1), finite=False)
     reference = query if reference is None else reference
     candidates = max(reference.size(0) - int(exclude_self), 0)
     if not 0 <= k <= candidates:
