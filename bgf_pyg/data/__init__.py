@@ -1,5 +1,6 @@
 """Datasets (CUB-200-2011, Cars196, SOP, In-Shop, the emoji sets, the embedded two-digit demo),
-the class-balanced sampler, a loader with its own augmentation stream, the standard transforms and a frozen backbone's cached features."""
+the class-balanced sampler, a loader with its own augmentation stream, the standard transforms
+and a frozen backbone's cached features."""
 
 from __future__ import annotations
 

@@ -305,6 +305,8 @@ def test_bgf_eval_reproduces_the_runs_refinements(tiny_run, capsys):
     (["--refine", "qe", "--refine-k", "3", "5", "--select-on", "last"],
      "a grid of settings is chosen on the validation classes"),
     (["--refine-alpha", "1"], "--refine-alpha has no effect"),
+    (["--refine", "bgformer", "--graph-dim", "64"],
+     "--refine bgformer does not support --graph-dim"),
 ])
 def test_train_refine_bad_input(argv, fragment, capsys, tmp_path):
     code = train_main([*argv, "--out", str(tmp_path / "run"), "--no-progress"])
