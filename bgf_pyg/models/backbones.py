@@ -5,8 +5,7 @@ Every backbone is an :class:`EmbeddingNet`: a ``trunk`` that maps images to pool
 ``head`` Linear(``feature_dim``, ``embedding_dim``); the embedding is ``head(trunk(images))``, at
 training and test time alike. The method wrappers (:mod:`bgf_pyg.models.methods`) use the parts
 separately (BGFormer refines the features ``trunk(images)`` before the head); a graph module
-narrower than the trunk projects on its own side (see ``docs/design.rst``, "Random streams and
-the control").
+narrower than the trunk projects on its own side (``docs/design.rst`` §17).
 
 ImageNet weights are only read from a local file (no download): pass the path of a torchvision
 ResNet state dict (e.g. ``resnet50-19c8e357.pth``). Its ``fc.*`` entries are skipped, as in the

@@ -1,6 +1,6 @@
 """Seeds and random-number-generator states: what makes a run repeatable and a resumed run equal
 to an uninterrupted one, and the separate streams that keep one consumer of randomness from
-shifting another's draws (``docs/design.rst``, "Random streams")."""
+shifting another's draws (``docs/design.rst`` §17)."""
 
 from __future__ import annotations
 
