@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader
 
 
 class AugmentedLoader(DataLoader):
-    """A ``DataLoader`` that loads every batch with torch's global CPU generator set to
+    r"""A ``DataLoader`` that loads every batch with torch's global CPU generator set to
     ``augmentation``'s state (which then moves on by what the batch drew).
 
     Args:
-        *args, **kwargs: as ``DataLoader``; give it a ``generator`` too, or each epoch's
+        \*args, \*\*kwargs: as ``DataLoader``; give it a ``generator`` too, or each epoch's
             iterator draws its seed from the global generator (PyTorch's rule).
         augmentation (torch.Generator): the stream of the dataset's random transforms; its
             state is part of a run's training state (a resumed run continues it).
