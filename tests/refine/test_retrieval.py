@@ -115,6 +115,9 @@ def test_bad_arguments_name_themselves():
     plain = build_method("plain", build_backbone("smallcnn", 8))
     with pytest.raises(ValueError, match="method must be a BGFormerMethod"):
         BGFormerRefinement.from_method(plain)
+    projected = build_method("bgformer", build_backbone("smallcnn", 8), heads=2, graph_dim=16)
+    with pytest.raises(ValueError, match="method has graph_dim set"):
+        BGFormerRefinement.from_method(projected)
 
 
 # ---------------------------------------------------------------------------- learned
