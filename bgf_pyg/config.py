@@ -172,8 +172,9 @@ class Config:
     pooling: str | None = option("avg", "ResNet global pooling (intra-batch's original: max)",
                                  choices=("avg", "max"), scope=(Scope(backbone=RESNETS),))
     graph_dim: int | None = option(
-        None, "BGFormer: project backbone features to this width before the graph and the "
-              "head, test time included (default: the backbone's own width)",
+        None, "BGFormer: run the graph blocks at this width, between an in- and an "
+              "out-projection on the graph's side (the head and the test-time network never "
+              "see it; default: the backbone's own width)",
         domain=positive_int, scope=BGFORMER)
     epochs: int = option(30, "epochs to train in all", domain=positive_int)
     batch_size: int = option(32, "size of proxygml's random batches", domain=positive_int,
