@@ -15,6 +15,7 @@ from ..config import DEFAULT_CLASSES_PER_BATCH, Config
 from ..data import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
 from ..models import build_backbone, build_method, build_optimizer
 from ..models.efficientnet import EFFICIENTNET_BACKBONES
+from ..models.tail import tail_trunk
 from ..train import seed_worker
 from .splits import Splits, frozen_splits
 
@@ -51,7 +52,9 @@ def build_run_method(
 ) -> tuple[nn.Module, Splits]:
     """The (untrained) method ``config`` describes, and the splits it reads: with
     ``freeze_backbone`` the splits of the frozen trunk's cached features, the trunk itself then
-    replaced by ``Identity`` (the head, graph module and loss train on those features)."""
+    replaced by ``Identity`` (the head, graph module and loss train on those features); with
+    ``train_tail`` the splits of the cached outputs of the trunk's frozen prefix, the trunk
+    then a :class:`~bgf_pyg.models.tail.TailTrunk` that runs its tail from them."""
     samples_per_class = None if config.method == "proxygml" else config.samples_per_class
     backbone = build_backbone(config.backbone, config.embedding_dim, config.pretrained,
                               pooling=config.pooling,
@@ -61,6 +64,10 @@ def build_run_method(
     if config.freeze_backbone:
         splits = frozen_splits(config, splits, backbone.trunk, device)
         backbone.trunk = nn.Identity()
+    elif config.train_tail is not None:
+        backbone.trunk = tail_trunk(backbone.trunk, config.train_tail)
+        splits = frozen_splits(config, splits, backbone.trunk.prefix_module(), device,
+                               cut=config.train_tail)
     method = build_method(config.method, backbone, splits.train.num_classes, loss=config.loss,
                           samples_per_class=samples_per_class,
                           loss_options=loss_options(config), **method_hparams(config))
