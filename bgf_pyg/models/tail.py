@@ -141,7 +141,7 @@ class EfficientNetTail(TailTrunk):
         net = self.network.net
         for i in indices:
             rate = net._global_params.drop_connect_rate
-            x = net._blocks[i](x, drop_connect_rate=rate * i / len(net._blocks) if rate else rate)
+            x = net._blocks[i](x, drop_connect_rate=rate * (i / len(net._blocks)) if rate else rate)
         return x
 
     def prefix(self, images: Tensor) -> Tensor:
