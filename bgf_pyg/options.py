@@ -335,9 +335,8 @@ def check_train_tail(c, name: Name) -> str | None:
                 f"and {name('trainable_stages')} {c.trainable_stages} runs the whole network "
                 f"every step: pass one ({name('train_tail')} N trains what "
                 f"{name('trainable_stages')} N+1 does)")
-    depth = tail_depth(c.backbone)
+    depth, unit = tail_depth(c.backbone)
     if c.train_tail > depth:
-        unit = "MBConv stages" if c.backbone in EFFICIENTNET_BACKBONES else "blocks"
         return (f"{name('train_tail')} {c.train_tail} is past the depth of {name('backbone')} "
                 f"{c.backbone}: it has {depth} {unit}, so 1 to {depth}")
     if c.pretrained is None and c.backbone not in EFFICIENTNET_BACKBONES:

@@ -31,6 +31,8 @@ from .vit import VIT_BACKBONES, import_timm
 
 #: EfficientNet-Lite0's MBConv stages: the cuts of its tail (the stem and head are not cuts).
 EFFICIENTNET_TAIL_DEPTH = NUM_STAGES - 2
+#: What a cut counts: EfficientNet-Lite0's stages, a ViT's blocks.
+EFFICIENTNET_UNIT, VIT_UNIT = "MBConv stages", "blocks"
 #: The backbones with a tail to train.
 TAIL_BACKBONES = (*EFFICIENTNET_BACKBONES, *VIT_BACKBONES)
 #: The attributes of timm's ``VisionTransformer`` that :class:`ViTTail` uses.
@@ -51,7 +53,7 @@ class Prefix(nn.Module):
         super().train(False)
 
     def train(self, mode: bool = True) -> Prefix:
-        return self  # the prefix never trains (the feature cache restores "train" after it)
+        return self  # never trains, even when the feature cache restores the mode it found
 
     def forward(self, images: Tensor) -> Tensor:
         return self.run(images)
@@ -67,6 +69,9 @@ class TailTrunk(nn.Module):
         cut: the number of trailing stages or blocks that train (1 to :attr:`depth`).
     """
 
+    #: What a cut counts, in words.
+    unit: str
+
     def __init__(self, network: nn.Module, cut: int) -> None:
         super().__init__()
         self.network = network
@@ -81,9 +86,6 @@ class TailTrunk(nn.Module):
         for parameter in self.prefix_parameters():
             parameter.requires_grad_(False)
         self.train(self.training)
-
-    #: What a cut counts, in words.
-    unit = "stages"
 
     @property
     def depth(self) -> int:
@@ -121,6 +123,7 @@ class EfficientNetTail(TailTrunk):
     rate it has in the whole network."""
 
     network: EfficientNetLite0Trunk
+    unit = EFFICIENTNET_UNIT
 
     @property
     def depth(self) -> int:
@@ -161,7 +164,7 @@ class ViTTail(TailTrunk):
     entering the first of them ((1 + patches) × width per image: 50 × 384 for ViT-S/14 at
     98 px)."""
 
-    unit = "blocks"
+    unit = VIT_UNIT
 
     @property
     def depth(self) -> int:
@@ -209,13 +212,13 @@ def tail_trunk(trunk: nn.Module, cut: int) -> TailTrunk:
 
 
 @functools.cache
-def tail_depth(backbone: str) -> int:
-    """The largest ``train_tail`` of backbone ``backbone`` (a ViT's architecture is built on
-    the meta device to count its blocks: no memory, no weights)."""
+def tail_depth(backbone: str) -> tuple[int, str]:
+    """The largest ``train_tail`` of backbone ``backbone`` and what it counts (a ViT's
+    architecture is built on the meta device to count its blocks: no memory, no weights)."""
     if backbone in EFFICIENTNET_BACKBONES:
-        return EFFICIENTNET_TAIL_DEPTH
+        return EFFICIENTNET_TAIL_DEPTH, EFFICIENTNET_UNIT
     if backbone not in VIT_BACKBONES:
         raise ValueError(f"backbone must be one of {', '.join(TAIL_BACKBONES)}, got {backbone!r}")
     with torch.device("meta"):
         model = import_timm().create_model(VIT_BACKBONES[backbone][0], num_classes=0)
-    return len(model.blocks)
+    return len(model.blocks), VIT_UNIT
