@@ -111,10 +111,10 @@ def frozen_splits(
     (:class:`~bgf_pyg.data.features.FeatureDataset`), read from or written to the feature cache
     (:func:`~bgf_pyg.data.features.cached_features`); ``trunk`` may be the frozen prefix of a
     trunk cut at ``cut`` (``train_tail``: its outputs are cached under the same rules, the cut
-    part of the key). Every split gets the features of the
-    dataset's test-time transform; the training split also those of its mirror image (unless
-    ``no_augment``), one of the two drawn at random for each item. Under torch.distributed
-    rank 0 fills the cache and every rank reads it."""
+    part of the key). Every split gets the features of the dataset's test-time transform; the
+    training split also those of its mirror image (unless ``no_augment``), one of the two drawn
+    at random for each item. Under torch.distributed rank 0 fills the cache and every rank
+    reads it."""
     test_view = build_transform(config.dataset, train=False, options=transform_options(config))
     train_views = [test_view] if config.no_augment else [
         test_view, T.Compose([HorizontalFlip(), test_view])]
