@@ -19,6 +19,7 @@ from ..data import (
 )
 from ..models import build_backbone, build_method, build_optimizer
 from ..models.efficientnet import EFFICIENTNET_BACKBONES
+from ..models.tail import tail_trunk
 from ..train import random_stream, seed_worker, stream_seed
 from .splits import Splits, frozen_splits
 
@@ -59,7 +60,9 @@ def build_run_method(
 ) -> tuple[nn.Module, Splits]:
     """The (untrained) method ``config`` describes, and the splits it reads: with
     ``freeze_backbone`` the splits of the frozen trunk's cached features, the trunk itself then
-    replaced by ``Identity`` (the head, graph module and loss train on those features).
+    replaced by ``Identity`` (the head, graph module and loss train on those features); with
+    ``train_tail`` the splits of the cached outputs of the trunk's frozen prefix, the trunk
+    then a :class:`~bgf_pyg.models.tail.TailTrunk` that runs its tail from them.
 
     The backbone (trunk and head) initialises from the random stream :data:`BACKBONE_STREAM` of
     ``config.seed``, the method's own modules (its loss, then its graph module) from
@@ -75,6 +78,10 @@ def build_run_method(
     if config.freeze_backbone:
         splits = frozen_splits(config, splits, backbone.trunk, device)
         backbone.trunk = nn.Identity()
+    elif config.train_tail is not None:
+        backbone.trunk = tail_trunk(backbone.trunk, config.train_tail)
+        splits = frozen_splits(config, splits, backbone.trunk.prefix_module(), device,
+                               cut=config.train_tail)
     with random_stream(config.seed, METHOD_STREAM):
         method = build_method(config.method, backbone, splits.train.num_classes,
                               loss=config.loss, samples_per_class=samples_per_class,
