@@ -244,10 +244,8 @@ def test_training_from_the_cache_equals_computing_the_prefix_every_step(cub, tmp
 
     def build(**backbone_options):
         torch.manual_seed(0)
-        net = build_backbone("efficientnet_lite0", 8, graph_dim=options.get("graph_dim"),
-                             **backbone_options)
-        return net, build_method(method, net, samples_per_class=2,
-                                 **{k: v for k, v in options.items() if k != "graph_dim"})
+        net = build_backbone("efficientnet_lite0", 8, **backbone_options)
+        return net, build_method(method, net, samples_per_class=2, **options)
 
     cut = 2
     net, tail_method = build()
@@ -339,7 +337,7 @@ def test_the_full_network_embeds_as_the_cached_prefix(tmp_path, capsys, tiny_eva
                            pretrained["net._conv_head.weight"])  # the tail trained
     with torch.no_grad():
         from_cache = method.embed(cached.test.features[0])
-        whole = torch.nn.functional.normalize(net.head(net.proj(net.trunk.network(images))))
+        whole = torch.nn.functional.normalize(net.head(net.trunk.network(images)))
     torch.testing.assert_close(from_cache, whole, rtol=1e-5, atol=1e-6)
 
 
