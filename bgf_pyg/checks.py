@@ -120,8 +120,10 @@ def check_features(
     min_rows: int = 0,
     purpose: str = "",
 ) -> None:
-    """Check that ``x`` is a 2-D float tensor (N, D), ``width`` wide when given, finite, with at
-    least ``min_rows`` samples (``purpose`` says why in the message, e.g. "for retrieval")."""
+    """Check that ``x`` is a 2-D float tensor (N, D), ``width`` wide when given (else D ≥ 1: a
+    zero-width row has no direction, so cosine similarity, kNN and retrieval are undefined on it),
+    finite, with at least ``min_rows`` samples (``purpose`` says why in the message, e.g. "for
+    retrieval")."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(x).__name__}")
     if x.dim() != 2:
@@ -132,6 +134,11 @@ def check_features(
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if width is not None and x.size(1) != width:
         raise ValueError(f"{name} must have {width} columns, got shape {tuple(x.shape)}")
+    if x.size(1) == 0:
+        raise ValueError(
+            f"{name} must have at least one feature column (shape (N, D) with D >= 1), "
+            f"got shape {tuple(x.shape)}"
+        )
     if x.size(0) < min_rows:
         why = f" {purpose}" if purpose else ""
         raise ValueError(

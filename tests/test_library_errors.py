@@ -12,13 +12,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from bgf_pyg import build_batch_graph
 from bgf_pyg.arguments import with_option_names
 from bgf_pyg.checks import InputError, named_parameters, naming
 from bgf_pyg.cli import main
-from bgf_pyg.losses import LabelSmoothingCE, ProxyGMLLoss
+from bgf_pyg.knn import cosine_topk
+from bgf_pyg.losses import BatchGraphLoss, LabelSmoothingCE, PairwiseCrossEntropyLoss, ProxyGMLLoss
+from bgf_pyg.metrics import (
+    evaluate_retrieval,
+    map_at_r,
+    nmi,
+    r_precision,
+    recall_at_k,
+    recall_at_k_query_gallery,
+)
 from bgf_pyg.models import build_backbone, build_method
 from bgf_pyg.nn import BatchGraphConv, BGFormer, BGFormerLayer, DualSSA, IntraBatchMPN
 from bgf_pyg.nn.intra_batch import IntraBatchAttention, IntraBatchLayer
+from bgf_pyg.refine import QueryExpansion
 from bgf_pyg.run_folder import LAST_CHECKPOINT, check_run_folder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bgf_pyg"
@@ -143,3 +154,42 @@ def test_empty_and_single_row_batches_are_refused_by_name():
         mpn.train()(torch.randn(1, 8))
     logits, h = mpn.eval()(torch.randn(1, 8))  # evaluation uses running statistics: fine
     assert logits.shape == (1, 3) and torch.isfinite(h).all()
+
+
+ZERO_WIDTH = torch.randn(12, 0)
+LABELS = torch.arange(12) % 3
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: build_batch_graph(ZERO_WIDTH, LABELS, k=2), "x"),
+        (lambda: cosine_topk(ZERO_WIDTH, k=2), "query"),
+        (lambda: recall_at_k(ZERO_WIDTH, LABELS, ks=[1]), "emb"),
+        (lambda: map_at_r(ZERO_WIDTH, LABELS), "emb"),
+        (lambda: r_precision(ZERO_WIDTH, LABELS), "emb"),
+        (lambda: nmi(ZERO_WIDTH, LABELS), "emb"),
+        (lambda: evaluate_retrieval(ZERO_WIDTH, LABELS), "emb"),
+        (lambda: recall_at_k_query_gallery(ZERO_WIDTH, LABELS, ZERO_WIDTH, LABELS, ks=[1]),
+         "query_emb"),
+        (lambda: PairwiseCrossEntropyLoss(samples_per_class=2)(ZERO_WIDTH, LABELS), "embeddings"),
+        (lambda: QueryExpansion(k=2).refine(ZERO_WIDTH), "emb"),
+        (lambda: BatchGraphConv(-1, 4)(ZERO_WIDTH, torch.zeros(2, 0, dtype=torch.long)), "x"),
+    ],
+)
+def test_zero_width_features_are_refused_by_name_at_every_entry_point(call, name):
+    """One rule: a (N, 0) embedding has no direction (no cosine, no neighbours), so every entry
+    point that takes features refuses it, naming its argument; modules of a fixed width refuse
+    it as a width mismatch."""
+    with pytest.raises(ValueError, match=rf"^{name} must have at least one feature column .*"
+                                         r"got shape \(12, 0\)"):
+        call()
+
+
+def test_zero_width_features_are_a_width_mismatch_for_modules_of_a_fixed_width():
+    with pytest.raises(ValueError, match=r"^features must have 8 columns, got shape \(12, 0\)"):
+        BatchGraphLoss(torch.nn.MSELoss(), BGFormer(8, heads=2))(ZERO_WIDTH, LABELS)
+    with pytest.raises(ValueError, match=r"^embeddings must have 8 columns"):
+        ProxyGMLLoss(3, 8)(ZERO_WIDTH, LABELS)
+    with pytest.raises(ValueError, match=r"^reference must have 3 columns, got shape \(12, 0\)"):
+        cosine_topk(torch.randn(4, 3), ZERO_WIDTH, k=2)
