@@ -1,7 +1,7 @@
 """Speed of the DINOv2 ViT-S/14 on a CPU: frozen CLS features (what ``bgf-train
 --freeze-backbone`` computes once per image and view), and the last block's forward and
 backward on cached tokens (what training the tail from a cached prefix costs per step), one line
-of JSON.
+of JSON (the tail as ``--train-tail 1`` cuts it: :mod:`bgf_pyg.models.tail`).
 
     OMP_NUM_THREADS=1 python benchmarks/dinov2_speed.py --pretrained vit_s_focus_timm.pth \\
         --size 98 --threads 1
@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from bgf_pyg.models import build_backbone
+from bgf_pyg.models.tail import tail_trunk
 
 
 def median_ms(step: Callable[[], object], repeats: int) -> dict[str, float]:
@@ -37,13 +38,6 @@ def median_ms(step: Callable[[], object], repeats: int) -> dict[str, float]:
         cpu.append(time.process_time() - start_cpu)
     return {"wall_ms": round(1000 * statistics.median(wall), 1),
             "cpu_ms": round(1000 * statistics.median(cpu), 1)}
-
-
-def prefix_tokens(trunk: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The input of the last block: what a cache of the frozen prefix holds."""
-    with torch.no_grad():
-        x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(images))))
-        return trunk.blocks[:-1](x)
 
 
 def main() -> None:
@@ -64,14 +58,12 @@ def main() -> None:
         with torch.no_grad():
             trunk(images)
 
-    tokens = prefix_tokens(trunk, images)
-    last = trunk.blocks[-1]
-    last.requires_grad_(True)
-    trunk.norm.requires_grad_(True)
+    tail = tail_trunk(trunk, 1)  # what --train-tail 1 trains: the last block and the norm
+    with torch.no_grad():
+        tokens = tail.prefix_module()(images)  # what the prefix cache holds
 
     def tail_step() -> None:
-        features = trunk.forward_head(trunk.norm(last(tokens)), pre_logits=True)
-        features.square().sum().backward()
+        tail(tokens).square().sum().backward()
 
     print(json.dumps({
         "size": args.size, "threads": args.threads, "batch": args.batch,

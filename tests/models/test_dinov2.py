@@ -15,6 +15,7 @@ from bgf_pyg.checks import InputError
 from bgf_pyg.cli import main, parse_args
 from bgf_pyg.data.features import module_fingerprint
 from bgf_pyg.models import backbone_normalization, build_backbone
+from bgf_pyg.models.tail import tail_trunk
 from bgf_pyg.models.vit import dinov2_trunk, set_pooling
 from tests.data.test_datasets import make_cub
 from tests.test_cli import assert_user_error
@@ -141,6 +142,20 @@ def test_cls_mean_pooling_concatenates_the_mean_patch_token(source):
     assert module_fingerprint(trunk) != cls_fingerprint  # cached features are not shared
 
 
+@pytest.mark.parametrize("pooling", ["cls", "cls+mean"])
+def test_the_tail_after_the_cached_prefix_is_the_whole_model(source, pooling):
+    model, paths = source
+    trunk = dinov2_trunk("vit_small_dinov2", paths["timm"], image_size=42, **TINY).eval()
+    set_pooling(trunk, pooling)
+    images = torch.randn(3, 3, 42, 42)
+    with torch.no_grad():
+        expected = trunk(images)
+        tail = tail_trunk(trunk, 1)
+        cached = tail.prefix_module()(images)
+        assert cached.shape == (3, 1 + 3 * 3, WIDTH)  # the tokens entering the last block
+        torch.testing.assert_close(tail(cached), expected)
+
+
 def test_backbone_name_normalisation_and_random_weights():
     assert backbone_normalization("vit_small_dinov2") == backbone_normalization("vit_small_dino")
     net = build_backbone("vit_small_dinov2", 16, image_size=28, vit_pooling="cls+mean")
@@ -206,3 +221,22 @@ def test_frozen_cls_mean_features_train_through_the_cli(full_size_hf_file, tmp_p
     assert code == 0, capsys.readouterr().err
     head = torch.load(out / "last.pt", weights_only=True)["model"]["backbone.head.weight"]
     assert head.shape == (16, 2 * 384)  # CLS and mean patch token of ViT-S
+
+
+def test_the_last_block_trains_from_cached_tokens_through_the_cli(full_size_hf_file, tmp_path,
+                                                                  capsys, tiny_eval):
+    out = tmp_path / "run"
+    code = main(["--dataset", "cub", "--data-root", str(make_cub(tmp_path)), "--method", "plain",
+                 "--backbone", "vit_small_dinov2", "--pretrained", str(full_size_hf_file),
+                 "--train-tail", "1", "--image-size", "28", "--test-resize", "28",
+                 "--classes-per-batch", "2", "--samples-per-class", "2", "--epochs", "1",
+                 "--select-on", "last", "--embedding-dim", "16", "--lr", "1e-3",
+                 "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    state = torch.load(out / "last.pt", weights_only=True)["model"]
+    saved = torch.load(full_size_hf_file, weights_only=True)
+    first = torch.cat([saved[f"dinov2.encoder.layer.0.attention.attention.{p}.weight"]
+                       for p in ("query", "key", "value")])
+    last = saved["dinov2.encoder.layer.11.mlp.fc1.weight"]
+    assert torch.equal(state["backbone.trunk.network.blocks.0.attn.qkv.weight"], first)
+    assert not torch.equal(state["backbone.trunk.network.blocks.11.mlp.fc1.weight"], last)
