@@ -8,10 +8,10 @@ size, one line of JSON per size.
 
 The graph runs in onnxruntime when it is installed (a check, not a dependency of the package),
 else in ``onnx.reference.ReferenceEvaluator`` (about 20 s at 98 px; at 518 px it did not finish
-in 8 minutes: use onnxruntime there). Two models are compared with
-it: one built for each size (its position grid resampled once, as Hugging Face does), and one
-built for the weights' own 518 px and run at the other size (timm then resamples the grid at
-each forward, with antialiasing). Inputs are random N(0, 1) images in the normalised space.
+in 8 minutes: use onnxruntime there). Two models are compared with it: one built for each size
+(its position grid resampled once, as Hugging Face does), and one built for the weights' own
+518 px and run at the other size (timm then resamples the grid at each forward, with
+antialiasing). Inputs are random N(0, 1) images in the normalised space.
 """
 
 from __future__ import annotations
