@@ -63,6 +63,17 @@ def test_docs_tour_runs():
     assert re.search(r"'recall@1': \d", printed)
 
 
+def test_readme_two_commands_and_the_ci_run_the_same_tests():
+    """The README's two commands: the demo run of ``examples/cub.py`` and the test command,
+    which ``.ci/run`` runs verbatim."""
+    (block,) = re.findall(r"```bash\n(.*?)```", readme_section("Two commands"), re.S)
+    main, tests = [line for line in block.splitlines() if line and not line.startswith("#")]
+    setup = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && '
+    assert main == setup + "python examples/cub.py"
+    assert tests == setup + "python -m pytest"
+    assert tests in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+
+
 def test_pml_snippet_is_the_same_in_readme_and_docs():
     (readme,) = markdown_code(readme_section("Add BGFormer to your own training loop"))
     (docs,) = rst_code(DOCS / "pml_loop.rst")
