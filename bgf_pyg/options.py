@@ -315,11 +315,11 @@ def check_frozen_backbone(c, name: Name) -> str | None:
         return (f"{name('backbone_lr')} has no effect with {name('freeze_backbone')}: the "
                 "backbone does not train")
     return cached_regime_problem(c, name, "freeze_backbone", "keeps the backbone fixed",
-                               "random features would", "features")
+                                 "random features would", "features")
 
 
 def cached_regime_problem(c, name: Name, option: str, what_it_does: str, random_part: str,
-                        cached: str) -> str | None:
+                          cached: str) -> str | None:
     """The rules of a regime that caches what a fixed network computes (``freeze_backbone``:
     its features; ``train_tail``: its prefix's output): pretrained weights, no noise images."""
     if c.pretrained is None and c.backbone not in EFFICIENTNET_BACKBONES:
@@ -346,8 +346,9 @@ def check_train_tail(c, name: Name) -> str | None:
     if c.train_tail > depth:
         return (f"{name('train_tail')} {c.train_tail} is past the depth of {name('backbone')} "
                 f"{c.backbone}: it has {depth} {unit}, so 1 to {depth}")
-    return cached_regime_problem(c, name, "train_tail", "trains the tail of a pretrained backbone "
-                               "from its cached prefix", "a random prefix would", "prefix output")
+    return cached_regime_problem(c, name, "train_tail", "trains the tail of a pretrained "
+                                 "backbone from its cached prefix", "a random prefix would",
+                                 "prefix output")
 
 
 def check_tensorboard(c, name: Name) -> str | None:
