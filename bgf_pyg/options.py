@@ -314,13 +314,20 @@ def check_frozen_backbone(c, name: Name) -> str | None:
     if c.backbone_lr is not None:
         return (f"{name('backbone_lr')} has no effect with {name('freeze_backbone')}: the "
                 "backbone does not train")
+    return cached_regime_problem(c, name, "freeze_backbone", "keeps the backbone fixed",
+                                 "random features would", "features")
+
+
+def cached_regime_problem(c, name: Name, option: str, what_it_does: str, random_part: str,
+                          cached: str) -> str | None:
+    """The rules of a regime that caches what a fixed network computes (``freeze_backbone``:
+    its features; ``train_tail``: its prefix's output): pretrained weights, no noise images."""
     if c.pretrained is None and c.backbone not in EFFICIENTNET_BACKBONES:
-        return (f"{name('freeze_backbone')} keeps the backbone fixed, so {name('backbone')} "
-                f"{c.backbone} needs its {name('pretrained')} weights (random features would "
-                "never train)")
+        return (f"{name(option)} {what_it_does}, so {name('backbone')} {c.backbone} needs its "
+                f"{name('pretrained')} weights ({random_part} never train)")
     if c.outliers:
-        return (f"{name('outliers')} adds noise images, which have no image file whose features "
-                f"could be cached: not with {name('freeze_backbone')}")
+        return (f"{name('outliers')} adds noise images, which have no image file whose {cached} "
+                f"could be cached: not with {name(option)}")
     return None
 
 
@@ -339,14 +346,9 @@ def check_train_tail(c, name: Name) -> str | None:
     if c.train_tail > depth:
         return (f"{name('train_tail')} {c.train_tail} is past the depth of {name('backbone')} "
                 f"{c.backbone}: it has {depth} {unit}, so 1 to {depth}")
-    if c.pretrained is None and c.backbone not in EFFICIENTNET_BACKBONES:
-        return (f"{name('train_tail')} trains the tail of a pretrained backbone from its cached "
-                f"prefix, so {name('backbone')} {c.backbone} needs its {name('pretrained')} "
-                "weights (a random prefix would never train)")
-    if c.outliers:
-        return (f"{name('outliers')} adds noise images, which have no image file whose prefix "
-                f"output could be cached: not with {name('train_tail')}")
-    return None
+    return cached_regime_problem(c, name, "train_tail", "trains the tail of a pretrained "
+                                 "backbone from its cached prefix", "a random prefix would",
+                                 "prefix output")
 
 
 def check_tensorboard(c, name: Name) -> str | None:

@@ -1,12 +1,13 @@
-"""bgf_pyg.experiment.run: one configuration in, the trained run's result out; the README's
-Python example runs as written (with a shorter training); a BGFormer run whose graph term weighs
-0 is a plain run (its control)."""
+"""bgf_pyg.experiment.run: one configuration in, the trained run's result out; the docs' Python
+example (docs/experiments.rst) runs as written (with a shorter training); a BGFormer run whose
+graph term weighs 0 is a plain run (its control)."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -42,14 +43,14 @@ def test_run_returns_the_selected_weights_metrics(tmp_path, tiny_eval):
     assert again.config.seed == 1 and again.out == tmp_path / "b"
 
 
-def test_the_readme_python_example_runs(tmp_path, monkeypatch, tiny_eval):
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Experiments in Python", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def test_the_docs_python_example_runs(tmp_path, monkeypatch, tiny_eval):
+    page = (ROOT / "docs" / "experiments.rst").read_text(encoding="utf-8")
+    (block,) = re.findall(r"^\.\. code-block:: python\n\n((?:(?: {4}.*)?\n)+)", page, re.M)
+    code = textwrap.dedent(block)
     real = config_module.configure
     monkeypatch.setattr(config_module, "configure", lambda **options: real(**{**options, **SHORT}))
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/experiments.rst", "exec"), {})
     for folder in ("py-bgformer", "py-bgformer-lam0.5", "py-bgformer-lam1"):
         assert any(r.get("final") for r in read_metrics(tmp_path / "runs" / folder)), folder
 
