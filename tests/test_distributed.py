@@ -27,7 +27,10 @@ from bgf_pyg.models.backbones import EmbeddingNet
 from bgf_pyg.train import (
     LAST_CHECKPOINT,
     RESUME_KEYS,
+    Checkpointer,
+    Evaluator,
     Precision,
+    TrainingState,
     evaluate,
     fit,
     load_checkpoint,
@@ -218,8 +221,9 @@ def _fit_worker(rank: int, method_name: str, out: str, resume: bool, die_after,
     optimizer = build_optimizer(method, 1e-2, 1e-1)
     test = torch.utils.data.DataLoader(distributed.shard(NoisyImages()), batch_size=8)
     try:
-        fit(method, loader, optimizer, out, epochs=3, eval_loader=test, resume=resume,
-            progress=False, checkpoint_every=checkpoint_every)
+        fit(TrainingState(method, optimizer, loader), Checkpointer(out, every=checkpoint_every),
+            epochs=3, evaluator=Evaluator(method, torch.device("cpu"), loader=test),
+            resume=resume, progress=False)
     except KeyboardInterrupt:
         return  # killed: what is on disk is what a SIGKILL would leave (atomic checkpoints)
     finally:
@@ -255,7 +259,8 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
                                                  **dict.fromkeys(RESUME_KEYS)})
     method = build_method("plain", EmbeddingNet(nn.Flatten(), SIDE * SIDE, 8))
     with pytest.raises(InputError, match="written by a run of 2 process"):
-        fit(method, [], build_optimizer(method, 1e-3, 1e-3), tmp_path, epochs=1, resume=True)
+        fit(TrainingState(method, build_optimizer(method, 1e-3, 1e-3), []), Checkpointer(tmp_path),
+            epochs=1, resume=True)
 
 
 # ------------------------------------------------------------------ bad input: every rank, no hang
@@ -359,8 +364,8 @@ def test_mid_epoch_checkpoints_need_a_class_balanced_sampler(tmp_path):
     method = build_method("proxygml", EmbeddingNet(nn.Flatten(), SIDE * SIDE, 8), 5)
     loader = torch.utils.data.DataLoader(NoisyImages(), batch_size=4, shuffle=True)
     with pytest.raises(ValueError, match="checkpoint_every needs a class-balanced"):
-        fit(method, loader, build_optimizer(method, 1e-3, 1e-3), tmp_path, epochs=1,
-            checkpoint_every=2)
+        fit(TrainingState(method, build_optimizer(method, 1e-3, 1e-3), loader),
+            Checkpointer(tmp_path, every=2), epochs=1)
 
 
 def _clean_images() -> torch.utils.data.TensorDataset:

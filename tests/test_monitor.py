@@ -14,7 +14,14 @@ from bgf_pyg import experiment
 from bgf_pyg.cli import main
 from bgf_pyg.data import ClassBalancedBatchSampler
 from bgf_pyg.models import EmbeddingNet, build_method, build_optimizer
-from bgf_pyg.train import FitResult, fit
+from bgf_pyg.train import (
+    Checkpointer,
+    Evaluator,
+    FitResult,
+    TrainingState,
+    fit,
+    run_callbacks,
+)
 
 
 def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
@@ -37,9 +44,11 @@ def test_logger_writes_losses_rates_metrics_and_attention_entropy(tmp_path):
                         batch_sampler=ClassBalancedBatchSampler(labels, 3, 4, num_batches=3))
     optimizer = build_optimizer(method, 1e-3, 1e-1)
     with monitor.TensorBoardLogger(tmp_path / "tb", method, every=2) as logger:
-        fit(method, loader, optimizer, tmp_path / "run", epochs=2, progress=False,
-            eval_loader=DataLoader(TensorDataset(images, labels), batch_size=12), callback=logger,
-            eval_split="val", select_on="val")
+        evaluator = Evaluator(method, torch.device("cpu"), split="val", select_on="val",
+                              loader=DataLoader(TensorDataset(images, labels), batch_size=12))
+        fit(TrainingState(method, optimizer, loader), Checkpointer(tmp_path / "run"), epochs=2,
+            evaluator=evaluator, callbacks=[*run_callbacks(tmp_path / "run", "val"), logger],
+            progress=False)
     curves = scalars(tmp_path / "tb")
     assert [step for step, _ in curves["train/loss"]] == [0, 2, 4]  # 6 steps, every 2
     assert [v for _, v in curves["train/lr/group0"]] == pytest.approx([1e-3] * 3)
@@ -71,9 +80,11 @@ def test_logger_writes_the_final_test_metrics(tmp_path):
                         batch_sampler=ClassBalancedBatchSampler(labels, 3, 4, num_batches=2))
     evaluation = DataLoader(TensorDataset(images, labels), batch_size=12)
     with monitor.TensorBoardLogger(tmp_path / "tb", method) as logger:
-        fit(method, loader, build_optimizer(method, 1e-3, 1e-1), tmp_path / "run", epochs=3,
-            progress=False, eval_loader=evaluation, test_loader=evaluation, callback=logger,
-            eval_split="val", select_on="val")
+        evaluator = Evaluator(method, torch.device("cpu"), loader=evaluation, split="val",
+                              select_on="val", test_loader=evaluation)
+        fit(TrainingState(method, build_optimizer(method, 1e-3, 1e-1), loader),
+            Checkpointer(tmp_path / "run"), epochs=3, evaluator=evaluator,
+            callbacks=[*run_callbacks(tmp_path / "run", "val"), logger], progress=False)
     curves = scalars(tmp_path / "tb")
     final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()][-1]
     assert final["final"]
@@ -87,8 +98,9 @@ def test_cli_hands_the_logger_to_fit(tmp_path, monkeypatch):
     pytest.importorskip("torch.utils.tensorboard")
     seen = {}
 
-    def fake_fit(method, *args, callback=None, **kwargs):  # the run itself is tested above
-        seen["callback"] = callback
+    def fake_fit(state, *args, callbacks=(), **kwargs):  # the run itself is tested above
+        seen["callback"] = next(
+            (c for c in callbacks if isinstance(c, monitor.TensorBoardLogger)), None)
         return FitResult(1, 0.5, 1, {"recall@1": 0.5}, {"recall@1": 0.5},
                          test_metrics={"recall@1": 0.4}, selected_epoch=1)
 

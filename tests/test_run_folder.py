@@ -28,7 +28,7 @@ from bgf_pyg.run_folder import (
     read_metrics,
     save_checkpoint,
 )
-from bgf_pyg.train import fit
+from bgf_pyg.train import Checkpointer, TrainingState, fit
 
 #: A tiny demo run (about a second): plain method, 16-d, 5 batches of 5×36, no augmentation.
 TINY = ["--method", "plain", "--embedding-dim", "16", "--samples-per-class", "36",
@@ -263,8 +263,8 @@ def test_resume_into_another_model_is_refused(tmp_path):
 
     def fit_width(width, resume):
         method = build_method("proxygml", build_backbone("smallcnn", width), 4)
-        fit(method, loader, build_optimizer(method, 1e-3, 1e-2), tmp_path, epochs=2 if resume
-            else 1, resume=resume, progress=False)
+        fit(TrainingState(method, build_optimizer(method, 1e-3, 1e-2), loader),
+            Checkpointer(tmp_path), epochs=2 if resume else 1, resume=resume, progress=False)
 
     fit_width(8, resume=False)
     with pytest.raises(InputError, match="does not fit this model"):

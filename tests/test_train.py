@@ -22,7 +22,11 @@ from bgf_pyg.train import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     METRICS_FILE,
+    Checkpointer,
+    Evaluator,
     Precision,
+    StepOptions,
+    TrainingState,
     evaluate,
     fit,
     load_checkpoint,
@@ -82,7 +86,8 @@ def run_fit(demo, method_name, out, epochs, resume=False, overwrite=False):
         torch.manual_seed(1234)
         np.random.seed(1234)
         random.seed(1234)
-    fit(method, loader, optimizer, out, epochs=epochs, eval_loader=test, scheduler=scheduler,
+    fit(TrainingState(method, optimizer, loader, scheduler=scheduler), Checkpointer(out),
+        epochs=epochs, evaluator=Evaluator(method, torch.device("cpu"), loader=test),
         resume=resume, overwrite=overwrite, progress=False)
     return method, optimizer
 
@@ -151,7 +156,8 @@ def test_resume_without_checkpoint_names_the_path(demo, tmp_path):
 def test_amp_on_cpu_is_ignored_with_a_warning(demo, tmp_path):
     method, loader, optimizer, _, _ = make_run(demo, "plain")
     with pytest.warns(UserWarning, match="mixed precision needs CUDA"):
-        fit(method, loader, optimizer, tmp_path, epochs=1, amp=True, progress=False)
+        fit(TrainingState(method, optimizer, loader, Precision(torch.device("cpu"), True)),
+            Checkpointer(tmp_path), epochs=1, progress=False)
 
 
 def test_evaluate_query_gallery(demo):
@@ -192,10 +198,11 @@ def test_fit_selects_on_the_split_it_says(tmp_path, monkeypatch, select_on, val_
     loader = DataLoader(TensorDataset(images, labels), batch_size=12, shuffle=True)
     val, test = DataLoader([]), DataLoader([])
     val.split, test.split = "val", "test"
-    plan = ({"eval_loader": test, "eval_split": "test"} if select_on == "test" else
-            {"eval_loader": val, "eval_split": "val", "test_loader": test})
-    result = fit(method, loader, build_optimizer(method, 1e-2, 1e-2), tmp_path, epochs=3,
-                 select_on=select_on, progress=False, **plan)
+    plan = ({"loader": test, "split": "test"} if select_on == "test" else
+            {"loader": val, "split": "val", "test_loader": test})
+    evaluator = Evaluator(method, torch.device("cpu"), select_on=select_on, **plan)
+    result = fit(TrainingState(method, build_optimizer(method, 1e-2, 1e-2), loader),
+                 Checkpointer(tmp_path), epochs=3, evaluator=evaluator, progress=False)
     final = read_metrics(tmp_path)[-1]
     assert final["final"] and final["split"] == "test" and final["select_on"] == select_on
     assert final["selected_epoch"] == result.selected_epoch == test_epoch
@@ -203,7 +210,7 @@ def test_fit_selects_on_the_split_it_says(tmp_path, monkeypatch, select_on, val_
     if select_on != "test":
         assert result.test_metrics["weights_of_epoch"] == test_epoch
     epochs = [r for r in read_metrics(tmp_path) if not r.get("final")]
-    assert [r["split"] for r in epochs] == [plan["eval_split"]] * 3
+    assert [r["split"] for r in epochs] == [plan["split"]] * 3
     if val_epoch is not None and select_on == "val":
         assert load_checkpoint(tmp_path / BEST_CHECKPOINT)["epoch"] == val_epoch
 
@@ -266,7 +273,7 @@ def test_clip_grad_bounds_the_global_norm():
     precision = Precision(torch.device("cpu"))
     train_one_epoch(method, [(images, labels)], optimizer, precision)
     assert seen[-1] > 1e-3  # unclipped
-    train_one_epoch(method, [(images, labels)], optimizer, precision, clip_grad=1e-3)
+    train_one_epoch(method, [(images, labels)], optimizer, precision, StepOptions(clip_grad=1e-3))
     assert seen[-1] == pytest.approx(1e-3, rel=1e-4)
 
 
@@ -278,7 +285,7 @@ def test_freeze_bn_keeps_running_statistics():
     images, labels = batch()
     before = trunk[1].running_mean.clone()
     train_one_epoch(method, [(images, labels)], optimizer, Precision(torch.device("cpu")),
-                    freeze_bn=True)
+                    StepOptions(freeze_bn=True))
     torch.testing.assert_close(trunk[1].running_mean, before)
     assert trunk[1].weight.grad is not None  # the affine parameters still train
     train_one_epoch(method, [(images, labels)], optimizer, Precision(torch.device("cpu")))

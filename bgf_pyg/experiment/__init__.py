@@ -37,7 +37,17 @@ from ..tables import (
     results_caption,
     row_name,
 )
-from ..train import fit, seed_all
+from ..train import (
+    Checkpointer,
+    Evaluator,
+    Precision,
+    StepOptions,
+    TrainingState,
+    fit,
+    run_callbacks,
+    seed_all,
+    show_progress,
+)
 from .build import (
     build_optimization,
     build_run_method,
@@ -93,15 +103,15 @@ def use_threads(count: int) -> None:
 
 
 def evaluation_plan(config: Config, splits: Splits) -> dict:
-    """The keyword arguments of :func:`~bgf_pyg.train.fit` that say what is evaluated when:
-    the selection split every ``eval_every`` epochs, the test split once at the end (unless it
-    is the selection split, ``select_on="test"``)."""
+    """The keyword arguments of the :class:`~bgf_pyg.train.Evaluator` that say what is
+    evaluated when: the selection split every ``eval_every`` epochs, the test split once at the
+    end (unless it is the selection split, ``select_on="test"``)."""
     test = {"test_loader": eval_loader(config, splits.test),
             "test_gallery_loader": eval_loader(config, splits.gallery)}
     if config.select_on == "test":
-        return {"eval_loader": test["test_loader"], "gallery_loader": test["test_gallery_loader"],
-                "eval_split": "test"}
-    return {"eval_loader": eval_loader(config, splits.val), "eval_split": "val", **test}
+        return {"loader": test["test_loader"], "gallery_loader": test["test_gallery_loader"],
+                "split": "test"}
+    return {"loader": eval_loader(config, splits.val), "split": "val", **test}
 
 
 def run(config: Config) -> Result:
@@ -134,19 +144,20 @@ def run(config: Config) -> Result:
     record = as_record(config)
     log.info("configuration: %s", json.dumps(record))
     start = time.perf_counter()
-    fitted = fit(
-        method, train, optimizer, out,
-        epochs=config.epochs, scheduler=scheduler, device=device, eval_every=config.eval_every,
-        resume=config.resume, overwrite=config.overwrite,
-        config={**checkpoint_config(config), "val_class_ids": splits.val_class_ids,
-                "threads": torch.get_num_threads(), "data_root": config.data_root,
-                "feature_cache": config.feature_cache}, amp=config.amp,
-        progress=False if config.no_progress else None, callback=logger,
-        checkpoint_every=config.checkpoint_every,
-        clip_grad=config.clip_grad, freeze_bn=config.freeze_bn,
-        header={**record, "val_class_ids": splits.val_class_ids},
-        select_on=config.select_on, **evaluation_plan(config, splits),
-    )
+    checkpointer = Checkpointer(out, {
+        **checkpoint_config(config), "val_class_ids": splits.val_class_ids,
+        "threads": torch.get_num_threads(), "data_root": config.data_root,
+        "feature_cache": config.feature_cache}, every=config.checkpoint_every)
+    progress = False if config.no_progress else None
+    evaluator = Evaluator(method, device, select_on=config.select_on, every=config.eval_every,
+                          progress=show_progress(progress), **evaluation_plan(config, splits))
+    callbacks = run_callbacks(out, config.select_on,
+                              header={**record, "val_class_ids": splits.val_class_ids})
+    fitted = fit(TrainingState(method, optimizer, train, Precision(device, config.amp), scheduler),
+                 checkpointer, epochs=config.epochs, evaluator=evaluator,
+                 callbacks=callbacks if logger is None else [*callbacks, logger],
+                 options=StepOptions(config.clip_grad, config.freeze_bn), resume=config.resume,
+                 overwrite=config.overwrite, progress=progress)
     if logger is not None:  # each epoch flushes, so a run that stops early keeps its curves
         logger.close()
     refinements = []

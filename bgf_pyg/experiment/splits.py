@@ -119,8 +119,7 @@ def frozen_splits(
     train_views = [test_view] if config.no_augment else [
         test_view, T.Compose([HorizontalFlip(), test_view])]
     cache_dir = Path(config.feature_cache or Path(config.data_root) / FEATURE_CACHE_DIR)
-    progress = (show_progress(False if config.no_progress else None)
-                and distributed.is_main_process())
+    progress = show_progress(False if config.no_progress else None)
     trunk.to(device)
 
     # The training and validation splits share one image list: read its features once.

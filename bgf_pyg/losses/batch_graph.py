@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import Tensor, nn
 
 from .. import defaults
@@ -21,7 +22,7 @@ from ..checks import check_features, check_labels, check_positive_int, check_pro
 from ..graph import assemble_batch_graph, label_edges
 
 
-class BatchGraphLoss(nn.Module):
+class BatchGraphLoss(BaseMetricLossFunction):
     r"""Wrap a metric loss so that it also trains a BGFormer on the batch graph:
 
     .. math::
@@ -49,6 +50,28 @@ class BatchGraphLoss(nn.Module):
 
     For separate learning rates, ``criterion.bgformer.parameters()`` are the graph blocks and
     ``criterion.loss.parameters()`` the proxies.
+
+    **Reducer and distance.** The wrapper measures and reduces nothing itself: each term is
+    ``loss``'s own scalar (a PML loss: its distance, e.g. cosine similarity for
+    ``MultiSimilarityLoss``, and its reducer, by default the mean over the pairs, triplets or
+    anchors of the batch it is given), and the result is their α-weighted sum.
+    ``criterion.distance`` is ``loss``'s distance (``None`` for a loss without one); PML's
+    reducer that the base class holds is not applied (the sum is already reduced).
+
+    **Data parallel.** A BatchGraphLoss is a PML ``BaseMetricLossFunction`` called as PML calls
+    a loss, ``criterion(embeddings, labels)``, so pytorch-metric-learning's
+    ``DistributedLossWrapper(criterion)`` takes it, with ``head=None`` (BGFormer refines the
+    embeddings; the wrapper passes no head). The batch graph must be the *global* batch's, which
+    is what the wrapper's default ``efficient=False`` hands the loss (every rank's embeddings,
+    its own with gradient); ``efficient=True`` passes the gathered batch as ``ref_emb``, which is
+    refused. The wrapped loss is ``world_size`` × the loss of one process on the whole batch,
+    so after DistributedDataParallel's averaging the model's gradients are that process's; the
+    criterion's own parameters (BGFormer, proxies) get ``world_size`` × theirs (every rank's
+    loss already covers the whole batch). The exact equivalent, with a head too, gathers the
+    batch with gradients itself (:func:`bgf_pyg.distributed.gather_batch`, as ``bgf-train``
+    does): ``criterion(*gather_batch(features, labels), head=model.head)`` is the one-process
+    loss on every rank, and every gradient is the one-process gradient (``docs/design.rst``
+    §13).
 
     The head is an argument of the call, not of the constructor, because it belongs to the model
     (it makes the test-time embedding): held by the wrapper too, it would be listed twice among
@@ -99,18 +122,30 @@ class BatchGraphLoss(nn.Module):
             )
         self.bgformer = bgformer
         self.loss = loss
+        self.distance = getattr(loss, "distance", None)
         self.miner = miner
         self.k = check_positive_int(k, "k")
         self.alpha = check_probability(alpha, "alpha", allow_one=True)
         self.detach_graph_input = bool(detach_graph_input)
 
     def forward(
-        self, features: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor] | None = None
+        self,
+        features: Tensor,
+        labels: Tensor,
+        indices_tuple: tuple | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        *,
+        head: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """α·L(head(features)) + (1 − α)·L(head(BGFormer(features, batch graph))).
 
-        ``head=None`` is the identity (BGFormer then refines the embeddings themselves).
+        ``head=None`` is the identity (BGFormer then refines the embeddings themselves). The
+        arguments between are PML's and must stay ``None``: the two terms are mined on their own
+        embeddings (``miner``), and the batch graph needs the whole batch as ``features``, not
+        queries against a reference set (``ref_emb``, ``ref_labels``).
         """
+        _check_pml_arguments(indices_tuple, ref_emb, ref_labels)
         width = getattr(self.bgformer, "channels", None)
         check_features(features, "features", width=width, min_rows=1,
                        purpose="for a metric loss")
@@ -142,6 +177,18 @@ class BatchGraphLoss(nn.Module):
         return (f"{self.__class__.__name__}({self.loss.__class__.__name__}, "
                 f"{self.bgformer!r}, k={self.k}, alpha={self.alpha}"
                 f"{', detach_graph_input=True' if self.detach_graph_input else ''})")
+
+
+def _check_pml_arguments(indices_tuple, ref_emb, ref_labels) -> None:
+    """PML's ``indices_tuple``, ``ref_emb`` and ``ref_labels`` have no meaning for the wrapper."""
+    if indices_tuple is not None:
+        raise ValueError("indices_tuple is not taken: each term is mined on its own embeddings; "
+                         "pass the miner as BatchGraphLoss(..., miner=miner)")
+    for value, name in ((ref_emb, "ref_emb"), (ref_labels, "ref_labels")):
+        if value is not None:
+            raise ValueError(
+                f"{name} is not taken: the batch graph is built on the whole batch, so it must "
+                "be the features (under DistributedLossWrapper: efficient=False, its default)")
 
 
 def _takes_indices_tuple(loss: nn.Module) -> bool:

@@ -9,7 +9,8 @@ job each:
   (selection split, selected checkpoint, final test);
 - :mod:`~bgf_pyg.train.callbacks`: :class:`FitCallback` and the callbacks that write
   ``metrics.jsonl`` and ``curves.png`` and log the epochs;
-- :mod:`~bgf_pyg.train.loop`: :func:`train_one_epoch` and :func:`fit`;
+- :mod:`~bgf_pyg.train.loop`: :func:`train_one_epoch` (its :class:`StepOptions`) and
+  :func:`fit`, which takes the parts above, built by its caller;
 - :mod:`~bgf_pyg.train.rng` (seeds, RNG states) and :mod:`~bgf_pyg.train.precision` (AMP).
 
 The optimiser factory is :func:`bgf_pyg.models.build_optimizer`.
@@ -30,6 +31,7 @@ from .callbacks import (
     LogCallback,
     MetricsCallback,
     plot_curves,
+    run_callbacks,
 )
 from .checkpoint import Checkpointer
 from .errors import DivergenceError
@@ -42,7 +44,7 @@ from .evaluation import (
     evaluate,
     split_label,
 )
-from .loop import FitResult, fit, show_progress, train_one_epoch
+from .loop import EpochStart, FitResult, StepOptions, fit, show_progress, train_one_epoch
 from .precision import Precision
 from .rng import random_stream, rng_state, seed_all, seed_worker, set_rng_state, stream_seed
 from .state import RESUME_KEYS, TrainingState
@@ -55,10 +57,12 @@ __all__ = [
     "METRICS_FILE",
     "RESUME_KEYS",
     "SELECT_ON",
+    "StepOptions",
     "CallbackList",
     "Checkpointer",
     "CurvesCallback",
     "DivergenceError",
+    "EpochStart",
     "Evaluator",
     "FitCallback",
     "FitResult",
@@ -74,6 +78,7 @@ __all__ = [
     "random_stream",
     "read_metrics",
     "rng_state",
+    "run_callbacks",
     "save_checkpoint",
     "seed_all",
     "seed_worker",

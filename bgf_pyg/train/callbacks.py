@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..run_folder import CURVES_FILE, append_metrics, atomic_write, keep_metrics_until, read_metrics
 from .evaluation import BEST_METRIC, format_metrics, split_label
 
@@ -50,10 +52,21 @@ class FitCallback:
         (``selected_epoch`` names the weights it evaluated)."""
 
 
+def run_callbacks(out: str | os.PathLike, select_on: str = "test",
+                  header: dict | None = None) -> list[FitCallback]:
+    """The callbacks of a run folder ``out``: ``metrics.jsonl`` (its first line ``header``, the
+    resolved options) and ``curves.png``, written by rank 0 alone, and every rank's epoch log
+    lines (the split named as ``select_on`` says)."""
+    log_lines = LogCallback(select_on)
+    if not distributed.is_main_process():
+        return [log_lines]
+    return [MetricsCallback(out, header), CurvesCallback(out), log_lines]
+
+
 class CallbackList(FitCallback):
     """Several callbacks heard in the order given."""
 
-    def __init__(self, callbacks: list[FitCallback]) -> None:
+    def __init__(self, callbacks: Iterable[FitCallback]) -> None:
         self.callbacks = list(callbacks)
 
     def before_fit(self, start_epoch: int) -> None:

@@ -10,8 +10,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from torch.utils.data import DataLoader
+
 from .. import distributed
-from ..checks import InputError
+from ..checks import InputError, check_positive_int
+from ..data import ClassBalancedBatchSampler
 from ..models import Method
 from ..run_folder import (
     BEST_CHECKPOINT,
@@ -23,18 +26,23 @@ from ..run_folder import (
     require_keys,
     save_checkpoint,
 )
-from .state import RESUME_KEYS, TrainingState
+from .state import RESUME_KEYS, TrainingState, epoch_sampler
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
     """``last.pt`` and ``best.pt`` of the run folder ``out``, each holding ``config`` (the run's
-    options, JSON-like): a resume with another configuration is refused. Under
-    ``torch.distributed`` every rank calls each method (saving is a collective), rank 0 writes."""
+    options, JSON-like): a resume with another configuration is refused. ``last.pt`` is written
+    after every epoch and, with ``every``, every ``every`` steps mid-epoch with the sampler's
+    position (a :class:`~bgf_pyg.data.ClassBalancedBatchSampler` restarts there; bit-identical
+    with ``num_workers=0``, since worker RNG states are not saved). Under ``torch.distributed``
+    every rank calls each method (saving is a collective), rank 0 writes."""
 
-    def __init__(self, out: str | os.PathLike, config: dict | None = None) -> None:
+    def __init__(self, out: str | os.PathLike, config: dict | None = None,
+                 every: int | None = None) -> None:
         self.out, self.config = Path(out), config
+        self.every = None if every is None else check_positive_int(every, "checkpoint_every")
         self.main = distributed.is_main_process()
 
     @property
@@ -81,6 +89,20 @@ class Checkpointer:
                  "world_size": distributed.get_world_size()}
         if self.main:
             save_checkpoint(self.last, saved)
+
+    def check_loader(self, loader: DataLoader) -> None:
+        """Mid-epoch checkpoints need a loader that can restart mid-epoch."""
+        if self.every is not None and not isinstance(epoch_sampler(loader),
+                                                     ClassBalancedBatchSampler):
+            raise ValueError("checkpoint_every needs a class-balanced batch sampler (it restarts "
+                             "mid-epoch); random batches (proxygml) checkpoint at epoch ends")
+
+    def save_mid_epoch(self, state: TrainingState) -> None:
+        """``last.pt`` after step ``state.step`` when it is a multiple of ``every`` and not the
+        epoch's last (the epoch's end writes its own)."""
+        if (self.every is not None and state.step % self.every == 0
+                and state.step < state.sampler.num_batches):
+            self.save_last(state)
 
     def save_best(self, state: TrainingState) -> None:
         """``best.pt``: the weights of ``state``'s best epoch, its metrics and configuration."""

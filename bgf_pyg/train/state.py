@@ -38,10 +38,10 @@ def epoch_sampler(loader: DataLoader):
 @dataclass
 class TrainingState:
     """The objects a run trains (``method``, ``optimizer``, ``scheduler``, ``precision``'s grad
-    scaler, ``loader``'s generator and sampler) and its counters: ``epoch`` epochs done, ``step``
-    steps and ``loss_sum`` of the epoch under way (0 between epochs), the best selection metric
-    so far (``best_metric`` at ``best_epoch``, with all its ``best_metrics``) and the latest
-    evaluation (``last_metrics``).
+    scaler and device, the CPU by default, ``loader``'s generator and sampler) and its counters:
+    ``epoch`` epochs done, ``step`` steps and ``loss_sum`` of the epoch under way (0 between
+    epochs), the best selection metric so far (``best_metric`` at ``best_epoch``, with all its
+    ``best_metrics``) and the latest evaluation (``last_metrics``).
 
     :meth:`begin_epoch` positions the sampler (past the ``step`` batches a resumed epoch has
     already trained); :meth:`state_dict` is the ``last.pt`` layout. A mid-epoch state resumes
@@ -52,7 +52,7 @@ class TrainingState:
     method: Method
     optimizer: torch.optim.Optimizer
     loader: DataLoader
-    precision: Precision
+    precision: Precision = field(default_factory=lambda: Precision(torch.device("cpu")))
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     epoch: int = 0
     step: int = 0

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bgf_pyg.data import AugmentedLoader, ClassBalancedBatchSampler
 from bgf_pyg.models import EmbeddingNet, build_method, build_optimizer
-from bgf_pyg.train import Precision, TrainingState, train_one_epoch
+from bgf_pyg.train import EpochStart, Precision, TrainingState, train_one_epoch
 
 NUM_CLASSES, PER_CLASS, SIDE = 4, 6, 4
 
@@ -74,7 +74,7 @@ def train(state: TrainingState, epochs: int, stop_at: tuple[int, int] | None = N
     while state.epoch < epochs:
         state.begin_epoch()
         train_one_epoch(state.method, state.loader, state.optimizer, state.precision,
-                        done=(state.step, state.loss_sum), checkpoint=after_step)
+                        start=EpochStart(0, state.step, state.loss_sum), after_step=after_step)
         state.scheduler.step()
         state.end_epoch()
         if (state.epoch, 0) == stop_at:

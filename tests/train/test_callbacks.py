@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch.utils.data import DataLoader
 
 from bgf_pyg.run_folder import read_metrics
-from bgf_pyg.train import FitCallback, fit, seed_all
+from bgf_pyg.train import Checkpointer, Evaluator, FitCallback, fit, run_callbacks, seed_all
 
 from .runs import NoisyImages, make_state
 
@@ -38,8 +39,10 @@ def test_a_callback_hears_the_events_in_order(tmp_path, tiny_eval):
     state = make_state(0, "balanced")
     test = DataLoader(NoisyImages(), batch_size=8)
     recorder = Recorder()
-    fit(state.method, state.loader, state.optimizer, tmp_path, epochs=2, eval_loader=test,
-        eval_split="val", select_on="val", test_loader=test, callback=recorder, progress=False)
+    evaluator = Evaluator(state.method, torch.device("cpu"), loader=test, split="val",
+                          select_on="val", test_loader=test)
+    fit(state, Checkpointer(tmp_path), epochs=2, evaluator=evaluator,
+        callbacks=[*run_callbacks(tmp_path, "val"), recorder], progress=False)
     steps = len(state.loader)
     per_epoch = [event for step in range(steps)
                  for event in (("before_step", step), ("after_step", step))]

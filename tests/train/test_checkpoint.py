@@ -64,3 +64,21 @@ def test_checkpointer_keeps_the_best_epoch_and_loads_it_back(tmp_path):
     assert checkpointer.load_best(other) == 3
     assert all(torch.equal(other.state_dict()[k], v) for k, v in best_weights.items())
     assert load_checkpoint(checkpointer.best)["metrics"] == {"recall@1": 0.5}
+
+
+def test_mid_epoch_checkpoints_every_given_steps_but_the_last(tmp_path):
+    """``every`` is checked when the checkpointer is built; ``last.pt`` is written after every
+    ``every``-th step of an epoch except its last (the epoch's end writes that one)."""
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1, got 0"):
+        Checkpointer(tmp_path, every=0)
+    state = make_state(0, "balanced")
+    checkpointer = Checkpointer(tmp_path, every=2)
+    checkpointer.check_loader(state.loader)
+    written = []
+    for step in range(1, state.sampler.num_batches + 1):
+        state.step = step
+        checkpointer.save_mid_epoch(state)
+        if checkpointer.last.exists():
+            written.append(load_checkpoint(checkpointer.last)["step"])
+            checkpointer.last.unlink()
+    assert written == list(range(2, state.sampler.num_batches, 2))
