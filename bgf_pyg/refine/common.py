@@ -73,4 +73,14 @@ def first_neighbors(
                          f"{tuple(index.shape)}")
     if index.dtype != torch.long:
         raise TypeError(f"neighbors' index must be int64, got {index.dtype}")
-    return sim[:, :k], index[:, :k]
+    sim, index = sim[:, :k], index[:, :k]
+    candidates = query.size(0) if reference is None else reference.size(0)
+    if index.numel() and not (0 <= int(index.min()) and int(index.max()) < candidates):
+        raise ValueError(f"neighbors' index must lie in [0, {candidates - 1}] (rows of "
+                         f"{'the set' if reference is None else 'the gallery'}), got "
+                         f"{int(index.min())}..{int(index.max())}: a search of another set?")
+    if reference is None and bool((index == torch.arange(rows, device=index.device)[:, None])
+                                  .any()):
+        raise ValueError("neighbors must come from a self-excluded search (cosine_topk(..., "
+                         "exclude_self=True)): an item is listed as its own neighbour")
+    return sim, index
