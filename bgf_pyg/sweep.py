@@ -136,6 +136,18 @@ def trial_config(base: Config, params: dict[str, str], seed: int, out: Path) -> 
     return base.replace(**trial_options(params), seed=seed, out=str(out), no_progress=True)
 
 
+def check_distinct_values(parser: argparse.ArgumentParser, name: str,
+                          values: Sequence[str]) -> None:
+    """Two values of ``--grid name`` that ``bgf-train`` reads as one (``1e-3,0.001``,
+    ``true,True``) would train the same setting twice: a parser error naming both."""
+    seen: dict = {}
+    for value in values:
+        typed = json.dumps(trial_options({name: value}), sort_keys=True)
+        if typed in seen:
+            parser.error(f"--grid {name}: {seen[typed]} and {value} are the same value")
+        seen[typed] = value
+
+
 def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
                base: Sequence[str]) -> Config:
     """Every combination and seed is a valid ``bgf-train`` run selected on the validation split,
@@ -153,6 +165,9 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
         bad = [v for v in values if v.lower() not in SWITCH_VALUES]
         if is_switch(name) and bad:
             parser.error(f"--grid {name}: an on/off option takes true or false, got {bad}")
+        if name.replace("-", "_") in given:
+            parser.error(f"--{name} is set both by --grid and after --; keep one")
+        check_distinct_values(parser, name, values)
     training_splits: dict[tuple, Dataset] = {}  # loaded once per dataset and validation split
     for values in itertools.product(*(v for _, v in args.grid)):
         params = dict(zip(names, values, strict=True))

@@ -77,6 +77,13 @@ def test_random_sampler_draws_distinct_settings(tmp_path, capsys):
     (["--grid", "lr=-1"], "argument --lr: expected a finite number > 0"),
     (["--grid", "seed=1,2"], "--seed is set by bgf-sweep itself"),
     (["--grid", "lr"], "expected NAME=V1,V2"),
+    (["--grid", "lr=,"], "expected NAME=V1,V2"),  # an empty list
+    (["--grid", "lr=1e-3", "--grid=--lr=3e-4"], "--grid names an option twice"),
+    (["--grid", "lr=1e-3,0.001"], "--grid lr: 1e-3 and 0.001 are the same value"),
+    (["--grid", "k=5,05", "--", "--method", "bgformer"], "--grid k: 5 and 05 are the same value"),
+    (["--grid", "no-augment=true,True"], "--grid no-augment: true and True are the same value"),
+    (["--grid", "lr=1e-3,3e-4", "--", "--lr", "0.01"], "--lr is set both by --grid and after --"),
+    (["--grid", "epochs=1.5"], "argument --epochs: expected an integer >= 1, got '1.5'"),
     (["--grid", "lr=1e-3", "--", "--select-on", "last"], "chooses on the validation split"),
     (["--grid", "lr=1e-3", "--", "--val-classes", "0"], "--select-on val needs a validation"),
     (["--grid", "detach-graph-input=yes", "--", "--method", "bgformer"],
