@@ -10,6 +10,9 @@ it is used only when the stored key equals the current one:
 - the transform's description (``repr``: resize, crop size, interpolation, normalisation, flip),
 - the images: a SHA-256 of every file's absolute path, size and modification time, in dataset
   order (another split, file list or order, or a changed image is a new key), and their count.
+  The images' bytes are not read: a file replaced by one of the same size with its modification
+  time set back (``cp -p``, ``rsync -t``, ``touch -r``) keeps the key; delete the cache folder
+  after such a replacement (see the guide page "Limits and refusals", ``docs/limits.rst``).
 
 Files are written atomically (a killed run leaves no half-written cache); an unreadable file or
 one whose key differs is reported and computed again, never used.
@@ -72,10 +75,15 @@ def module_fingerprint(module: nn.Module) -> str:
 
 
 def images_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
-    """SHA-256 of every file's absolute path, size and modification time, in order."""
+    """SHA-256 of every file's absolute path, size and modification time, in order; a file
+    deleted since the list was read is an ``InputError`` naming it."""
     digest = hashlib.sha256()
     for path in paths:
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError as error:
+            raise InputError(f"cannot read image {path}: {error.strerror} (was it deleted or "
+                             "moved after the image list was read?)") from error
         digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
