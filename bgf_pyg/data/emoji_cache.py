@@ -13,7 +13,8 @@
 3. **Render** (needs ``cairosvg``, the ``emoji`` extra): every drawing as a ``size`` × ``size``
    SVG, composited onto white, saved as an RGB PNG.
 4. **Write** into a temporary folder under the root, then move ``images/`` into place and the
-   manifest last: a root without ``manifest.jsonl`` is an unfinished cache.
+   manifest last: a root without ``manifest.jsonl`` is an unfinished cache. A build killed
+   before that leaves its temporary folder, which the next build removes.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ EMOJI_SETS = ("noto", "noto-v1", "twemoji", "openmoji", "fluent-emoji-flat", "em
 MIN_STYLES = 5
 NPM_SCOPE = "@iconify-json"
 DOWNLOADS_DIR = "downloads"
+#: Prefix of the folder a build renders into (under the root; a killed build's is removed by
+#: the next build).
+TEMP_PREFIX = ".emoji-"
 #: Seconds one ``npm pack`` may take.
 NPM_TIMEOUT_S = 300
 #: What ``fetch`` does: the set names and a download folder in, each set's tarball out.
@@ -251,7 +255,9 @@ def build_emoji_cache(
     say(f"{len(images)} images of {len({i.class_name for i in images})} emoji; rendering at "
         f"{size} px")
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".emoji-", dir=root) as temp:
+    for stale in root.glob(f"{TEMP_PREFIX}*"):  # what a killed build left
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=root) as temp:
         records = _render_all(images, size, Path(temp))
         _replace(root, Path(temp))
     return records
