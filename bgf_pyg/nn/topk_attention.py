@@ -116,7 +116,8 @@ class TopKAttention(nn.Module):
         Args:
             x (torch.Tensor): The node features.
             batch (torch.Tensor, optional): The graph of each node (a PyG ``Batch``'s ``batch``
-                vector): attention stays within each graph. (default: :obj:`None`, one graph)
+                vector; any integer ids, in any order): attention stays within each graph.
+                (default: :obj:`None`, one graph)
         """
         check_features(x, "x", width=self.in_channels, finite=False)
         num_nodes = x.size(0)
@@ -133,8 +134,10 @@ class TopKAttention(nn.Module):
             order = batch.argsort(stable=True)
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(num_nodes, device=order.device)
+            # sizes of the graphs present (not bincount: its length is the largest id + 1)
+            sizes = batch[order].unique_consecutive(return_counts=True)[1].tolist()
             parts = [self._attend(query[:, nodes], key[:, nodes], value[:, nodes])
-                     for nodes in order.split(torch.bincount(batch).tolist())]
+                     for nodes in order.split(sizes)]
             out = torch.cat(parts, dim=1)[:, inverse]
         return out.transpose(0, 1).reshape(num_nodes, heads * width)
 
