@@ -11,7 +11,11 @@ from PIL import Image
 from bgf_pyg.data import emoji_cache
 from bgf_pyg.data.emoji import MANIFEST, Emoji, read_manifest
 from bgf_pyg.data.emoji_cache import build_emoji_cache, cache_state
-from tests.data.test_emoji import SETS, local_fetch, tarballs, write_fake_cache  # noqa: F401
+from tests.data import test_emoji
+from tests.data.test_emoji import SETS, write_fake_cache
+
+#: The generated npm tarballs and the ``fetch`` that returns them (fixtures of test_emoji).
+tarballs, local_fetch = test_emoji.tarballs, test_emoji.local_fetch
 
 BUILD = {"sets": list(SETS), "min_styles": 3, "size": 8}
 
