@@ -335,12 +335,14 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         """This configuration's given options with ``changes``, every default resolved again
-        (a new method's or dataset's defaults, a new seed's run folder)."""
+        (a new method's or dataset's defaults, a new seed's run folder). A change to ``None``
+        takes the option back to its default (it no longer counts as given)."""
         if self.given is None:
             raise InputError("this Config was built directly, so which options were given is "
                              "unknown; build it with bgf_pyg.config.configure(...) to replace "
                              "options")
-        return configure(**{**self.given, **changes})
+        options = {**self.given, **changes}
+        return configure(**{k: v for k, v in options.items() if v is not None})
 
 
 def option_fields() -> tuple[Field, ...]:

@@ -53,6 +53,15 @@ def test_derived_values_follow_the_change():
         configure(method="intra-batch").graph_layers
 
 
+def test_a_change_of_dataset_re_derives_its_defaults_and_none_unsets():
+    emoji = configure(dataset="emoji", data_root="/data/emoji", method="bgformer")
+    assert emoji.replace(dataset="cub") == configure(dataset="cub", data_root="/data/emoji",
+                                                     method="bgformer")
+    # data_root applies to image datasets only: None takes it back to its default (unset)
+    assert emoji.replace(dataset="demo", data_root=None) == configure(method="bgformer")
+    assert configure(lr=0.05).replace(lr=None).lr == configure().lr
+
+
 @pytest.mark.parametrize("change,fragment", [
     ({"learning_rate": 0.1}, "unknown option(s) 'learning_rate'"),
     ({"given": {}}, "unknown option(s) 'given'"),
