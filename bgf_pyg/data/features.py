@@ -7,7 +7,8 @@ it is used only when the stored key equals the current one:
 
 - the backbone: its name and a SHA-256 of its state dict (every parameter and buffer: a change of
   weights file or of any weight is a new key),
-- the transform's description (``repr``: resize, crop size, interpolation, normalisation, flip),
+- the transform's description (``repr``: resize, crop size, interpolation, normalisation, flip;
+  a transform whose ``repr`` does not describe it, such as ``Lambda``, is refused),
 - the images: a SHA-256 of every file's absolute path, size and modification time, in dataset
   order (another split, file list or order, or a changed image is a new key), and their count.
   The images' bytes are not read: a file replaced by one of the same size with its modification
@@ -94,8 +95,20 @@ def feature_key(
     """What the features of ``dataset`` under ``transform`` depend on (see the module's
     docstring)."""
     return {"format": CACHE_FORMAT, "backbone": name, "weights": module_fingerprint(backbone),
-            "transform": " ".join(repr(transform).split()), "count": len(dataset.paths),
+            "transform": transform_description(transform), "count": len(dataset.paths),
             "images": images_fingerprint(dataset.paths)}
+
+
+def transform_description(transform: Callable) -> str:
+    """``repr(transform)`` on one line, when it tells the transform apart from another: a
+    ``Lambda`` (every one reads ``Lambda()``: another function would reuse its features) or an
+    object without ``__repr__`` (its address: never reused) is an ``InputError``."""
+    text = " ".join(repr(transform).split())
+    if "Lambda()" in text or " object at 0x" in text:
+        raise InputError(f"transform {text} cannot key the feature cache: its repr does not "
+                         "describe what it does; give each of its parts a __repr__ that does "
+                         "(torchvision's transforms have one; Lambda has not)")
+    return text
 
 
 def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:

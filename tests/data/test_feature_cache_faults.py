@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torchvision import transforms as T
 
 from bgf_pyg import run_folder
 from bgf_pyg.checks import InputError
@@ -118,3 +119,20 @@ def test_an_image_deleted_after_the_list_was_read_is_named(tmp_path):
     with pytest.raises(InputError, match=f"cannot read image {dataset.paths[1]}: No such file"):
         cached_features(dataset, trunk, transform, tmp_path / "cache")
     assert trunk.images_seen == seen  # found before any extraction
+
+
+class Undescribed:
+    def __call__(self, image):
+        return image
+
+
+@pytest.mark.parametrize("part", [T.Lambda(lambda image: image), Undescribed()])
+def test_a_transform_its_repr_does_not_describe_is_refused(tmp_path, part):
+    """``Lambda()`` reads the same for every function (another one would reuse the features);
+    a default repr holds an address (never reused)."""
+    dataset = CUB200(make_cub(tmp_path), "train")
+    trunk = CountingTrunk()
+    transform = T.Compose([part, eval_transform(SIZE)])
+    with pytest.raises(InputError, match="cannot key the feature cache"):
+        cached_features(dataset, trunk, transform, tmp_path / "cache")
+    assert trunk.images_seen == 0 and not (tmp_path / "cache").exists()
