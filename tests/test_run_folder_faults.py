@@ -59,3 +59,14 @@ def test_resume_names_the_option_edited_in_the_checkpoint(run_copy, capsys):
     edit_stored_config(run_copy / LAST_CHECKPOINT, {"--lr": "abc"})
     assert train(run_copy, "--epochs", "2", "--resume") == 2
     assert "--lr 0.001 now, abc in the checkpoint" in last_error(capsys)
+
+
+@pytest.mark.parametrize("checkpoint", [BEST_CHECKPOINT, LAST_CHECKPOINT])
+def test_a_checkpoint_cut_short_is_named_by_eval_and_resume(run_copy, capsys, checkpoint):
+    path = run_copy / checkpoint
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    if checkpoint == BEST_CHECKPOINT:
+        assert eval_main([str(run_copy)]) == 2
+    else:
+        assert train(run_copy, "--epochs", "2", "--resume") == 2
+    assert f"could not read checkpoint {path}" in last_error(capsys)
