@@ -23,10 +23,21 @@ class RefinedGallery:
         embeddings: (N, E) refined, L2-normalised embeddings (what retrieval compares).
         states: the set's representation at every stage of the refinement (a round's or a
             layer's input), each (N, ·): a query arriving later is refined against them.
+        setting: what refined it (the refinement's ``setting``, e.g. QE's k, α and rounds):
+            a query is refined only by the same setting (``None``: not recorded).
     """
 
     embeddings: Tensor
     states: list[Tensor]
+    setting: tuple | None = None
+
+
+def check_setting(gallery: RefinedGallery, setting: tuple) -> None:
+    """``ValueError`` when ``gallery`` was refined with another setting than ``setting``: its
+    states hold another k's (another α's, another model's) neighbourhoods."""
+    if gallery.setting is not None and gallery.setting != setting:
+        raise ValueError(f"gallery was refined with {gallery.setting}, these queries with "
+                         f"{setting}; refine the gallery with the same refinement")
 
 
 def check_k(k: int, candidates: int, what: str = "the set") -> int:

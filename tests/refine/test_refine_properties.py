@@ -102,3 +102,20 @@ def test_a_search_that_lists_an_item_as_its_own_neighbour_is_refused(which):
     x = features(7, 10, width, dtype=torch.float32)
     with pytest.raises(ValueError, match="self-excluded search"):
         refinement.refine_gallery(x, neighbors=cosine_topk(x, k=4, exclude_self=False))
+
+
+def test_a_gallery_refined_with_another_setting_is_refused():
+    """Its states hold another k's (α's, model's) neighbourhoods; an equal setting (a new
+    instance) is accepted."""
+    x, queries = features(8, 12, 8, dtype=torch.float32), features(9, 2, 8, dtype=torch.float32)
+    gallery = QueryExpansion(k=5, alpha=2.0, rounds=2).refine_gallery(x)
+    same = QueryExpansion(k=5, alpha=2.0, rounds=2)
+    assert same.refine_queries(queries, gallery).shape == (2, 8)
+    for other in (QueryExpansion(k=3, alpha=2.0, rounds=2), QueryExpansion(k=5, rounds=2)):
+        with pytest.raises(ValueError, match=r"gallery was refined with \('qe', \('k', 5\)"):
+            other.refine_queries(queries, gallery)
+    first, width = refinement_and_width("bgformer", 3)
+    second = refinement_and_width("bgformer", 3)[0]  # the same weights, another model
+    gallery = first.refine_gallery(features(8, 12, width, dtype=torch.float32))
+    with pytest.raises(ValueError, match="gallery was refined with .*model"):
+        second.refine_queries(features(9, 2, width, dtype=torch.float32), gallery)
