@@ -4,7 +4,7 @@ Every method trains on the frozen features of ImageNet-pretrained EfficientNet-L
 (``--backbone efficientnet_lite0 --freeze-backbone``, 96 px) of the emoji set's training classes
 (``bgf-data emoji``; one class is one emoji, its images the drawings of up to seven designers) and
 is tested once on the unseen half of the emoji. Each model's settings were chosen by ``bgf-sweep``
-on the validation classes (seed 0; the commands are in the README's Results section and the
+on the validation classes (seed 0; the commands are in docs/results.rst and the
 sweeps' runs in ``benchmarks/results/sweeps/``); this script then trains each model for every seed
 and reports test R@1 and MAP@R, mean ± std over the seeds, each BGFormer model minus plain (the
 same loss) and minus the control (the same BGFormer model with its graph term weighted 0, so

@@ -46,6 +46,7 @@ from .losses.pce import SPACES
 from .models import BACKBONES, LOSSES, METHODS, OPTIMIZERS
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES
 from .models.methods import PROXY_LOSSES, BGFormerMethod, IntraBatchMethod
+from .models.tail import EFFICIENTNET_TAIL_DEPTH, TAIL_BACKBONES
 from .models.vit import VIT_BACKBONES
 from .nn.bgformer import SEMANTIC_BRANCHES, VISUAL_GRAPHS
 from .options import (
@@ -160,20 +161,30 @@ class Config:
         "cached, and the head, graph module and loss train on them (fast on a CPU)",
         scope=(Scope(dataset=IMAGE_DATASETS, backbone=PRETRAINED_BACKBONES),))
     feature_cache: str | None = option(
-        None, "folder of the cached features (default: <data-root>/.features)", metavar="DIR",
-        scope=(Scope(freeze_backbone=IS_SET),))
+        None, "folder of the cached features (--freeze-backbone) or prefix outputs "
+              "(--train-tail) (default: <data-root>/.features)", metavar="DIR",
+        scope=(Scope(freeze_backbone=IS_SET), Scope(train_tail=IS_SET)))
     trainable_stages: int | None = option(
         None, f"efficientnet_lite0: train only its last N of {NUM_STAGES} stages (1: the head "
               f"convolution; {NUM_STAGES}: all), the others frozen (default: all train)",
         domain=stage_count, metavar="N", scope=(Scope(backbone=EFFICIENTNET_BACKBONES),))
+    train_tail: int | None = option(
+        None, "train only the tail of the pretrained backbone, from the output of its frozen "
+              "prefix computed once per image and view and cached (as --freeze-backbone's "
+              "features): efficientnet_lite0's last N of its "
+              f"{EFFICIENTNET_TAIL_DEPTH} MBConv stages and its head convolution, a ViT's last N "
+              "blocks and its final norm (the same parameters as --trainable-stages N+1 or "
+              "training N blocks, at a fraction of the cost on a CPU)", domain=positive_int,
+        metavar="N", scope=(Scope(dataset=IMAGE_DATASETS, backbone=TAIL_BACKBONES),))
     backbone_lr: float | None = option(
         None, "learning rate of the backbone's trainable layers (default: --lr)",
         domain=positive_float)
     pooling: str | None = option("avg", "ResNet global pooling (intra-batch's original: max)",
                                  choices=("avg", "max"), scope=(Scope(backbone=RESNETS),))
     graph_dim: int | None = option(
-        None, "BGFormer: project backbone features to this width before the graph and the "
-              "head, test time included (default: the backbone's own width)",
+        None, "BGFormer: run the graph blocks at this width, between an in- and an "
+              "out-projection on the graph's side (the head and the test-time network never "
+              "see it; default: the backbone's own width)",
         domain=positive_int, scope=BGFORMER)
     epochs: int = option(30, "epochs to train in all", domain=positive_int)
     batch_size: int = option(32, "size of proxygml's random batches", domain=positive_int,
@@ -240,7 +251,8 @@ class Config:
     clip_grad: float | None = option(
         None, "clip the gradients' global norm to this value (default: no clipping)",
         domain=positive_float)
-    freeze_bn: bool = switch("keep the backbone's BatchNorm statistics frozen while training",
+    freeze_bn: bool = switch("keep the backbone's BatchNorm statistics frozen while training "
+                             "(with --train-tail: the tail's; the prefix's always are)",
                              negatable=True)
     lr_milestones: list[int] | None = option(
         None, "multiply every learning rate by --lr-gamma after these epochs (strictly "

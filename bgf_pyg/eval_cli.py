@@ -114,7 +114,7 @@ def evaluate_run(eval_args: argparse.Namespace) -> tuple[Config, str, list[dict]
     check_refine_request(config, method, splits)
     try:
         method.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as err:
+    except (RuntimeError, ValueError, KeyError) as err:  # size mismatch, a refused layout
         first = str(err).strip().splitlines()[0]
         raise InputError(f"{path} does not fit the model of its configuration: {first}") from err
     method.to(device)

@@ -4,9 +4,16 @@ Both the batch graph's visual edges and retrieval metrics (Recall@K, MAP@R) need
 row, the k most cosine-similar reference rows. Doing it in row chunks keeps memory at
 O(chunk_size · N_ref) instead of O(N_query · N_ref), so N = 100,000 works on a laptop.
 
-Tie rule (deterministic on every device, and kept by the faiss backend of :mod:`bgf_pyg.metrics`):
-among equal similarities the lower reference index wins, both for which neighbours are selected and
-for their order.
+Scores and ties: a matrix product's rounding depends on how it is blocked (the chunk size, the
+BLAS kernel, faiss's own loops), so two similarities that are equal in exact arithmetic, e.g.
+two rows orthogonal to the query, may come out as 0, 7.9e-9 and −6.3e-10. Ranking on such
+scores would let the rounding pick the neighbours. So the product only *proposes* candidates:
+every reference row within the product's rounding bound (:func:`rounding_bound`) of the k-th
+best. The candidates are then scored canonically (:func:`canonical_scores`: float64 sums of
+the exact float64 products of the normalised rows, the same arithmetic whatever proposed them)
+and ranked on those scores; among equal scores the lower reference index wins, both for which
+neighbours are selected and for their order. The faiss backend of :mod:`bgf_pyg.metrics`
+ranks its candidates the same way, so both backends return the same neighbours.
 
 Precision and zero rows: rows are normalised and compared in float32 (float64 stays float64), so a
 float16/bfloat16 row never underflows to a 0/0 = NaN that would rank first in every list. A zero
@@ -25,6 +32,13 @@ from .checks import check_features
 #: Default number of similarity entries (rows × columns) computed at once (64 Mi floats = 256 MiB).
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
 
+
+#: Entries of the pairs :func:`canonical_scores` gathers at once (1 MiB of float32).
+CANONICAL_CHUNK_ELEMENTS = 1 << 18
+
+#: Rows a search lists beyond the k needed before ranking them canonically (a row whose list
+#: may end inside a run of near-equal scores lists every row of it).
+TIE_MARGIN = 8
 
 #: Rows with an L2 norm at most this count as zero rows: cosine 0 to everything, gradient 0.
 NORM_EPS = 1e-12
@@ -137,14 +151,91 @@ def cosine_topk(
     rows = _rows_per_chunk(r.size(0), chunk_size)
     out_values, out_index = [], []
     for start in range(0, q.size(0), rows):
-        sim = q[start : start + rows] @ r.t()
+        own = None
         if exclude_self:
-            diag = torch.arange(sim.size(0), device=sim.device)
-            sim[diag, diag + start] = float("-inf")
-        values, index = select_with_ties(sim, k)
+            own = torch.arange(start, min(start + rows, q.size(0)), device=q.device)
+        values, index = search_rows(q[start : start + rows], r, k, own)
         out_values.append(values)
         out_index.append(index)
     if not out_values:
         empty = q.new_empty((0, k))
         return empty, empty.long()
     return torch.cat(out_values), torch.cat(out_index)
+
+
+def rounding_bound(width: int, dtype: torch.dtype) -> float:
+    """Largest difference between two computed cosines of the same pair of normalised rows of
+    ``width`` entries in ``dtype``: one from a product summed in any order (a matrix product,
+    faiss), one canonical (:func:`canonical_scores`). A sum of D products in any order is within
+    γ_D = D·u / (1 − D·u) of the exact value (u the unit roundoff; Σ |qᵢrᵢ| ≤ ‖q‖‖r‖, 1 up to
+    a few u for normalised rows: 1 % slack); the canonical score within u + γ_D(float64)."""
+
+    def gamma(unit_roundoff: float) -> float:
+        n = width * unit_roundoff
+        return 1.01 * n / (1.0 - n)
+
+    unit = torch.finfo(dtype).eps / 2
+    return gamma(unit) + 1.01 * unit + gamma(2.0**-53)
+
+
+def canonical_scores(q: Tensor, q_rows: Tensor, r: Tensor, r_rows: Tensor) -> Tensor:
+    """Cosine of each pair of rows ``(q[q_rows[i]], r[r_rows[i]])``, (P,) in float64: the rows'
+    products, each rounded once, summed row by row in float64. The same arithmetic whatever
+    batch, chunk or search proposed the pair, so equal pairs score equally in every backend.
+    Pairs are gathered in cache-sized chunks (a gathered (P, D) copy would be memory-bound)."""
+    pairs = max(1, CANONICAL_CHUNK_ELEMENTS // max(q.size(1), 1))
+    parts = [(q[q_rows[start : start + pairs]] * r[r_rows[start : start + pairs]])
+             .sum(dim=1, dtype=torch.float64) for start in range(0, q_rows.numel(), pairs)]
+    return torch.cat(parts) if parts else q.new_empty(0, dtype=torch.float64)
+
+
+def rank_candidates(
+    q: Tensor, r: Tensor, candidates: Tensor, scores: Tensor, k: int, own: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Top-``k`` of each normalised query row among its ``candidates`` (Q, C) reference rows,
+    proposed with ``scores`` (Q, C) computed in any order (within :func:`rounding_bound` of
+    the canonical score), ranked as the canonical scores rank them, equal scores by lower
+    index. Only scores closer than twice the bound to a neighbouring score can be ordered
+    differently, so only those pairs are scored canonically (:func:`canonical_scores`); the
+    others keep their order. ``own`` (Q,): each row's own reference index, never returned
+    (faiss's "no result", ``-1``, neither). Returns ``(similarity, index)`` (Q, k), the
+    similarity in ``q``'s dtype."""
+    scores = scores.to(q.dtype).masked_fill(candidates < 0, float("-inf"))
+    if own is not None:
+        scores = scores.masked_fill(candidates == own.unsqueeze(1), float("-inf"))
+    scores, order = scores.sort(dim=1, descending=True)
+    candidates = candidates.gather(1, order)
+    close = (scores[:, :-1] - scores[:, 1:]) <= 2 * rounding_bound(q.size(1), q.dtype)
+    unsure = torch.zeros_like(scores, dtype=torch.bool)
+    unsure[:, :-1] |= close
+    unsure[:, 1:] |= close
+    keys = scores.to(torch.float64)
+    rows, slots = unsure.nonzero(as_tuple=True)
+    keys[rows, slots] = canonical_scores(q, rows, r, candidates[rows, slots])
+    candidates, order = candidates.sort(dim=1)  # equal keys: lower index first
+    values, position = select_with_ties(keys.gather(1, order), k)
+    return values.to(q.dtype), candidates.gather(1, position)
+
+
+def search_rows(q: Tensor, r: Tensor, k: int, own: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` of the normalised query rows ``q`` among all rows of ``r`` (``own``:
+    each row's reference index to leave out): the product proposes the ``k +``
+    :data:`TIE_MARGIN` best rows, or for a row whose list may end within twice the
+    :func:`rounding_bound` of its k-th score every row that close, and :func:`rank_candidates`
+    ranks them."""
+    sim = q @ r.t()
+    if own is not None:
+        sim[torch.arange(sim.size(0), device=sim.device), own] = float("-inf")
+    if k == 0 or sim.size(0) == 0:
+        return select_with_ties(sim, k)
+    scores, candidates = sim.topk(min(k + TIE_MARGIN, sim.size(1)), dim=1)
+    values, index = rank_candidates(q, r, candidates, scores, k, own)
+    if candidates.size(1) < sim.size(1):
+        margin = 2 * rounding_bound(q.size(1), q.dtype)
+        short = (scores[:, -1] >= scores[:, k - 1] - margin).nonzero().view(-1)
+        if short.numel() > 0:  # long near-ties: list every row that close to the k-th score
+            near = sim[short] >= scores[short, k - 1 : k] - margin
+            scores, candidates = sim[short].topk(int(near.sum(dim=1).max()), dim=1)
+            values[short], index[short] = rank_candidates(
+                q[short], r, candidates, scores, k, None if own is None else own[short])
+    return values, index

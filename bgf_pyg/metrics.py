@@ -20,7 +20,14 @@ import torch
 from torch import Tensor
 
 from bgf_pyg.checks import check_features, check_labels
-from bgf_pyg.knn import DEFAULT_CHUNK_ELEMENTS, cosine_topk, normalize_rows, select_with_ties
+from bgf_pyg.knn import (
+    DEFAULT_CHUNK_ELEMENTS,
+    cosine_topk,
+    normalize_rows,
+    rank_candidates,
+    rounding_bound,
+    search_rows,
+)
 
 BACKENDS = ("torch", "faiss", "auto")
 
@@ -39,19 +46,21 @@ def _check_ks(ks: Sequence[int], candidates: int) -> list[int]:
     return ks
 
 
-#: Candidates faiss returns beyond the k needed; they are re-ranked with exact scores and the
-#: tie rule of :mod:`bgf_pyg.knn` (faiss orders equal scores its own way).
+#: Candidates faiss returns beyond the k needed (a row whose list may end inside a tie block,
+#: or within the rounding bound of its k-th score, is searched again by the torch rule).
 FAISS_TIE_MARGIN = 8
 
 
 def _faiss_topk(query: Tensor, reference: Tensor, k: int, exclude_self: bool) -> Tensor:
-    """Exact inner-product search of the normalised embeddings with faiss: (Q, k) indices.
+    """Exact inner-product search of the normalised embeddings with faiss: (Q, k) indices, the
+    same as :func:`~bgf_pyg.knn.cosine_topk`'s.
 
-    faiss picks ``k + FAISS_TIE_MARGIN`` candidates; they are re-scored as
-    :func:`~bgf_pyg.knn.cosine_topk` scores them (its compute dtype) and ordered by score, equal
-    scores by reference index, so both backends give the same neighbours, ties included. A row
-    whose k-th score still equals its last candidate's (a tie that may continue past the list)
-    is searched exactly by the torch rule."""
+    faiss proposes ``k + FAISS_TIE_MARGIN`` candidates, ranked as the torch search ranks its own
+    (:func:`~bgf_pyg.knn.rank_candidates`: canonical scores, equal scores by reference index).
+    That is the torch answer when the list provably holds every row that can rank in the top
+    k: when its last score lies below the k-th by more than twice the rounding bound of faiss's
+    float32 products (:func:`~bgf_pyg.knn.rounding_bound`). Rows where it cannot be proven (long
+    tie blocks) are searched exactly by :func:`~bgf_pyg.knn.search_rows`."""
     import faiss
 
     q = normalize_rows(query)
@@ -60,29 +69,28 @@ def _faiss_topk(query: Tensor, reference: Tensor, k: int, exclude_self: bool) ->
     index = faiss.IndexFlatIP(r.size(1))
     index.add(r.float().numpy())
     depth = min(k + int(exclude_self) + FAISS_TIE_MARGIN, r.size(0))
-    candidates = torch.from_numpy(index.search(q.float().numpy(), depth)[1]).long()
-    rows = max(1, DEFAULT_CHUNK_ELEMENTS // (depth * r.size(1)))  # bounds the (rows, depth, D)
-    scores = torch.cat([
-        torch.bmm(r[candidates[start : start + rows]], q[start : start + rows].unsqueeze(2))
-        for start in range(0, q.size(0), rows)
-    ]).view(-1, depth)
-    if exclude_self:
-        own = candidates == torch.arange(q.size(0)).unsqueeze(1)
-        scores = scores.masked_fill(own, float("-inf"))
-    order = candidates.sort(dim=1, stable=True).indices  # equal scores: lower index first
-    candidates, scores = candidates.gather(1, order), scores.gather(1, order)
-    order = scores.sort(dim=1, descending=True, stable=True).indices
-    candidates, scores = candidates.gather(1, order)[:, :k], scores.gather(1, order)
-    if depth < r.size(0):
-        last = scores.masked_fill(scores == float("-inf"), float("inf")).amin(dim=1)  # not self
-        unsure = (scores[:, k - 1] == last).nonzero().view(-1)
-        rows = max(1, DEFAULT_CHUNK_ELEMENTS // r.size(0))
-        for chunk in unsure.split(rows):
-            sim = q[chunk] @ r.t()
-            if exclude_self:
-                sim[torch.arange(chunk.numel()), chunk] = float("-inf")
-            candidates[chunk] = select_with_ties(sim, k)[1]
-    return candidates
+    found_scores, found = (torch.from_numpy(a) for a in index.search(q.float().numpy(), depth))
+    found = found.long()
+    own = torch.arange(q.size(0)) if exclude_self else None
+    if own is not None:  # the query itself is no candidate: its slot is dropped from the list
+        found_scores = found_scores.masked_fill(found == own.unsqueeze(1), float("-inf"))
+    listed_scores = found_scores
+    found_scores = found_scores.sort(dim=1, descending=True).values
+    listed = depth - int(exclude_self)  # real candidates per row (self dropped, when listed)
+    margin = 2 * rounding_bound(r.size(1), torch.float32)
+    sure = found_scores[:, listed - 1] < found_scores[:, k - 1] - margin
+    if depth == r.size(0):
+        sure[:] = True  # faiss listed every row
+    result = torch.empty(q.size(0), k, dtype=torch.long)
+    sure_rows, unsure_rows = sure.nonzero().view(-1), (~sure).nonzero().view(-1)
+    if sure_rows.numel():
+        result[sure_rows] = rank_candidates(q[sure_rows], r, found[sure_rows],
+                                            listed_scores[sure_rows], k,
+                                            None if own is None else own[sure_rows])[1]
+    rows = max(1, DEFAULT_CHUNK_ELEMENTS // r.size(0))
+    for chunk in unsure_rows.split(rows):
+        result[chunk] = search_rows(q[chunk], r, k, None if own is None else own[chunk])[1]
+    return result
 
 
 def _use_faiss(backend: str) -> bool:

@@ -36,6 +36,7 @@ import torch
 from .checks import InputError, show_value
 from .data import DATASETS
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES, import_efficientnet
+from .models.tail import tail_depth
 from .models.vit import VIT_BACKBONES, import_timm
 from .refine import REFINEMENTS
 
@@ -313,14 +314,41 @@ def check_frozen_backbone(c, name: Name) -> str | None:
     if c.backbone_lr is not None:
         return (f"{name('backbone_lr')} has no effect with {name('freeze_backbone')}: the "
                 "backbone does not train")
+    return cached_regime_problem(c, name, "freeze_backbone", "keeps the backbone fixed",
+                                 "random features would", "features")
+
+
+def cached_regime_problem(c, name: Name, option: str, what_it_does: str, random_part: str,
+                          cached: str) -> str | None:
+    """The rules of a regime that caches what a fixed network computes (``freeze_backbone``:
+    its features; ``train_tail``: its prefix's output): pretrained weights, no noise images."""
     if c.pretrained is None and c.backbone not in EFFICIENTNET_BACKBONES:
-        return (f"{name('freeze_backbone')} keeps the backbone fixed, so {name('backbone')} "
-                f"{c.backbone} needs its {name('pretrained')} weights (random features would "
-                "never train)")
+        return (f"{name(option)} {what_it_does}, so {name('backbone')} {c.backbone} needs its "
+                f"{name('pretrained')} weights ({random_part} never train)")
     if c.outliers:
-        return (f"{name('outliers')} adds noise images, which have no image file whose features "
-                f"could be cached: not with {name('freeze_backbone')}")
+        return (f"{name('outliers')} adds noise images, which have no image file whose {cached} "
+                f"could be cached: not with {name(option)}")
     return None
+
+
+def check_train_tail(c, name: Name) -> str | None:
+    if c.train_tail is None:
+        return None
+    if c.freeze_backbone:
+        return (f"{name('train_tail')} trains the backbone's tail and {name('freeze_backbone')} "
+                "keeps all of it fixed: pass one")
+    if c.trainable_stages is not None:
+        return (f"{name('train_tail')} {c.train_tail} trains the last stages from a cached prefix "
+                f"and {name('trainable_stages')} {c.trainable_stages} runs the whole network "
+                f"every step: pass one ({name('train_tail')} N trains what "
+                f"{name('trainable_stages')} N+1 does)")
+    depth, unit = tail_depth(c.backbone)
+    if c.train_tail > depth:
+        return (f"{name('train_tail')} {c.train_tail} is past the depth of {name('backbone')} "
+                f"{c.backbone}: it has {depth} {unit}, so 1 to {depth}")
+    return cached_regime_problem(c, name, "train_tail", "trains the tail of a pretrained "
+                                 "backbone from its cached prefix", "a random prefix would",
+                                 "prefix output")
 
 
 def check_tensorboard(c, name: Name) -> str | None:
@@ -338,6 +366,11 @@ def check_refine(c, name: Name) -> str | None:
     if "bgformer" in refine and c.method != "bgformer":
         return (f"{name('refine')} bgformer needs a trained BGFormer, and {name('method')} is "
                 f"{c.method}; use {name('refine')} none,qe")
+    if "bgformer" in refine and c.graph_dim is not None:
+        return (f"{name('refine')} bgformer does not support {name('graph_dim')}: the learned "
+                "refinement runs the graph blocks at the features' own width, and these run "
+                f"between projections; use {name('refine')} none,qe or leave "
+                f"{name('graph_dim')} unset")
     if c.refine_alpha is not None and "qe" not in refine:
         return f"{name('refine_alpha')} has no effect here: it applies to {name('refine')} qe"
     if c.refine_k is not None and refine == ["none"]:
@@ -355,7 +388,7 @@ def check_refine(c, name: Name) -> str | None:
 RULES: list[Callable[[object, Name], str | None]] = [
     check_data_root, check_milestones, check_resume_overwrite, check_amp, check_graph_dim,
     check_pce_layout, check_crop_scale, check_frozen_backbone, check_backbone_extra,
-    check_tensorboard, check_select_on, check_refine,
+    check_train_tail, check_tensorboard, check_select_on, check_refine,
 ]
 
 #: Options that set a step size or a logit scale: a diverging loss names those that apply.

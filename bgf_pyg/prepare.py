@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .arguments import OneLineParser
 from .checks import InputError
-from .data.emoji import EMOJI_SIZE
+from .data.emoji import EMOJI_SIZE, MANIFEST, read_left_out
 from .data.emoji_cache import (
     EMOJI_SETS,
     MIN_STYLES,
@@ -32,6 +32,8 @@ from .options import positive_int
 
 PROG = "bgf-data"
 EXIT_USAGE = 2
+#: Left-out drawings the summary names (the manifest lists all).
+SUMMARY_NAMES = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,12 +74,19 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def summary(records: list[dict], seconds: float) -> str:
-    """Counts of the cache just written: emoji, images, images per set, time."""
+def summary(records: list[dict], left_out: list[dict], seconds: float) -> str:
+    """Counts of the cache just written: emoji, images, images per set, time, and the drawings
+    left out (by set and icon; the manifest says why)."""
     per_set = Counter(r["style"] for r in records)
     sets = ", ".join(f"{name} {count}" for name, count in per_set.items())
     classes = len({r["class"] for r in records})
-    return (f"{classes} emoji, {len(records)} images ({sets}) in {seconds:.0f} s")
+    line = f"{classes} emoji, {len(records)} images ({sets}) in {seconds:.0f} s"
+    if left_out:
+        names = ", ".join(f"{r['style']} {r['icon']}" for r in left_out[:SUMMARY_NAMES])
+        if len(left_out) > SUMMARY_NAMES:
+            names += f" and {len(left_out) - SUMMARY_NAMES} more"
+        line += f"; {len(left_out)} drawings left out ({names}; see {MANIFEST} for why)"
+    return line
 
 
 def main(argv: Sequence[str] | None = None, fetch: Fetch = npm_fetch) -> int:
@@ -101,7 +110,8 @@ def main(argv: Sequence[str] | None = None, fetch: Fetch = npm_fetch) -> int:
     except (InputError, ValueError, OSError) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"{args.root}: {summary(records, time.perf_counter() - start)}")
+    left_out = read_left_out(args.root)
+    print(f"{args.root}: {summary(records, left_out, time.perf_counter() - start)}")
     return 0
 
 

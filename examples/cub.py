@@ -2,7 +2,7 @@
 
     python examples/cub.py --data-root /data/CUB_200_2011 --method bgformer --pretrained r50.pth
     python examples/cub.py                              # demo, BGFormer, about 2 minutes (114 s)
-    python examples/cub.py --method all --seeds 0 1 2   # the README's demo table
+    python examples/cub.py --method all --seeds 0 1 2   # the demo table of docs/results.rst
 
 Every other option is one of ``bgf-train``'s (see ``bgf-train --help``); the demo runs
 ``--dataset demo``'s defaults (``bgf_pyg.config.DEMO_DEFAULTS``). Each run is a

@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> float:
     miner = miners.MultiSimilarityMiner()
 
     # BGFormer: wrap the loss (and its miner); the wrapper owns the graph blocks' weights.
-    # λ = 1 (visual branch only), α = 0.9, k = 10: the settings the demo's search chose (README).
+    # λ = 1 (visual branch only), α = 0.9, k = 10: the demo search's choice (docs/results.rst).
     criterion = BatchGraphLoss(loss_fn, BGFormer(FEATURES, num_layers=2, heads=4, lam=1.0),
                                k=10, alpha=0.9, miner=miner)
     # BGFormer: the optimiser also gets the wrapper's parameters.

@@ -116,17 +116,17 @@ def proxygml_reference(
     return loss
 
 
-def topk_attention_reference(
-    query: Tensor, key: Tensor, value: Tensor, k: int, batch: Tensor | None = None
-) -> Tensor:
-    """Dynamic top-K attention, one query row and head at a time: among the nodes of row i's
-    graph (``batch``; all nodes when ``None``), i itself included, keep the ``k`` largest scores
-    q_i·k_j/√d (ties: the lower index first; all of them when ``k`` ≥ the graph's size), softmax
-    over those only. ``query``/``key``/``value`` (N, H, d); returns the (N, H, d) output."""
-    query, key, value = query.double(), key.double(), value.double()
+def topk_weights_reference(
+    query: Tensor, key: Tensor, k: int, batch: Tensor | None = None
+) -> dict[tuple[int, int], dict[int, float]]:
+    """Dynamic top-K attention weights, one query row and head at a time: among the nodes of row
+    i's graph (``batch``; all nodes when ``None``), i itself included, keep the ``k`` largest
+    scores q_i·k_j/√d (ties: the lower index first; all of them when ``k`` ≥ the graph's size),
+    softmax over those only. ``query``/``key`` (N, H, d); returns ``{(i, h): {j: weight}}``."""
+    query, key = query.double(), key.double()
     num_nodes, heads, dim = query.shape
     graph = [0] * num_nodes if batch is None else batch.tolist()
-    out = torch.zeros(num_nodes, heads, dim, dtype=torch.float64)
+    weights = {}
     for i in range(num_nodes):
         candidates = [j for j in range(num_nodes) if graph[j] == graph[i]]
         for h in range(heads):
@@ -135,6 +135,18 @@ def topk_attention_reference(
             top = max(score[j] for j in kept)
             weight = {j: math.exp(score[j] - top) for j in kept}
             total = sum(weight.values())
-            for j in kept:
-                out[i, h] += weight[j] / total * value[j, h]
+            weights[i, h] = {j: w / total for j, w in weight.items()}
+    return weights
+
+
+def topk_attention_reference(
+    query: Tensor, key: Tensor, value: Tensor, k: int, batch: Tensor | None = None
+) -> Tensor:
+    """Dynamic top-K attention (:func:`topk_weights_reference`) applied to ``value``;
+    ``query``/``key``/``value`` (N, H, d); returns the (N, H, d) output."""
+    value = value.double()
+    out = torch.zeros(value.shape, dtype=torch.float64)
+    for (i, h), weight in topk_weights_reference(query, key, k, batch).items():
+        for j, w in weight.items():
+            out[i, h] += w * value[j, h]
     return out

@@ -1,4 +1,4 @@
-"""The docs build without warnings, and the tour's code (README and docs page) runs."""
+"""The docs build without warnings; the README's quick start and the docs' tour run."""
 
 from __future__ import annotations
 
@@ -36,22 +36,42 @@ def rst_code(path: Path) -> list[str]:
 
 
 def normalise(code: str) -> str:
-    """Code with blank lines dropped: the docs page splits the tour where the README has none."""
+    """Code with blank lines dropped: a docs page may split code where the README has none."""
     return "\n".join(line.rstrip() for line in code.splitlines() if line.strip())
 
 
-def test_readme_tour_runs():
-    (code,) = markdown_code(readme_section("A short tour"))
+def run_code(code: str, name: str) -> str:
+    """What ``code`` prints, run in a fresh namespace."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md (A short tour)", "exec"), {"__name__": "tour"})
-    assert re.search(r"'recall@1': \d", out.getvalue())
+        exec(compile(code, name, "exec"), {"__name__": "tour"})
+    return out.getvalue()
 
 
-def test_docs_tour_is_the_readme_tour():
-    (readme,) = markdown_code(readme_section("A short tour"))
-    docs = "\n".join(rst_code(DOCS / "tour.rst"))
-    assert normalise(docs) == normalise(readme)
+def test_readme_quick_start_runs():
+    (code,) = markdown_code(readme_section("Quick start"))
+    printed = run_code(code, "README.md (Quick start)")
+    assert "torch.Size([60, 128])" in printed
+    assert re.search(r"'recall@1': \d", printed)
+
+
+def test_docs_tour_runs():
+    """The tour page's blocks, one after the other, as a reader runs them."""
+    blocks = rst_code(DOCS / "tour.rst")
+    assert len(blocks) >= 4
+    printed = run_code("\n".join(blocks), "docs/tour.rst")
+    assert re.search(r"'recall@1': \d", printed)
+
+
+def test_readme_two_commands_and_the_ci_run_the_same_tests():
+    """The README's two commands: the demo run of ``examples/cub.py`` and the test command,
+    which ``.ci/run`` runs verbatim."""
+    (block,) = re.findall(r"```bash\n(.*?)```", readme_section("Two commands"), re.S)
+    main, tests = [line for line in block.splitlines() if line and not line.startswith("#")]
+    setup = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && '
+    assert main == setup + "python examples/cub.py"
+    assert tests == setup + "python -m pytest"
+    assert tests in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
 
 
 def test_pml_snippet_is_the_same_in_readme_and_docs():

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bgf_pyg.knn import rounding_bound
 from bgf_pyg.metrics import (
     evaluate_retrieval,
     map_at_r,
@@ -299,3 +300,54 @@ def test_half_precision_metrics_equal_float64_brute_force_with_a_zero_row():
     expected = retrieval_reference(emb.half(), labels, [1, 2, 4])
     assert all(math.isfinite(v) for v in result.values())
     assert {k: result[k] for k in expected} == pytest.approx(expected)
+
+
+def ternary_data(seed: int):
+    """23 embeddings with entries in {-1, 0, 1} (4-d), 3 classes: long blocks of equal
+    cosines (0, ±1/2, ±1/√6, ...) that a matrix product computes with rounding noise."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(-1, 2, (23, 4), generator=gen).float(),
+            torch.arange(23) % 3)
+
+
+class NoisyFaissIndex(FakeFaissIndex):
+    """faiss stand-in whose scores carry rounding noise as a float32 product's may (within
+    half of :func:`~bgf_pyg.knn.rounding_bound`), ordering by them."""
+
+    def search(self, q, k):
+        sim = (q.astype(np.float64) @ self.data.T.astype(np.float64))
+        bound = rounding_bound(q.shape[1], torch.float32)
+        noise = np.random.default_rng(0).uniform(-0.5, 0.5, sim.shape) * bound
+        sim = (sim + noise).astype(np.float32)
+        index = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sim, index, axis=1), index
+
+
+RETRIEVAL_KS = (1, 2, 4, 8)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="needs faiss-cpu")
+@pytest.mark.parametrize("seed", range(12))
+def test_real_faiss_equals_torch_under_long_tie_blocks(seed):
+    x, y = ternary_data(seed)
+    torch_out = evaluate_retrieval(x, y, ks=RETRIEVAL_KS, with_nmi=False)
+    assert evaluate_retrieval(x, y, ks=RETRIEVAL_KS, with_nmi=False, backend="faiss") == torch_out
+
+
+@pytest.mark.parametrize("index", [FakeFaissIndex, NoisyFaissIndex])
+def test_stand_in_faiss_equals_torch_under_long_tie_blocks(monkeypatch, index):
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=index))
+    for seed in range(12):
+        x, y = ternary_data(seed)
+        torch_out = evaluate_retrieval(x, y, ks=RETRIEVAL_KS, with_nmi=False)
+        assert evaluate_retrieval(x, y, ks=RETRIEVAL_KS, with_nmi=False,
+                                  backend="faiss") == torch_out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_do_not_depend_on_the_chunk_size(seed):
+    """A matrix product rounds by its blocking: a 1-row chunk and a 23-row chunk give orthogonal
+    rows cosines 0 and ±1e-9. Ranking is canonical, so neither decides a tie."""
+    x, y = ternary_data(seed)
+    assert evaluate_retrieval(x, y, ks=RETRIEVAL_KS, with_nmi=False, chunk_size=1) == (
+        evaluate_retrieval(x, y, ks=RETRIEVAL_KS, with_nmi=False))

@@ -99,7 +99,8 @@ def test_cli_hands_the_logger_to_fit(tmp_path, monkeypatch):
     logger = seen["callback"]
     assert isinstance(logger, monitor.TensorBoardLogger)
     assert logger.log_dir == str(tmp_path / "tensorboard")
-    assert list(logger.attention.branches) == ["layer0/visual", "layer0/semantic"]
+    # the demo's lam = 1: no semantic branch to record
+    assert list(logger.attention.branches) == ["layer0/visual"]
     assert main(argv) == 0 and seen["callback"] is None
 
 

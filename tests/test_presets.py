@@ -4,6 +4,7 @@ records its values; bad presets and bad option combinations are one-line errors 
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -163,9 +164,11 @@ def test_presets_run_the_papers_protocol_and_say_so(name, tmp_path):
     assert (honest.select_on, honest.val_classes) == ("val", 0.2)
 
 
-def test_readme_states_the_presets_protocol():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = " ".join(readme.split("## Reproducing the papers", 1)[1].split("\n## ", 1)[0].split())
-    assert 'keeps the best epoch on the test split (`select_on = "test"`)' in section
-    assert "`--select-on val` runs this package's protocol instead" in section
+def test_the_docs_state_the_presets_protocol():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reproducing.rst").read_text(
+        encoding="utf-8")
+    section = re.search(r"^Model selection\n-+\n(.*?)\n\S[^\n]*\n-+\n", page, re.S | re.M).group(1)
+    section = " ".join(section.split())
+    assert 'keeps the best epoch on the test split (``select_on = "test"``)' in section
+    assert "``--select-on val`` runs this package's protocol instead" in section
     assert "last evaluation" not in section

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bgf_pyg.checks import InputError
 from bgf_pyg.cli import main
+from bgf_pyg.eval_cli import main as eval_main
 from bgf_pyg.models import build_backbone, build_method, build_optimizer
 from bgf_pyg.run_folder import (
     BEST_CHECKPOINT,
@@ -240,6 +241,20 @@ def test_resume_from_a_checkpoint_lacking_keys(run_copy, capsys):
     assert main([*TINY, "--out", str(run_copy), "--epochs", "2", "--resume"]) == 2
     line = last_error(capsys)
     assert "last.pt lacks optimizer, scaler" in line
+
+
+def test_weights_with_the_older_trunk_projection_are_refused(run_copy, capsys):
+    saved = torch.load(run_copy / LAST_CHECKPOINT, weights_only=True)
+    head = saved["model"]["backbone.head.weight"]  # older graph_dim: head(proj(trunk(x)))
+    saved["model"]["backbone.proj.weight"] = torch.zeros(head.size(1), head.size(1))
+    saved["model"]["backbone.proj.bias"] = torch.zeros(head.size(1))
+    torch.save(saved, run_copy / LAST_CHECKPOINT)
+    assert main([*TINY, "--out", str(run_copy), "--epochs", "2", "--resume"]) == 2
+    assert "graph_dim now projects on the graph module's side" in last_error(capsys)
+    assert eval_main([str(run_copy), "--checkpoint", str(run_copy / LAST_CHECKPOINT),
+                      "--device", "cpu"]) == 2
+    line = last_error(capsys)
+    assert "does not fit the model of its configuration: the weights hold backbone.proj" in line
 
 
 def test_resume_into_another_model_is_refused(tmp_path):

@@ -1,6 +1,6 @@
 """The fit loop: resume equals an uninterrupted run, atomic checkpoints, logs, evaluation, the
 weights selected on the split ``select_on`` names; and the recipe options: the graph_dim projection
-on the backbone side, the graph module's own learning rate, gradient clipping, frozen BatchNorm
+on the graph's side, the graph module's own learning rate, gradient clipping, frozen BatchNorm
 statistics and the optimizer choice."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bgf_pyg import train
+from bgf_pyg import build_batch_graph, train
 from bgf_pyg.data import ClassBalancedBatchSampler, demo_train_transform, load_digits_demo
 from bgf_pyg.models import EmbeddingNet, build_backbone, build_method, build_optimizer
 from bgf_pyg.train import (
@@ -208,9 +208,9 @@ def test_fit_selects_on_the_split_it_says(tmp_path, monkeypatch, select_on, val_
         assert load_checkpoint(tmp_path / BEST_CHECKPOINT)["epoch"] == val_epoch
 
 
-def backbone(graph_dim=None) -> EmbeddingNet:
+def backbone() -> EmbeddingNet:
     trunk = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 48))
-    return EmbeddingNet(trunk, 48, 8, graph_dim=graph_dim)
+    return EmbeddingNet(trunk, 48, 8)
 
 
 def batch(p=3, m=4):
@@ -219,17 +219,24 @@ def batch(p=3, m=4):
     return torch.randn(len(labels), 3, 4, 4), labels
 
 
-def test_graph_dim_projects_before_graph_and_head():
-    net = backbone(graph_dim=16)
+def test_graph_dim_projects_on_the_graph_side_only():
+    net = backbone()
     images, labels = batch()
-    trunk = net.trunk(images)
-    torch.testing.assert_close(net.features(images), net.proj(trunk))
-    torch.testing.assert_close(net(images), net.head(net.proj(trunk)))  # test time as well
-    method = build_method("bgformer", net, loss="pce", samples_per_class=4, k=3, heads=4)
-    assert method.bgformer.channels == 16 and net.head.in_features == 16
-    torch.testing.assert_close(method.embed(images), F.normalize(net.head(net.proj(trunk))))
+    method = build_method("bgformer", net, loss="pce", samples_per_class=4, k=3, heads=4,
+                          alpha=0.3, graph_dim=16)
+    graph = method.bgformer
+    assert graph.lin_in.out_features == graph.graph.channels == 16
+    assert net.head.in_features == 48  # the head sees the trunk's own width
+    f = net.trunk(images)
+    torch.testing.assert_close(method.embed(images), F.normalize(net.head(f)))  # test time
+    edges = build_batch_graph(f.detach(), labels, k=3)  # the kNN graph of the trunk features
+    refined = graph.lin_out(graph.graph(graph.lin_in(f), edges.visual_edge_index,
+                                        edges.semantic_edge_index))
+    expected = (0.3 * method.loss_fn(net.head(f), labels)
+                + 0.7 * method.loss_fn(net.head(refined), labels))
+    torch.testing.assert_close(method(images, labels), expected)
     with pytest.raises(ValueError, match="divisible by heads"):
-        build_method("bgformer", backbone(graph_dim=10), heads=4)
+        build_method("bgformer", backbone(), heads=4, graph_dim=10)
 
 
 def test_graph_lr_group_and_defaults():

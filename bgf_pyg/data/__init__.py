@@ -1,5 +1,6 @@
 """Datasets (CUB-200-2011, Cars196, SOP, In-Shop, the emoji sets, the embedded two-digit demo),
-the class-balanced sampler, the standard transforms and a frozen backbone's cached features."""
+the class-balanced sampler, a loader with its own augmentation stream, the standard transforms
+and a frozen backbone's cached features."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from bgf_pyg.data.demo import DigitsDemo, load_digits_demo
 from bgf_pyg.data.emoji import Emoji
 from bgf_pyg.data.features import FeatureDataset, cached_features
 from bgf_pyg.data.inshop import InShop
+from bgf_pyg.data.loader import AugmentedLoader
 from bgf_pyg.data.samplers import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
 from bgf_pyg.data.sop import StanfordOnlineProducts
 from bgf_pyg.data.transforms import (
@@ -49,6 +51,7 @@ def build_dataset(
 
 
 __all__ = [
+    "AugmentedLoader",
     "DATASETS",
     "IMAGE_CHECKS",
     "CUB200",

@@ -3,9 +3,11 @@
 ``bgf-data emoji --root DIR`` (:mod:`bgf_pyg.prepare`) renders the sets once into ``DIR``:
 ``images/<class>/<set>.png`` (RGB on white) and ``manifest.jsonl``, one JSON object per image
 (``path`` relative to ``DIR``, ``class``, ``style``: the set, ``icon``: its name in the set,
-``package``, ``version``, ``license``, ``size``). The manifest is written last, so a folder
-without it is an unfinished cache. This module reads the cache only: neither npm nor an SVG
-renderer is needed to train on it.
+``package``, ``version``, ``license``, ``size``), then one per drawing that was left out, with
+its reason under ``left_out`` and no ``path`` (:func:`read_left_out`: a drawing the renderer
+could not draw, or an emoji that fell below ``--min-styles`` sets without it). The manifest is
+written last, so a folder without it is an unfinished cache. This module reads the cache only:
+neither npm nor an SVG renderer is needed to train on it.
 
 Split: a seeded half of the classes trains, the other half is unseen at test. The class names
 are sorted and permuted with the fixed seed :data:`EMOJI_SPLIT_SEED`; the first
@@ -27,6 +29,10 @@ MANIFEST = "manifest.jsonl"
 IMAGES_DIR = "images"
 #: Fields of every manifest record.
 MANIFEST_FIELDS = ("path", "class", "style", "icon", "package", "version", "license", "size")
+#: The field that marks a record of a drawing left out of the cache: why.
+LEFT_OUT = "left_out"
+#: Fields of a left-out record.
+LEFT_OUT_FIELDS = (LEFT_OUT, "class", "style", "icon", "package", "version")
 #: The default render side (pixels) of ``bgf-data emoji`` and the default ``--image-size`` of
 #: ``bgf-train --dataset emoji``.
 EMOJI_SIZE = 96
@@ -40,11 +46,11 @@ def prepare_hint(root: Path) -> str:
     return f"run `{PREPARE_COMMAND} {root}` to prepare it"
 
 
-def read_manifest(root: str | Path) -> list[dict]:
-    """The records of ``root``'s manifest. A missing root or manifest raises a
-    ``FileNotFoundError``, a malformed line (not JSON, a field missing or of another type, a
-    path outside ``images/`` or listed twice) a ``ValueError``; both name the path and the
-    command that prepares the cache."""
+def _manifest_records(root: str | Path) -> list[dict]:
+    """Every record of ``root``'s manifest, images and left-out drawings. A missing root or
+    manifest raises a ``FileNotFoundError``, a malformed line (not JSON, a field missing or of
+    another type, an image path outside ``images/`` or listed twice) a ``ValueError``; both name
+    the path and the command that prepares the cache."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist or is not a folder; {prepare_hint(root)}")
@@ -61,20 +67,35 @@ def read_manifest(root: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if not isinstance(record, dict) or any(key not in record for key in MANIFEST_FIELDS):
+        fields = LEFT_OUT_FIELDS if isinstance(record, dict) and LEFT_OUT in record else (
+            MANIFEST_FIELDS)
+        if not isinstance(record, dict) or any(key not in record for key in fields):
             raise ValueError(f"{file}, line {number}: expected a JSON object with the fields "
-                             f"{', '.join(MANIFEST_FIELDS)}; {prepare_hint(root)}")
-        problem = record_problem(record)
-        path = PurePosixPath(record["path"]).as_posix() if problem is None else ""
-        if problem is None and path in lines:
-            problem = f"path {record['path']!r} is listed on line {lines[path]} too"
-        if problem is not None:
-            raise ValueError(f"{file}, line {number}: {problem}; {prepare_hint(root)}")
-        lines[path] = number
+                             f"{', '.join(fields)}; {prepare_hint(root)}")
+        if LEFT_OUT not in record:
+            problem = record_problem(record)
+            path = PurePosixPath(record["path"]).as_posix() if problem is None else ""
+            if problem is None and path in lines:
+                problem = f"path {record['path']!r} is listed on line {lines[path]} too"
+            if problem is not None:
+                raise ValueError(f"{file}, line {number}: {problem}; {prepare_hint(root)}")
+            lines[path] = number
         records.append(record)
-    if not records:
-        raise ValueError(f"{file} lists no images; {prepare_hint(root)}")
     return records
+
+
+def read_manifest(root: str | Path) -> list[dict]:
+    """The image records of ``root``'s manifest (errors as :func:`_manifest_records`; a
+    manifest without images is a ``ValueError``)."""
+    records = [r for r in _manifest_records(root) if LEFT_OUT not in r]
+    if not records:
+        raise ValueError(f"{Path(root) / MANIFEST} lists no images; {prepare_hint(Path(root))}")
+    return records
+
+
+def read_left_out(root: str | Path) -> list[dict]:
+    """The drawings ``root``'s manifest lists as left out, each with its reason (``left_out``)."""
+    return [r for r in _manifest_records(root) if LEFT_OUT in r]
 
 
 def record_problem(record: dict) -> str | None:

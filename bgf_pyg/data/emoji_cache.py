@@ -11,7 +11,12 @@
    cannot tell them apart). An emoji is kept when at least ``min_styles`` sets draw it; each
    set gives one image.
 3. **Render** (needs ``cairosvg``, the ``emoji`` extra): every drawing as a ``size`` × ``size``
-   SVG, composited onto white, saved as an RGB PNG.
+   SVG, composited onto white, saved as an RGB PNG. A drawing cairo cannot render (Fluent
+   Emoji's ``umbrella``: a gradient transformed by ``skewY(-90)``, a singular matrix, makes
+   cairo report ``CAIRO_STATUS_NO_MEMORY``) is left out with one warning naming its set and
+   icon, and the class rule is applied again to what rendered; the manifest lists both kinds
+   of left-out drawing with the reason. A renderer that draws none of the first
+   :data:`RENDER_PROBE` drawings is broken: one error, not a warning per drawing.
 4. **Write** into a temporary folder under the root, then move ``images/`` into place and the
    manifest last: a root without ``manifest.jsonl`` is an unfinished cache. A build killed
    before that leaves its temporary folder, which the next build removes.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +38,7 @@ from pathlib import Path
 from PIL import Image
 
 from bgf_pyg.checks import InputError, check_positive_int
-from bgf_pyg.data.emoji import EMOJI_SIZE, IMAGES_DIR, MANIFEST, read_manifest
+from bgf_pyg.data.emoji import EMOJI_SIZE, IMAGES_DIR, LEFT_OUT, MANIFEST, read_manifest
 from bgf_pyg.data.iconify import (
     Drawing,
     IconSet,
@@ -41,6 +47,8 @@ from bgf_pyg.data.iconify import (
     read_icon_set,
     svg_document,
 )
+
+log = logging.getLogger(__name__)
 
 #: The emoji sets of the npm registry's ``@iconify-json`` scope, one designer each: Noto and
 #: Noto v1 (Apache-2.0), Twemoji (CC-BY-4.0), OpenMoji (CC-BY-SA-4.0), Fluent Emoji flat (MIT),
@@ -55,6 +63,8 @@ DOWNLOADS_DIR = "downloads"
 #: Prefix of the folder a build renders into (under the root; a killed build's is removed by
 #: the next build).
 TEMP_PREFIX = ".emoji-"
+#: Drawings a build tries before a renderer that has drawn none of them counts as broken.
+RENDER_PROBE = 20
 #: Seconds one ``npm pack`` may take.
 NPM_TIMEOUT_S = 300
 #: What ``fetch`` does: the set names and a download folder in, each set's tarball out.
@@ -258,24 +268,71 @@ def build_emoji_cache(
     for stale in root.glob(f"{TEMP_PREFIX}*"):  # what a killed build left
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=root) as temp:
-        records = _render_all(images, size, Path(temp))
+        records, left_out = _render_all(images, size, Path(temp))
+        records, short = _apply_min_styles(records, min_styles, Path(temp))
+        if not records:
+            raise InputError(f"no emoji is drawn by {min_styles} sets once the {len(left_out)} "
+                             "drawings that did not render are left out")
+        left_out += short
+        manifest = "".join(json.dumps(r) + "\n" for r in records + left_out)
+        (Path(temp) / MANIFEST).write_text(manifest)
         _replace(root, Path(temp))
     return records
 
 
-def _render_all(images: Sequence[EmojiImage], size: int, folder: Path) -> list[dict]:
-    """Render ``images`` under ``folder/images`` and write ``folder``'s manifest."""
-    records = []
+def _record(image: EmojiImage) -> dict:
+    """The manifest fields of ``image`` that do not depend on its file."""
+    return {"class": image.class_name, "style": image.icon_set.prefix, "icon": image.icon,
+            "package": image.icon_set.package, "version": image.icon_set.version,
+            "license": image.icon_set.license}
+
+
+def _render_all(images: Sequence[EmojiImage], size: int,
+                folder: Path) -> tuple[list[dict], list[dict]]:
+    """Render ``images`` under ``folder/images``: the records of the images written, and of
+    the drawings the renderer could not draw (each warned about once, by set and icon)."""
+    records, failed = [], []
     for image in images:
+        try:
+            picture = render(image.drawing, size)
+        except Exception as error:  # cairo raises MemoryError, ValueError, ... for one drawing
+            reason = f"did not render ({type(error).__name__}: {error})"
+            failed.append({LEFT_OUT: reason, **_record(image)})
+            if not records and len(failed) >= min(RENDER_PROBE, len(images)):
+                raise InputError(f"the SVG renderer (cairosvg) drew none of the first "
+                                 f"{len(failed)} drawings ({failed[0]['style']} "
+                                 f"{failed[0]['icon']}: {reason}); is the cairo library "
+                                 "installed and working?") from error
+            continue
         path = Path(IMAGES_DIR) / image.class_name / f"{image.icon_set.prefix}.png"
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
-        render(image.drawing, size).save(folder / path)
-        records.append({"path": path.as_posix(), "class": image.class_name,
-                        "style": image.icon_set.prefix, "icon": image.icon,
-                        "package": image.icon_set.package, "version": image.icon_set.version,
-                        "license": image.icon_set.license, "size": size})
-    (folder / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return records
+        picture.save(folder / path)
+        records.append({"path": path.as_posix(), **_record(image), "size": size})
+    for record in failed:
+        log.warning("emoji set %s, icon %s: %s; left out", record["style"], record["icon"],
+                    record[LEFT_OUT])
+    return records, failed
+
+
+def _apply_min_styles(records: list[dict], min_styles: int,
+                      folder: Path) -> tuple[list[dict], list[dict]]:
+    """The class rule on what rendered: ``records`` of emoji still drawn by ``min_styles``
+    sets, and left-out records of the others (whose files under ``folder`` are removed)."""
+    styles = Counter(record["class"] for record in records)
+    kept, short = [], []
+    for record in records:
+        if styles[record["class"]] >= min_styles:
+            kept.append(record)
+            continue
+        (folder / record["path"]).unlink()
+        fields = {key: value for key, value in record.items() if key not in ("path", "size")}
+        short.append({LEFT_OUT: f"its emoji is drawn by {styles[record['class']]} sets once "
+                                f"the drawings that did not render are left out, fewer than "
+                                f"min_styles={min_styles}", **fields})
+    for folder_of_class in {(folder / r["path"]).parent for r in records}:
+        if not any(folder_of_class.iterdir()):
+            folder_of_class.rmdir()
+    return kept, short
 
 
 def _replace(root: Path, built: Path) -> None:

@@ -9,14 +9,17 @@ it is used only when the stored key equals the current one:
   weights file or of any weight is a new key),
 - the transform's description (``repr``: resize, crop size, interpolation, normalisation, flip;
   a transform whose ``repr`` does not describe it, such as ``Lambda``, is refused),
+- for the cached prefix of a trunk whose tail trains (``train_tail``), the cut,
 - the images: a SHA-256 of every file's absolute path, size and modification time, in dataset
   order (another split, file list or order, or a changed image is a new key), and their count.
   The images' bytes are not read: a file replaced by one of the same size with its modification
   time set back (``cp -p``, ``rsync -t``, ``touch -r``) keeps the key; delete the cache folder
   after such a replacement (see the guide page "Limits and refusals", ``docs/limits.rst``).
 
-Files are written atomically (a killed run leaves no half-written cache); an unreadable file or
-one whose key differs is reported and computed again, never used.
+The cached tensor of an image is a feature vector, or any tensor a trunk's prefix gives (a
+feature map, a token sequence). Files are written atomically (a killed run leaves no
+half-written cache); an unreadable file or one whose key differs is reported and computed again,
+never used.
 
 :class:`FeatureDataset` serves ``(feature, label)`` items; with several views per image (the
 centre crop and its mirror image) a training item is one of its views drawn at random.
@@ -90,13 +93,18 @@ def images_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
 
 
 def feature_key(
-    dataset: ImageListDataset, backbone: nn.Module, transform: Callable, name: str
+    dataset: ImageListDataset,
+    backbone: nn.Module,
+    transform: Callable,
+    name: str,
+    cut: int | None = None,
 ) -> dict:
     """What the features of ``dataset`` under ``transform`` depend on (see the module's
-    docstring)."""
-    return {"format": CACHE_FORMAT, "backbone": name, "weights": module_fingerprint(backbone),
-            "transform": transform_description(transform), "count": len(dataset.paths),
-            "images": images_fingerprint(dataset.paths)}
+    docstring); ``cut``: the trunk's cut when ``backbone`` is its frozen prefix."""
+    key = {"format": CACHE_FORMAT, "backbone": name, "weights": module_fingerprint(backbone),
+           "transform": transform_description(transform), "count": len(dataset.paths),
+           "images": images_fingerprint(dataset.paths)}
+    return key if cut is None else {**key, "cut": cut}
 
 
 def transform_description(transform: Callable) -> str:
@@ -112,14 +120,16 @@ def transform_description(transform: Callable) -> str:
 
 
 def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:
-    """The cache file of ``key``: ``<cache_dir>/<backbone>-<hash of the key>.pt``."""
+    """The cache file of ``key``: ``<cache_dir>/<backbone>-<hash of the key>.pt``
+    (``<backbone>-tail<cut>-<hash>.pt`` for a prefix's outputs)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return Path(cache_dir) / f"{key['backbone']}-{digest[:24]}.pt"
+    name = key["backbone"] if "cut" not in key else f"{key['backbone']}-tail{key['cut']}"
+    return Path(cache_dir) / f"{name}-{digest[:24]}.pt"
 
 
 def read_cache(path: Path, key: dict) -> Tensor | None:
     """The features stored in ``path`` when it holds exactly ``key`` and a finite
-    (``count``, D) float tensor; else ``None`` (a file that is there but unusable is logged)."""
+    (``count``, ...) float tensor; else ``None`` (a file that is there but unusable is logged)."""
     if not path.is_file():
         return None
     try:
@@ -131,7 +141,7 @@ def read_cache(path: Path, key: dict) -> Tensor | None:
         log.warning("feature cache %s was made for other inputs; computing it again", path)
         return None
     features = state.get("features")
-    if not (isinstance(features, Tensor) and features.dim() == 2 and features.is_floating_point()
+    if not (isinstance(features, Tensor) and features.dim() >= 2 and features.is_floating_point()
             and len(features) == key["count"] and bool(torch.isfinite(features).all())):
         log.warning("feature cache %s holds no valid features; computing it again", path)
         return None
@@ -150,7 +160,7 @@ def extract_features(
     desc: str = "features",
 ) -> Tensor:
     """``backbone(transform(image))`` of every image of ``dataset`` in order, in eval mode, as an
-    (N, D) float32 CPU tensor (the dataset's own transform is not used)."""
+    (N, ...) float32 CPU tensor (the dataset's own transform is not used)."""
     check_positive_int(batch_size, "batch_size")
     was_training = backbone.training
     backbone.eval()
@@ -178,34 +188,39 @@ def cached_features(
     cache_dir: str | os.PathLike,
     *,
     name: str = "backbone",
+    cut: int | None = None,
     batch_size: int = EXTRACT_BATCH_SIZE,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Tensor:
-    """The (N, D) features ``backbone(transform(image))`` of ``dataset``'s images, read from
+    """The (N, ...) features ``backbone(transform(image))`` of ``dataset``'s images, read from
     ``cache_dir`` when they were computed before for the same key (see the module's docstring),
     else computed (progress bar with ``progress``) and written there atomically.
 
     Args:
         dataset: an :class:`ImageListDataset` (its ``paths`` and ``load``; its own transform is
             not used).
-        backbone: maps (B, 3, H, W) images to (B, D) features; run in eval mode, no gradient.
+        backbone: maps (B, 3, H, W) images to (B, ...) features (pooled features, or the
+            output of a trunk's frozen prefix); run in eval mode, no gradient.
         transform: a deterministic PIL image → tensor transform (e.g. ``eval_transform``).
         cache_dir: folder of the cache files (created when missing).
         name: the backbone's name, part of the key and of the file name.
+        cut: with ``backbone`` the frozen prefix of a trunk (``train_tail``), its cut: part of
+            the key (a cache of another cut is never read).
     """
     if not isinstance(dataset, ImageListDataset):
         raise TypeError(f"dataset must be an ImageListDataset, got {type(dataset).__name__}")
-    key = feature_key(dataset, backbone, transform, name)
+    key = feature_key(dataset, backbone, transform, name, cut)
     path = cache_path(cache_dir, key)
+    what = f"{name} features" if cut is None else f"{name} prefix outputs (cut {cut})"
     features = read_cache(path, key)
     if features is not None:
-        log.info("%s features of %s: read from %s", name, dataset.source, path)
+        log.info("%s of %s: read from %s", what, dataset.source, path)
         return features
     features = extract_features(dataset, backbone, transform, batch_size=batch_size,
-                                device=device, progress=progress, desc=f"{name} features")
+                                device=device, progress=progress, desc=what)
     save_checkpoint(path, {"key": key, "features": features})
-    log.info("%s features of %s: computed and cached in %s", name, dataset.source, path)
+    log.info("%s of %s: computed and cached in %s", what, dataset.source, path)
     return features
 
 
@@ -228,12 +243,12 @@ def image_list_of(dataset: LabelledDataset) -> tuple[ImageListDataset, list[int]
 
 
 def random_view(views: Tensor) -> Tensor:
-    """One of the (V, D) ``views`` of an item, drawn uniformly with torch's generator."""
+    """One of the (V, ...) ``views`` of an item, drawn uniformly with torch's generator."""
     return views[int(torch.randint(len(views), ()))]
 
 
 def first_view(views: Tensor) -> Tensor:
-    """The first of the (V, D) ``views`` of an item (the deterministic test-time view)."""
+    """The first of the (V, ...) ``views`` of an item (the deterministic test-time view)."""
     return views[0]
 
 
@@ -242,7 +257,8 @@ class FeatureDataset(LabelledDataset):
     and ``class_ids`` as every :class:`LabelledDataset` (so the class-balanced sampler works).
 
     Args:
-        features: (V, N, D) — V views of each of the N items (or (N, D): one view).
+        features: (V, N, ...) — V views of each of the N items, each a tensor of any shape
+            (a feature vector, a cached prefix's feature map), or (N, D): one view.
         labels: (N,) labels in ``0..C-1``.
         class_ids: each item's original class id (default: the labels).
         sample_views: training: an item is one of its views drawn at random; else the first.
@@ -259,8 +275,9 @@ class FeatureDataset(LabelledDataset):
         if features.dim() == 2:
             features = features.unsqueeze(0)
         labels = torch.as_tensor(labels, dtype=torch.long)
-        if features.dim() != 3 or features.size(1) != labels.numel():
-            raise ValueError(f"features must be (V, N, D) with N = {labels.numel()} labels, got "
+        if features.dim() < 3 or features.size(1) != labels.numel():
+            raise ValueError(f"features must be (V, N, D), or (V, N, ...) for cached feature "
+                             f"maps, with N = {labels.numel()} labels, got "
                              f"{tuple(features.shape)}")
         self.features = features
         self.labels = labels
@@ -273,6 +290,7 @@ class FeatureDataset(LabelledDataset):
 
     @property
     def feature_dim(self) -> int:
+        """Width of each item's features (the channels of a cached feature map)."""
         return self.features.size(2)
 
     def load(self, index: int) -> Tensor:
@@ -288,7 +306,7 @@ def feature_dataset(
 ) -> FeatureDataset:
     """``dataset`` (an image list, a class subset of one, or one with flipped labels) as a
     :class:`FeatureDataset`: ``features_of(image_list, transform)`` gives the image list's
-    (N, D) features under each transform of ``views`` (e.g. :func:`cached_features`)."""
+    (N, ...) features under each transform of ``views`` (e.g. :func:`cached_features`)."""
     base, indices = image_list_of(dataset)
     index = torch.tensor(indices, dtype=torch.long)
     features = torch.stack([features_of(base, view)[index] for view in views])

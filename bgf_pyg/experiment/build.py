@@ -12,15 +12,23 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .. import distributed
 from ..checks import naming
 from ..config import DEFAULT_CLASSES_PER_BATCH, Config
-from ..data import ClassBalancedBatchSampler, DistributedClassBalancedBatchSampler
+from ..data import (
+    AugmentedLoader,
+    ClassBalancedBatchSampler,
+    DistributedClassBalancedBatchSampler,
+)
 from ..models import build_backbone, build_method, build_optimizer
 from ..models.efficientnet import EFFICIENTNET_BACKBONES
-from ..train import seed_worker
+from ..models.tail import tail_trunk
+from ..train import random_stream, seed_worker, stream_seed
 from .splits import Splits, frozen_splits
 
 log = logging.getLogger("bgf_pyg")
 
 EVAL_BATCH_SIZE = 128
+#: Roles of the random streams (:func:`~bgf_pyg.train.stream_seed`) of a run's initial weights
+#: and of its training augmentation.
+BACKBONE_STREAM, METHOD_STREAM, AUGMENTATION_STREAM = "backbone", "method", "augmentation"
 
 
 def method_hparams(config: Config) -> dict:
@@ -32,7 +40,8 @@ def method_hparams(config: Config) -> dict:
     if config.method == "bgformer":
         return {"k": config.k, "alpha": config.alpha, "lam": config.lam,
                 "semantic_branch": config.semantic_branch, "visual_graph": config.visual_graph,
-                "detach_graph_input": config.detach_graph_input, **graph}
+                "detach_graph_input": config.detach_graph_input, "graph_dim": config.graph_dim,
+                **graph}
     if config.method == "intra-batch":
         return {"temperature": config.temperature, "cat": config.mpn_cat, **graph}
     return {}
@@ -51,19 +60,32 @@ def build_run_method(
 ) -> tuple[nn.Module, Splits]:
     """The (untrained) method ``config`` describes, and the splits it reads: with
     ``freeze_backbone`` the splits of the frozen trunk's cached features, the trunk itself then
-    replaced by ``Identity`` (the head, graph module and loss train on those features)."""
+    replaced by ``Identity`` (the head, graph module and loss train on those features); with
+    ``train_tail`` the splits of the cached outputs of the trunk's frozen prefix, the trunk
+    then a :class:`~bgf_pyg.models.tail.TailTrunk` that runs its tail from them.
+
+    The backbone (trunk and head) initialises from the random stream :data:`BACKBONE_STREAM` of
+    ``config.seed``, the method's own modules (its loss, then its graph module) from
+    :data:`METHOD_STREAM`: a method that adds a graph module starts from the backbone and loss
+    of the method without it, and leaves torch's global generator as it found it."""
     samples_per_class = None if config.method == "proxygml" else config.samples_per_class
-    backbone = build_backbone(config.backbone, config.embedding_dim, config.pretrained,
-                              pooling=config.pooling,
-                              in_channels=1 if config.dataset == "demo" else 3,
-                              graph_dim=config.graph_dim, image_size=config.image_size,
-                              trainable_stages=config.trainable_stages)
+    with random_stream(config.seed, BACKBONE_STREAM):
+        backbone = build_backbone(config.backbone, config.embedding_dim, config.pretrained,
+                                  pooling=config.pooling,
+                                  in_channels=1 if config.dataset == "demo" else 3,
+                                  image_size=config.image_size,
+                                  trainable_stages=config.trainable_stages)
     if config.freeze_backbone:
         splits = frozen_splits(config, splits, backbone.trunk, device)
         backbone.trunk = nn.Identity()
-    method = build_method(config.method, backbone, splits.train.num_classes, loss=config.loss,
-                          samples_per_class=samples_per_class,
-                          loss_options=loss_options(config), **method_hparams(config))
+    elif config.train_tail is not None:
+        backbone.trunk = tail_trunk(backbone.trunk, config.train_tail)
+        splits = frozen_splits(config, splits, backbone.trunk.prefix_module(), device,
+                               cut=config.train_tail)
+    with random_stream(config.seed, METHOD_STREAM):
+        method = build_method(config.method, backbone, splits.train.num_classes,
+                              loss=config.loss, samples_per_class=samples_per_class,
+                              loss_options=loss_options(config), **method_hparams(config))
     return method, splits
 
 
@@ -125,23 +147,27 @@ def check_batch_graph_k(config: Config, num_classes: int) -> None:
 
 def train_loader(config: Config, dataset: Dataset, generator: torch.Generator) -> DataLoader:
     """Random batches for ProxyGML (as the original), class-balanced P×M batches otherwise
-    (seeded by ``config.seed``); ``generator`` drives the shuffling and the workers' seeds."""
+    (seeded by ``config.seed``); ``generator`` drives the shuffling and the workers' seeds, and
+    the augmentation of batches loaded in the main process draws from this rank's stream
+    :data:`AUGMENTATION_STREAM` (an :class:`~bgf_pyg.data.AugmentedLoader`)."""
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    augmentation = torch.Generator().manual_seed(
+        stream_seed(config.seed, AUGMENTATION_STREAM, rank))
     common = {"num_workers": config.num_workers, "worker_init_fn": seed_worker,
-              "generator": generator}
-    world = distributed.get_world_size()
+              "generator": generator, "augmentation": augmentation}
     if config.method == "proxygml":
         if world == 1:
-            return DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
-                              drop_last=True, **common)
+            return AugmentedLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                                   drop_last=True, **common)
         # Each rank a disjoint 1/W of a seeded permutation: batch_size rows per rank and step.
         shards = DistributedSampler(dataset, shuffle=True, seed=config.seed, drop_last=True)
-        return DataLoader(dataset, batch_size=config.batch_size, sampler=shards,
-                          drop_last=True, **common)
+        return AugmentedLoader(dataset, batch_size=config.batch_size, sampler=shards,
+                               drop_last=True, **common)
     p = classes_per_batch(config, dataset.num_classes)
     sampler_type = (ClassBalancedBatchSampler if world == 1
                     else DistributedClassBalancedBatchSampler)
     sampler = sampler_type(dataset.labels, p, config.samples_per_class, seed=config.seed)
-    return DataLoader(dataset, batch_sampler=sampler, **common)
+    return AugmentedLoader(dataset, batch_sampler=sampler, **common)
 
 
 def eval_loader(config: Config, dataset: Dataset | None) -> DataLoader | None:

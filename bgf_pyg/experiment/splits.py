@@ -1,5 +1,5 @@
-"""The datasets of one experiment: training, evaluation and validation splits, as images or as a
-frozen backbone's cached features."""
+"""The datasets of one experiment: training, evaluation and validation splits, as images, as a
+frozen backbone's cached features, or as the cached outputs of a trunk's frozen prefix."""
 
 from __future__ import annotations
 
@@ -104,14 +104,17 @@ def config_splits(config: Config, augment: bool | None = None,
 
 
 def frozen_splits(
-    config: Config, splits: Splits, trunk: nn.Module, device: torch.device
+    config: Config, splits: Splits, trunk: nn.Module, device: torch.device,
+    cut: int | None = None,
 ) -> Splits:
     """``splits`` as datasets of the frozen ``trunk``'s features
     (:class:`~bgf_pyg.data.features.FeatureDataset`), read from or written to the feature cache
-    (:func:`~bgf_pyg.data.features.cached_features`). Every split gets the features of the
-    dataset's test-time transform; the training split also those of its mirror image (unless
-    ``no_augment``), one of the two drawn at random for each item. Under torch.distributed
-    rank 0 fills the cache and every rank reads it."""
+    (:func:`~bgf_pyg.data.features.cached_features`); ``trunk`` may be the frozen prefix of a
+    trunk cut at ``cut`` (``train_tail``: its outputs are cached under the same rules, the cut
+    part of the key). Every split gets the features of the dataset's test-time transform; the
+    training split also those of its mirror image (unless ``no_augment``), one of the two drawn
+    at random for each item. Under torch.distributed rank 0 fills the cache and every rank
+    reads it."""
     test_view = build_transform(config.dataset, train=False, options=transform_options(config))
     train_views = [test_view] if config.no_augment else [
         test_view, T.Compose([HorizontalFlip(), test_view])]
@@ -126,7 +129,7 @@ def frozen_splits(
     def features_of(images: ImageListDataset, transform) -> torch.Tensor:
         def compute() -> torch.Tensor:
             return cached_features(images, trunk, transform, cache_dir, name=config.backbone,
-                                   device=device, progress=progress)
+                                   cut=cut, device=device, progress=progress)
 
         key = (id(images), id(transform))
         if key not in read:

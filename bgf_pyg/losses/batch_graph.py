@@ -34,8 +34,9 @@ class BatchGraphLoss(nn.Module):
     ``visual_graph`` attribute is ``"attention_topk"`` (:class:`~bgf_pyg.nn.BGFormer` with its
     authors' dynamic top-K visual branch) chooses its visual neighbours itself: no kNN graph is
     built, it is called with ``visual_edge_index=None`` and the semantic edges, and ``k`` is not
-    read (its K is the BGFormer's ``topk``). At test time the model is ``head(trunk(x))`` alone:
-    the wrapper is training-only.
+    read (its K is the BGFormer's ``topk``). A ``bgformer`` whose ``uses_semantic_edges`` is
+    :obj:`False` (λ = 1: no semantic branch) gets no semantic edges, and none are built. At test
+    time the model is ``head(trunk(x))`` alone: the wrapper is training-only.
 
     ``loss`` is any module called as ``loss(embeddings, labels)``: a PML loss with its own
     reducer and distance (pair- or proxy-based), :class:`~bgf_pyg.losses.ProxyGMLLoss`, or a PCE
@@ -117,12 +118,15 @@ class BatchGraphLoss(nn.Module):
         head = head if head is not None else nn.Identity()
         # The head runs first, so a head that does not fit the features fails before BGFormer.
         emb_f = _apply_head(head, features)
+        # λ = 1: no semantic branch reads semantic edges, so none are built
+        semantic_labels = labels if getattr(self.bgformer, "uses_semantic_edges", True) else None
         if getattr(self.bgformer, "visual_graph", "knn") == "knn":
-            graph = assemble_batch_graph(features.detach(), labels, self.k)  # checked above
+            graph = assemble_batch_graph(features.detach(), semantic_labels, self.k)  # checked
             visual_edge_index = graph.visual_edge_index
             semantic_edge_index = graph.semantic_edge_index
         else:  # the BGFormer picks its visual neighbours from its attention scores
-            visual_edge_index, semantic_edge_index = None, label_edges(labels)
+            visual_edge_index = None
+            semantic_edge_index = None if semantic_labels is None else label_edges(labels)
         graph_input = features.detach() if self.detach_graph_input else features
         g = self.bgformer(graph_input, visual_edge_index, semantic_edge_index)
         emb_g = _apply_head(head, g)

@@ -1,11 +1,11 @@
 """Backbones with an embedding head: torchvision ResNet-50/18, timm ViTs, EfficientNet-Lite0 with
 its packaged ImageNet weights, and a small CNN for the demo set.
 
-Every backbone is an :class:`EmbeddingNet`: a ``trunk`` that maps images to pooled features, an
-optional Linear projection ``proj`` to a narrower width (``graph_dim``) and a ``head``
-Linear(``feature_dim``, ``embedding_dim``). The method wrappers (:mod:`bgf_pyg.models.methods`)
-use the parts separately (BGFormer refines the features ``proj(trunk(images))`` before the head);
-at test time the embedding is ``head(proj(trunk(images)))``.
+Every backbone is an :class:`EmbeddingNet`: a ``trunk`` that maps images to pooled features and a
+``head`` Linear(``feature_dim``, ``embedding_dim``); the embedding is ``head(trunk(images))``, at
+training and test time alike. The method wrappers (:mod:`bgf_pyg.models.methods`) use the parts
+separately (BGFormer refines the features ``trunk(images)`` before the head); a graph module
+narrower than the trunk projects on its own side (``docs/design.rst`` §17).
 
 ImageNet weights are only read from a local file (no download): pass the path of a torchvision
 ResNet state dict (e.g. ``resnet50-19c8e357.pth``). Its ``fc.*`` entries are skipped, as in the
@@ -38,52 +38,53 @@ SMALLCNN_GRID = 2
 
 
 class EmbeddingNet(nn.Module):
-    """``trunk`` (images → pooled features), an optional projection ``proj`` to ``graph_dim`` and
-    a linear embedding ``head``.
+    """``trunk`` (images → pooled features) and a linear embedding ``head``.
 
     Args:
         trunk: module mapping (B, C, H, W) images to (B, ``trunk_dim``) features.
         trunk_dim: width of the trunk's output.
         embedding_dim: width of the embedding.
-        graph_dim: width of the features a batch graph sees (``None``: the trunk's own). A
-            narrower graph for ResNet-50's 2048-d features: ``proj`` = Linear(``trunk_dim``,
-            ``graph_dim``), shared by training and test time, so the head always sees the same
-            width.
 
     Attributes:
-        feature_dim: width of :meth:`features` (``graph_dim`` or ``trunk_dim``).
+        feature_dim: width of :meth:`features` (``trunk_dim``).
+
+    A checkpoint of an older version whose network had a projection ``proj`` between trunk and
+    head (``graph_dim``, which now projects on the graph module's side) is refused when loaded,
+    naming the option: its test-time network is not this one.
 
     **Shapes:** images (B, C, H, W) → embedding (B, ``embedding_dim``), un-normalised.
     """
 
-    def __init__(
-        self, trunk: nn.Module, trunk_dim: int, embedding_dim: int, graph_dim: int | None = None
-    ) -> None:
+    def __init__(self, trunk: nn.Module, trunk_dim: int, embedding_dim: int) -> None:
         super().__init__()
         self.trunk = trunk
-        self.trunk_dim = check_positive_int(trunk_dim, "trunk_dim")
+        self.trunk_dim = self.feature_dim = check_positive_int(trunk_dim, "trunk_dim")
         self.embedding_dim = check_positive_int(embedding_dim, "embedding_dim")
-        if graph_dim is None:
-            self.proj: nn.Module = nn.Identity()
-            self.feature_dim = trunk_dim
-        else:
-            self.proj = nn.Linear(trunk_dim, check_positive_int(graph_dim, "graph_dim"))
-            self.feature_dim = graph_dim
-        self.head = nn.Linear(self.feature_dim, embedding_dim)
+        self.head = nn.Linear(trunk_dim, embedding_dim)
+        self.register_load_state_dict_pre_hook(_refuse_trunk_projection)
 
     def features(self, images: Tensor) -> Tensor:
-        """Pooled (and projected) trunk features (B, ``feature_dim``)."""
-        return self.proj(self.trunk(images))
+        """Pooled trunk features (B, ``feature_dim``): what the head and a graph module see."""
+        return self.trunk(images)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.features(images))
 
     def __repr__(self) -> str:
-        name = type(self.trunk).__name__
-        dims = f"{self.trunk_dim}, {self.embedding_dim}"
-        if isinstance(self.proj, nn.Linear):  # only a projection changes the graph width
-            dims += f", graph_dim={self.feature_dim}"
-        return f"{type(self).__name__}({name}, {dims})"
+        return (f"{type(self).__name__}({type(self.trunk).__name__}, {self.trunk_dim}, "
+                f"{self.embedding_dim})")
+
+
+def _refuse_trunk_projection(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: a state dict with ``proj.*`` (a projection between trunk and
+    head) is of an older network, ``head(proj(trunk(x)))``, which this one cannot reproduce."""
+    if any(key.startswith(prefix + "proj.") for key in state_dict):
+        raise ValueError(
+            f"the weights hold {prefix}proj, a projection between trunk and head that older "
+            "versions added with graph_dim; graph_dim now projects on the graph module's side "
+            "only (the test-time network is head(trunk(x))), so these weights do not fit: "
+            "evaluate them with the version that trained them, or train again"
+        )
 
 
 class SmallCNN(nn.Module):
@@ -163,7 +164,6 @@ def build_backbone(
     pooling: str = "avg",
     in_channels: int = 1,
     *,
-    graph_dim: int | None = None,
     image_size: int = 224,
     trainable_stages: int | None = None,
 ) -> EmbeddingNet:
@@ -181,7 +181,6 @@ def build_backbone(
         pooling: ResNet global ``"avg"`` or ``"max"`` pooling (the intra-batch original: max);
             ``smallcnn`` pools avg + max to a small grid instead, a ViT takes its CLS token.
         in_channels: input channels of ``smallcnn`` (the others take RGB).
-        graph_dim: width of a projection between trunk and head (see :class:`EmbeddingNet`).
         image_size: input side of a ViT (its position embeddings are sized for it).
         trainable_stages: ``efficientnet_lite0`` only: train its last N stages, freeze the
             others (:meth:`~bgf_pyg.models.efficientnet.EfficientNetLite0Trunk.freeze_stages`);
@@ -207,4 +206,4 @@ def build_backbone(
         feature_dim = trunk.out_channels
     else:
         trunk, feature_dim = _resnet_trunk(name, pretrained, pooling)
-    return EmbeddingNet(trunk, feature_dim, embedding_dim, graph_dim)
+    return EmbeddingNet(trunk, feature_dim, embedding_dim)

@@ -7,7 +7,8 @@ Each method is an ``nn.Module`` with
   :func:`~bgf_pyg.distributed.gather_batch` joins every rank's rows right after it, so the
   batch-level part (graph, MPN, loss) sees the global batch (the identity in one process),
 - ``embed(images) -> (B, D)`` L2-normalised embedding (evaluation: ``head(trunk(images))``, no
-  graph and no labels, as in both BGFormer and intra-batch at test time),
+  graph and no labels, as in both BGFormer and intra-batch at test time; the same network for
+  every method, so a BGFormer run whose graph term weighs 0 is a plain run),
 - ``param_groups(lr, proxy_lr, graph_lr=None, backbone_lr=None)``: optimiser groups, loss
   parameters (proxies) at ``proxy_lr``, the graph module (BGFormer, the intra-batch MPN) at
   ``graph_lr`` and the backbone's trunk at ``backbone_lr`` when given; frozen parameters
@@ -28,7 +29,7 @@ from ..checks import naming
 from ..distributed import gather_batch
 from ..knn import normalize_rows
 from ..losses import BatchGraphLoss, LabelSmoothingCE, PairwiseCrossEntropyLoss, ProxyGMLLoss
-from ..nn import BGFormer, IntraBatchMPN
+from ..nn import BGFormer, IntraBatchMPN, ProjectedGraph
 from .backbones import EmbeddingNet
 
 #: Metric losses from pytorch-metric-learning; proxy-based ones take (num_classes, embedding_dim).
@@ -151,9 +152,13 @@ class BGFormerMethod(Method):
     ``f.detach()``) or ``"attention_topk"`` (the authors' dynamic top-K attention, no kNN graph
     built); ``k`` is the number of visual neighbours in both: the kNN graph's k, or the top-K's K.
     ``detach_graph_input`` feeds BGFormer ``f.detach()`` (the backbone then learns from the first
-    term alone; see :class:`~bgf_pyg.losses.BatchGraphLoss`).
-    ``loss_fn`` and ``bgformer`` are the wrapper's ``graph_loss.loss`` and ``graph_loss.bgformer``;
-    checkpoints saved before the wrapper existed (keys ``loss_fn.*``, ``bgformer.*``) still load.
+    term alone; see :class:`~bgf_pyg.losses.BatchGraphLoss`). ``graph_dim`` runs BGFormer at that
+    width between an in- and an out-projection (:class:`~bgf_pyg.nn.ProjectedGraph`), on the
+    graph's side only: the test-time network is ``head(trunk(x))`` either way, and with α = 1
+    the method trains exactly what :class:`PlainMethod` trains from the same seed.
+    ``loss_fn`` and ``bgformer`` are the wrapper's ``graph_loss.loss`` and ``graph_loss.bgformer``
+    (the :class:`~bgf_pyg.nn.ProjectedGraph` around BGFormer with ``graph_dim``); checkpoints
+    saved before the wrapper existed (keys ``loss_fn.*``, ``bgformer.*``) still load.
     """
 
     def __init__(
@@ -169,13 +174,17 @@ class BGFormerMethod(Method):
         semantic_branch: str = "attention",
         detach_graph_input: bool = False,
         visual_graph: str = "knn",
+        graph_dim: int | None = None,
     ) -> None:
         super().__init__(backbone, loss_fn)
         del self.loss_fn  # registered once, inside graph_loss; ``loss_fn`` is an alias below
-        bgformer = BGFormer(
-            backbone.feature_dim, num_layers=num_layers, heads=heads, dropout=dropout, lam=lam,
+        width = backbone.feature_dim if graph_dim is None else graph_dim
+        bgformer: nn.Module = BGFormer(
+            width, num_layers=num_layers, heads=heads, dropout=dropout, lam=lam,
             semantic_branch=semantic_branch, visual_graph=visual_graph, topk=k,
         )
+        if graph_dim is not None:
+            bgformer = ProjectedGraph(backbone.feature_dim, bgformer)
         self.graph_loss = BatchGraphLoss(loss_fn, bgformer, k=k, alpha=alpha,
                                          detach_graph_input=detach_graph_input)
         self.register_load_state_dict_pre_hook(_rename_pre_wrapper_keys)
@@ -185,7 +194,7 @@ class BGFormerMethod(Method):
         return self.graph_loss.loss
 
     @property
-    def bgformer(self) -> BGFormer:
+    def bgformer(self) -> BGFormer | ProjectedGraph:
         return self.graph_loss.bgformer
 
     def graph_parameters(self) -> list[nn.Parameter]:

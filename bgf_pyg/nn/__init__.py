@@ -5,6 +5,7 @@ from .bgformer import BGFormer, BGFormerLayer, DualSSA
 from .conv import BatchGraphConv
 from .intra_batch import IntraBatchAttention, IntraBatchMPN
 from .label_propagation import SameLabelPropagation
+from .projection import ProjectedGraph
 from .topk_attention import TopKAttention
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "DualSSA",
     "BGFormerLayer",
     "BGFormer",
+    "ProjectedGraph",
     "IntraBatchAttention",
     "IntraBatchMPN",
     "SameLabelPropagation",

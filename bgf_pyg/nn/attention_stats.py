@@ -15,6 +15,7 @@ from torch_geometric.utils import degree, scatter
 
 from .bgformer import DualSSA
 from .conv import BatchGraphConv
+from .topk_attention import TopKAttention
 
 
 def attention_entropy(alpha: Tensor, index: Tensor, num_nodes: int) -> tuple[float, float]:
@@ -38,18 +39,20 @@ class AttentionEntropy:
     While active, a forward hook re-runs each branch under ``no_grad`` in eval mode with
     ``return_attention_weights=True`` (eval mode: the softmax before attention dropout, and no
     random numbers drawn, so training itself is unchanged). Inactive, no hook is installed.
-    A ``"propagation"`` semantic branch has no attention and is skipped, and so (not yet recorded)
-    is a :class:`~bgf_pyg.nn.TopKAttention` visual branch (``visual_graph="attention_topk"``).
+    Both visual forms are recorded: SSA on the kNN graph (:class:`BatchGraphConv`) and the
+    dynamic top-K attention (:class:`~bgf_pyg.nn.TopKAttention`, whose uniform bound is
+    log K). A ``"propagation"`` semantic branch has no attention and is skipped, and so is a
+    branch that is not built (λ = 1).
     """
 
     def __init__(self, module: nn.Module) -> None:
-        self.branches: dict[str, BatchGraphConv] = {}
+        self.branches: dict[str, BatchGraphConv | TopKAttention] = {}
         duals = [m for m in module.modules() if isinstance(m, DualSSA)]
         for layer, dual in enumerate(duals):
             for kind in ("visual", "semantic"):
-                conv = getattr(dual, kind)
-                if isinstance(conv, BatchGraphConv):
-                    self.branches[f"layer{layer}/{kind}"] = conv
+                branch = getattr(dual, kind)
+                if isinstance(branch, BatchGraphConv | TopKAttention):
+                    self.branches[f"layer{layer}/{kind}"] = branch
         self._handles: list = []
         self._values: dict[str, tuple[float, float]] = {}
         self._busy = False
@@ -58,8 +61,8 @@ class AttentionEntropy:
         """Record from the next forward pass on."""
         self._values = {}
         if not self._handles:
-            self._handles = [conv.register_forward_hook(self._hook(name), with_kwargs=True)
-                             for name, conv in self.branches.items()]
+            self._handles = [branch.register_forward_hook(self._hook(name), with_kwargs=True)
+                             for name, branch in self.branches.items()]
 
     def stop(self) -> dict[str, tuple[float, float]]:
         """Stop recording; ``{name: (mean entropy, uniform-attention entropy)}`` of the last
@@ -70,21 +73,27 @@ class AttentionEntropy:
         return self._values
 
     def _hook(self, name: str):
-        def hook(conv: BatchGraphConv, args: tuple, kwargs: dict, output) -> None:
+        def hook(branch: nn.Module, args: tuple, kwargs: dict, output) -> None:
             if self._busy:  # the re-run below passes through this hook too
                 return
-            x, edge_index = args[0], args[1]  # DualSSA calls its branches positionally
-            if not isinstance(edge_index, Tensor) or edge_index.is_sparse:
-                return
-            self._busy, training = True, conv.training
+            x = args[0]  # DualSSA calls its branches positionally
+            if isinstance(branch, TopKAttention):
+                inputs = args[:2]  # (x, batch)
+            else:
+                inputs = args[:3]  # (x, edge_index, edge_attr)
+                if not isinstance(args[1], Tensor) or args[1].is_sparse:
+                    return
+            self._busy, training = True, branch.training
             try:
-                conv.eval()
+                branch.eval()
                 with torch.no_grad():
-                    _, (edges, alpha) = conv(*args[:3], return_attention_weights=True)
+                    _, (edges, alpha) = branch(*inputs, return_attention_weights=True)
             finally:
-                conv.train(training)
+                branch.train(training)
                 self._busy = False
+            # a top-K branch's edges are (2, E, H), the same targets in every head
+            targets = edges[1] if edges.dim() == 2 else edges[1, :, 0]
             num_nodes = x.size(0) if isinstance(x, Tensor) else x[1].size(0)
-            self._values[name] = attention_entropy(alpha, edges[1], num_nodes)
+            self._values[name] = attention_entropy(alpha, targets, num_nodes)
 
         return hook

@@ -58,6 +58,13 @@ class DualSSA(nn.Module):
     ``batch``: in a PyG ``Batch`` of labelled and unlabelled graphs each graph gets what it would
     get alone.
 
+    What weighs 0 is skipped: with :math:`\lambda = 1` the semantic branch is neither built nor
+    computed (``semantic`` is :obj:`None`; the semantic edges are not read, and
+    :class:`~bgf_pyg.losses.BatchGraphLoss` builds none). With :math:`\lambda = 0` the visual
+    branch stays: it is the whole attention of a graph without semantic edges (test time,
+    unlabelled data), and under DistributedDataParallel every parameter must take part in
+    every step.
+
     Args:
         channels (int): Input and output width; must be divisible by :obj:`heads`.
         heads (int, optional): Attention heads per branch. (default: :obj:`8`)
@@ -124,7 +131,11 @@ class DualSSA(nn.Module):
         else:
             self.visual = TopKAttention(channels, channels // heads, heads=heads, k=topk,
                                         dropout=dropout)
-        if semantic_branch == "attention":
+        self.semantic: nn.Module | None
+        if lam == 1:  # weighs 0: neither built nor computed
+            self.semantic = None
+            self.register_load_state_dict_pre_hook(_drop_unweighted_semantic)
+        elif semantic_branch == "attention":
             self.semantic = attention()
         elif semantic_branch == "propagation":
             self.semantic = GCNConv(channels, channels)
@@ -135,7 +146,8 @@ class DualSSA(nn.Module):
 
     def reset_parameters(self) -> None:
         self.visual.reset_parameters()
-        self.semantic.reset_parameters()
+        if self.semantic is not None:
+            self.semantic.reset_parameters()
         self.lin_out.reset_parameters()
 
     def forward(
@@ -154,7 +166,7 @@ class DualSSA(nn.Module):
             out = self.visual(x, visual_edge_index)
         else:
             out = self.visual(x, batch)
-        if _has_edges(semantic_edge_index):
+        if self.semantic is not None and _has_edges(semantic_edge_index):
             mixed = self.lam * out + (1.0 - self.lam) * self.semantic(x, semantic_edge_index)
             if batch is None:
                 out = mixed
@@ -168,6 +180,14 @@ class DualSSA(nn.Module):
             f"{self.__class__.__name__}({self.channels}, heads={self.heads}, lam={self.lam}, "
             f"semantic_branch={self.semantic_branch!r}{_visual_graph_repr(self)})"
         )
+
+
+def _drop_unweighted_semantic(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook of a :class:`DualSSA` without a semantic branch (λ = 1): drop the
+    ``semantic.*`` weights that older versions built and weighted by 0 (loading the rest is
+    exact: they never changed an output)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "semantic.")]:
+        del state_dict[key]
 
 
 class BGFormerLayer(nn.Module):
@@ -301,6 +321,12 @@ class BGFormer(nn.Module):
         )
         self.visual_graph = visual_graph
         self.topk = topk
+
+    @property
+    def uses_semantic_edges(self) -> bool:
+        """Whether any block has a semantic branch (λ < 1): without one, semantic edges are not
+        read and need not be built."""
+        return any(layer.attn.semantic is not None for layer in self.layers)
 
     def reset_parameters(self) -> None:
         for layer in self.layers:

@@ -10,7 +10,7 @@ those K only, and every other key gets weight 0. Nothing is symmetrised.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +110,9 @@ class TopKAttention(nn.Module):
         self.lin_key.reset_parameters()
         self.lin_value.reset_parameters()
 
-    def forward(self, x: Tensor, batch: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, batch: Optional[Tensor] = None, return_attention_weights: bool = False
+    ) -> Union[Tensor, tuple[Tensor, tuple[Tensor, Tensor]]]:
         r"""Runs the forward pass of the module.
 
         Args:
@@ -118,6 +120,11 @@ class TopKAttention(nn.Module):
             batch (torch.Tensor, optional): The graph of each node (a PyG ``Batch``'s ``batch``
                 vector; any integer ids, in any order): attention stays within each graph.
                 (default: :obj:`None`, one graph)
+            return_attention_weights (bool, optional): Also return ``(edge_index, alpha)``: the
+                kept weights ``alpha`` (E, H) and their edges ``edge_index`` (2, E, H), the edge
+                j→i of ``alpha[e, h]`` being ``edge_index[:, e, h]``; every query i has its
+                ``min(k, n_i)`` edges, the targets are the same in every head, the sources are
+                each head's own. (default: :obj:`False`)
         """
         check_features(x, "x", width=self.in_channels, finite=False)
         num_nodes = x.size(0)
@@ -129,36 +136,52 @@ class TopKAttention(nn.Module):
             for lin in (self.lin_query, self.lin_key, self.lin_value)
         )
         if batch is None:
-            out = self._attend(query, key, value)
+            graphs = [torch.arange(num_nodes, device=x.device)]
         else:  # one graph at a time: O(sum of n_g²) scores, and nothing crosses graphs
             order = batch.argsort(stable=True)
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(num_nodes, device=order.device)
             # sizes of the graphs present (not bincount: its length is the largest id + 1)
-            sizes = batch[order].unique_consecutive(return_counts=True)[1].tolist()
-            parts = [self._attend(query[:, nodes], key[:, nodes], value[:, nodes])
-                     for nodes in order.split(sizes)]
-            out = torch.cat(parts, dim=1)[:, inverse]
-        return out.transpose(0, 1).reshape(num_nodes, heads * width)
+            graphs = list(order.split(batch[order].unique_consecutive(return_counts=True)[1]
+                                      .tolist()))
+        parts = [self._attend(query[:, nodes], key[:, nodes], value[:, nodes])
+                 for nodes in graphs]
+        out = torch.cat([part[0] for part in parts], dim=1)
+        if batch is not None:  # back from the graphs' order to the nodes'
+            inverse = torch.empty_like(batch)
+            inverse[torch.cat(graphs)] = torch.arange(num_nodes, device=batch.device)
+            out = out[:, inverse]
+        out = out.transpose(0, 1).reshape(num_nodes, heads * width)
+        if not return_attention_weights:
+            return out
+        sources = torch.cat([nodes[index].flatten(1) for nodes, (_, index, _) in
+                             zip(graphs, parts, strict=True)], dim=1).t()  # (E, H)
+        targets = torch.cat([nodes.repeat_interleave(index.size(-1)) for nodes, (_, index, _) in
+                             zip(graphs, parts, strict=True)])
+        alpha = torch.cat([weights.flatten(1) for _, _, weights in parts], dim=1).t()
+        return out, (torch.stack([sources, targets.unsqueeze(1).expand_as(sources)]), alpha)
 
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(H, n, d) outputs of one graph's (H, n, d) queries, keys and values, a chunk of query
-        rows at a time."""
+        rows at a time, with the (H, n, K) kept keys of each query and their weights."""
         num_nodes = key.size(1)
         kept = min(self.k, num_nodes)
         rows = self.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(self.heads * num_nodes, 1))
-        chunks = []
+        chunks, indices, weights = [], [], []
         for start in range(0, num_nodes, rows):
             scores = query[:, start:start + rows] @ key.transpose(1, 2) / math.sqrt(key.size(-1))
             with torch.no_grad():  # (H, c, N) scores; the choice of the K has no gradient
                 _, index = select_with_ties(scores.detach().flatten(0, 1), kept)
             index = index.view(*scores.shape[:2], kept)
-            weights = scores.gather(-1, index).softmax(dim=-1)
-            weights = F.dropout(weights, p=self.dropout, training=self.training)
+            weight = scores.gather(-1, index).softmax(dim=-1)
+            weight = F.dropout(weight, p=self.dropout, training=self.training)
             # Scattered into a dense (H, c, N) matrix: one matmul with the values.
-            attention = scores.new_zeros(scores.shape, dtype=weights.dtype)
-            chunks.append(attention.scatter(-1, index, weights) @ value)
-        return torch.cat(chunks, dim=1) if chunks else value
+            attention = scores.new_zeros(scores.shape, dtype=weight.dtype)
+            chunks.append(attention.scatter(-1, index, weight) @ value)
+            indices.append(index)
+            weights.append(weight)
+        if not chunks:
+            empty = value.new_zeros(self.heads, 0, 0)
+            return value, empty.long(), empty
+        return torch.cat(chunks, dim=1), torch.cat(indices, dim=1), torch.cat(weights, dim=1)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..checks import check_features, check_positive_int
 from ..knn import normalize_rows
 from ..nn.bgformer import BGFormer
+from ..nn.projection import ProjectedGraph
 from .common import Neighbors, RefinedGallery, check_k, check_setting, first_neighbors
 
 
@@ -85,6 +86,9 @@ class BGFormerRefinement:
         if not isinstance(method, BGFormerMethod):
             raise ValueError(f"method must be a BGFormerMethod (the learned refinement needs a "
                              f"trained BGFormer), got {type(method).__name__}")
+        if isinstance(method.bgformer, ProjectedGraph):
+            raise ValueError("method has graph_dim set: its BGFormer runs between projections "
+                             "(a ProjectedGraph), which the learned refinement does not support")
         return cls(method.bgformer, method.backbone.head,
                    method.graph_loss.k if k is None else k)
 

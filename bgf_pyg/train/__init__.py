@@ -44,7 +44,7 @@ from .evaluation import (
 )
 from .loop import FitResult, fit, show_progress, train_one_epoch
 from .precision import Precision
-from .rng import rng_state, seed_all, seed_worker, set_rng_state
+from .rng import random_stream, rng_state, seed_all, seed_worker, set_rng_state, stream_seed
 from .state import RESUME_KEYS, TrainingState
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "plot_curves",
+    "random_stream",
     "read_metrics",
     "rng_state",
     "save_checkpoint",
@@ -79,5 +80,6 @@ __all__ = [
     "set_rng_state",
     "show_progress",
     "split_label",
+    "stream_seed",
     "train_one_epoch",
 ]

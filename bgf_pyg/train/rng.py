@@ -1,9 +1,13 @@
 """Seeds and random-number-generator states: what makes a run repeatable and a resumed run equal
-to an uninterrupted one."""
+to an uninterrupted one, and the separate streams that keep one consumer of randomness from
+shifting another's draws (``docs/design.rst`` §17)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -19,6 +23,25 @@ def seed_all(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def stream_seed(seed: int, role: str, index: int = 0) -> int:
+    """The seed of the random stream ``role`` (e.g. ``"backbone"``, ``"augmentation"``) of a run
+    seeded with ``seed`` (``index``: e.g. the rank): streams of different roles are unrelated,
+    and each depends on nothing but these three."""
+    sequence = np.random.SeedSequence((seed, zlib.crc32(role.encode()), index))
+    return int(sequence.generate_state(1, dtype=np.uint64)[0])
+
+
+@contextlib.contextmanager
+def random_stream(seed: int, role: str) -> Iterator[None]:
+    """Inside the block torch's global CPU generator draws the stream ``role`` of ``seed``
+    (:func:`stream_seed`); after it, the generator is as the block found it. What a module's
+    constructor draws for its initial weights then depends on its role alone, not on what was
+    built before it, and draws nothing from what follows (augmentation, dropout)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(seed, role))
+        yield
 
 
 def seed_worker(worker_id: int) -> None:

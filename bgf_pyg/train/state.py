@@ -1,5 +1,5 @@
 """The training state: everything a run must restore to continue bit-identically (weights,
-optimiser, LR scheduler, grad scaler, RNG states, the loader's generator and the sampler's
+optimiser, LR scheduler, grad scaler, RNG states, the loader's generators and the sampler's
 position), as one object with ``state_dict()`` / ``load_state_dict()``.
 
 Under ``torch.distributed`` the RNG states and the loader's generator are every rank's (a list in
@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .. import distributed
+from ..data import AugmentedLoader
 from ..models import Method
 from .precision import Precision
 from .rng import rng_state, set_rng_state
@@ -83,8 +84,9 @@ class TrainingState:
         self.epoch, self.step, self.loss_sum = self.epoch + 1, 0, 0.0
 
     def state_dict(self) -> dict:
-        """Weights, optimiser, scheduler, scaler, counters, best metric, every rank's RNG states
-        and loader generator (the epoch-start one mid-epoch, see :meth:`begin_epoch`)."""
+        """Weights, optimiser, scheduler, scaler, counters, best metric, every rank's RNG states,
+        loader generator (the epoch-start one mid-epoch, see :meth:`begin_epoch`) and
+        augmentation stream (an :class:`~bgf_pyg.data.AugmentedLoader`'s)."""
         generator = self._epoch_generator if self.step else _generator_state(self.loader)
         return {
             "model": self.method.state_dict(),
@@ -101,6 +103,7 @@ class TrainingState:
             "last_metrics": self.last_metrics,
             "rng": _every_rank(rng_state()),
             "loader_generator": _every_rank(generator),
+            "augmentation_generator": _every_rank(_augmentation_state(self.loader)),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -120,12 +123,21 @@ class TrainingState:
         generator = _this_rank(state.get("loader_generator"))
         if generator is not None and self.loader.generator is not None:
             self.loader.generator.set_state(generator)
+        augmentation = _this_rank(state.get("augmentation_generator"))
+        if augmentation is not None and isinstance(self.loader, AugmentedLoader):
+            self.loader.augmentation.set_state(augmentation)
         self._epoch_generator = _generator_state(self.loader)  # mid-epoch: the epoch-start one
 
 
 def _generator_state(loader: DataLoader) -> Tensor | None:
     generator = getattr(loader, "generator", None)
     return None if generator is None else generator.get_state()
+
+
+def _augmentation_state(loader: DataLoader) -> Tensor | None:
+    """The state of an :class:`~bgf_pyg.data.AugmentedLoader`'s augmentation stream: as it is now,
+    mid-epoch too (the batches it drew for are trained, a resumed epoch skips them unloaded)."""
+    return loader.augmentation.get_state() if isinstance(loader, AugmentedLoader) else None
 
 
 def _every_rank(value):

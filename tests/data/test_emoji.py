@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bgf_pyg.checks import InputError
 from bgf_pyg.cli import main as train_main
 from bgf_pyg.cli import parse_args
 from bgf_pyg.data import build_dataset
-from bgf_pyg.data.emoji import MANIFEST, Emoji, emoji_split
-from bgf_pyg.data.emoji_cache import build_emoji_cache, emoji_classes
+from bgf_pyg.data.emoji import MANIFEST, Emoji, emoji_split, read_left_out, read_manifest
+from bgf_pyg.data.emoji_cache import build_emoji_cache, cache_state, emoji_classes
 from bgf_pyg.data.iconify import (
     Drawing,
     is_skin_tone_variant,
@@ -406,3 +407,109 @@ def test_bgf_train_runs_on_an_emoji_cache(tmp_path, capsys, tiny_eval):
     assert code == 0, capsys.readouterr().err
     final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["final"] and 0 <= final["recall@1"] <= 1
+
+
+#: What makes cairo fail on Fluent Emoji's ``umbrella`` and ``umbrella-with-rain-drops``
+#: (@iconify-json/fluent-emoji 1.2.7, MIT): a radial gradient transformed by ``skewY(-90)``, a
+#: singular matrix, for which cairo reports CAIRO_STATUS_NO_MEMORY (a ``MemoryError``).
+UNRENDERABLE = ('<path fill="url(#g)" d="M2 2h12v12H2z"/><defs><radialGradient id="g" cx="0" '
+                'cy="0" r="1" gradientTransform="translate(8 8)skewY(-90)" '
+                'gradientUnits="userSpaceOnUse"><stop stop-color="#504573"/></radialGradient>'
+                '</defs>')
+
+
+@pytest.fixture
+def fetch_with_unrenderable_star(tmp_path):
+    """The fixture sets with gamma's ``star`` drawn as the umbrella's failing gradient."""
+    folder = tmp_path / "packages-umbrella"
+    folder.mkdir()
+    gamma_icons, gamma_package = SETS["gamma"]
+    gamma_icons = {**gamma_icons, "icons": {**gamma_icons["icons"],
+                                            "star": {"body": UNRENDERABLE}}}
+    tarballs = {name: write_tarball(folder, *content) for name, content in SETS.items()}
+    tarballs["gamma"] = write_tarball(folder, gamma_icons, gamma_package)
+    return lambda sets, _folder: {name: tarballs[name] for name in sets}
+
+
+def test_the_umbrella_gradient_makes_cairo_fail():
+    needs_cairosvg()
+    from bgf_pyg.data.emoji_cache import render
+
+    drawing = Drawing(body=UNRENDERABLE, width=16.0, height=16.0, left=0.0, top=0.0,
+                      h_flip=False, v_flip=False, rotate=0)
+    with pytest.raises(MemoryError, match="CAIRO_STATUS_NO_MEMORY"):
+        render(drawing, 24)
+
+
+@pytest.mark.parametrize(("min_styles", "classes"), [(3, CLASSES_3 - {"star"}), (2, CLASSES_2)])
+def test_an_unrenderable_drawing_is_left_out_and_the_build_finishes(
+        tmp_path, fetch_with_unrenderable_star, caplog, capsys, min_styles, classes):
+    needs_cairosvg()
+    root = tmp_path / "emoji"
+    code = data_main(["emoji", "--root", str(root), "--size", "24", "--min-styles",
+                      str(min_styles), "--sets", *SETS], fetch=fetch_with_unrenderable_star)
+    assert code == 0, capsys.readouterr().err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("emoji set gamma, icon star: did not render (MemoryError")
+    images = read_manifest(root)
+    assert {r["class"] for r in images} == classes
+    assert ("gamma", "star") not in {(r["style"], r["class"]) for r in images}
+    left_out = read_left_out(root)
+    assert left_out[0]["left_out"].startswith("did not render (MemoryError")
+    assert (left_out[0]["style"], left_out[0]["icon"]) == ("gamma", "star")
+    # with 3 sets required, star's two rendered drawings fall below the rule and go too
+    dropped = {(r["style"], r["class"]) for r in left_out[1:]}
+    assert dropped == ({("alpha", "star"), ("beta", "star")} if min_styles == 3 else set())
+    assert all("fewer than min_styles=3" in r["left_out"] for r in left_out[1:])
+    assert not (root / "images" / "star").exists() or min_styles == 2
+    files = {p.relative_to(root).as_posix() for p in (root / "images").rglob("*.png")}
+    assert files == {r["path"] for r in images}
+    out = capsys.readouterr().out
+    assert f"{len(left_out)} drawings left out (gamma star" in out and MANIFEST in out
+    assert {*Emoji(root, "train").class_ids, *Emoji(root, "test").class_ids} == classes
+
+
+def test_a_broken_renderer_is_one_error(tmp_path, local_fetch, monkeypatch, caplog, capsys):
+    from bgf_pyg.data import emoji_cache
+
+    monkeypatch.setattr(emoji_cache, "import_cairosvg", lambda: None)
+
+    def broken(drawing, size):
+        raise MemoryError("cairo returned CAIRO_STATUS_NO_MEMORY")
+
+    monkeypatch.setattr(emoji_cache, "render", broken)
+    code = data_main(["emoji", "--root", str(tmp_path / "emoji"), "--min-styles", "3",
+                      "--sets", *SETS], fetch=local_fetch)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("bgf-data: error: the SVG renderer (cairosvg) drew "
+                                            "none of the first 12 drawings (alpha ")
+    assert "is the cairo library installed and working?" in err[-1]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert cache_state(tmp_path / "emoji") == "empty"  # nothing half-written is left
+
+
+def test_a_renderer_that_fails_on_every_drawing_stops_after_the_probe(tmp_path, monkeypatch):
+    from bgf_pyg.data import emoji_cache
+
+    calls = []
+
+    def broken(drawing, size):
+        calls.append(drawing)
+        raise ValueError("no cairo")
+
+    monkeypatch.setattr(emoji_cache, "render", broken)
+    many = [emoji_cache.EmojiImage(f"e{i}", read_icon_set_stub(), "x") for i in range(50)]
+    with pytest.raises(InputError, match="drew none of the first 20 drawings"):
+        emoji_cache._render_all(many, 8, tmp_path)
+    assert len(calls) == emoji_cache.RENDER_PROBE == 20
+
+
+def read_icon_set_stub():
+    """An icon set of one drawing, ``x`` (rendering is stubbed where it is used)."""
+    from bgf_pyg.data.iconify import IconSet
+
+    drawing = Drawing(body="", width=1.0, height=1.0, left=0.0, top=0.0, h_flip=False,
+                      v_flip=False, rotate=0)
+    return IconSet(prefix="s", package="@iconify-json/s", version="1", license="MIT",
+                   drawings={"x": drawing}, aliases={})

@@ -8,7 +8,9 @@ from pytorch_metric_learning import losses, miners
 from torch import nn
 
 from bgf_pyg import build_batch_graph
+from bgf_pyg import graph as graph_module
 from bgf_pyg.losses import BatchGraphLoss, LabelSmoothingCE, ProxyGMLLoss
+from bgf_pyg.losses import batch_graph as batch_graph_module
 from bgf_pyg.models import BGFormerMethod, EmbeddingNet, build_method
 from bgf_pyg.nn import BGFormer
 
@@ -200,6 +202,26 @@ def test_identity_head_and_alpha_weights():
     g = bgformer(features, graph.visual_edge_index, graph.semantic_edge_index)
     only_g = BatchGraphLoss(loss_fn, bgformer, k=3, alpha=0.0)(features, labels)
     torch.testing.assert_close(only_g, loss_fn(g, labels))
+
+
+@pytest.mark.parametrize("visual_graph", ["knn", "attention_topk"])
+def test_lam_one_builds_no_semantic_edges(visual_graph, monkeypatch):
+    torch.manual_seed(0)
+    features, labels = batch(3)
+    loss_fn, head = losses.MultiSimilarityLoss(), nn.Linear(FEAT, EMB)
+    bgformer = BGFormer(FEAT, heads=2, lam=1.0, visual_graph=visual_graph, topk=4)
+    visual = (None if visual_graph != "knn"
+              else build_batch_graph(features.detach(), labels, 3).visual_edge_index)
+    g = bgformer(features, visual, None)  # the visual branch alone, by construction
+    expected = 0.4 * loss_fn(head(features), labels) + 0.6 * loss_fn(head(g), labels)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("semantic edges were built")
+
+    for module in (batch_graph_module, graph_module):
+        monkeypatch.setattr(module, "label_edges", refuse)
+    got = BatchGraphLoss(loss_fn, bgformer, k=3, alpha=0.4)(features, labels, head=head)
+    torch.testing.assert_close(got, expected)
 
 
 def test_detached_graph_input_leaves_the_backbone_to_its_own_term():

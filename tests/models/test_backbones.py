@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torchvision.models import resnet18
 
-from bgf_pyg.models import build_backbone
+from bgf_pyg.models import EmbeddingNet, build_backbone
 
 
 @pytest.mark.parametrize("name,feature_dim,pooling", [("resnet18", 512, "avg"),
@@ -52,3 +53,11 @@ def test_pretrained_corrupt_or_foreign_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, foreign)
     with pytest.raises(RuntimeError, match="does not match"):
         build_backbone("resnet18", 8, pretrained=str(foreign))
+
+
+def test_weights_with_a_projection_between_trunk_and_head_are_refused():
+    net = EmbeddingNet(nn.Linear(6, 12), 12, 4)
+    older = {**net.state_dict(), "proj.weight": torch.zeros(12, 12), "proj.bias": torch.zeros(12)}
+    with pytest.raises(ValueError, match="graph_dim now projects on the graph module's side"):
+        net.load_state_dict(older)
+    net.load_state_dict(net.state_dict())  # its own weights load

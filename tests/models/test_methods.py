@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bgf_pyg.data import ClassBalancedBatchSampler
-from bgf_pyg.models import METHODS, EmbeddingNet, build_backbone, build_method
+from bgf_pyg.models import METHODS, EmbeddingNet, build_backbone, build_method, build_optimizer
+from bgf_pyg.train import random_stream
 
 NUM_CLASSES, PER_CLASS, DIM = 4, 4, 16
 
@@ -118,6 +119,37 @@ def test_bgformer_alpha_one_is_the_plain_loss(batch):
     images, labels = batch
     plain = method.loss_fn(method.backbone(images), labels)
     torch.testing.assert_close(method(images, labels), plain)
+
+
+@pytest.mark.parametrize("graph_dim", [None, 8])
+def test_bgformer_with_alpha_one_trains_the_plain_network(batch, graph_dim):
+    images, labels = batch
+
+    def build(name: str, **hparams):
+        with random_stream(0, "backbone"):
+            backbone = tiny_backbone()
+        with random_stream(0, "method"):
+            return build_method(name, backbone, NUM_CLASSES, loss="proxy_anchor", **hparams)
+
+    plain = build("plain")
+    control = build("bgformer", alpha=1.0, k=3, heads=4, dropout=0.2, graph_dim=graph_dim)
+    start = {k: v.clone() for k, v in plain.backbone.state_dict().items()}
+    torch.manual_seed(1)  # graph dropout draws from the global generator; the trunk has none
+    for method in (plain, control):
+        optimizer = build_optimizer(method, 1e-2, 1e-1)
+        loader = DataLoader(TensorDataset(images, labels), batch_sampler=ClassBalancedBatchSampler(
+            labels, 2, 3, num_batches=5, seed=4))
+        for step_images, step_labels in loader:  # 5 steps
+            optimizer.zero_grad()
+            method(step_images, step_labels).backward()
+            optimizer.step()
+    for key, value in plain.backbone.state_dict().items():
+        assert torch.equal(control.backbone.state_dict()[key], value), key
+    assert not torch.equal(plain.backbone.head.weight, start["head.weight"])  # it did train
+    assert torch.equal(control.loss_fn.proxies, plain.loss_fn.proxies)
+    plain.eval(), control.eval()
+    with torch.no_grad():
+        assert torch.equal(control.embed(images), plain.embed(images))
 
 
 def test_sampler_batches_feed_every_method(batch):

@@ -8,6 +8,7 @@ import torch
 
 from bgf_pyg import build_batch_graph
 from bgf_pyg.nn import AttentionEntropy, BatchGraphConv, BGFormer, attention_entropy
+from tests.reference import topk_weights_reference
 
 
 def test_attention_entropy_matches_a_per_node_loop():
@@ -65,3 +66,38 @@ def test_recorder_sees_every_branch_and_leaves_training_unchanged():
     assert recorder.stop() == values and not recorder._handles
     step()
     assert recorder.stop() == values  # nothing recorded while inactive
+
+
+def test_recorder_sees_the_top_k_branch():
+    torch.manual_seed(0)
+    x = torch.randn(11, 8)
+    batch = torch.tensor([0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 0])  # graphs of 6 and 5 nodes
+    labels = torch.tensor([0, 1, 2, 0, 2, 1, 3, 0, 3, 2, 1])
+    semantic = build_batch_graph(x, labels, k=1).semantic_edge_index
+    model = BGFormer(8, num_layers=2, heads=2, visual_graph="attention_topk", topk=6).train()
+    inputs = {}  # what each layer's top-K branch saw, for the reference
+
+    def keep_input(layer: int):
+        def hook(module, args, out) -> None:
+            inputs.setdefault(layer, args[0].detach())
+        return hook
+
+    for layer, block in enumerate(model.layers):
+        block.attn.visual.register_forward_hook(keep_input(layer))
+    recorder = AttentionEntropy(model)
+    assert sorted(recorder.branches) == ["layer0/semantic", "layer0/visual", "layer1/semantic",
+                                         "layer1/visual"]
+    recorder.start()
+    model(x, None, semantic, batch)
+    values = recorder.stop()
+    for layer, block in enumerate(model.layers):
+        branch = block.attn.visual
+        n, h, d = x.size(0), branch.heads, branch.out_channels
+        query, key = (lin(inputs[layer]).detach().view(n, h, d)
+                      for lin in (branch.lin_query, branch.lin_key))
+        rows = topk_weights_reference(query, key, branch.k, batch)
+        entropies = [-sum(w * math.log(w) for w in row.values()) for row in rows.values()]
+        uniform = [math.log(len(row)) for row in rows.values()]  # K = 6, or the 5-node graph
+        entropy, bound = values[f"layer{layer}/visual"]
+        assert math.isclose(entropy, sum(entropies) / len(entropies), rel_tol=1e-5)
+        assert math.isclose(bound, sum(uniform) / len(uniform), rel_tol=1e-6)

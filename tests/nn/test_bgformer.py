@@ -191,3 +191,33 @@ def test_bgformer_batch_equals_each_graph_alone(semantic_branch):
         sizes = [g.num_nodes for g in graphs]
         for part, graph in zip(out.split(sizes), graphs, strict=True):
             torch.testing.assert_close(part, model(graph), atol=1e-12, rtol=1e-10)
+
+
+def visual_only_reference(module: DualSSA, x, visual) -> torch.Tensor:
+    return F.linear(branch_reference(module.visual, x, visual), module.lin_out.weight,
+                    module.lin_out.bias)
+
+
+def test_lam_one_builds_and_computes_no_semantic_branch():
+    graph = random_batch_graph()
+    module = DualSSA(8, heads=2, lam=1.0).double()
+    assert module.semantic is None
+    assert not any(name.startswith("semantic.") for name in module.state_dict())
+    out = module(graph.x, graph.visual_edge_index, graph.semantic_edge_index)  # edges unread
+    torch.testing.assert_close(out, visual_only_reference(module, graph.x,
+                                                          graph.visual_edge_index),
+                               atol=1e-10, rtol=1e-10)
+    assert not BGFormer(8, heads=2, lam=1.0).uses_semantic_edges
+    assert BGFormer(8, heads=2, lam=0.5).uses_semantic_edges
+
+
+def test_lam_one_loads_weights_that_held_a_semantic_branch():
+    graph = random_batch_graph()
+    older = DualSSA(8, heads=2, lam=0.5).double()  # an older λ = 1 module built its branch
+    older.lam = 1.0
+    module = DualSSA(8, heads=2, lam=1.0).double()
+    module.load_state_dict(older.state_dict())  # the unweighted branch's keys are dropped
+    torch.testing.assert_close(
+        module(graph.x, graph.visual_edge_index, graph.semantic_edge_index),
+        older(graph.x, graph.visual_edge_index, graph.semantic_edge_index), atol=1e-10,
+        rtol=1e-10)

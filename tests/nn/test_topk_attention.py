@@ -16,9 +16,9 @@ from bgf_pyg.experiment.build import method_hparams
 from bgf_pyg.losses import BatchGraphLoss
 from bgf_pyg.losses import batch_graph as batch_graph_module
 from bgf_pyg.models import EmbeddingNet, build_method
-from bgf_pyg.nn import AttentionEntropy, BatchGraphConv, BGFormer, DualSSA, TopKAttention
+from bgf_pyg.nn import BatchGraphConv, BGFormer, DualSSA, TopKAttention
 from tests.nn.test_bgformer import branch_reference
-from tests.reference import topk_attention_reference
+from tests.reference import topk_attention_reference, topk_weights_reference
 from tests.test_cli import assert_user_error
 
 
@@ -242,11 +242,32 @@ def test_tiny_demo_run_with_the_top_k_visual_graph(tmp_path, capsys):
     assert '"visual_graph": "attention_topk"' in (tmp_path / "metrics.jsonl").read_text()
 
 
-def test_attention_entropy_skips_the_top_k_branch():
-    model = BGFormer(8, num_layers=2, heads=2, visual_graph="attention_topk", topk=3)
-    stats = AttentionEntropy(model)
-    assert sorted(stats.branches) == ["layer0/semantic", "layer1/semantic"]
-    stats.start()
-    graph = build_batch_graph(torch.randn(9, 8), torch.arange(3).repeat_interleave(3), k=2)
-    model(graph.x, None, graph.semantic_edge_index)
-    assert sorted(stats.stop()) == ["layer0/semantic", "layer1/semantic"]
+def projections(module: TopKAttention, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    n, h, d = x.size(0), module.heads, module.out_channels
+    return tuple(lin(x).detach().view(n, h, d)
+                 for lin in (module.lin_query, module.lin_key, module.lin_value))
+
+
+@pytest.mark.parametrize("with_batch", [False, True])
+def test_returned_attention_weights_are_the_kept_ones(with_batch):
+    torch.manual_seed(3)
+    module = TopKAttention(6, 4, heads=3, k=4).double()
+    x = torch.randn(11, 6, dtype=torch.float64)
+    batch = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0, 2, 2]) if with_batch else None
+    with torch.no_grad():
+        out, (edge_index, alpha) = module(x, batch, return_attention_weights=True)
+        torch.testing.assert_close(out, module(x, batch), atol=0, rtol=0)
+    query, key, _ = projections(module, x)
+    expected = topk_weights_reference(query, key, 4, batch)
+    assert edge_index.shape == (2, alpha.size(0), 3) and alpha.size(1) == 3
+    assert (edge_index[1] == edge_index[1, :, :1]).all()  # one target per edge, all heads
+    got = {}
+    for e in range(alpha.size(0)):
+        for h in range(3):
+            source, target = int(edge_index[0, e, h]), int(edge_index[1, e, h])
+            got.setdefault((target, h), {})[source] = float(alpha[e, h])
+    assert got.keys() == expected.keys()
+    for row, weights in expected.items():
+        assert got[row].keys() == weights.keys(), row  # graph 2 has 2 nodes: K = 2 there
+        for j, w in weights.items():
+            assert abs(got[row][j] - w) < 1e-12

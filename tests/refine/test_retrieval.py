@@ -115,6 +115,9 @@ def test_bad_arguments_name_themselves():
     plain = build_method("plain", build_backbone("smallcnn", 8))
     with pytest.raises(ValueError, match="method must be a BGFormerMethod"):
         BGFormerRefinement.from_method(plain)
+    projected = build_method("bgformer", build_backbone("smallcnn", 8), heads=2, graph_dim=16)
+    with pytest.raises(ValueError, match="method has graph_dim set"):
+        BGFormerRefinement.from_method(projected)
 
 
 # ---------------------------------------------------------------------------- learned
@@ -305,6 +308,8 @@ def test_bgf_eval_reproduces_the_runs_refinements(tiny_run, capsys):
     (["--refine", "qe", "--refine-k", "3", "5", "--select-on", "last"],
      "a grid of settings is chosen on the validation classes"),
     (["--refine-alpha", "1"], "--refine-alpha has no effect"),
+    (["--refine", "bgformer", "--graph-dim", "64"],
+     "--refine bgformer does not support --graph-dim"),
 ])
 def test_train_refine_bad_input(argv, fragment, capsys, tmp_path):
     code = train_main([*argv, "--out", str(tmp_path / "run"), "--no-progress"])

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from bgf_pyg.data import ClassBalancedBatchSampler
+from bgf_pyg.data import AugmentedLoader, ClassBalancedBatchSampler
 from bgf_pyg.models import EmbeddingNet, build_method, build_optimizer
 from bgf_pyg.train import Precision, TrainingState, train_one_epoch
 
@@ -36,8 +36,9 @@ class NoisyImages(Dataset):
 
 
 def make_state(init_seed: int, batches: str) -> TrainingState:
-    """A fresh run: weights from ``init_seed``, a loader of shuffled or class-balanced batches,
-    a model with dropout (the torch RNG) and a scheduler."""
+    """A fresh run: weights from ``init_seed``, a loader of ``batches`` (``"shuffled"``,
+    ``"balanced"`` or ``"augmented"``: balanced, with its own augmentation stream), a model with
+    dropout (the torch RNG) and a scheduler."""
     torch.manual_seed(init_seed)
     trunk = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(SIDE * SIDE, 12))
     method = build_method("plain", EmbeddingNet(trunk, 12, 6), NUM_CLASSES)
@@ -47,9 +48,13 @@ def make_state(init_seed: int, batches: str) -> TrainingState:
     if batches == "shuffled":
         loader = DataLoader(data, batch_size=6, shuffle=True,
                             generator=torch.Generator().manual_seed(7))
-    else:
+    elif batches == "balanced":
         loader = DataLoader(data, batch_sampler=ClassBalancedBatchSampler(data.labels, 2, 3),
                             generator=torch.Generator().manual_seed(7))
+    else:  # the images' torch noise from the loader's own stream
+        loader = AugmentedLoader(data, batch_sampler=ClassBalancedBatchSampler(data.labels, 2, 3),
+                                 generator=torch.Generator().manual_seed(7),
+                                 augmentation=torch.Generator().manual_seed(11))
     return TrainingState(method, optimizer, loader, Precision(torch.device("cpu")), scheduler)
 
 

@@ -13,6 +13,7 @@ from .runs import Stop, make_state, through_a_file, train
 @pytest.mark.parametrize("batches,stop_at", [
     ("shuffled", (1, 0)),  # between epochs: the loader's generator reshuffles
     ("balanced", (1, 2)),  # mid-epoch: the sampler restarts after 2 of its 4 batches
+    ("augmented", (1, 2)),  # mid-epoch, the loader's augmentation stream where it stopped
 ])
 def test_state_dict_round_trip_continues_bit_identically(batches, stop_at):
     seed_all(0)
@@ -46,6 +47,6 @@ def test_state_dict_is_the_last_checkpoint_layout():
     saved = state.state_dict()
     assert set(saved) == {"model", "optimizer", "scheduler", "scaler", "epoch", "sampler_epoch",
                           "step", "loss_sum", "best_metric", "best_epoch", "best_metrics",
-                          "last_metrics", "rng", "loader_generator"}
+                          "last_metrics", "rng", "loader_generator", "augmentation_generator"}
     assert (saved["epoch"], saved["sampler_epoch"], saved["step"], saved["best_epoch"]) == \
         (2, 2, 1, 2)
