@@ -342,8 +342,9 @@ class Config:
               "when set, else half the CPUs this process may use, divided among torchrun's "
               "processes on the node, at least 1 (default: %(default)s, the auto count here)",
         domain=positive_int, metavar="N")
-    #: The options :func:`configure` was given (what :meth:`replace` starts from).
-    given: dict = field(default_factory=dict, repr=False, compare=False)
+    #: The options :func:`configure` was given (what :meth:`replace` starts from); ``None``
+    #: for a ``Config`` built directly (its fields are not resolved).
+    given: dict | None = field(default=None, repr=False, compare=False)
 
     def options(self) -> dict[str, Any]:
         """Every option by name (what a run records as its configuration)."""
@@ -351,8 +352,14 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         """This configuration's given options with ``changes``, every default resolved again
-        (a new method's or dataset's defaults, a new seed's run folder)."""
-        return configure(**{**self.given, **changes})
+        (a new method's or dataset's defaults, a new seed's run folder). A change to ``None``
+        takes the option back to its default (it no longer counts as given)."""
+        if self.given is None:
+            raise InputError("this Config was built directly, so which options were given is "
+                             "unknown; build it with bgf_pyg.config.configure(...) to replace "
+                             "options")
+        options = {**self.given, **changes}
+        return configure(**{k: v for k, v in options.items() if v is not None})
 
 
 def option_fields() -> tuple[Field, ...]:
@@ -603,12 +610,24 @@ def checkpoint_config(config: Config) -> dict[str, Any]:
             if k not in RESUMABLE}
 
 
+def essential_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``options`` (every one resolved, as a run records them) that resolving the others
+    does not reproduce: what a user must have given (``proxy_lr`` at 100 × ``lr``, a method's
+    own layer count or a preset's values are left out). ``None`` means the default."""
+    options = {name: value for name, value in options.items() if value is not None}
+    return {name: value for name, value in options.items()
+            if getattr(resolve({k: v for k, v in options.items() if k != name},
+                               note=lambda message: None, check=False), name) != value}
+
+
 def from_checkpoint(stored: Mapping[str, Any], **changes: Any) -> Config:
     """The configuration of a run from its checkpoint's :func:`checkpoint_config`, with
-    ``changes``; its options are not checked again (they were when the run started)."""
+    ``changes``; its options are not checked again (they were when the run started). Its
+    ``given`` holds the :func:`essential_options`, so :meth:`Config.replace` resolves the
+    derived ones (``proxy_lr``, a method's defaults) again instead of keeping stale values."""
     options = {name: stored[checkpoint_key(name)] for name in OPTIONS
                if stored.get(checkpoint_key(name)) is not None}  # None: "the default" before
-    return resolve({**options, **changes}, check=False)
+    return resolve({**essential_options(options), **changes}, check=False)
 
 
 def as_record(config: Config) -> dict[str, Any]:

@@ -94,8 +94,14 @@ def evaluate_run(eval_args: argparse.Namespace) -> tuple[Config, str, list[dict]
         Path(eval_args.run_dir))
     state = load_checkpoint(path)
     require_keys(state, ("model", "config"), path)
-    stored = state["config"] or {}
-    config = run_options(stored, eval_args)
+    stored = state["config"]
+    if not isinstance(stored, dict) or not stored:
+        raise InputError(f"{path} holds no configuration (its 'config' is "
+                         f"{type(stored).__name__} {stored!r:.40}); was it edited?")
+    try:
+        config = run_options(stored, eval_args)
+    except InputError as err:
+        raise InputError(f"{path}: its stored configuration: {err}") from err
     message = check_refine(config, option_name)
     if message is not None:
         raise InputError(message)

@@ -34,6 +34,7 @@ from .arguments import (
     given_options,
     resolve_options,
 )
+from .checks import InputError
 from .config import OPTIONS, Config, resolve
 from .console import setup_logging
 from .experiment import run
@@ -136,6 +137,18 @@ def trial_config(base: Config, params: dict[str, str], seed: int, out: Path) -> 
     return base.replace(**trial_options(params), seed=seed, out=str(out), no_progress=True)
 
 
+def check_distinct_values(parser: argparse.ArgumentParser, name: str,
+                          values: Sequence[str]) -> None:
+    """Two values of ``--grid name`` that ``bgf-train`` reads as one (``1e-3,0.001``,
+    ``true,True``) would train the same setting twice: a parser error naming both."""
+    seen: dict = {}
+    for value in values:
+        typed = json.dumps(trial_options({name: value}), sort_keys=True)
+        if typed in seen:
+            parser.error(f"--grid {name}: {seen[typed]} and {value} are the same value")
+        seen[typed] = value
+
+
 def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
                base: Sequence[str]) -> Config:
     """Every combination and seed is a valid ``bgf-train`` run selected on the validation split,
@@ -153,6 +166,9 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
         bad = [v for v in values if v.lower() not in SWITCH_VALUES]
         if is_switch(name) and bad:
             parser.error(f"--grid {name}: an on/off option takes true or false, got {bad}")
+        if name.replace("-", "_") in given:
+            parser.error(f"--{name} is set both by --grid and after --; keep one")
+        check_distinct_values(parser, name, values)
     training_splits: dict[tuple, Dataset] = {}  # loaded once per dataset and validation split
     for values in itertools.product(*(v for _, v in args.grid)):
         params = dict(zip(names, values, strict=True))
@@ -211,7 +227,8 @@ def summary(rows: list[dict]) -> str:
 def make_study(args: argparse.Namespace, folder: Path):
     """The Optuna study in ``<folder>/study.db`` (loaded if it exists); a trial a killed sweep
     left running is marked failed and queued again on the same setting, by Optuna's
-    ``RetryHeartbeatStaleTrialCallback`` (which keeps the grid sampler's bookkeeping intact)."""
+    ``RetryHeartbeatStaleTrialCallback`` (which keeps the grid sampler's bookkeeping intact).
+    A study of another grid (Optuna cannot change a study's values) is an ``InputError``."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -224,6 +241,12 @@ def make_study(args: argparse.Namespace, folder: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    grid = {name: values for name, values in args.grid}
+    if study.user_attrs.get("grid", grid) != grid:
+        first = " ".join(f"--grid {k}={','.join(v)}" for k, v in study.user_attrs["grid"].items())
+        raise InputError(f"{folder} holds study {args.name!r} of another grid ({first}); repeat "
+                         "it to resume that study, or give another --name or --dir")
+    study.set_user_attr("grid", grid)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         retry(study, study._storage.get_trial(trial._trial_id))
@@ -246,7 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = Path(args.dir or f"runs/sweeps/{args.name}")
     folder.mkdir(parents=True, exist_ok=True)
     setup_logging()
-    study = make_study(args, folder)
+    try:
+        study = make_study(args, folder)
+    except USER_ERRORS as err:
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USAGE
     combinations = len(list(itertools.product(*(v for _, v in args.grid))))
     total = min(args.trials or (combinations if args.sampler == "grid" else 1), combinations)
     done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))

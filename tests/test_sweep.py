@@ -77,6 +77,13 @@ def test_random_sampler_draws_distinct_settings(tmp_path, capsys):
     (["--grid", "lr=-1"], "argument --lr: expected a finite number > 0"),
     (["--grid", "seed=1,2"], "--seed is set by bgf-sweep itself"),
     (["--grid", "lr"], "expected NAME=V1,V2"),
+    (["--grid", "lr=,"], "expected NAME=V1,V2"),  # an empty list
+    (["--grid", "lr=1e-3", "--grid=--lr=3e-4"], "--grid names an option twice"),
+    (["--grid", "lr=1e-3,0.001"], "--grid lr: 1e-3 and 0.001 are the same value"),
+    (["--grid", "k=5,05", "--", "--method", "bgformer"], "--grid k: 5 and 05 are the same value"),
+    (["--grid", "no-augment=true,True"], "--grid no-augment: true and True are the same value"),
+    (["--grid", "lr=1e-3,3e-4", "--", "--lr", "0.01"], "--lr is set both by --grid and after --"),
+    (["--grid", "epochs=1.5"], "argument --epochs: expected an integer >= 1, got '1.5'"),
     (["--grid", "lr=1e-3", "--", "--select-on", "last"], "chooses on the validation split"),
     (["--grid", "lr=1e-3", "--", "--val-classes", "0"], "--select-on val needs a validation"),
     (["--grid", "detach-graph-input=yes", "--", "--method", "bgformer"],
@@ -143,3 +150,21 @@ def test_options_that_every_setting_completes_are_accepted():
     args, base = split_argv(parser, ["--name", "x", "--grid", "lr-milestones=5,10", "--",
                                      "--method", "plain", "--lr-gamma", "0.5", "--epochs", "20"])
     assert check_plan(parser, args, base).lr_gamma == 0.5
+
+
+def test_a_study_rerun_with_another_grid_is_refused_before_any_run(tmp_path, capsys):
+    """Optuna cannot change a stored study's values: the second sweep ended in its
+    'CategoricalDistribution does not support dynamic value space' after a failed trial."""
+    import argparse
+
+    from bgf_pyg.sweep import make_study
+
+    first = argparse.Namespace(name="x", grid=[("lr", ["1e-3", "3e-4"])], sampler_seed=0)
+    make_study(first, tmp_path)
+    make_study(first, tmp_path)  # the same grid: the study resumes
+    assert main(["--name", "x", "--dir", str(tmp_path), "--grid", "lr=1e-2,3e-4", *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bgf-sweep: error: {tmp_path} holds study 'x' of another grid "
+                   "(--grid lr=1e-3,3e-4); repeat it to resume that study, or give another "
+                   "--name or --dir"]
+    assert not (tmp_path / "runs.jsonl").exists()

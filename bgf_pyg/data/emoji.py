@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -48,8 +48,9 @@ def prepare_hint(root: Path) -> str:
 
 def _manifest_records(root: str | Path) -> list[dict]:
     """Every record of ``root``'s manifest, images and left-out drawings. A missing root or
-    manifest raises a ``FileNotFoundError``, a malformed line a ``ValueError``; both name the
-    path and the command that prepares the cache."""
+    manifest raises a ``FileNotFoundError``, a malformed line (not JSON, a field missing or of
+    another type, an image path outside ``images/`` or listed twice) a ``ValueError``; both name
+    the path and the command that prepares the cache."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist or is not a folder; {prepare_hint(root)}")
@@ -58,6 +59,7 @@ def _manifest_records(root: str | Path) -> list[dict]:
         state = "is a half-written cache" if (root / IMAGES_DIR).exists() else "is not prepared"
         raise FileNotFoundError(f"{root} has no {MANIFEST} (it {state}); {prepare_hint(root)}")
     records = []
+    lines: dict[str, int] = {}  # each path's line
     for number, line in enumerate(file.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -70,6 +72,14 @@ def _manifest_records(root: str | Path) -> list[dict]:
         if not isinstance(record, dict) or any(key not in record for key in fields):
             raise ValueError(f"{file}, line {number}: expected a JSON object with the fields "
                              f"{', '.join(fields)}; {prepare_hint(root)}")
+        if LEFT_OUT not in record:
+            problem = record_problem(record)
+            path = PurePosixPath(record["path"]).as_posix() if problem is None else ""
+            if problem is None and path in lines:
+                problem = f"path {record['path']!r} is listed on line {lines[path]} too"
+            if problem is not None:
+                raise ValueError(f"{file}, line {number}: {problem}; {prepare_hint(root)}")
+            lines[path] = number
         records.append(record)
     return records
 
@@ -86,6 +96,22 @@ def read_manifest(root: str | Path) -> list[dict]:
 def read_left_out(root: str | Path) -> list[dict]:
     """The drawings ``root``'s manifest lists as left out, each with its reason (``left_out``)."""
     return [r for r in _manifest_records(root) if LEFT_OUT in r]
+
+
+def record_problem(record: dict) -> str | None:
+    """What is wrong with a manifest record's values (``None``: nothing): text fields are
+    strings, ``size`` a positive int, ``path`` a file under ``images/`` of the cache."""
+    for key in MANIFEST_FIELDS:
+        if key != "size" and not isinstance(record[key], str):
+            return f"{key} must be a string, got {type(record[key]).__name__} {record[key]!r}"
+    size = record["size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return f"size must be a positive int, got {type(size).__name__} {size!r}"
+    path = PurePosixPath(record["path"])
+    if path.is_absolute() or ".." in path.parts or path.parts[:1] != (IMAGES_DIR,) \
+            or len(path.parts) < 2:
+        return f"path must be a file under {IMAGES_DIR}/ of the cache, got {record['path']!r}"
+    return None
 
 
 def emoji_split(class_names: list[str] | set[str]) -> tuple[list[str], list[str]]:
@@ -123,6 +149,13 @@ class Emoji(ImageListDataset):
             raise FileNotFoundError(f"{root}: {len(missing)} of the {len(records)} images its "
                                     f"{MANIFEST} lists do not exist, e.g. {root / missing[0]} "
                                     f"(a half-written or altered cache); {prepare_hint(root)}")
+        unlisted = sorted(set((root / IMAGES_DIR).rglob("*.png"))
+                          - {root / r["path"] for r in records})
+        if unlisted:
+            raise ValueError(f"{root}: {len(unlisted)} images under {IMAGES_DIR}/ are not in its "
+                             f"{MANIFEST}, e.g. {unlisted[0]} (a truncated or edited manifest); "
+                             f"{prepare_hint(root)} (to leave emoji out, delete their images "
+                             "too)")
         train, test = emoji_split({r["class"] for r in records})
         chosen = set(train if split == "train" else test)
         kept = [r for r in records if r["class"] in chosen]

@@ -18,7 +18,8 @@
    of left-out drawing with the reason. A renderer that draws none of the first
    :data:`RENDER_PROBE` drawings is broken: one error, not a warning per drawing.
 4. **Write** into a temporary folder under the root, then move ``images/`` into place and the
-   manifest last: a root without ``manifest.jsonl`` is an unfinished cache.
+   manifest last: a root without ``manifest.jsonl`` is an unfinished cache. A build killed
+   before that leaves its temporary folder, which the next build removes.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ EMOJI_SETS = ("noto", "noto-v1", "twemoji", "openmoji", "fluent-emoji-flat", "em
 MIN_STYLES = 5
 NPM_SCOPE = "@iconify-json"
 DOWNLOADS_DIR = "downloads"
+#: Prefix of the folder a build renders into (under the root; a killed build's is removed by
+#: the next build).
+TEMP_PREFIX = ".emoji-"
 #: Drawings a build tries before a renderer that has drawn none of them counts as broken.
 RENDER_PROBE = 20
 #: Seconds one ``npm pack`` may take.
@@ -261,7 +265,9 @@ def build_emoji_cache(
     say(f"{len(images)} images of {len({i.class_name for i in images})} emoji; rendering at "
         f"{size} px")
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".emoji-", dir=root) as temp:
+    for stale in root.glob(f"{TEMP_PREFIX}*"):  # what a killed build left
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=root) as temp:
         records, left_out = _render_all(images, size, Path(temp))
         records, short = _apply_min_styles(records, min_styles, Path(temp))
         if not records:

@@ -9,10 +9,14 @@ it is used only when the stored key equals the current one:
   ResNet ``max`` and ``avg`` pooling or a ViT's ``cls`` and ``cls+mean`` features differ) and of
   its state dict (every parameter and buffer: a change of weights file or of any weight is a new
   key),
-- the transform's description (``repr``: resize, crop size, interpolation, normalisation, flip),
+- the transform's description (``repr``: resize, crop size, interpolation, normalisation, flip;
+  a transform whose ``repr`` does not describe it, such as ``Lambda``, is refused),
 - for the cached prefix of a trunk whose tail trains (``train_tail``), the cut,
 - the images: a SHA-256 of every file's absolute path, size and modification time, in dataset
   order (another split, file list or order, or a changed image is a new key), and their count.
+  The images' bytes are not read: a file replaced by one of the same size with its modification
+  time set back (``cp -p``, ``rsync -t``, ``touch -r``) keeps the key; delete the cache folder
+  after such a replacement (see the guide page "Limits and refusals", ``docs/limits.rst``).
 
 The cached tensor of an image is a feature vector, or any tensor a trunk's prefix gives (a
 feature map, a token sequence). Files are written atomically (a killed run leaves no
@@ -78,10 +82,15 @@ def module_fingerprint(module: nn.Module) -> str:
 
 
 def images_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
-    """SHA-256 of every file's absolute path, size and modification time, in order."""
+    """SHA-256 of every file's absolute path, size and modification time, in order; a file
+    deleted since the list was read is an ``InputError`` naming it."""
     digest = hashlib.sha256()
     for path in paths:
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError as error:
+            raise InputError(f"cannot read image {path}: {error.strerror} (was it deleted or "
+                             "moved after the image list was read?)") from error
         digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
@@ -96,9 +105,21 @@ def feature_key(
     """What the features of ``dataset`` under ``transform`` depend on (see the module's
     docstring); ``cut``: the trunk's cut when ``backbone`` is its frozen prefix."""
     key = {"format": CACHE_FORMAT, "backbone": name, "weights": module_fingerprint(backbone),
-           "transform": " ".join(repr(transform).split()), "count": len(dataset.paths),
+           "transform": transform_description(transform), "count": len(dataset.paths),
            "images": images_fingerprint(dataset.paths)}
     return key if cut is None else {**key, "cut": cut}
+
+
+def transform_description(transform: Callable) -> str:
+    """``repr(transform)`` on one line, when it tells the transform apart from another: a
+    ``Lambda`` (every one reads ``Lambda()``: another function would reuse its features) or an
+    object without ``__repr__`` (its address: never reused) is an ``InputError``."""
+    text = " ".join(repr(transform).split())
+    if "Lambda()" in text or " object at 0x" in text:
+        raise InputError(f"transform {text} cannot key the feature cache: its repr does not "
+                         "describe what it does; give each of its parts a __repr__ that does "
+                         "(torchvision's transforms have one; Lambda has not)")
+    return text
 
 
 def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:

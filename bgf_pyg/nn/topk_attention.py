@@ -118,7 +118,8 @@ class TopKAttention(nn.Module):
         Args:
             x (torch.Tensor): The node features.
             batch (torch.Tensor, optional): The graph of each node (a PyG ``Batch``'s ``batch``
-                vector): attention stays within each graph. (default: :obj:`None`, one graph)
+                vector; any integer ids, in any order): attention stays within each graph.
+                (default: :obj:`None`, one graph)
             return_attention_weights (bool, optional): Also return ``(edge_index, alpha)``: the
                 kept weights ``alpha`` (E, H) and their edges ``edge_index`` (2, E, H), the edge
                 j→i of ``alpha[e, h]`` being ``edge_index[:, e, h]``; every query i has its
@@ -137,7 +138,10 @@ class TopKAttention(nn.Module):
         if batch is None:
             graphs = [torch.arange(num_nodes, device=x.device)]
         else:  # one graph at a time: O(sum of n_g²) scores, and nothing crosses graphs
-            graphs = list(batch.argsort(stable=True).split(torch.bincount(batch).tolist()))
+            order = batch.argsort(stable=True)
+            # sizes of the graphs present (not bincount: its length is the largest id + 1)
+            graphs = list(order.split(batch[order].unique_consecutive(return_counts=True)[1]
+                                      .tolist()))
         parts = [self._attend(query[:, nodes], key[:, nodes], value[:, nodes])
                  for nodes in graphs]
         out = torch.cat([part[0] for part in parts], dim=1)

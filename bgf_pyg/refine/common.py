@@ -23,10 +23,21 @@ class RefinedGallery:
         embeddings: (N, E) refined, L2-normalised embeddings (what retrieval compares).
         states: the set's representation at every stage of the refinement (a round's or a
             layer's input), each (N, ·): a query arriving later is refined against them.
+        setting: what refined it (the refinement's ``setting``, e.g. QE's k, α and rounds):
+            a query is refined only by the same setting (``None``: not recorded).
     """
 
     embeddings: Tensor
     states: list[Tensor]
+    setting: tuple | None = None
+
+
+def check_setting(gallery: RefinedGallery, setting: tuple) -> None:
+    """``ValueError`` when ``gallery`` was refined with another setting than ``setting``: its
+    states hold another k's (another α's, another model's) neighbourhoods."""
+    if gallery.setting is not None and gallery.setting != setting:
+        raise ValueError(f"gallery was refined with {gallery.setting}, these queries with "
+                         f"{setting}; refine the gallery with the same refinement")
 
 
 def check_k(k: int, candidates: int, what: str = "the set") -> int:
@@ -73,4 +84,14 @@ def first_neighbors(
                          f"{tuple(index.shape)}")
     if index.dtype != torch.long:
         raise TypeError(f"neighbors' index must be int64, got {index.dtype}")
-    return sim[:, :k], index[:, :k]
+    sim, index = sim[:, :k], index[:, :k]
+    candidates = query.size(0) if reference is None else reference.size(0)
+    if index.numel() and not (0 <= int(index.min()) and int(index.max()) < candidates):
+        raise ValueError(f"neighbors' index must lie in [0, {candidates - 1}] (rows of "
+                         f"{'the set' if reference is None else 'the gallery'}), got "
+                         f"{int(index.min())}..{int(index.max())}: a search of another set?")
+    if reference is None and bool((index == torch.arange(rows, device=index.device)[:, None])
+                                  .any()):
+        raise ValueError("neighbors must come from a self-excluded search (cosine_topk(..., "
+                         "exclude_self=True)): an item is listed as its own neighbour")
+    return sim, index

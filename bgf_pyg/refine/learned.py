@@ -23,7 +23,7 @@ from ..checks import check_features, check_positive_int
 from ..knn import normalize_rows
 from ..nn.bgformer import BGFormer
 from ..nn.projection import ProjectedGraph
-from .common import Neighbors, RefinedGallery, check_k, first_neighbors
+from .common import Neighbors, RefinedGallery, check_k, check_setting, first_neighbors
 
 
 def _normalize_like(norm: nn.Module, x: Tensor, reference: Tensor) -> Tensor:
@@ -125,7 +125,7 @@ class BGFormerRefinement:
         finally:
             for hook in hooks:
                 hook.remove()
-        return RefinedGallery(self._embed(refined), states)
+        return RefinedGallery(self._embed(refined), states, self.setting)
 
     @torch.no_grad()
     def refine_queries(self, features: Tensor, gallery: RefinedGallery, *,
@@ -145,6 +145,7 @@ class BGFormerRefinement:
             raise ValueError("gallery was not refined by this model (it holds "
                              f"{len(gallery.states)} states, the model needs "
                              f"{2 * len(self.bgformer.layers)})")
+        check_setting(gallery, self.setting)
         _, index = first_neighbors(neighbors, features, gallery_features, self.k, chunk_size)
         edges = _knn_edges(index, offset=num_gallery)
         x = features
@@ -157,6 +158,12 @@ class BGFormerRefinement:
                 x = x + layer.dropout(layer.attn(h, edges)[num_gallery:])
                 x = x + layer.dropout(layer.ffn(_normalize_like(layer.norm2, x, middle)))
         return self._embed(x)
+
+    @property
+    def setting(self) -> tuple:
+        """What a refined gallery's states depend on: the model (by identity) and k."""
+        return (self.name, ("model", f"{type(self.bgformer).__name__} at {id(self.bgformer):#x}"),
+                ("k", self.k))
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.bgformer!r}, k={self.k})"

@@ -21,7 +21,14 @@ from torch import Tensor
 from ..checks import check_features, check_positive_int
 from ..knn import normalize_rows
 from ..nn.kernels.sparse_cpu import csr_matrix
-from .common import Neighbors, RefinedGallery, check_alpha, check_k, first_neighbors
+from .common import (
+    Neighbors,
+    RefinedGallery,
+    check_alpha,
+    check_k,
+    check_setting,
+    first_neighbors,
+)
 
 
 def expand(source: Tensor, target: Tensor, similarity: Tensor, index: Tensor,
@@ -79,7 +86,7 @@ class QueryExpansion:
             sim, index = first_neighbors(neighbors if round_ == 0 else None, x, None, self.k,
                                          chunk_size)
             x = expand(x, x, sim, index, self.alpha)
-        return RefinedGallery(x, states)
+        return RefinedGallery(x, states, self.setting)
 
     @torch.no_grad()
     def refine_queries(self, query: Tensor, gallery: RefinedGallery, *,
@@ -99,12 +106,18 @@ class QueryExpansion:
         if len(gallery.states) != self.rounds:
             raise ValueError(f"gallery was refined in {len(gallery.states)} round(s), this "
                              f"refinement has rounds={self.rounds}")
+        check_setting(gallery, self.setting)
         q = normalize_rows(query, dtype=first.dtype)
         for round_, states in enumerate(gallery.states):
             sim, index = first_neighbors(neighbors if round_ == 0 else None, q, states, self.k,
                                          chunk_size)
             q = expand(states, q, sim, index, self.alpha)
         return q
+
+    @property
+    def setting(self) -> tuple:
+        """What a refined gallery's states depend on."""
+        return (self.name, ("k", self.k), ("alpha", self.alpha), ("rounds", self.rounds))
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(k={self.k}, alpha={self.alpha:g}, rounds={self.rounds})"
