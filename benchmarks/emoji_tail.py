@@ -58,22 +58,25 @@ BALANCED = {"classes_per_batch": 16, "samples_per_class": 4}
 BGFORMER = {"method": "bgformer", **BALANCED, "graph_dim": 128, "lr": 3e-4}
 PLAIN = "plain (multi-similarity)"
 CONTROL = "control: bgformer with α = 1"
-AUTHORS = {**BGFORMER, "lam": 0.3, "alpha": 0.5, "k": 30, "visual_graph": "attention_topk",
-           "semantic_branch": "label_propagation"}
+KNN = "bgformer, kNN, visual only"
+AUTHORS = "bgformer, authors' form"
 #: row → its options (the first verdict's choices on frozen features until a sweep replaces
-#: them). The control's options are laid over plain's, whatever plain's are.
+#: them); a row of ``DERIVED`` lays its own over those of the row it derives from.
 ROWS: dict[str, dict] = {
     PLAIN: {"method": "plain", **BALANCED, "lr": 3e-4},
     "plain (PCE)": {"method": "plain", **BALANCED, "lr": 1e-3, "loss": "pce"},
     CONTROL: {"method": "bgformer", "graph_dim": 128, "lam": 1.0, "alpha": 1.0, "k": 5},
-    "bgformer, kNN, visual only": {**BGFORMER, "lam": 1.0, "alpha": 0.9, "k": 5},
-    "bgformer, kNN, visual only, detached": {**BGFORMER, "lam": 1.0, "alpha": 0.9, "k": 5,
-                                             "detach_graph_input": True},
-    "bgformer, authors' form": AUTHORS,
-    "bgformer, authors' form, detached": {**AUTHORS, "detach_graph_input": True},
+    KNN: {**BGFORMER, "lam": 1.0, "alpha": 0.9, "k": 5},
+    f"{KNN}, detached": {"detach_graph_input": True},
+    AUTHORS: {**BGFORMER, "lam": 0.3, "alpha": 0.5, "k": 30, "visual_graph": "attention_topk",
+              "semantic_branch": "label_propagation"},
+    f"{AUTHORS}, detached": {"detach_graph_input": True},
     "intra-batch": {"method": "intra-batch", **BALANCED, "lr": 1e-3, "graph_layers": 2},
     "proxygml": {"method": "proxygml", "batch_size": 64, "lr": 3e-4, "proxies_per_class": 1},
 }
+#: row → the row it derives from: the control is plain's settings with the graph term weighted
+#: 0, whatever plain's are; a detached row is its end-to-end row's, the graph's input detached.
+DERIVED = {CONTROL: PLAIN, f"{KNN}, detached": KNN, f"{AUTHORS}, detached": AUTHORS}
 METRICS = ("recall@1", "map@r")
 FIRST_VERDICT = "benchmarks/results/emoji_pretrained.json"
 
@@ -129,9 +132,9 @@ def read_settings(path: str | None) -> dict[str, dict[str, dict]]:
 
 
 def row_options(settings: dict[str, dict[str, dict]], regime: str, model: str) -> dict:
-    """A row's options in a regime; the control's are plain's with its own laid over them."""
-    options = settings[regime][model]
-    return {**settings[regime][PLAIN], **options} if model == CONTROL else options
+    """A row's options in a regime, laid over those of the row it derives from (``DERIVED``)."""
+    rows = settings[regime]
+    return {**rows[DERIVED[model]], **rows[model]} if model in DERIVED else rows[model]
 
 
 def regime_cuts(args: argparse.Namespace, regime: str) -> list[int | None]:

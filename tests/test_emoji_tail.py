@@ -96,3 +96,32 @@ def test_bad_input_is_refused_before_any_run(tmp_path, extra, settings, message)
     with pytest.raises(SystemExit, match=rf"^emoji_tail.py: error: {message}"):
         tail.main(arguments)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_the_dinov2_regimes_configure_the_converted_weights(tmp_path):
+    weights = tmp_path / "vit_s14.pth"
+    weights.write_bytes(b"")  # configuring does not read it
+    args = tail.parse(["--data-root", str(tmp_path), "--dinov2-weights", str(weights),
+                       "--dinov2-cuts", "2", "--runs", str(tmp_path / "runs")])
+    settings = tail.read_settings(None)
+    assert tail.regime_cuts(args, "dinov2-tail") == [2]
+    assert tail.regime_cuts(args, "dinov2-frozen") == [None]
+    frozen = tail.run_config(args, settings, "dinov2-frozen", None, tail.PLAIN, 0)
+    tuned = tail.run_config(args, settings, "dinov2-tail", 2, tail.CONTROL, 1)
+    for config in (frozen, tuned):
+        assert (config.backbone, config.pretrained, config.image_size) == (
+            "vit_small_dinov2", str(weights), 98)
+    assert frozen.freeze_backbone and frozen.train_tail is None and frozen.method == "plain"
+    assert tuned.train_tail == 2 and not tuned.freeze_backbone
+    assert (tuned.method, tuned.alpha, tuned.lr) == ("bgformer", 1.0, settings["dinov2-tail"][
+        tail.PLAIN]["lr"])  # the control: plain's settings, the graph term weighted 0
+
+
+def test_derived_rows_follow_the_settings_of_their_row(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps({tail.KNN: {"k": 7, "lr": 1e-3},
+                                                 "dinov2-tail": {tail.PLAIN: {"lr": 5e-4}}}))
+    settings = tail.read_settings(str(tmp_path / "s.json"))
+    detached = tail.row_options(settings, "efficientnet-tail", f"{tail.KNN}, detached")
+    assert detached == {**tail.ROWS[tail.KNN], "k": 7, "lr": 1e-3, "detach_graph_input": True}
+    assert tail.row_options(settings, "dinov2-tail", tail.CONTROL)["lr"] == 5e-4
+    assert tail.row_options(settings, "dinov2-frozen", tail.CONTROL)["lr"] == 3e-4
