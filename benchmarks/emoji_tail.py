@@ -236,18 +236,21 @@ def plot(path: Path, summary: dict[str, list[dict]], frozen: dict[str, list[floa
     import matplotlib.pyplot as plt
 
     height = max(len(rows) for rows in summary.values())
-    fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 0.45 * height + 1.5),
+    fig, axes = plt.subplots(1, len(summary), figsize=(8 * len(summary), 0.45 * height + 2),
                              squeeze=False)
     for ax, (regime, rows) in zip(axes[0], summary.items(), strict=True):
         names = [f"{r['model']} (cut {r['cut']})" if r["cut"] else r["model"] for r in rows]
-        ax.barh(range(len(rows)), [100 * r["recall@1"][0] for r in rows],
-                xerr=[100 * r["recall@1"][1] for r in rows], capsize=3, color="tab:blue")
+        means = [100 * r["recall@1"][0] for r in rows]
+        ax.barh(range(len(rows)), means, xerr=[100 * r["recall@1"][1] for r in rows],
+                capsize=3, color="tab:blue")
         marks = [(i, 100 * frozen[r["model"]][0]) for i, r in enumerate(rows)
                  if r["model"] in frozen]
         if marks:
             ax.plot([m for _, m in marks], [i for i, _ in marks], "kx",
                     label="first verdict (frozen EfficientNet-Lite0)")
-            ax.legend(loc="lower right", fontsize=8)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), fontsize=8)
+        shown = means + [m for _, m in marks]
+        ax.set_xlim(max(0.0, min(shown) - 10), max(shown) + 5)
         ax.set_yticks(range(len(rows)), names)
         ax.invert_yaxis()
         ax.set_xlabel("test R@1 (%), unseen emoji; mean ± std over seeds")
