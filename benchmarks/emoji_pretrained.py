@@ -23,7 +23,6 @@ and resumes a killed one.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -40,7 +39,10 @@ from bgf_pyg.experiment import run, use_threads
 from bgf_pyg.experiment.splits import config_splits, frozen_splits, raw_pixel_metrics
 from bgf_pyg.models.efficientnet import efficientnet_trunk
 from bgf_pyg.options import positive_int, seed_int
-from bgf_pyg.run_folder import LAST_CHECKPOINT, atomic_write, read_metrics
+from bgf_pyg.run_folder import LAST_CHECKPOINT, read_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper beside this script
+from seeded_runs import load, mean_std, paired, run_name, save  # noqa: E402
 
 #: Options every run shares: frozen pretrained features, 128-d embeddings, 16 × 4 batches.
 COMMON = {"dataset": "emoji", "backbone": "efficientnet_lite0", "freeze_backbone": True,
@@ -92,11 +94,6 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_name(model: str, seed: int) -> str:
-    slug = "".join(c if c.isalnum() else "-" for c in model).strip("-")
-    return f"{'-'.join(filter(None, slug.split('-')))}-s{seed}"
-
-
 def refinements(options: dict) -> list[str]:
     """The refinements of a model: the learned one needs BGFormer's kNN branch."""
     learned = options["method"] == "bgformer" and options.get("visual_graph") != "attention_topk"
@@ -137,14 +134,6 @@ def refinement_records(out: Path) -> dict[str, dict]:
             and "refine" in r}
 
 
-def paired(values: dict[int, float], reference: dict[int, float]) -> dict:
-    """``values`` minus ``reference``, paired by seed."""
-    diffs = [values[s] - reference[s] for s in sorted(values) if s in reference]
-    return {"per_seed": diffs, "mean": statistics.mean(diffs),
-            "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-            "ahead": sum(d > 0 for d in diffs)}
-
-
 def summarise(records: list[dict]) -> list[dict]:
     """Mean and std of each metric over seeds per model; each BGFormer model minus its plain
     model, paired by seed."""
@@ -156,9 +145,7 @@ def summarise(records: list[dict]) -> list[dict]:
         row = {"model": model, "seeds": sorted(runs),
                "wall_s": statistics.mean(r["wall_s"] for r in runs.values())}
         for metric in METRICS:
-            values = [r[metric] for r in runs.values()]
-            row[metric] = (statistics.mean(values),
-                           statistics.stdev(values) if len(values) > 1 else 0.0)
+            row[metric] = mean_std([r[metric] for r in runs.values()])
         plain = MODELS.get(model, (None, []))[0]
         if plain in by_model:
             row["minus_plain_recall@1"] = {
@@ -183,11 +170,6 @@ def summarise(records: list[dict]) -> list[dict]:
                    for metric in METRICS}}
         rows.append(row)
     return rows
-
-
-def save(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
 
 
 def plot(path: Path, summary: list[dict], untrained: dict) -> None:
@@ -220,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checked = [run_config(args, *key) for key in plan]
     except InputError as err:
         raise SystemExit(f"emoji_pretrained.py: error: {err}") from err
-    saved = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+    saved = load(out)
     records = saved["runs"]
     done = {(r["model"], r["seed"]) for r in records}
     setup_logging()

