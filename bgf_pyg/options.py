@@ -342,7 +342,10 @@ def check_train_tail(c, name: Name) -> str | None:
                 f"and {name('trainable_stages')} {c.trainable_stages} runs the whole network "
                 f"every step: pass one ({name('train_tail')} N trains what "
                 f"{name('trainable_stages')} N+1 does)")
-    depth, unit = tail_depth(c.backbone)
+    try:
+        depth, unit = tail_depth(c.backbone)
+    except InputError:
+        return None  # a ViT without timm: check_backbone_extra names the extra
     if c.train_tail > depth:
         return (f"{name('train_tail')} {c.train_tail} is past the depth of {name('backbone')} "
                 f"{c.backbone}: it has {depth} {unit}, so 1 to {depth}")
@@ -387,8 +390,8 @@ def check_refine(c, name: Name) -> str | None:
 #: Rules over several options, run once the defaults are resolved.
 RULES: list[Callable[[object, Name], str | None]] = [
     check_data_root, check_milestones, check_resume_overwrite, check_amp, check_graph_dim,
-    check_pce_layout, check_crop_scale, check_frozen_backbone, check_backbone_extra,
-    check_train_tail, check_tensorboard, check_select_on, check_refine,
+    check_pce_layout, check_crop_scale, check_frozen_backbone, check_train_tail,
+    check_backbone_extra, check_tensorboard, check_select_on, check_refine,
 ]
 
 #: Options that set a step size or a logit scale: a diverging loss names those that apply.

@@ -10,6 +10,7 @@ import pytest
 
 from tests.data.test_emoji import write_fake_cache
 from tests.models.test_efficientnet import needs_extra
+from tests.models.test_tail import needs_timm
 from tests.test_threads import load_script
 
 tail = load_script("benchmarks", "emoji_tail")
@@ -98,6 +99,7 @@ def test_bad_input_is_refused_before_any_run(tmp_path, extra, settings, message)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out.json").exists()
 
 
+@needs_timm  # configuring a ViT backbone checks that timm is installed
 def test_the_dinov2_regimes_configure_the_converted_weights(tmp_path):
     weights = tmp_path / "vit_s14.pth"
     weights.write_bytes(b"")  # configuring does not read it
