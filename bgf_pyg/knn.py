@@ -193,19 +193,21 @@ def rank_candidates(
     q: Tensor, r: Tensor, candidates: Tensor, scores: Tensor, k: int, own: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Top-``k`` of each normalised query row among its ``candidates`` (Q, C) reference rows,
-    proposed with ``scores`` (Q, C) computed in any order (within :func:`rounding_bound` of
-    the canonical score), ranked as the canonical scores rank them, equal scores by lower
+    proposed with ``scores`` (Q, C) computed in any order in their dtype (within
+    :func:`rounding_bound` of the canonical score: faiss's float32 scores for float64 rows
+    take float32's bound), ranked as the canonical scores rank them, equal scores by lower
     index. Only scores closer than twice the bound to a neighbouring score can be ordered
     differently, so only those pairs are scored canonically (:func:`canonical_scores`); the
     others keep their order. ``own`` (Q,): each row's own reference index, never returned
     (faiss's "no result", ``-1``, neither). Returns ``(similarity, index)`` (Q, k), the
     similarity in ``q``'s dtype."""
+    bound = max(rounding_bound(q.size(1), scores.dtype), rounding_bound(q.size(1), q.dtype))
     scores = scores.to(q.dtype).masked_fill(candidates < 0, float("-inf"))
     if own is not None:
         scores = scores.masked_fill(candidates == own.unsqueeze(1), float("-inf"))
     scores, order = scores.sort(dim=1, descending=True)
     candidates = candidates.gather(1, order)
-    close = (scores[:, :-1] - scores[:, 1:]) <= 2 * rounding_bound(q.size(1), q.dtype)
+    close = (scores[:, :-1] - scores[:, 1:]) <= 2 * bound
     unsure = torch.zeros_like(scores, dtype=torch.bool)
     unsure[:, :-1] |= close
     unsure[:, 1:] |= close

@@ -334,11 +334,15 @@ def test_real_faiss_equals_torch_under_long_tie_blocks(seed):
     assert evaluate_retrieval(x, y, ks=RETRIEVAL_KS, with_nmi=False, backend="faiss") == torch_out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("index", [FakeFaissIndex, NoisyFaissIndex])
-def test_stand_in_faiss_equals_torch_under_long_tie_blocks(monkeypatch, index):
+def test_stand_in_faiss_equals_torch_under_long_tie_blocks(monkeypatch, index, dtype):
+    """faiss searches in float32 whatever the embeddings' dtype: float64 rows are ranked with
+    the bound of faiss's float32 scores."""
     monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=index))
     for seed in range(12):
         x, y = ternary_data(seed)
+        x = x.to(dtype)
         torch_out = evaluate_retrieval(x, y, ks=RETRIEVAL_KS, with_nmi=False)
         assert evaluate_retrieval(x, y, ks=RETRIEVAL_KS, with_nmi=False,
                                   backend="faiss") == torch_out
