@@ -33,8 +33,6 @@ from .arguments import (
 from .arguments import build_parser as build_options_parser
 from .config import DATASETS, DEMO_DEFAULTS, DEMO_METHOD_DEFAULTS, Config
 from .console import setup_logging
-from .data import DATASETS as IMAGE_DATASETS
-from .data import DigitsDemo
 from .experiment import run
 from .presets import available_presets, preset_title
 
@@ -45,12 +43,12 @@ HELP_WIDTH = 90
 
 def dataset_help() -> str:
     """Each dataset's folder layout and class-id split, for ``--help``."""
-    classes = {**IMAGE_DATASETS, "demo": DigitsDemo}
     lines = ["datasets (--data-root is the folder named first; the test classes are unseen):"]
-    for name in DATASETS:
-        text = f"{classes[name].LAYOUT}; split: {classes[name].SPLIT}"
-        lines.append(textwrap.fill(text, HELP_WIDTH, initial_indent=f"  {name:8s}",
-                                   subsequent_indent=" " * 10, break_on_hyphens=False))
+    width = max(8, *(len(name) + 1 for name in DATASETS))
+    for name, entry in DATASETS.items():
+        text = f"{entry.cls.LAYOUT}; split: {entry.cls.SPLIT}"
+        lines.append(textwrap.fill(text, HELP_WIDTH, initial_indent=f"  {name:{width}s}",
+                                   subsequent_indent=" " * (width + 2), break_on_hyphens=False))
     demo = " ".join(f"{option_name(k)} {v}" for k, v in DEMO_DEFAULTS.items())
     per_method = "; ".join(
         f"{method}: " + " ".join(f"{option_name(k)} {v}" for k, v in options.items())

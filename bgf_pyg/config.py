@@ -10,10 +10,10 @@ A configuration is built by :func:`configure` from the options a user sets, over
 defaults, each later one winning (``docs/design.rst`` §16):
 
 1. the field defaults (the shared hyperparameters from :mod:`bgf_pyg.defaults`);
-2. the method's own defaults (:data:`METHOD_DEFAULTS`: layers and heads of its graph module, the
-   ResNet pooling), read from the method's constructor;
-3. the dataset's (:data:`DEMO_DEFAULTS` and :data:`DEMO_METHOD_DEFAULTS` for ``demo``: the demo
-   of ``examples/cub.py``; the emoji's image size);
+2. the method's own defaults (:func:`method_defaults`: layers and heads of its graph module, the
+   ResNet pooling), from its registry entry (:data:`~bgf_pyg.models.METHODS`) and constructor;
+3. the dataset's (its registry entry's, :data:`~bgf_pyg.data.DATASETS`: the demo's
+   :data:`DEMO_DEFAULTS` and each method's demo settings, the emoji's image size);
 4. a preset (:mod:`bgf_pyg.presets`: an original's recipe, as data over these fields);
 5. the options given.
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
@@ -38,14 +38,13 @@ import torch
 
 from . import defaults, distributed
 from .checks import InputError, naming, show_value
-from .data import DATASETS as IMAGE_DATASETS
-from .data import IMAGE_CHECKS
+from .data import DATASETS, DEMO_DEFAULTS, IMAGE_CHECKS
 from .data.emoji import EMOJI_SIZE
 from .data.transforms import INTERPOLATIONS
+from .losses import LOSSES
 from .losses.pce import SPACES
-from .models import BACKBONES, LOSSES, METHODS, OPTIMIZERS
+from .models import BACKBONES, METHODS, OPTIMIZERS
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES
-from .models.methods import PROXY_LOSSES, BGFormerMethod, IntraBatchMethod
 from .models.tail import EFFICIENTNET_TAIL_DEPTH, TAIL_BACKBONES
 from .models.vit import VIT_BACKBONES, VIT_POOLINGS
 from .nn.bgformer import SEMANTIC_BRANCHES, VISUAL_GRAPHS
@@ -73,15 +72,51 @@ from .train import SELECT_ON
 
 log = logging.getLogger("bgf_pyg")
 
-DATASETS = (*IMAGE_DATASETS, "demo")
-BALANCED_METHODS = ("plain", "bgformer", "intra-batch")
-GRAPH_METHODS = ("bgformer", "intra-batch")
 RESNETS = ("resnet50", "resnet18")
 PRETRAINED_BACKBONES = (*RESNETS, *VIT_BACKBONES, *EFFICIENTNET_BACKBONES)
-PCE_LOSS = (Scope(method=("plain", "bgformer"), loss=("pce",)),)
-HYPERBOLIC = (Scope(method=("plain", "bgformer"), loss=("pce",), pce_space=("hyperbolic",)),)
-ON_IMAGES = (Scope(dataset=IMAGE_DATASETS),)
-BGFORMER = (Scope(method=("bgformer",)),)
+
+
+def methods(**required: object) -> Callable[[], tuple[str, ...]]:
+    """The registered methods with the ``required`` entry properties, read when a scope is
+    checked (so a method registered later is covered)."""
+    return lambda: METHODS.names(**required)
+
+
+def losses(**required: object) -> Callable[[], tuple[str, ...]]:
+    """The registered losses with the ``required`` entry properties, read when checked."""
+    return lambda: LOSSES.names(**required)
+
+
+def image_datasets() -> tuple[str, ...]:
+    """The registered datasets of image files (read now)."""
+    return DATASETS.names(images=True)
+
+
+ON_IMAGES = (Scope(dataset=image_datasets),)
+BALANCED = (Scope(method=methods(balanced=True)),)
+
+
+@dataclass(frozen=True)
+class Owned:
+    """A scope: the option applies with each method whose registry entry declares it among its
+    ``options``, and with each loss that declares it (under a method that takes a loss), with
+    the further constraints ``when`` (e.g. ``pce_space=("hyperbolic",)``)."""
+
+    when: tuple[tuple[str, tuple], ...] = ()
+
+    def scopes(self, option: str) -> tuple[Scope, ...]:
+        """The :class:`~bgf_pyg.options.Scope` alternatives of ``option``."""
+        def owners(registry) -> Callable[[], tuple[str, ...]]:
+            return lambda: tuple(n for n, entry in registry.items() if option in entry.options)
+
+        when = dict(self.when)
+        return (Scope(method=owners(METHODS), **when),
+                Scope(method=methods(takes_loss=True), loss=owners(LOSSES), **when))
+
+
+#: The scope of an option declared by methods' or losses' registry entries.
+OWNED = (Owned(),)
+HYPERBOLIC = (Owned(when=(("pce_space", ("hyperbolic",)),)),)
 
 #: ``proxy_lr`` when not given, relative to ``lr`` (proxies move faster than the network, as in
 #: the originals).
@@ -102,11 +137,11 @@ class Option:
 
     help: str
     domain: Callable[[str], Any] | None = None
-    choices: tuple | None = None
+    choices: Collection | None = None
     nargs: int | str | None = None
     metavar: str | tuple[str, ...] | None = None
     switch: str | None = None
-    scope: tuple[Scope, ...] = ()
+    scope: tuple[Scope | Owned, ...] = ()
 
 
 def option(default: Any, help: str, **declaration: Any) -> Any:
@@ -130,20 +165,20 @@ class Config:
     preset: str | None = option(
         None, "start from an original's configuration (see --list-presets); explicit options "
               "override it", metavar="NAME")
-    dataset: str = option("demo", "benchmark (see below)", choices=DATASETS)
+    dataset: str = option(DATASETS.default, "benchmark (see below)", choices=DATASETS)
     data_root: str | None = option(None, "dataset folder (not for demo; see below)",
                                    scope=ON_IMAGES)
     check_images: str = option(
         "header", "before training, open every image: read its header (about 0.02 ms an image "
                   "with a warm file cache), decode it (about 2 ms), or skip; missing files are "
                   "always found", choices=IMAGE_CHECKS, scope=ON_IMAGES)
-    method: str = option("bgformer", "training method", choices=METHODS)
+    method: str = option(METHODS.default, "training method", choices=METHODS)
     loss: str = option(
-        "multi_similarity", "metric loss of plain and bgformer (pce: Hyp-ViT's pairwise "
-                            "cross-entropy, BGFormer's authors' loss)", choices=LOSSES,
-        scope=(Scope(method=("plain", "bgformer")),))
+        LOSSES.default, "metric loss of plain and bgformer (pce: Hyp-ViT's pairwise "
+                        "cross-entropy, BGFormer's authors' loss)", choices=LOSSES,
+        scope=(Scope(method=methods(takes_loss=True)),))
     pce_space: str = option("sphere", "pce: similarity on the unit sphere or the Poincaré ball",
-                            choices=SPACES, scope=PCE_LOSS)
+                            choices=SPACES, scope=OWNED)
     hyp_c: float = option(0.1, "pce: curvature of the ball", domain=positive_float,
                           scope=HYPERBOLIC)
     clip_r: float = option(2.3, "pce: feature clipping radius before the ball's exponential map",
@@ -160,7 +195,7 @@ class Config:
         "keep the pretrained backbone fixed: its features of every image (the test-time "
         "transform and, unless --no-augment, its mirror image for training) are computed once, "
         "cached, and the head, graph module and loss train on them (fast on a CPU)",
-        scope=(Scope(dataset=IMAGE_DATASETS, backbone=PRETRAINED_BACKBONES),))
+        scope=(Scope(dataset=image_datasets, backbone=PRETRAINED_BACKBONES),))
     feature_cache: str | None = option(
         None, "folder of the cached features (--freeze-backbone) or prefix outputs "
               "(--train-tail) (default: <data-root>/.features)", metavar="DIR",
@@ -176,7 +211,7 @@ class Config:
               f"{EFFICIENTNET_TAIL_DEPTH} MBConv stages and its head convolution, a ViT's last N "
               "blocks and its final norm (the same parameters as --trainable-stages N+1 or "
               "training N blocks, at a fraction of the cost on a CPU)", domain=positive_int,
-        metavar="N", scope=(Scope(dataset=IMAGE_DATASETS, backbone=TAIL_BACKBONES),))
+        metavar="N", scope=(Scope(dataset=image_datasets, backbone=TAIL_BACKBONES),))
     backbone_lr: float | None = option(
         None, "learning rate of the backbone's trainable layers (default: --lr)",
         domain=positive_float)
@@ -190,65 +225,64 @@ class Config:
         None, "BGFormer: run the graph blocks at this width, between an in- and an "
               "out-projection on the graph's side (the head and the test-time network never "
               "see it; default: the backbone's own width)",
-        domain=positive_int, scope=BGFORMER)
+        domain=positive_int, scope=OWNED)
     epochs: int = option(30, "epochs to train in all", domain=positive_int)
     batch_size: int = option(32, "size of proxygml's random batches", domain=positive_int,
-                             scope=(Scope(method=("proxygml",)),))
+                             scope=(Scope(method=methods(balanced=False)),))
     classes_per_batch: int | None = option(
         None, f"P of a P×M batch (when not given: {DEFAULT_CLASSES_PER_BATCH}, or every class "
-              "when there are fewer)", domain=positive_int, scope=(Scope(method=BALANCED_METHODS),))
+              "when there are fewer)", domain=positive_int, scope=BALANCED)
     samples_per_class: int = option(9, "M of a P×M batch", domain=positive_int,
-                                    scope=(Scope(method=BALANCED_METHODS),))
+                                    scope=BALANCED)
     k: int = option(
         defaults.K, "BGFormer's visual neighbours of each sample: the kNN graph's k (below the "
                     "batch size), or attention_topk's K (the sample itself a candidate; K >= the "
-                    "batch size: full attention)", domain=positive_int, scope=BGFORMER)
+                    "batch size: full attention)", domain=positive_int, scope=OWNED)
     proxies_per_class: int = option(defaults.PROXIES_PER_CLASS, "ProxyGML's N",
-                                    domain=positive_int, scope=(Scope(method=("proxygml",)),))
+                                    domain=positive_int, scope=OWNED)
     proxygml_r: float = option(
         defaults.PROXYGML_R, "ProxyGML's r: it keeps the top ceil(r·C·N) proxies of each sample",
-        domain=fraction, scope=(Scope(method=("proxygml",)),))
+        domain=fraction, scope=OWNED)
     graph_layers: int | None = option(
         None, "layers of the graph module: BGFormer's blocks or the intra-batch MPN's",
-        domain=positive_int, scope=(Scope(method=GRAPH_METHODS),))
+        domain=positive_int, scope=OWNED)
     graph_heads: int | None = option(
-        None, "attention heads of BGFormer or of the MPN", domain=positive_int,
-        scope=(Scope(method=GRAPH_METHODS),))
+        None, "attention heads of BGFormer or of the MPN", domain=positive_int, scope=OWNED)
     alpha: float = option(defaults.ALPHA, "BGFormer: weight of the loss on the backbone features",
-                          domain=probability, scope=BGFORMER)
+                          domain=probability, scope=OWNED)
     lam: float = option(defaults.LAM, "BGFormer: weight of the visual branch in dual SSA",
-                        domain=probability, scope=BGFORMER)
+                        domain=probability, scope=OWNED)
     semantic_branch: str = option(
         "attention", "BGFormer's semantic branch (label_propagation is the authors' "
-                     "D^-1(A_same + I) W x)", choices=SEMANTIC_BRANCHES, scope=BGFORMER)
+                     "D^-1(A_same + I) W x)", choices=SEMANTIC_BRANCHES, scope=OWNED)
     visual_graph: str = option(
         "knn", "BGFormer's visual branch (knn: attention over the cosine kNN graph of the "
                "features, fixed for the batch; attention_topk: the authors' form, each layer and "
                "head keeps every sample's --k largest attention scores in the batch)",
-        choices=VISUAL_GRAPHS, scope=BGFORMER)
+        choices=VISUAL_GRAPHS, scope=OWNED)
     detach_graph_input: bool = switch(
         "BGFormer: feed the graph blocks detached features, so the backbone learns from the "
         "loss on its own features alone (off: end to end, as the paper)", negatable=True,
-        scope=BGFORMER)
+        scope=OWNED)
     mpn_cat: bool = switch(
         "intra-batch: concatenate every MPN layer's output (the Cars original)", negatable=True,
-        scope=(Scope(method=("intra-batch",)),))
+scope=OWNED)
     proxygml_lambda: float = option(
         defaults.PROXYGML_LAMBDA, "ProxyGML's weight of the proxy regulariser",
-        domain=non_negative_float, scope=(Scope(method=("proxygml",)),))
+        domain=non_negative_float, scope=OWNED)
     temperature: float = option(
         defaults.TEMPERATURE, "intra-batch: logit temperature T; pce: τ", domain=positive_float,
-        scope=(Scope(method=("intra-batch",)), *PCE_LOSS))
+        scope=OWNED)
     embedding_dim: int = option(512, "width of the embedding head", domain=positive_int)
     lr: float = option(1e-4, "AdamW learning rate of the networks", domain=positive_float)
     proxy_lr: float | None = option(
         None, f"learning rate of the loss's proxies ({PROXY_LR_FACTOR:g} × --lr when not given)",
         domain=positive_float,
-        scope=(Scope(method=("proxygml",)),
-               Scope(method=("plain", "bgformer"), loss=tuple(PROXY_LOSSES))))
+        scope=(Scope(method=methods(proxies=True)),
+               Scope(method=methods(takes_loss=True), loss=losses(proxies=True))))
     graph_lr: float | None = option(
         None, "learning rate of the graph module (BGFormer, the MPN; default: --lr)",
-        domain=positive_float, scope=(Scope(method=GRAPH_METHODS),))
+        domain=positive_float, scope=(Scope(method=methods(graph=True)),))
     weight_decay: float = option(1e-4, "weight decay of the optimiser", domain=non_negative_float)
     optimizer: str = option("adamw", "adam: coupled L2 decay (ProxyGML); radam: decoupled "
                                      "(intra-batch)", choices=OPTIMIZERS)
@@ -271,7 +305,7 @@ class Config:
     checkpoint_every: int | None = option(
         None, "also write last.pt every STEPS steps inside an epoch (P×M batches only), so "
               "--resume continues mid-epoch", domain=positive_int, metavar="STEPS",
-        scope=(Scope(method=BALANCED_METHODS),))  # restarts a P×M sampler mid-epoch
+        scope=BALANCED)  # restarts a P×M sampler mid-epoch
     overwrite: bool = switch("replace the run already in --out (without it, such a folder is "
                              "refused)")
     device: str | None = option(
@@ -372,64 +406,59 @@ def field_default(f: Field) -> Any:
 
 
 OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in option_fields()}
-#: Where each option applies (options not listed apply everywhere).
-SCOPES: dict[str, tuple[Scope, ...]] = {name: o.scope for name, o in OPTIONS.items() if o.scope}
 #: Options a preset may not set: they say where a run lives or choose another preset.
 NOT_PRESETTABLE = frozenset({"preset", "resume", "out", "data_root"})
 
 
-def _signature_default(cls: type, parameter: str) -> Any:
-    return inspect.signature(cls).parameters[parameter].default
+class Scopes(Mapping):
+    """Where each option applies (options not listed apply everywhere): its declared
+    :class:`~bgf_pyg.options.Scope` alternatives, an :class:`Owned` one expanded from the
+    registries as they are when asked, alternatives that no registered name can meet left
+    out."""
+
+    def __getitem__(self, name: str) -> tuple[Scope, ...]:
+        if not OPTIONS[name].scope:
+            raise KeyError(name)
+        scopes = []
+        for scope in OPTIONS[name].scope:
+            expanded = scope.scopes(name) if isinstance(scope, Owned) else (scope,)
+            scopes += [s for s in expanded if all(s.allowed(o) for o in s.constraints)]
+        return tuple(scopes)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, option in OPTIONS.items() if option.scope)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
-#: Each method's own defaults for the options whose meaning it shares with another method: its
-#: graph module's layers and heads (from its constructor) and the ResNet pooling of its original.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "bgformer": {"graph_layers": _signature_default(BGFormerMethod, "num_layers"),
-                 "graph_heads": _signature_default(BGFormerMethod, "heads")},
-    "intra-batch": {"graph_layers": _signature_default(IntraBatchMethod, "num_layers"),
-                    "graph_heads": _signature_default(IntraBatchMethod, "heads"),
-                    "pooling": "max"},
-}
-#: The demo configuration: the defaults of ``dataset="demo"`` (so ``bgf-train`` with no options
-#: and ``examples/cub.py`` without ``--data-root`` run the same thing): 30 epochs of 20
-#: class-balanced 8×6 batches (960 images of the 40 training numbers left by the validation
-#: split) with the demo's augmentation, AdamW at 1e-3, a 64-d embedding.
-DEMO_DEFAULTS: dict[str, Any] = {
-    "backbone": "smallcnn", "embedding_dim": 64, "epochs": 30, "eval_every": 10, "lr": 1e-3,
-    "classes_per_batch": 8, "samples_per_class": 6, "batch_size": 48, "k": 10,
-    "proxies_per_class": 12, "proxygml_r": 0.5,
-}
-#: Each method's own demo settings, chosen on the validation classes with ``bgf-sweep`` (seed 0,
-#: validation R@1 of the selected checkpoint; every search and its table is in the README's demo
-#: section); they override :data:`DEMO_DEFAULTS`. Plain keeps them (multi-similarity at 1e-3 beat
-#: PCE and 3e-4). BGFormer: λ = 1 turns the semantic (label) branch off (with λ = 0.5 or 0.75
-#: validation R@1 fell to 0.51–0.78 against 0.94–0.96 without it), α = 0.9 (0.958 against 0.942
-#: at 0.5 and 0.80 at 0.1), k = 10 (tied with 20), multi-similarity (PCE 0.71–0.85).
-#: Intra-batch: one MPN layer (0.946 against 0.938 for two). ProxyGML: 4 proxies per class
-#: (0.979 against 0.962 for the original's 12).
-DEMO_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "bgformer": {"lam": 1.0, "alpha": 0.9, "k": 10, "loss": "multi_similarity"},
-    "intra-batch": {"graph_layers": 1},
-    "proxygml": {"proxies_per_class": 4},
-}
+SCOPES = Scopes()
+#: Each method's settings on the demo set, over :data:`DEMO_DEFAULTS` (its registry entry's
+#: ``demo_defaults``; how they were chosen: :data:`bgf_pyg.data.DEMO_DEFAULTS`).
+DEMO_METHOD_DEFAULTS: Mapping[str, Mapping[str, Any]] = METHODS.view("demo_defaults")
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """``method``'s own defaults: its constructor's default of each of its options that has no
+    configuration default (its graph module's layers and heads), and its entry's ``defaults``
+    (the ResNet pooling of its original)."""
+    entry = METHODS[method]
+    own = {name: entry.constructor_default(name) for name in entry.options
+           if field_default(CONFIG_FIELDS[name]) is None}
+    return {**{k: v for k, v in own.items() if v is not inspect.Parameter.empty},
+            **entry.defaults}
 
 
 def demo_defaults(method: str) -> dict[str, Any]:
-    """The ``dataset="demo"`` defaults of ``method``."""
-    return {**DEMO_DEFAULTS, **DEMO_METHOD_DEFAULTS.get(method, {})}
+    """The demo set's defaults of ``method``."""
+    return {**DEMO_DEFAULTS, **METHODS[method].demo_defaults}
 
 
 def dataset_defaults(dataset: str, method: str, image_size: int | None = None) -> dict[str, Any]:
-    """The defaults ``dataset`` changes: the demo's settings; the emoji are rendered at
-    ``EMOJI_SIZE`` px, so the crop side is that (or the ``image_size`` asked for) and the
-    test-time resize the crop's (the test images are whole emoji, uncropped)."""
-    if dataset == "demo":
-        return demo_defaults(method)
-    if dataset == "emoji":
-        size = image_size or EMOJI_SIZE
-        return {"image_size": size, "test_resize": size}
-    return {}
+    """The defaults ``dataset`` changes (its registry entry's; given the ``image_size`` asked
+    for), and on the demo set ``method``'s demo settings over them."""
+    entry = DATASETS[dataset]
+    return {**entry.defaults(image_size), **(METHODS[method].demo_defaults if entry.demo else {})}
 
 
 def identity(name: str) -> str:
@@ -540,7 +569,7 @@ def resolve(
         preset = check_preset(load_preset(given["preset"]), given["preset"])
         method, dataset = preset.get("method", method), preset.get("dataset", dataset)
         method, dataset = given.get("method", method), given.get("dataset", dataset)
-    values.update(METHOD_DEFAULTS.get(method, {}))
+    values.update(method_defaults(method))
     values.update(dataset_defaults(dataset, method,
                                    given.get("image_size", preset.get("image_size"))))
     values.update(preset)

@@ -35,6 +35,8 @@ import torch
 
 from .checks import InputError, show_value
 from .data import DATASETS
+from .losses import LOSSES
+from .models import METHODS
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES, import_efficientnet
 from .models.tail import tail_depth
 from .models.vit import VIT_BACKBONES, import_timm
@@ -177,23 +179,30 @@ Name = Callable[[str], str]
 
 
 class Scope:
-    """Where an option is read: every constraint must hold (an option → allowed values, or
-    :data:`IS_SET`), e.g. ``Scope(method=("bgformer",))``."""
+    """Where an option is read: every constraint must hold (an option → allowed values, a
+    function returning them when asked, e.g. the methods of a registry with some property, or
+    :data:`IS_SET`), e.g. ``Scope(method=("proxygml",))``."""
 
-    def __init__(self, **constraints: tuple) -> None:
+    def __init__(self, **constraints: tuple | Callable[[], tuple]) -> None:
         self.constraints = constraints
 
+    def allowed(self, option: str) -> tuple:
+        """The values ``option`` may take in this scope (read now, for a function)."""
+        allowed = self.constraints[option]
+        return allowed() if callable(allowed) else allowed
+
     def matches(self, config: object) -> bool:
-        for option, allowed in self.constraints.items():
-            value = getattr(config, option)
+        for option in self.constraints:
+            value, allowed = getattr(config, option), self.allowed(option)
             if not (bool(value) if allowed is IS_SET else value in allowed):
                 return False
         return True
 
     def describe(self, name: Name) -> str:
         """``--method proxygml with --loss pce`` (with ``name`` writing the options)."""
-        return " with ".join(f"{name(o)} {'set' if a is IS_SET else '|'.join(a)}"
-                             for o, a in self.constraints.items())
+        return " with ".join(
+            f"{name(o)} {'set' if self.allowed(o) is IS_SET else '|'.join(self.allowed(o))}"
+            for o in self.constraints)
 
 
 def applies(option: str, config: Any, scopes: Mapping[str, tuple[Scope, ...]],
@@ -227,9 +236,6 @@ def check_scopes(
 
 # ---------------------------------------------------------------------------- cross-option rules
 
-IMAGE_DATASETS = tuple(DATASETS)
-
-
 def check_milestones(c, name: Name) -> str | None:
     milestones = c.lr_milestones or []
     if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
@@ -241,7 +247,7 @@ def check_milestones(c, name: Name) -> str | None:
 
 
 def check_data_root(c, name: Name) -> str | None:
-    if c.dataset in IMAGE_DATASETS and c.data_root is None:
+    if DATASETS[c.dataset].images and c.data_root is None:
         return f"{name('data_root')} is required for {name('dataset')} {c.dataset}"
     return None
 
@@ -268,7 +274,7 @@ def check_amp(c, name: Name) -> str | None:
 
 
 def check_graph_dim(c, name: Name) -> str | None:
-    if c.method != "bgformer" or c.graph_dim is None:
+    if c.graph_dim is None or "graph_dim" not in METHODS[c.method].options:
         return None
     if c.graph_dim % c.graph_heads != 0:
         return (f"{name('graph_dim')} ({c.graph_dim}) must be divisible by "
@@ -278,9 +284,10 @@ def check_graph_dim(c, name: Name) -> str | None:
 
 
 def check_pce_layout(c, name: Name) -> str | None:
-    if c.loss == "pce" and c.method in ("plain", "bgformer") and c.samples_per_class < 2:
-        return (f"{name('loss')} pce pairs the samples of a class: {name('samples_per_class')} "
-                f"must be >= 2, got {c.samples_per_class}")
+    if (METHODS[c.method].takes_loss and LOSSES[c.loss].balanced and LOSSES[c.loss].pairs
+            and c.samples_per_class < 2):
+        return (f"{name('loss')} {c.loss} pairs the samples of a class: "
+                f"{name('samples_per_class')} must be >= 2, got {c.samples_per_class}")
     return None
 
 

@@ -90,7 +90,7 @@ def paired_line(bgformer: dict[int, dict[str, float]], plain: dict[int, dict[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parse(argv)
-    methods = METHODS if args.method == "all" else (args.method,)
+    methods = tuple(METHODS) if args.method == "all" else (args.method,)
     single = len(methods) == 1 and len(args.seeds) == 1
     # Every run's options are checked before the first run starts.
     plan = {(m, s): run_config(args, rest, m, s, single, methods)

@@ -9,7 +9,6 @@ demo set's images are already tensors at their final size, so its transforms nev
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torchvision import transforms as T
@@ -99,14 +98,3 @@ def demo_train_transform(
     shift ±``translate`` of the side, scale 1 ± ``scale``; of the same kind as (and somewhat weaker
     than) the demo's own distortion, so that training learns the invariance the test set needs."""
     return T.RandomAffine(degrees, translate=(translate, translate), scale=(1 - scale, 1 + scale))
-
-
-def build_transform(
-    dataset: str, train: bool, options: TransformOptions | None = None
-) -> Callable | None:
-    """The transform for ``dataset`` (``"demo"`` or an image benchmark) in train or test mode;
-    ``None`` for the demo's test split (its tensors are used as they are, ``options`` unused)."""
-    if dataset == "demo":
-        return demo_train_transform() if train else None
-    options = options or TransformOptions()
-    return (train_transform if train else eval_transform)(options.size, options)

@@ -13,11 +13,13 @@ from .. import distributed
 from ..checks import naming
 from ..config import DEFAULT_CLASSES_PER_BATCH, Config
 from ..data import (
+    DATASETS,
     AugmentedLoader,
     ClassBalancedBatchSampler,
     DistributedClassBalancedBatchSampler,
 )
-from ..models import build_backbone, build_method, build_optimizer
+from ..losses import LOSSES
+from ..models import METHODS, build_backbone, build_method, build_optimizer
 from ..models.efficientnet import EFFICIENTNET_BACKBONES
 from ..models.tail import tail_trunk
 from ..train import random_stream, seed_worker, stream_seed
@@ -32,27 +34,19 @@ BACKBONE_STREAM, METHOD_STREAM, AUGMENTATION_STREAM = "backbone", "method", "aug
 
 
 def method_hparams(config: Config) -> dict:
-    """The method-specific keyword arguments of :func:`~bgf_pyg.models.build_method`."""
-    if config.method == "proxygml":
-        return {"proxies_per_class": config.proxies_per_class, "r": config.proxygml_r,
-                "weight_lambda": config.proxygml_lambda}
-    graph = {"num_layers": config.graph_layers, "heads": config.graph_heads}
-    if config.method == "bgformer":
-        return {"k": config.k, "alpha": config.alpha, "lam": config.lam,
-                "semantic_branch": config.semantic_branch, "visual_graph": config.visual_graph,
-                "detach_graph_input": config.detach_graph_input, "graph_dim": config.graph_dim,
-                **graph}
-    if config.method == "intra-batch":
-        return {"temperature": config.temperature, "cat": config.mpn_cat, **graph}
-    return {}
+    """The keyword arguments of the method's class: its registry entry's options, read from
+    ``config``."""
+    return {keyword: getattr(config, option)
+            for option, keyword in METHODS[config.method].options.items()}
 
 
 def loss_options(config: Config) -> dict:
-    """Keyword arguments of the ``pce`` loss (none for the other losses)."""
-    if config.loss != "pce":
+    """The keyword arguments of the metric loss: its registry entry's options, read from
+    ``config`` (none for a method without a metric loss)."""
+    if not METHODS[config.method].takes_loss:
         return {}
-    return {"space": config.pce_space, "c": config.hyp_c, "clip_r": config.clip_r,
-            "temperature": config.temperature}
+    return {keyword: getattr(config, option)
+            for option, keyword in LOSSES[config.loss].options.items()}
 
 
 def build_run_method(
@@ -68,11 +62,12 @@ def build_run_method(
     ``config.seed``, the method's own modules (its loss, then its graph module) from
     :data:`METHOD_STREAM`: a method that adds a graph module starts from the backbone and loss
     of the method without it, and leaves torch's global generator as it found it."""
-    samples_per_class = None if config.method == "proxygml" else config.samples_per_class
+    entry = METHODS[config.method]
+    samples_per_class = config.samples_per_class if entry.balanced else None
     with random_stream(config.seed, BACKBONE_STREAM):
         backbone = build_backbone(config.backbone, config.embedding_dim, config.pretrained,
                                   pooling=config.pooling,
-                                  in_channels=1 if config.dataset == "demo" else 3,
+                                  in_channels=DATASETS[config.dataset].channels,
                                   image_size=config.image_size,
                                   trainable_stages=config.trainable_stages,
                                   vit_pooling=config.vit_pooling)
@@ -85,7 +80,8 @@ def build_run_method(
                                cut=config.train_tail)
     with random_stream(config.seed, METHOD_STREAM):
         method = build_method(config.method, backbone, splits.train.num_classes,
-                              loss=config.loss, samples_per_class=samples_per_class,
+                              loss=config.loss if entry.takes_loss else None,
+                              samples_per_class=samples_per_class,
                               loss_options=loss_options(config), **method_hparams(config))
     return method, splits
 
@@ -115,10 +111,11 @@ def build_optimization(
 def check_against_data(config: Config, train: Dataset) -> None:
     """The sampling options against the training split's size and classes, before the model is
     built (``bgf-sweep`` runs it on every combination before its first run)."""
-    if config.method == "proxygml" and config.batch_size > len(train):
+    balanced = METHODS[config.method].balanced
+    if not balanced and config.batch_size > len(train):
         raise naming(ValueError(f"batch_size={config.batch_size} exceeds the {len(train)} "
                                 "training images, so an epoch would have no batch"), "batch_size")
-    if (config.method != "proxygml" and config.classes_per_batch is not None
+    if (balanced and config.classes_per_batch is not None
             and config.classes_per_batch > train.num_classes):
         raise naming(ValueError(f"classes_per_batch={config.classes_per_batch} exceeds the "
                                 f"{train.num_classes} training classes"), "classes_per_batch")
@@ -133,30 +130,34 @@ def classes_per_batch(config: Config, num_classes: int) -> int:
 
 
 def check_batch_graph_k(config: Config, num_classes: int) -> None:
-    """BGFormer's ``k`` neighbours come from the other samples of the *global* batch (every
-    rank's P×M batch together): refuse a kNN graph's k it cannot supply."""
-    if config.method != "bgformer" or config.visual_graph == "attention_topk":
-        return  # a top-K of K >= the batch is full attention
+    """A method's kNN graph (BGFormer's ``k`` neighbours) comes from the other samples of the
+    *global* batch (every rank's P×M batch together): refuse a k it cannot supply (a method
+    without one, or BGFormer's top-K, where K >= the batch is full attention, has no limit)."""
+    knn_k = METHODS[config.method].knn_k
+    k = None if knn_k is None else knn_k(config)
+    if k is None:
+        return
     world, p = distributed.get_world_size(), classes_per_batch(config, num_classes)
     batch = world * p * config.samples_per_class
-    if config.k >= batch:
+    if k >= batch:
         raise naming(ValueError(
-            f"k={config.k} must be smaller than the global batch of {batch} samples "
+            f"k={k} must be smaller than the global batch of {batch} samples "
             f"({world} process(es) × {p} classes × {config.samples_per_class} samples): each "
             "sample's neighbours are other samples"), "k")
 
 
 def train_loader(config: Config, dataset: Dataset, generator: torch.Generator) -> DataLoader:
-    """Random batches for ProxyGML (as the original), class-balanced P×M batches otherwise
-    (seeded by ``config.seed``); ``generator`` drives the shuffling and the workers' seeds, and
-    the augmentation of batches loaded in the main process draws from this rank's stream
-    :data:`AUGMENTATION_STREAM` (an :class:`~bgf_pyg.data.AugmentedLoader`)."""
+    """Class-balanced P×M batches (seeded by ``config.seed``), or random batches for a method
+    that does not want them (ProxyGML, as the original); ``generator`` drives the shuffling
+    and the workers' seeds, and the augmentation of batches loaded in the main process draws
+    from this rank's stream :data:`AUGMENTATION_STREAM` (an
+    :class:`~bgf_pyg.data.AugmentedLoader`)."""
     world, rank = distributed.get_world_size(), distributed.get_rank()
     augmentation = torch.Generator().manual_seed(
         stream_seed(config.seed, AUGMENTATION_STREAM, rank))
     common = {"num_workers": config.num_workers, "worker_init_fn": seed_worker,
               "generator": generator, "augmentation": augmentation}
-    if config.method == "proxygml":
+    if not METHODS[config.method].balanced:
         if world == 1:
             return AugmentedLoader(dataset, batch_size=config.batch_size, shuffle=True,
                                    drop_last=True, **common)

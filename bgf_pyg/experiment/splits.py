@@ -14,6 +14,7 @@ from torchvision import transforms as T
 from .. import distributed
 from ..config import Config
 from ..data import (
+    DATASETS,
     ImageListDataset,
     TransformOptions,
     build_dataset,
@@ -65,7 +66,8 @@ def load_splits(
     outliers: float = 0.0,
     corruption_seed: int = 0,
 ) -> Splits:
-    """Training and evaluation splits (In-Shop: query against gallery), transformed as
+    """Training and evaluation splits (a query split against a gallery where the dataset's
+    registry entry says so, In-Shop's), transformed as
     ``options`` says, and with ``val_classes`` the validation split taken from the training
     classes (:func:`~bgf_pyg.data.splits.split_validation`); with ``check_images`` every image
     is opened now (:func:`~bgf_pyg.data.check_image_headers`). ``label_noise`` and
@@ -74,11 +76,9 @@ def load_splits(
     train_tf = build_transform(dataset, train=augment, options=options)
     test_tf = build_transform(dataset, train=False, options=options)
     train = build_dataset(dataset, root, "train", train_tf)
-    if dataset == "inshop":
-        splits = Splits(train, build_dataset(dataset, root, "query", test_tf),
-                        build_dataset(dataset, root, "gallery", test_tf))
-    else:
-        splits = Splits(train, build_dataset(dataset, root, "test", test_tf))
+    # the evaluated split(s): a test split, or a query split and its gallery
+    splits = Splits(train, *(build_dataset(dataset, root, split, test_tf)
+                             for split in DATASETS[dataset].evaluation))
     if val_classes:  # before the image checks: a bad val_classes is found at once
         splits.train, splits.val, splits.val_class_ids = split_validation(
             train, val_classes, val_seed, train_transform=train_tf, val_transform=test_tf)

@@ -1,5 +1,4 @@
-"""Backbones with embedding heads and the method wrappers (plain / bgformer / intra-batch /
-proxygml)."""
+"""Backbones with embedding heads, the method wrappers and their registry (:data:`METHODS`)."""
 
 from .backbones import (
     BACKBONES,
@@ -9,35 +8,25 @@ from .backbones import (
     build_backbone,
     load_imagenet_weights,
 )
-from .methods import (
-    LOSSES,
-    METHODS,
-    BGFormerMethod,
-    IntraBatchMethod,
-    Method,
-    PlainMethod,
-    ProxyGMLMethod,
-    build_method,
-    build_metric_loss,
-)
+from .methods import BGFormerMethod, IntraBatchMethod, Method, PlainMethod, ProxyGMLMethod
 from .optim import OPTIMIZERS, build_optimizer
+from .registry import METHODS, MethodEntry, build_method
 
 __all__ = [
     "BACKBONES",
-    "LOSSES",
     "METHODS",
     "OPTIMIZERS",
     "BGFormerMethod",
     "EmbeddingNet",
     "IntraBatchMethod",
     "Method",
+    "MethodEntry",
     "PlainMethod",
     "ProxyGMLMethod",
     "SmallCNN",
     "backbone_normalization",
     "build_backbone",
     "build_method",
-    "build_metric_loss",
     "build_optimizer",
     "load_imagenet_weights",
 ]

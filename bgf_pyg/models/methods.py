@@ -14,39 +14,21 @@ Each method is an ``nn.Module`` with
   ``graph_lr`` and the backbone's trunk at ``backbone_lr`` when given; frozen parameters
   (``requires_grad`` false) in none.
 
-:func:`build_method` picks one by name.
+:func:`~bgf_pyg.models.build_method` builds one by its name in :data:`~bgf_pyg.models.METHODS`
+(:mod:`bgf_pyg.models.registry`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
-from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
 from .. import defaults
 from ..checks import naming
 from ..distributed import gather_batch
 from ..knn import normalize_rows
-from ..losses import BatchGraphLoss, LabelSmoothingCE, PairwiseCrossEntropyLoss, ProxyGMLLoss
+from ..losses import BatchGraphLoss, LabelSmoothingCE, ProxyGMLLoss, refuses_one_class
 from ..nn import BGFormer, IntraBatchMPN, ProjectedGraph
 from .backbones import EmbeddingNet
-
-#: Metric losses from pytorch-metric-learning; proxy-based ones take (num_classes, embedding_dim).
-PAIR_LOSSES: dict[str, Callable[[], nn.Module]] = {
-    "multi_similarity": pml_losses.MultiSimilarityLoss,
-    "contrastive": pml_losses.ContrastiveLoss,
-    "triplet": pml_losses.TripletMarginLoss,
-}
-PROXY_LOSSES: dict[str, Callable[[int, int], nn.Module]] = {
-    "proxy_anchor": pml_losses.ProxyAnchorLoss,
-    "normalized_softmax": pml_losses.NormalizedSoftmaxLoss,
-}
-PAIR_LOSS_TYPES = tuple(PAIR_LOSSES.values())
-#: Hyp-ViT's pairwise cross-entropy (BGFormer's authors' loss): needs P×m class-balanced batches.
-PCE = "pce"
-LOSSES = (*PAIR_LOSSES, *PROXY_LOSSES, PCE)
-METHODS = ("plain", "bgformer", "intra-batch", "proxygml")
 
 #: Label smoothing ε of the intra-batch cross-entropy (the original's value).
 DEFAULT_SMOOTHING = 0.1
@@ -60,29 +42,6 @@ def check_two_classes(labels: Tensor) -> None:
             "labels: every sample of the batch has the same class, so a pair-based metric loss "
             "has no negative pair; sample at least 2 classes per batch (classes_per_batch >= 2)"
         ), "classes_per_batch")
-
-
-def build_metric_loss(
-    name: str,
-    num_classes: int | None,
-    embedding_dim: int,
-    samples_per_class: int | None = None,
-    **options,
-) -> nn.Module:
-    """A pytorch-metric-learning loss by name (proxy-based ones need ``num_classes``), or ``pce``
-    (needs ``samples_per_class``; ``options``: its ``temperature``, ``space``, ``c``,
-    ``clip_r``)."""
-    if name == PCE:
-        if samples_per_class is None:
-            raise ValueError("the 'pce' loss needs class-balanced batches: give samples_per_class")
-        return PairwiseCrossEntropyLoss(samples_per_class, **options)
-    if name in PAIR_LOSSES:
-        return PAIR_LOSSES[name]()
-    if name in PROXY_LOSSES:
-        if num_classes is None:
-            raise ValueError(f"loss {name!r} is proxy-based and needs num_classes")
-        return PROXY_LOSSES[name](num_classes, embedding_dim)
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
 
 
 class Method(nn.Module):
@@ -136,7 +95,7 @@ class PlainMethod(Method):
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         emb, labels = gather_batch(self.backbone(images), labels)
-        if isinstance(self.loss_fn, PAIR_LOSS_TYPES):
+        if refuses_one_class(self.loss_fn):
             check_two_classes(labels)
         return self.loss_fn(emb, labels)
 
@@ -202,7 +161,7 @@ class BGFormerMethod(Method):
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         f, labels = gather_batch(self.backbone.features(images), labels)
-        if isinstance(self.loss_fn, PAIR_LOSS_TYPES):
+        if refuses_one_class(self.loss_fn):
             check_two_classes(labels)
         return self.graph_loss(f, labels, head=self.backbone.head)
 
@@ -268,51 +227,3 @@ class ProxyGMLMethod(Method):
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         return self.loss_fn(*gather_batch(self.embed(images), labels))
-
-
-def build_method(
-    name: str,
-    backbone: EmbeddingNet,
-    num_classes: int | None = None,
-    *,
-    loss: str = "multi_similarity",
-    samples_per_class: int | None = None,
-    loss_options: Mapping | None = None,
-    **hparams,
-) -> Method:
-    """Build ``plain`` | ``bgformer`` | ``intra-batch`` | ``proxygml`` around ``backbone``.
-
-    Args:
-        name: method name.
-        backbone: the :class:`EmbeddingNet` to train.
-        num_classes: training classes (needed by intra-batch, ProxyGML and proxy losses).
-        loss: metric loss of ``plain`` and ``bgformer`` (see :data:`LOSSES`).
-        samples_per_class: samples of each class in a batch (``None``: not class-balanced). A
-            pair loss or BGFormer's semantic edges with 1 sample per class → ``ValueError``.
-        loss_options: keyword arguments of the ``pce`` loss (``temperature``, ``space``, ...).
-        **hparams: keyword arguments of the method's class (e.g. ``k``, ``alpha``,
-            ``temperature``, ``proxies_per_class``).
-    """
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    if name in ("intra-batch", "proxygml") and num_classes is None:
-        raise ValueError(f"method {name!r} needs num_classes")
-    pairwise = loss in PAIR_LOSSES or loss == PCE
-    if samples_per_class == 1 and (name == "bgformer" or name == "plain" and pairwise):
-        what = "BGFormer's semantic edges" if name == "bgformer" else f"the {loss!r} pair loss"
-        raise naming(ValueError(
-            f"samples_per_class=1 leaves no positive pairs for {what}; use >= 2 samples per "
-            "class or a proxy-based loss/method (proxy_anchor, normalized_softmax, proxygml)"
-        ), "samples_per_class")
-    if name == "intra-batch":
-        method: Method = IntraBatchMethod(backbone, num_classes, **hparams)
-    elif name == "proxygml":
-        method = ProxyGMLMethod(backbone, num_classes, **hparams)
-    else:
-        loss_fn = build_metric_loss(loss, num_classes, backbone.embedding_dim, samples_per_class,
-                                    **(loss_options or {}))
-        if name == "plain":
-            method = PlainMethod(backbone, loss_fn, **hparams)
-        else:
-            method = BGFormerMethod(backbone, loss_fn, **hparams)
-    return method
