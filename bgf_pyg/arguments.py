@@ -25,9 +25,10 @@ from .config import OPTIONS, SCOPES, Config, option_fields, resolve
 from .options import DIVERGENCE_OPTIONS, applies
 from .train import DivergenceError
 
-#: What a user can cause (bad paths, broken files, impossible settings): one line, exit code 2.
-#: Other errors (torch's RuntimeErrors included) are bugs and keep their traceback.
-USER_ERRORS = (ValueError, OSError, InputError)
+#: What a user can cause (bad paths, broken files, impossible settings, a diverging loss): one
+#: line, exit code 2. Other errors (torch's RuntimeErrors included) are bugs and keep their
+#: traceback.
+USER_ERRORS = (ValueError, OSError, InputError, DivergenceError)
 EXIT_USAGE = 2
 HELP_FLAGS = ("-h", "--help")
 
