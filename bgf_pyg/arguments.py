@@ -9,19 +9,23 @@ resolved configuration, so ``--help`` shows the default that would apply (with
 :func:`~bgf_pyg.config.resolve`, and every error is one line and exit code 2
 (:class:`OneLineParser`). Library errors name their parameters (``samples_per_class=1``);
 :func:`with_option_names` writes those as this command line's options, the one place where the
-two vocabularies meet.
+two vocabularies meet. The same holds for values: the library's domains (:mod:`bgf_pyg.domains`)
+raise ``ValueError``, and :func:`argument_type` makes each an argparse ``type=`` that argparse
+reports after the option (``argument --k: expected an integer >= 1, got '0'``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from collections.abc import Callable, Collection, Sequence
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from .checks import InputError, named_parameters, show_value
 from .config import OPTIONS, SCOPES, Config, option_fields, resolve
+from .domains import Number
 from .options import DIVERGENCE_OPTIONS, applies
 from .train import DivergenceError
 
@@ -58,6 +62,39 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+T = TypeVar("T")
+
+
+def argument_type(domain: Callable[[str], T]) -> Callable[[str], T]:
+    """``domain`` (the library's parser of a value's text, which raises ``ValueError``) as an
+    argparse ``type=``: the same value, or argparse's ``ArgumentTypeError`` with the same text,
+    which argparse prints after the option (a ``ValueError`` would print ``invalid ... value``).
+    A :class:`~bgf_pyg.domains.Number` stays one, so its interval can be read off the parser."""
+    if isinstance(domain, Number):
+        return NumberArgument(**vars(domain))
+
+    @functools.wraps(domain)
+    def parse(text: str) -> T:
+        return as_argument_error(domain, text)
+
+    return parse
+
+
+def as_argument_error(parse: Callable[[str], T], text: str) -> T:
+    """``parse(text)``, its ``ValueError`` raised as argparse's ``ArgumentTypeError``."""
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class NumberArgument(Number):
+    """A :class:`~bgf_pyg.domains.Number` as an argparse ``type=`` (:func:`argument_type`)."""
+
+    def __call__(self, text: str) -> int | float:
+        return as_argument_error(super().__call__, text)
+
+
 def add_options(
     parser: argparse.ArgumentParser,
     defaults: Config | None,
@@ -78,7 +115,8 @@ def add_options(
             parser.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction,
                                 **common)
         else:
-            parser.add_argument(option_name(f.name), type=spec.domain, choices=spec.choices,
+            parse = None if spec.domain is None else argument_type(spec.domain)
+            parser.add_argument(option_name(f.name), type=parse, choices=spec.choices,
                                 nargs=spec.nargs, metavar=spec.metavar, **common)
 
 

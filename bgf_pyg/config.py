@@ -2,7 +2,7 @@
 scope and help.
 
 :class:`Config` is a dataclass with one field per option. Each field's metadata
-(:class:`Option`) holds its value domain (a :class:`~bgf_pyg.options.Number` or choices), where it
+(:class:`Option`) holds its value domain (a :class:`~bgf_pyg.domains.Number` or choices), where it
 applies (:class:`~bgf_pyg.options.Scope`) and its help text; ``bgf-train``'s parser and
 ``--help`` are generated from it (:mod:`bgf_pyg.arguments`), and so is every check of a value.
 
@@ -27,7 +27,6 @@ options is an :class:`~bgf_pyg.checks.InputError` naming the field.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
 from collections.abc import Callable, Collection, Mapping
@@ -42,6 +41,18 @@ from .data import DATASETS as IMAGE_DATASETS
 from .data import IMAGE_CHECKS
 from .data.emoji import EMOJI_SIZE
 from .data.transforms import INTERPOLATIONS
+from .domains import (
+    Number,
+    device,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    seed_int,
+    val_classes,
+)
 from .losses.pce import SPACES
 from .models import BACKBONES, LOSSES, METHODS, OPTIMIZERS
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES
@@ -52,21 +63,11 @@ from .nn.bgformer import SEMANTIC_BRANCHES, VISUAL_GRAPHS
 from .options import (
     IS_SET,
     RULES,
-    Number,
     Scope,
     auto_threads,
     check_scopes,
-    device,
-    fraction,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    probability,
     refinement_list,
-    seed_int,
     stage_count,
-    val_classes,
 )
 from .presets import load_preset
 from .train import SELECT_ON
@@ -96,7 +97,7 @@ DEFAULT_CLASSES_PER_BATCH = 6
 @dataclass(frozen=True)
 class Option:
     """What a field of :class:`Config` is: its help text, its value domain (``domain``: a
-    :class:`~bgf_pyg.options.Number` or a parser of text; ``choices``; ``nargs`` values), an
+    :class:`~bgf_pyg.domains.Number` or a parser of text; ``choices``; ``nargs`` values), an
     on/off switch (``switch``: ``"on"`` has only ``--name``, ``"on_off"`` also ``--no-name``),
     and where it applies (``scope``: alternatives, any one suffices; empty: everywhere)."""
 
@@ -482,7 +483,7 @@ def _scalar(spec: Option, value: Any, where: str) -> Any:
     if spec.domain is not None:
         try:
             value = spec.domain(str(value) if kind is None else repr(value))
-        except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+        except ValueError as err:
             raise InputError(f"{where}: {err}") from err
     if spec.choices is not None and value not in spec.choices:
         raise InputError(f"{where} must be one of {', '.join(map(str, spec.choices))}, got "
