@@ -62,6 +62,12 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def field_name(option: str) -> str:
+    """The field of an option, with or without its leading ``--``: ``--lr-milestones`` or
+    ``lr-milestones`` → ``lr_milestones`` (the inverse of :func:`option_name`)."""
+    return option.removeprefix("--").replace("-", "_")
+
+
 T = TypeVar("T")
 
 

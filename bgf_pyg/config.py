@@ -599,16 +599,9 @@ RESUMABLE = frozenset({"epochs", "eval_every", "resume", "overwrite", "out", "da
                        "threads"})
 
 
-def checkpoint_key(name: str) -> str:
-    """The key a checkpoint stores option ``name`` under: ``--lr-milestones`` (the command
-    line's name, as every checkpoint has since the first one)."""
-    return "--" + name.replace("_", "-")
-
-
 def checkpoint_config(config: Config) -> dict[str, Any]:
-    """The options a resumed run must share with its checkpoint, by :func:`checkpoint_key`."""
-    return {checkpoint_key(k): v for k, v in sorted(config.options().items())
-            if k not in RESUMABLE}
+    """The options a resumed run must share with its checkpoint, by field name."""
+    return {k: v for k, v in sorted(config.options().items()) if k not in RESUMABLE}
 
 
 def essential_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -622,12 +615,13 @@ def essential_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def from_checkpoint(stored: Mapping[str, Any], **changes: Any) -> Config:
-    """The configuration of a run from its checkpoint's :func:`checkpoint_config`, with
+    """The configuration of a run from its checkpoint's :func:`checkpoint_config` (as
+    :func:`~bgf_pyg.run_folder.load_checkpoint` reads it: older checkpoints' keys too), with
     ``changes``; its options are not checked again (they were when the run started). Its
     ``given`` holds the :func:`essential_options`, so :meth:`Config.replace` resolves the
     derived ones (``proxy_lr``, a method's defaults) again instead of keeping stale values."""
-    options = {name: stored[checkpoint_key(name)] for name in OPTIONS
-               if stored.get(checkpoint_key(name)) is not None}  # None: "the default" before
+    options = {name: stored[name] for name in OPTIONS
+               if name not in RESUMABLE and stored.get(name) is not None}  # None: the default
     return resolve({**essential_options(options), **changes}, check=False)
 
 

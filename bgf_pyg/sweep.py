@@ -32,6 +32,7 @@ from .arguments import (
     OneLineParser,
     argument_type,
     error_message,
+    field_name,
     given_options,
     resolve_options,
 )
@@ -115,7 +116,7 @@ def run_folder_name(params: dict[str, str], seed: int) -> str:
 
 def is_switch(name: str) -> bool:
     """Whether ``bgf-train`` option ``name`` (``detach-graph-input``) is an on/off switch."""
-    field = name.replace("-", "_")
+    field = field_name(name)
     return field in OPTIONS and OPTIONS[field].switch is not None
 
 
