@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Collection, Sequence
 from typing import NoReturn, TypeVar
 
-from .checks import InputError, named_parameters, show_value
+from .checks import InputError, message_in, named_parameters, show_value
 from .config import OPTIONS, SCOPES, Config, option_fields, resolve
 from .domains import Number
 from .options import DIVERGENCE_OPTIONS, applies
@@ -229,10 +229,18 @@ def with_option_names(message: str, parameters: Collection[str]) -> str:
     return message
 
 
+def flag_of(name: str) -> str:
+    """How this command line writes a name in a message: an option as its flag, any other name
+    (``val_class_ids``) as it is."""
+    return option_name(name) if name in OPTIONS else name
+
+
 def error_message(err: BaseException, config: Config) -> str:
-    """The one-line message of a user error, the library parameters it names written as options;
-    a diverging loss also names the options that set the run's step size and logit scale."""
-    message = with_option_names(" ".join(str(err).split("\n")), named_parameters(err))
+    """The one-line message of a user error, the library parameters and options it names written
+    as options; a diverging loss also names the options that set the run's step size and logit
+    scale."""
+    message = with_option_names(" ".join(message_in(err, flag_of).split("\n")),
+                                named_parameters(err))
     if isinstance(err, DivergenceError):
         options = ", ".join(f"{option_name(d)} {show_value(getattr(config, d))}"
                             for d in DIVERGENCE_OPTIONS if applies(d, config, SCOPES))

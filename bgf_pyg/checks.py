@@ -8,7 +8,7 @@ by its :mod:`bgf_pyg.domains` entry: ``positive_int.check(k, "k")``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -37,6 +37,26 @@ def naming(err: ErrorT, *parameters: str) -> ErrorT:
     option names (:func:`named_parameters`)."""
     err.parameters = parameters  # type: ignore[attr-defined]
     return err
+
+
+#: How a message writes a parameter or option: by its own name in the library (``lr_milestones``),
+#: by the command line's flag in a command (``--lr-milestones``).
+Name = Callable[[str], str]
+
+
+def worded(err: ErrorT, wording: Callable[[Name], str]) -> ErrorT:
+    """``err``, whose message is ``wording`` of the library's own names
+    (``wording(lambda name: name)``), marked so that a front end can write it with its own
+    option names (:func:`message_in`)."""
+    err.wording = wording  # type: ignore[attr-defined]
+    return err
+
+
+def message_in(err: BaseException, name: Name) -> str:
+    """``err``'s message with the names :func:`worded` marked written by ``name``; else its
+    message."""
+    wording = getattr(err, "wording", None)
+    return str(err) if wording is None else wording(name)
 
 
 def error_chain(err: BaseException | None) -> Iterator[BaseException]:

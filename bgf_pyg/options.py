@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .checks import InputError, show_value
+from .checks import InputError, Name, show_value
 from .data import DATASETS
 from .domains import Number
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES, import_efficientnet
@@ -76,9 +76,6 @@ def refinement_list(text: str) -> list[str]:
 #: A scope value that matches any setting except ``None`` / empty (``lr_gamma`` needs
 #: ``lr_milestones``).
 IS_SET = ("<set>",)
-#: How a message writes an option: ``lr_milestones`` in Python, ``--lr-milestones`` on the
-#: command line.
-Name = Callable[[str], str]
 
 
 class Scope:

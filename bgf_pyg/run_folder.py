@@ -30,7 +30,7 @@ from typing import IO
 
 import torch
 
-from .checks import InputError, error_chain, naming, show_value
+from .checks import InputError, Name, error_chain, naming, show_value, worded
 
 try:  # POSIX; on Windows runs are not locked
     import fcntl
@@ -157,10 +157,13 @@ def check_config(
     differ = [k for k in sorted({*saved, *current} - EXECUTION_KEYS)
               if saved.get(k) != current.get(k)]
     if differ:
-        changes = "; ".join(f"{k} {show_value(current.get(k))} now, "
-                            f"{show_value(saved.get(k))} in the checkpoint" for k in differ)
-        raise InputError(f"{path} was written with other options ({changes}); resume with the "
-                         "same options, or start a fresh run in another folder")
+        def wording(name: Name) -> str:
+            changes = "; ".join(f"{name(k)} {show_value(current.get(k))} now, "
+                                f"{show_value(saved.get(k))} in the checkpoint" for k in differ)
+            return (f"{path} was written with other options ({changes}); resume with the same "
+                    "options, or start a fresh run in another folder")
+
+        raise worded(InputError(wording(lambda key: key)), wording)
 
 
 
