@@ -17,9 +17,7 @@ from bgf_pyg.run_folder import (
     with_field_names,
 )
 
-#: A tiny demo run (about a second): plain method, 16-d, 5 batches of 5×36, no augmentation.
-TINY = ["--method", "plain", "--embedding-dim", "16", "--samples-per-class", "36",
-        "--device", "cpu", "--no-progress", "--no-augment"]
+from .test_run_folder import TINY
 
 
 def flag_keyed(stored: dict) -> dict:
