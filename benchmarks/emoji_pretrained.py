@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from bgf_pyg.arguments import OneLineParser
+from bgf_pyg.arguments import OneLineParser, argument_type
 from bgf_pyg.checks import InputError
 from bgf_pyg.config import Config, configure
 from bgf_pyg.console import setup_logging
+from bgf_pyg.domains import positive_int, seed_int
 from bgf_pyg.experiment import run, use_threads
 from bgf_pyg.experiment.splits import config_splits, frozen_splits, raw_pixel_metrics
 from bgf_pyg.models.efficientnet import efficientnet_trunk
-from bgf_pyg.options import positive_int, seed_int
 from bgf_pyg.run_folder import LAST_CHECKPOINT, read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper beside this script
@@ -85,8 +85,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="emoji_pretrained.py", description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True, help="the emoji cache (bgf-data emoji --root)")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
-    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--seeds", type=argument_type(seed_int), nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--threads", type=argument_type(positive_int), default=None,
                    help="threads of every run (default: the configuration's automatic count)")
     p.add_argument("--runs", default="runs/emoji", help="parent of the run folders")
     p.add_argument("--out", default="benchmarks/results/emoji_pretrained.json")

@@ -33,12 +33,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bgf_pyg.arguments import OneLineParser
+from bgf_pyg.arguments import OneLineParser, argument_type
 from bgf_pyg.checks import InputError
 from bgf_pyg.config import Config, configure
 from bgf_pyg.console import setup_logging
+from bgf_pyg.domains import positive_int, seed_int
 from bgf_pyg.experiment import run, use_threads
-from bgf_pyg.options import positive_int, seed_int
 from bgf_pyg.run_folder import LAST_CHECKPOINT, read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper beside this script
@@ -85,19 +85,19 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="emoji_tail.py", description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True, help="the emoji cache (bgf-data emoji --root)")
     p.add_argument("--regimes", nargs="+", choices=tuple(REGIMES), default=list(REGIMES))
-    p.add_argument("--cuts", type=positive_int, nargs="+", default=[1, 2, 3],
+    p.add_argument("--cuts", type=argument_type(positive_int), nargs="+", default=[1, 2, 3],
                    help="EfficientNet-Lite0 cuts (--train-tail) to choose from on validation")
-    p.add_argument("--dinov2-cuts", type=positive_int, nargs="+", default=[1],
+    p.add_argument("--dinov2-cuts", type=argument_type(positive_int), nargs="+", default=[1],
                    help="DINOv2 ViT-S cuts (blocks training) of the dinov2-tail regime")
     p.add_argument("--dinov2-weights", default=None,
                    help="vit_small_dinov2 weights (bgf-data dinov2-from-onnx; docs/dinov2.rst)")
     p.add_argument("--models", nargs="+", choices=tuple(ROWS), default=list(ROWS))
-    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--seeds", type=argument_type(seed_int), nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--epochs", type=argument_type(positive_int), default=30)
     p.add_argument("--settings", default=None,
                    help="JSON of the sweep-chosen settings: {row: {option: value}}, or "
                         "{regime: {row: {option: value}}} for one regime's")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=argument_type(positive_int), default=None,
                    help="threads of every run (default: the configuration's automatic count)")
     p.add_argument("--runs", default="runs/emoji_tail", help="parent of the run folders")
     p.add_argument("--out", default="benchmarks/results/emoji_tail.json")

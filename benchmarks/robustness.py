@@ -27,12 +27,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bgf_pyg.arguments import OneLineParser
+from bgf_pyg.arguments import OneLineParser, argument_type
 from bgf_pyg.checks import InputError
 from bgf_pyg.config import DEMO_DEFAULTS, Config, configure, demo_defaults
 from bgf_pyg.console import setup_logging
+from bgf_pyg.domains import positive_int, probability, seed_int
 from bgf_pyg.experiment import run
-from bgf_pyg.options import positive_int, probability, seed_int
 from bgf_pyg.run_folder import LAST_CHECKPOINT, atomic_write
 
 #: Global batch of the demo runs (P × M), so full attention is k = batch − 1.
@@ -48,17 +48,18 @@ METRIC = "recall@1"
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="robustness.py", description=__doc__.splitlines()[0])
-    p.add_argument("--label-noise", type=probability, nargs="+", default=[0.0, 0.1, 0.2, 0.4],
+    p.add_argument("--label-noise", type=argument_type(probability), nargs="+",
+                   default=[0.0, 0.1, 0.2, 0.4],
                    help="fractions of flipped training labels (0 is the clean reference)")
-    p.add_argument("--outliers", type=probability, nargs="+", default=[0.2, 0.4],
+    p.add_argument("--outliers", type=argument_type(probability), nargs="+", default=[0.2, 0.4],
                    help="outlier images added, as fractions of the training split (clean labels)")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
-    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=positive_int, default=DEMO_DEFAULTS["epochs"])
-    p.add_argument("--alpha", type=probability, default=None,
+    p.add_argument("--seeds", type=argument_type(seed_int), nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=argument_type(positive_int), default=DEMO_DEFAULTS["epochs"])
+    p.add_argument("--alpha", type=argument_type(probability), default=None,
                    help="BGFormer's α for both bgformer models (default: the demo's); with a "
                         "smaller α the graph term weighs more in the loss")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=argument_type(positive_int), default=None,
                    help="threads of every run (default: the configuration's automatic count)")
     p.add_argument("--runs", default="runs/robustness", help="parent of the run folders")
     p.add_argument("--out", default="benchmarks/results/robustness_demo.json")

@@ -19,9 +19,10 @@ from collections.abc import Callable
 
 import torch
 
+from bgf_pyg.arguments import argument_type
+from bgf_pyg.domains import positive_int
 from bgf_pyg.models.backbones import build_backbone
 from bgf_pyg.models.tail import tail_trunk
-from bgf_pyg.options import positive_int
 
 #: backbone → (image size, cuts timed)
 CASES = {"efficientnet_lite0": (96, (1, 2, 3)), "vit_small_dinov2": (98, (1,))}
@@ -59,9 +60,9 @@ def time_cut(name: str, size: int, cut: int, batch: int, reps: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=positive_int, default=1)
-    p.add_argument("--batch", type=positive_int, default=64)
-    p.add_argument("--reps", type=positive_int, default=5)
+    p.add_argument("--threads", type=argument_type(positive_int), default=1)
+    p.add_argument("--batch", type=argument_type(positive_int), default=64)
+    p.add_argument("--reps", type=argument_type(positive_int), default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for name, (size, cuts) in CASES.items():

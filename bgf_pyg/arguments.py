@@ -9,25 +9,30 @@ resolved configuration, so ``--help`` shows the default that would apply (with
 :func:`~bgf_pyg.config.resolve`, and every error is one line and exit code 2
 (:class:`OneLineParser`). Library errors name their parameters (``samples_per_class=1``);
 :func:`with_option_names` writes those as this command line's options, the one place where the
-two vocabularies meet.
+two vocabularies meet. The same holds for values: the library's domains (:mod:`bgf_pyg.domains`)
+raise ``ValueError``, and :func:`argument_type` makes each an argparse ``type=`` that argparse
+reports after the option (``argument --k: expected an integer >= 1, got '0'``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from collections.abc import Callable, Collection, Sequence
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
-from .checks import InputError, named_parameters, show_value
+from .checks import InputError, message_in, named_parameters, show_value
 from .config import OPTIONS, SCOPES, Config, option_fields, resolve
+from .domains import Number
 from .options import DIVERGENCE_OPTIONS, applies
 from .train import DivergenceError
 
-#: What a user can cause (bad paths, broken files, impossible settings): one line, exit code 2.
-#: Other errors (torch's RuntimeErrors included) are bugs and keep their traceback.
-USER_ERRORS = (ValueError, OSError, InputError)
+#: What a user can cause (bad paths, broken files, impossible settings, a diverging loss): one
+#: line, exit code 2. Other errors (torch's RuntimeErrors included) are bugs and keep their
+#: traceback.
+USER_ERRORS = (ValueError, OSError, InputError, DivergenceError)
 EXIT_USAGE = 2
 HELP_FLAGS = ("-h", "--help")
 
@@ -57,6 +62,45 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def field_name(option: str) -> str:
+    """The field of an option, with or without its leading ``--``: ``--lr-milestones`` or
+    ``lr-milestones`` → ``lr_milestones`` (the inverse of :func:`option_name`)."""
+    return option.removeprefix("--").replace("-", "_")
+
+
+T = TypeVar("T")
+
+
+def argument_type(domain: Callable[[str], T]) -> Callable[[str], T]:
+    """``domain`` (the library's parser of a value's text, which raises ``ValueError``) as an
+    argparse ``type=``: the same value, or argparse's ``ArgumentTypeError`` with the same text,
+    which argparse prints after the option (a ``ValueError`` would print ``invalid ... value``).
+    A :class:`~bgf_pyg.domains.Number` stays one, so its interval can be read off the parser."""
+    if isinstance(domain, Number):
+        return NumberArgument(**vars(domain))
+
+    @functools.wraps(domain)
+    def parse(text: str) -> T:
+        return as_argument_error(domain, text)
+
+    return parse
+
+
+def as_argument_error(parse: Callable[[str], T], text: str) -> T:
+    """``parse(text)``, its ``ValueError`` raised as argparse's ``ArgumentTypeError``."""
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class NumberArgument(Number):
+    """A :class:`~bgf_pyg.domains.Number` as an argparse ``type=`` (:func:`argument_type`)."""
+
+    def __call__(self, text: str) -> int | float:
+        return as_argument_error(super().__call__, text)
+
+
 def add_options(
     parser: argparse.ArgumentParser,
     defaults: Config | None,
@@ -77,7 +121,8 @@ def add_options(
             parser.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction,
                                 **common)
         else:
-            parser.add_argument(option_name(f.name), type=spec.domain, choices=spec.choices,
+            parse = None if spec.domain is None else argument_type(spec.domain)
+            parser.add_argument(option_name(f.name), type=parse, choices=spec.choices,
                                 nargs=spec.nargs, metavar=spec.metavar, **common)
 
 
@@ -184,10 +229,18 @@ def with_option_names(message: str, parameters: Collection[str]) -> str:
     return message
 
 
+def flag_of(name: str) -> str:
+    """How this command line writes a name in a message: an option as its flag, any other name
+    (``val_class_ids``) as it is."""
+    return option_name(name) if name in OPTIONS else name
+
+
 def error_message(err: BaseException, config: Config) -> str:
-    """The one-line message of a user error, the library parameters it names written as options;
-    a diverging loss also names the options that set the run's step size and logit scale."""
-    message = with_option_names(" ".join(str(err).split("\n")), named_parameters(err))
+    """The one-line message of a user error, the library parameters and options it names written
+    as options; a diverging loss also names the options that set the run's step size and logit
+    scale."""
+    message = with_option_names(" ".join(message_in(err, flag_of).split("\n")),
+                                named_parameters(err))
     if isinstance(err, DivergenceError):
         options = ", ".join(f"{option_name(d)} {show_value(getattr(config, d))}"
                             for d in DIVERGENCE_OPTIONS if applies(d, config, SCOPES))

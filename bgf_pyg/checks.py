@@ -2,17 +2,19 @@
 
 Each check raises ``ValueError``/``TypeError`` whose message names the argument and says what was
 expected, so a user sees ``"x must be a 2-D tensor of shape (N, D), got shape (3,)"`` instead
-of a shape error deep inside a matmul.
+of a shape error deep inside a matmul. A number's domain (``k >= 1``, a probability) is checked
+by its :mod:`bgf_pyg.domains` entry: ``positive_int.check(k, "k")``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+from .domains import positive_int
 
 
 class InputError(RuntimeError):
@@ -35,6 +37,26 @@ def naming(err: ErrorT, *parameters: str) -> ErrorT:
     option names (:func:`named_parameters`)."""
     err.parameters = parameters  # type: ignore[attr-defined]
     return err
+
+
+#: How a message writes a parameter or option: by its own name in the library (``lr_milestones``),
+#: by the command line's flag in a command (``--lr-milestones``).
+Name = Callable[[str], str]
+
+
+def worded(err: ErrorT, wording: Callable[[Name], str]) -> ErrorT:
+    """``err``, whose message is ``wording`` of the library's own names
+    (``wording(lambda name: name)``), marked so that a front end can write it with its own
+    option names (:func:`message_in`)."""
+    err.wording = wording  # type: ignore[attr-defined]
+    return err
+
+
+def message_in(err: BaseException, name: Name) -> str:
+    """``err``'s message with the names :func:`worded` marked written by ``name``; else its
+    message."""
+    wording = getattr(err, "wording", None)
+    return str(err) if wording is None else wording(name)
 
 
 def error_chain(err: BaseException | None) -> Iterator[BaseException]:
@@ -65,21 +87,12 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_positive_int(value: int, name: str) -> int:
-    """Return ``value`` if it is an ``int`` ≥ 1, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 def check_channels(value: int, name: str, lazy: bool = False) -> int:
     """Return ``value`` if it is a channel count ≥ 1 (or ``-1``, "infer at first call", when
     ``lazy``), else raise naming ``name``."""
     if lazy and not isinstance(value, bool) and value == -1:
         return value
-    return check_positive_int(value, name)
+    return positive_int.check(value, name)
 
 
 def check_divides(heads: int, channels: int, heads_name: str = "heads",
@@ -89,27 +102,6 @@ def check_divides(heads: int, channels: int, heads_name: str = "heads",
         raise ValueError(
             f"{channels_name} ({channels}) must be divisible by {heads_name} ({heads})"
         )
-
-
-def check_positive_float(value: float, name: str) -> float:
-    """Return ``value`` if it is a finite real number > 0, else raise naming ``name`` (NaN and
-    inf included: a temperature or curvature of inf silently zeroes a loss)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    if not 0.0 < value < math.inf:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def check_probability(value: float, name: str, allow_one: bool = False) -> float:
-    """Return ``value`` if it is a real number in [0, 1) ([0, 1] with ``allow_one``), else raise
-    naming ``name`` (NaN included)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    upper_ok = value <= 1.0 if allow_one else value < 1.0
-    if not (value >= 0.0 and upper_ok):
-        raise ValueError(f"{name} must lie in [0, 1{']' if allow_one else ')'}, got {value}")
-    return float(value)
 
 
 def check_features(

@@ -2,7 +2,7 @@
 scope and help.
 
 :class:`Config` is a dataclass with one field per option. Each field's metadata
-(:class:`Option`) holds its value domain (a :class:`~bgf_pyg.options.Number` or choices), where it
+(:class:`Option`) holds its value domain (a :class:`~bgf_pyg.domains.Number` or choices), where it
 applies (:class:`~bgf_pyg.options.Scope`) and its help text; ``bgf-train``'s parser and
 ``--help`` are generated from it (:mod:`bgf_pyg.arguments`), and so is every check of a value.
 
@@ -27,7 +27,6 @@ options is an :class:`~bgf_pyg.checks.InputError` naming the field.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -41,6 +40,18 @@ from .checks import InputError, naming, show_value
 from .data import DATASETS, DEMO_DEFAULTS, IMAGE_CHECKS
 from .data.emoji import EMOJI_SIZE
 from .data.transforms import INTERPOLATIONS
+from .domains import (
+    Number,
+    device,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    seed_int,
+    val_classes,
+)
 from .losses import LOSSES
 from .losses.pce import SPACES
 from .models import BACKBONES, METHODS, OPTIMIZERS
@@ -51,21 +62,11 @@ from .nn.bgformer import SEMANTIC_BRANCHES, VISUAL_GRAPHS
 from .options import (
     IS_SET,
     RULES,
-    Number,
     Scope,
     auto_threads,
     check_scopes,
-    device,
-    fraction,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    probability,
     refinement_list,
-    seed_int,
     stage_count,
-    val_classes,
 )
 from .presets import load_preset
 from .train import SELECT_ON
@@ -131,7 +132,7 @@ DEFAULT_CLASSES_PER_BATCH = 6
 @dataclass(frozen=True)
 class Option:
     """What a field of :class:`Config` is: its help text, its value domain (``domain``: a
-    :class:`~bgf_pyg.options.Number` or a parser of text; ``choices``; ``nargs`` values), an
+    :class:`~bgf_pyg.domains.Number` or a parser of text; ``choices``; ``nargs`` values), an
     on/off switch (``switch``: ``"on"`` has only ``--name``, ``"on_off"`` also ``--no-name``),
     and where it applies (``scope``: alternatives, any one suffices; empty: everywhere)."""
 
@@ -511,7 +512,7 @@ def _scalar(spec: Option, value: Any, where: str) -> Any:
     if spec.domain is not None:
         try:
             value = spec.domain(str(value) if kind is None else repr(value))
-        except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+        except ValueError as err:
             raise InputError(f"{where}: {err}") from err
     if spec.choices is not None and value not in spec.choices:
         raise InputError(f"{where} must be one of {', '.join(map(str, spec.choices))}, got "
@@ -627,16 +628,9 @@ RESUMABLE = frozenset({"epochs", "eval_every", "resume", "overwrite", "out", "da
                        "threads"})
 
 
-def checkpoint_key(name: str) -> str:
-    """The key a checkpoint stores option ``name`` under: ``--lr-milestones`` (the command
-    line's name, as every checkpoint has since the first one)."""
-    return "--" + name.replace("_", "-")
-
-
 def checkpoint_config(config: Config) -> dict[str, Any]:
-    """The options a resumed run must share with its checkpoint, by :func:`checkpoint_key`."""
-    return {checkpoint_key(k): v for k, v in sorted(config.options().items())
-            if k not in RESUMABLE}
+    """The options a resumed run must share with its checkpoint, by field name."""
+    return {k: v for k, v in sorted(config.options().items()) if k not in RESUMABLE}
 
 
 def essential_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -650,12 +644,13 @@ def essential_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def from_checkpoint(stored: Mapping[str, Any], **changes: Any) -> Config:
-    """The configuration of a run from its checkpoint's :func:`checkpoint_config`, with
+    """The configuration of a run from its checkpoint's :func:`checkpoint_config` (as
+    :func:`~bgf_pyg.run_folder.load_checkpoint` reads it: older checkpoints' keys too), with
     ``changes``; its options are not checked again (they were when the run started). Its
     ``given`` holds the :func:`essential_options`, so :meth:`Config.replace` resolves the
     derived ones (``proxy_lr``, a method's defaults) again instead of keeping stale values."""
-    options = {name: stored[checkpoint_key(name)] for name in OPTIONS
-               if stored.get(checkpoint_key(name)) is not None}  # None: "the default" before
+    options = {name: stored[name] for name in OPTIONS
+               if name not in RESUMABLE and stored.get(name) is not None}  # None: the default
     return resolve({**essential_options(options), **changes}, check=False)
 
 

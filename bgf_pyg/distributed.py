@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from .checks import InputError
+from .domains import positive_float
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,7 @@ def init_distributed(device: str | None = None,
     missing = [name for name in _ENV if name not in os.environ]
     if missing:
         raise InputError(f"WORLD_SIZE > 1 but {', '.join(missing)} not set; launch with torchrun")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    positive_float.check(timeout_s, "timeout_s")
     if dev.type == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():

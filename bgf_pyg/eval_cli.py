@@ -22,17 +22,19 @@ from .arguments import (
     HelpFormatter,
     OneLineParser,
     add_options,
+    argument_type,
     option_name,
     with_option_names,
 )
 from .checks import InputError, named_parameters
 from .config import Config, from_checkpoint, resolve
 from .console import setup_logging
+from .domains import device, non_negative_int
 from .experiment import use_threads
 from .experiment.build import build_run_method
 from .experiment.refinement import check_refine_request, evaluate_refine_request
 from .experiment.splits import config_splits
-from .options import check_refine, device, non_negative_int
+from .options import check_refine
 from .run_folder import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -59,9 +61,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
     add_options(p, defaults, names=REFINE_OPTIONS)
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: the one the run was trained with)")
-    p.add_argument("--device", type=device, default=None,
+    p.add_argument("--device", type=argument_type(device), default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--num-workers", type=non_negative_int, default=0,
+    p.add_argument("--num-workers", type=argument_type(non_negative_int), default=0,
                    help="DataLoader worker processes")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write every record (refinement, split, setting, metrics) to FILE "

@@ -9,7 +9,8 @@ from torch import Tensor
 from torch_geometric.data import Data
 
 from . import defaults
-from .checks import check_edge_index, check_features, check_labels, check_positive_int
+from .checks import check_edge_index, check_features, check_labels
+from .domains import positive_int
 from .knn import cosine_topk
 
 
@@ -150,7 +151,7 @@ def build_batch_graph(
     structure, not part of the model.
     """
     check_features(x, "x")
-    check_positive_int(k, "k")
+    positive_int.check(k, "k")
     if y is not None:
         check_labels(y, x.size(0), "y")
     return assemble_batch_graph(x, y, k, loop=loop, chunk_size=chunk_size)

@@ -15,7 +15,8 @@ import os
 import torch
 from torch import nn
 
-from .checks import InputError, check_positive_int
+from .checks import InputError
+from .domains import positive_int
 from .nn import AttentionEntropy
 from .train import FitCallback
 
@@ -44,7 +45,7 @@ class TensorBoardLogger(FitCallback):
         self._writer_class = SummaryWriter
         self._writer = None
         self.log_dir = os.fspath(log_dir)
-        self.every = check_positive_int(every, "every")
+        self.every = positive_int.check(every, "every")
         self.attention = AttentionEntropy(model)
 
     @property

@@ -3,12 +3,12 @@
 Three kinds of rule, each declared once per option in :class:`bgf_pyg.config.Config`'s field
 metadata or here, so a new option is covered by declaring it:
 
-1. **Value** — a :class:`Number` domain such as :data:`positive_int` (≥ 1),
-   :data:`non_negative_float` (≥ 0), :data:`positive_float` (finite, > 0), :data:`probability`
-   ([0, 1]), :data:`fraction` ((0, 1]) or :data:`seed_int`, or a parser of text
-   (:func:`device`, :func:`val_classes`, :func:`refinement_list`). NaN and ±inf are never
-   accepted. ``tests/test_cli_validation.py`` enumerates every numeric option and checks 0, -1,
-   NaN and ±inf against the declared domain.
+1. **Value** — a domain of :mod:`bgf_pyg.domains` (the library's own: a
+   :class:`~bgf_pyg.domains.Number` such as ``positive_int`` or ``probability``, or a parser of
+   text such as ``device``), or one of the options' own here (:data:`stage_count`,
+   :func:`refinement_list`); each raises ``ValueError``. NaN and ±inf are never accepted.
+   ``tests/test_cli_validation.py`` enumerates every numeric option and checks 0, -1, NaN and
+   ±inf against the declared domain.
 2. **Scope** — a :class:`Scope` per option says where it is read (methods, datasets, losses,
    backbones, or another option it needs). Setting it where it is ignored (say
    ``proxies_per_class`` with ``method="bgformer"``) is an error. Only options the user set are
@@ -24,17 +24,16 @@ Every message names options through a ``name`` function: the field name in Pytho
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .checks import InputError, show_value
+from .checks import InputError, Name, show_value
 from .data import DATASETS
+from .domains import Number
 from .losses import LOSSES
 from .models import METHODS
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES, import_efficientnet
@@ -42,62 +41,7 @@ from .models.tail import tail_depth
 from .models.vit import VIT_BACKBONES, import_timm
 from .refine import REFINEMENTS
 
-SEED_MAX = 2**32 - 1  # NumPy's seed range
-
-
-@dataclass(frozen=True)
-class Number:
-    """An argparse ``type=``: parse ``kind`` (``int`` or ``float``) and require a finite value in
-    the declared interval (``None``: unbounded; ``*_open``: the bound itself is excluded)."""
-
-    kind: type
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def contains(self, value: float) -> bool:
-        """Whether ``value`` lies in the domain (NaN and ±inf never do)."""
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value < self.low or self.low_open and value == self.low):
-            return False
-        return not (self.high is not None
-                    and (value > self.high or self.high_open and value == self.high))
-
-    @property
-    def expected(self) -> str:
-        """The domain in words, e.g. ``an integer >= 1`` or ``a finite number in (0, 1]``."""
-        what = "an integer" if self.kind is int else "a finite number"
-        low, high = (None if b is None else f"{b:g}" if self.kind is float else str(int(b))
-                     for b in (self.low, self.high))
-        if low is not None and high is not None:
-            return (f"{what} in {'(' if self.low_open else '['}{low}, "
-                    f"{high}{')' if self.high_open else ']'}")
-        if low is not None:
-            return f"{what} {'>' if self.low_open else '>='} {low}"
-        if high is not None:
-            return f"{what} {'<' if self.high_open else '<='} {high}"
-        return what
-
-    def __call__(self, text: str) -> int | float:
-        try:
-            value = self.kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {self.expected}, got {text!r}") from None
-        if not self.contains(value):
-            raise argparse.ArgumentTypeError(f"expected {self.expected}, got {text!r}")
-        return value
-
-
-positive_int = Number(int, low=1)
-non_negative_int = Number(int, low=0)
-seed_int = Number(int, low=0, high=SEED_MAX)
-positive_float = Number(float, low=0, low_open=True)
-non_negative_float = Number(float, low=0)
-probability = Number(float, low=0, high=1)
-fraction = Number(float, low=0, high=1, low_open=True)
-#: ``--trainable-stages``: the last 1 to all of EfficientNet-Lite0's stages.
+#: ``trainable_stages``: the last 1 to all of EfficientNet-Lite0's stages.
 stage_count = Number(int, low=1, high=NUM_STAGES)
 
 
@@ -118,54 +62,15 @@ def auto_threads(environ: Mapping[str, str] | None = None, cpus: int | None = No
     return max(1, cpus // 2 // (int(local) if local.isdigit() and int(local) > 0 else 1))
 
 
-def val_classes(text: str) -> int | float:
-    """An argparse ``type=`` for ``--val-classes``: ``0`` (no validation split), a fraction in
-    (0, 1) of the training classes, or an integer count (whether the training split has enough
-    classes is checked once it is read: :func:`bgf_pyg.data.splits.val_class_count`)."""
-    expected = f"expected 0, a fraction in (0, 1) or a class count >= 1, got {text!r}"
-    try:
-        return non_negative_int(text)
-    except argparse.ArgumentTypeError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(expected) from None
-    if not (math.isfinite(value) and 0 < value < 1):
-        raise argparse.ArgumentTypeError(expected)
-    return value
-
-
 def refinement_list(text: str) -> list[str]:
-    """An argparse ``type=`` for ``--refine``: comma-separated names among :data:`REFINEMENTS`
-    (order kept, repeats dropped)."""
+    """The domain of ``refine``: comma-separated names among :data:`REFINEMENTS` (order kept,
+    repeats dropped); ``ValueError`` otherwise."""
     names = [name.strip() for name in text.split(",")]
     unknown = [name for name in names if name not in REFINEMENTS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names among "
-                                         f"{', '.join(REFINEMENTS)}, got {text!r}")
+        raise ValueError(f"expected comma-separated names among {', '.join(REFINEMENTS)}, got "
+                         f"{text!r}")
     return list(dict.fromkeys(names))
-
-
-def device(text: str) -> str:
-    """An argparse ``type=``: a torch device that exists on this machine (``cpu``, ``cuda``,
-    ``cuda:N``, ``mps``)."""
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
-    elif dev.type != "cpu":
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    return text
 
 
 # ---------------------------------------------------------------------------- scopes
@@ -173,9 +78,6 @@ def device(text: str) -> str:
 #: A scope value that matches any setting except ``None`` / empty (``lr_gamma`` needs
 #: ``lr_milestones``).
 IS_SET = ("<set>",)
-#: How a message writes an option: ``lr_milestones`` in Python, ``--lr-milestones`` on the
-#: command line.
-Name = Callable[[str], str]
 
 
 class Scope:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .arguments import OneLineParser
+from .arguments import OneLineParser, argument_type
 from .checks import InputError
 from .data.emoji import EMOJI_SIZE, MANIFEST, read_left_out
 from .data.emoji_cache import (
@@ -38,8 +38,8 @@ from .data.emoji_cache import (
     cache_state,
     npm_fetch,
 )
+from .domains import positive_int
 from .models.dinov2 import DINOV2_BACKBONES
-from .options import positive_int
 from .run_folder import atomic_write
 
 PROG = "bgf-data"
@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     emoji.add_argument("--root", required=True, type=Path,
                        help="folder of the cache (bgf-train --data-root); the tarballs go to "
                             "ROOT/downloads")
-    emoji.add_argument("--size", type=positive_int, default=EMOJI_SIZE,
+    emoji.add_argument("--size", type=argument_type(positive_int), default=EMOJI_SIZE,
                        help="side of the rendered images, in pixels")
-    emoji.add_argument("--min-styles", type=positive_int, default=MIN_STYLES,
+    emoji.add_argument("--min-styles", type=argument_type(positive_int), default=MIN_STYLES,
                        help="keep an emoji drawn by at least this many of the sets")
     emoji.add_argument("--sets", nargs="+", default=list(EMOJI_SETS), metavar="SET",
                        help="@iconify-json package names")

@@ -11,7 +11,9 @@ A run folder holds ``last.pt`` (after every epoch), ``best.pt`` (best Recall@1),
   and saying that the previous version is intact.
 - :func:`read_metrics` drops a half-written last line (a kill during the append) with a warning
   and names the file and line of any other corrupt line.
-- :func:`check_config` compares the configuration recorded in a checkpoint with the current one.
+- :func:`check_config` compares the configuration recorded in a checkpoint with the current one;
+  :func:`load_checkpoint` reads the options of older checkpoints (stored under the command line's
+  flags) by field name, as checkpoints now store them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import IO
 
 import torch
 
-from .checks import InputError, error_chain, naming, show_value
+from .checks import InputError, Name, error_chain, naming, show_value, worded
 
 try:  # POSIX; on Windows runs are not locked
     import fcntl
@@ -108,7 +110,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise InputError(f"could not read checkpoint {path}: {err}") from err
     if not isinstance(state, dict):
         raise InputError(f"{path} does not hold a checkpoint dict (got {type(state).__name__})")
+    if isinstance(state.get("config"), dict):
+        state["config"] = with_field_names(state["config"])
     return state
+
+
+#: How checkpoints written before options were stored by field name began an option's key: the
+#: command line's flag, ``--lr-milestones``. A fixed past format, so it is spelled out here
+#: rather than derived from the command line, whose spelling may change.
+LEGACY_KEY_PREFIX = "--"
+
+
+def with_field_names(config: Mapping) -> dict:
+    """A checkpoint's stored ``config`` with every option under its field name: an older
+    checkpoint's ``--lr-milestones`` read as ``lr_milestones``; other keys as they are."""
+    return {key.removeprefix(LEGACY_KEY_PREFIX).replace("-", "_")
+            if key.startswith(LEGACY_KEY_PREFIX) else key: value
+            for key, value in config.items()}
 
 
 def require_keys(state: Mapping, keys: tuple[str, ...], path: str | os.PathLike) -> None:
@@ -139,10 +157,13 @@ def check_config(
     differ = [k for k in sorted({*saved, *current} - EXECUTION_KEYS)
               if saved.get(k) != current.get(k)]
     if differ:
-        changes = "; ".join(f"{k} {show_value(current.get(k))} now, "
-                            f"{show_value(saved.get(k))} in the checkpoint" for k in differ)
-        raise InputError(f"{path} was written with other options ({changes}); resume with the "
-                         "same options, or start a fresh run in another folder")
+        def wording(name: Name) -> str:
+            changes = "; ".join(f"{name(k)} {show_value(current.get(k))} now, "
+                                f"{show_value(saved.get(k))} in the checkpoint" for k in differ)
+            return (f"{path} was written with other options ({changes}); resume with the same "
+                    "options, or start a fresh run in another folder")
+
+        raise worded(InputError(wording(lambda key: key)), wording)
 
 
 

@@ -30,17 +30,19 @@ from .arguments import (
     EXIT_USAGE,
     USER_ERRORS,
     OneLineParser,
+    argument_type,
     error_message,
+    field_name,
     given_options,
     resolve_options,
 )
 from .checks import InputError
 from .config import OPTIONS, Config, resolve
 from .console import setup_logging
+from .domains import positive_int, seed_int
 from .experiment import run
 from .experiment.build import check_against_data, check_batch_graph_k
 from .experiment.splits import config_splits
-from .options import positive_int, seed_int
 from .run_folder import LAST_CHECKPOINT, read_metrics
 from .tables import format_cell
 
@@ -81,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=None, help="study folder (default: runs/sweeps/NAME)")
     p.add_argument("--grid", type=grid_option, action="append", required=True,
                    metavar="NAME=V1,V2", help="a bgf-train option and its values (repeatable)")
-    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0], metavar="SEED",
+    p.add_argument("--seeds", type=argument_type(seed_int), nargs="+", default=[0], metavar="SEED",
                    help="one run per seed (default: 0)")
     p.add_argument("--sampler", choices=("grid", "random"), default="grid",
                    help="every combination, or --trials distinct ones drawn at random "
                         "(default: grid)")
-    p.add_argument("--trials", type=positive_int, default=None,
+    p.add_argument("--trials", type=argument_type(positive_int), default=None,
                    help="trials to run in all (default: every combination)")
-    p.add_argument("--sampler-seed", type=seed_int, default=0,
+    p.add_argument("--sampler-seed", type=argument_type(seed_int), default=0,
                    help="seeds the random sampler (default: 0)")
     return p
 
@@ -114,7 +116,7 @@ def run_folder_name(params: dict[str, str], seed: int) -> str:
 
 def is_switch(name: str) -> bool:
     """Whether ``bgf-train`` option ``name`` (``detach-graph-input``) is an on/off switch."""
-    field = name.replace("-", "_")
+    field = field_name(name)
     return field in OPTIONS and OPTIONS[field].switch is not None
 
 

@@ -24,6 +24,7 @@ from bgf_pyg.arguments import (
     EXIT_USAGE,
     USER_ERRORS,
     OneLineParser,
+    argument_type,
     error_message,
     given_options,
     resolve_options,
@@ -31,10 +32,10 @@ from bgf_pyg.arguments import (
 from bgf_pyg.config import Config
 from bgf_pyg.console import setup_logging
 from bgf_pyg.data import build_dataset
+from bgf_pyg.domains import seed_int
 from bgf_pyg.experiment import run, use_threads
 from bgf_pyg.experiment.splits import raw_pixel_metrics
 from bgf_pyg.models import METHODS
-from bgf_pyg.options import seed_int
 from bgf_pyg.tables import format_table, results_caption, row_name
 
 PROG = "cub.py"
@@ -47,7 +48,8 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--data-root", default=None, help="CUB_200_2011 folder; none: the demo set")
     p.add_argument("--method", choices=(*METHODS, "all"), default="bgformer",
                    help="one method, or all four one after the other")
-    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0], help="one run per seed")
+    p.add_argument("--seeds", type=argument_type(seed_int), nargs="+", default=[0],
+                   help="one run per seed")
     p.add_argument("--out", default=None,
                    help="the run folder of a single run; with several methods or seeds, the "
                         "parent of one METHOD-sSEED folder per run (default: bgf-train's "

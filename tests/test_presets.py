@@ -63,7 +63,7 @@ def test_preset_runs_one_epoch_and_records_its_values(name, tmp_path, capsys, ti
         else:
             assert config[key] == value, key
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert checkpoint["config"]["--lr"] == config["lr"] == preset["lr"]
+    assert checkpoint["config"]["lr"] == config["lr"] == preset["lr"]  # stored by field name
 
 
 def test_list_presets(capsys):

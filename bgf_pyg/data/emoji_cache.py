@@ -37,7 +37,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bgf_pyg.checks import InputError, check_positive_int
+from bgf_pyg.checks import InputError
 from bgf_pyg.data.emoji import EMOJI_SIZE, IMAGES_DIR, LEFT_OUT, MANIFEST, read_manifest
 from bgf_pyg.data.iconify import (
     Drawing,
@@ -47,6 +47,7 @@ from bgf_pyg.data.iconify import (
     read_icon_set,
     svg_document,
 )
+from bgf_pyg.domains import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def emoji_classes(sets: Sequence[IconSet], min_styles: int = MIN_STYLES) -> list
     An emoji's class name is the normalised name most sets use for it (ties: the first in sorted
     order); a set that draws it under several names gives the drawing named by an icon rather
     than an alias, then the one named like the class, then the first in sorted order."""
-    check_positive_int(min_styles, "min_styles")
+    positive_int.check(min_styles, "min_styles")
     if min_styles > len(sets):
         raise ValueError(f"min_styles must be at most the number of sets ({len(sets)}), "
                          f"got {min_styles}")
@@ -245,8 +246,8 @@ def build_emoji_cache(
     records. An existing cache (complete or not) is replaced only with ``overwrite``; the
     tarballs go to ``root/downloads``. ``progress`` receives one line per stage."""
     root = Path(root)
-    check_positive_int(size, "size")
-    check_positive_int(min_styles, "min_styles")
+    positive_int.check(size, "size")
+    positive_int.check(min_styles, "min_styles")
     if not sets or len(set(sets)) != len(sets):
         raise ValueError(f"sets must be distinct set names, got {list(sets)}")
     if min_styles > len(sets):

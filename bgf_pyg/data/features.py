@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
-from ..checks import InputError, check_positive_int
+from ..checks import InputError
+from ..domains import positive_int
 from ..run_folder import save_checkpoint
 from .base import ImageListDataset, LabelledDataset
 from .noise import CorruptedTraining
@@ -164,7 +165,7 @@ def extract_features(
 ) -> Tensor:
     """``backbone(transform(image))`` of every image of ``dataset`` in order, in eval mode, as an
     (N, ...) float32 CPU tensor (the dataset's own transform is not used)."""
-    check_positive_int(batch_size, "batch_size")
+    positive_int.check(batch_size, "batch_size")
     was_training = backbone.training
     backbone.eval()
     chunks = []

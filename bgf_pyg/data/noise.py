@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bgf_pyg.checks import check_probability
 from bgf_pyg.data.base import LabelledDataset
+from bgf_pyg.domains import probability
 
 
 def flip_labels(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -62,8 +62,8 @@ class CorruptedTraining(LabelledDataset):
 
     def __init__(self, dataset: LabelledDataset, label_noise: float = 0.0, outliers: float = 0.0,
                  seed: int = 0) -> None:
-        check_probability(label_noise, "label_noise", allow_one=True)
-        check_probability(outliers, "outliers", allow_one=True)
+        probability.check(label_noise, "label_noise")
+        probability.check(outliers, "outliers")
         self.dataset = dataset
         self.transform = dataset.transform
         generator = torch.Generator().manual_seed(seed)

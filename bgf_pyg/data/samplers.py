@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from bgf_pyg import distributed
-from bgf_pyg.checks import check_labels, check_positive_int, naming
+from bgf_pyg.checks import check_labels, naming
+from bgf_pyg.domains import positive_int
 
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):
@@ -44,8 +45,8 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     ) -> None:
         labels = torch.as_tensor(labels)
         check_labels(labels, labels.numel(), "labels")
-        self.classes_per_batch = check_positive_int(classes_per_batch, "classes_per_batch")
-        self.samples_per_class = check_positive_int(samples_per_class, "samples_per_class")
+        self.classes_per_batch = positive_int.check(classes_per_batch, "classes_per_batch")
+        self.samples_per_class = positive_int.check(samples_per_class, "samples_per_class")
         classes, inverse = labels.unique(return_inverse=True)
         if classes_per_batch > classes.numel():
             raise ValueError(
@@ -58,7 +59,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.num_batches = (
             max(1, labels.numel() // batch_size)
             if num_batches is None
-            else check_positive_int(num_batches, "num_batches")
+            else positive_int.check(num_batches, "num_batches")
         )
         self.seed = seed
         self.epoch = 0
@@ -126,10 +127,10 @@ class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
     ) -> None:
         world_size = distributed.get_world_size() if world_size is None else world_size
         rank = distributed.get_rank() if rank is None else rank
-        check_positive_int(world_size, "world_size")
+        positive_int.check(world_size, "world_size")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
-        p = check_positive_int(classes_per_batch, "classes_per_batch")
+        p = positive_int.check(classes_per_batch, "classes_per_batch")
         num_classes = torch.as_tensor(labels).unique().numel()
         if p * world_size > num_classes:
             raise naming(ValueError(

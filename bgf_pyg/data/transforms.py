@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torchvision import transforms as T
 
-from bgf_pyg.checks import check_positive_int, check_probability
+from bgf_pyg.domains import positive_int, probability
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,7 +50,7 @@ class TransformOptions:
     std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        check_positive_int(self.size, "size")
+        positive_int.check(self.size, "size")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
@@ -58,8 +58,8 @@ class TransformOptions:
             raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, "
                              f"got {self.interpolation!r}")
         if self.test_resize is not None:
-            check_positive_int(self.test_resize, "test_resize")
-        check_probability(self.random_erasing, "random_erasing", allow_one=True)
+            positive_int.check(self.test_resize, "test_resize")
+        probability.check(self.random_erasing, "random_erasing")
 
 
 def train_transform(size: int = 224, options: TransformOptions | None = None) -> T.Compose:

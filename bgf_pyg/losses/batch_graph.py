@@ -18,7 +18,8 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import Tensor, nn
 
 from .. import defaults
-from ..checks import check_features, check_labels, check_positive_int, check_probability
+from ..checks import check_features, check_labels
+from ..domains import positive_int, probability
 from ..graph import assemble_batch_graph, label_edges
 
 
@@ -124,8 +125,8 @@ class BatchGraphLoss(BaseMetricLossFunction):
         self.loss = loss
         self.distance = getattr(loss, "distance", None)
         self.miner = miner
-        self.k = check_positive_int(k, "k")
-        self.alpha = check_probability(alpha, "alpha", allow_one=True)
+        self.k = positive_int.check(k, "k")
+        self.alpha = probability.check(alpha, "alpha")
         self.detach_graph_input = bool(detach_graph_input)
 
     def forward(

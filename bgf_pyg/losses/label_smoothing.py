@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bgf_pyg.checks import (
-    check_features,
-    check_labels,
-    check_positive_float,
-    check_probability,
-)
+from bgf_pyg.checks import check_features, check_labels
+from bgf_pyg.domains import positive_float, probability
 
 
 class LabelSmoothingCE(nn.Module):
@@ -31,8 +27,8 @@ class LabelSmoothingCE(nn.Module):
 
     def __init__(self, temperature: float = 1.0, epsilon: float = 0.1) -> None:
         super().__init__()
-        self.temperature = check_positive_float(temperature, "temperature")
-        self.epsilon = check_probability(epsilon, "epsilon", allow_one=True)
+        self.temperature = positive_float.check(temperature, "temperature")
+        self.epsilon = probability.check(epsilon, "epsilon")
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         check_features(logits, "logits", min_rows=1)

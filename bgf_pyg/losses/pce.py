@@ -26,13 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import defaults
-from ..checks import (
-    check_features,
-    check_labels,
-    check_positive_float,
-    check_positive_int,
-    naming,
-)
+from ..checks import check_features, check_labels, naming
+from ..domains import positive_float, positive_int
 from ..knn import normalize_rows, scaled_rows
 
 SPACES = ("sphere", "hyperbolic")
@@ -129,16 +124,16 @@ class PairwiseCrossEntropyLoss(nn.Module):
         clip_r: float | None = 2.3,
     ) -> None:
         super().__init__()
-        self.samples_per_class = check_positive_int(samples_per_class, "samples_per_class")
+        self.samples_per_class = positive_int.check(samples_per_class, "samples_per_class")
         if samples_per_class < 2:
             raise ValueError("samples_per_class must be >= 2: the PCE loss pairs the samples of "
                              f"a class, got {samples_per_class}")
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-        self.temperature = check_positive_float(temperature, "temperature")
+        self.temperature = positive_float.check(temperature, "temperature")
         self.space = space
-        self.c = check_positive_float(c, "c (the ball's curvature)")
-        self.clip_r = None if clip_r is None else check_positive_float(clip_r, "clip_r")
+        self.c = positive_float.check(c, "c (the ball's curvature)")
+        self.clip_r = None if clip_r is None else positive_float.check(clip_r, "clip_r")
 
     def check_layout(self, labels: Tensor) -> None:
         """Refuse a batch that is not P ≥ 2 distinct classes × ``samples_per_class`` consecutive

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bgf_pyg import defaults
-from bgf_pyg.checks import check_features, check_labels, check_positive_int
+from bgf_pyg.checks import check_features, check_labels
+from bgf_pyg.domains import fraction, non_negative_float, positive_int
 from bgf_pyg.knn import compute_dtype, normalize_rows
 
 # Added to the positives' similarities before the top-k so that every positive proxy is kept; the
@@ -86,15 +87,11 @@ class ProxyGMLLoss(nn.Module):
         weight_lambda: float = defaults.PROXYGML_LAMBDA,
     ) -> None:
         super().__init__()
-        self.num_classes = check_positive_int(num_classes, "num_classes")
-        self.embedding_dim = check_positive_int(embedding_dim, "embedding_dim")
-        self.proxies_per_class = check_positive_int(proxies_per_class, "proxies_per_class")
-        if not 0.0 < r <= 1.0:
-            raise ValueError(f"r must lie in (0, 1], got {r}")
-        if not 0.0 <= weight_lambda < math.inf:
-            raise ValueError(f"weight_lambda must be a finite number >= 0, got {weight_lambda}")
-        self.r = r
-        self.weight_lambda = weight_lambda
+        self.num_classes = positive_int.check(num_classes, "num_classes")
+        self.embedding_dim = positive_int.check(embedding_dim, "embedding_dim")
+        self.proxies_per_class = positive_int.check(proxies_per_class, "proxies_per_class")
+        self.r = fraction.check(r, "r")
+        self.weight_lambda = non_negative_float.check(weight_lambda, "weight_lambda")
         num_proxies = num_classes * proxies_per_class
         self.k = min(math.ceil(r * num_proxies), num_proxies)
         self.proxies = nn.Parameter(torch.empty(num_proxies, embedding_dim))

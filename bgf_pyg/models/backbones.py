@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 
-from ..checks import check_positive_int, naming
+from ..checks import naming
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..domains import positive_int
 from .efficientnet import EFFICIENTNET_BACKBONES, efficientnet_trunk
 from .vit import VIT_BACKBONES, vit_trunk
 from .weights import load_matching_state, read_state_dict
@@ -58,8 +59,8 @@ class EmbeddingNet(nn.Module):
     def __init__(self, trunk: nn.Module, trunk_dim: int, embedding_dim: int) -> None:
         super().__init__()
         self.trunk = trunk
-        self.trunk_dim = self.feature_dim = check_positive_int(trunk_dim, "trunk_dim")
-        self.embedding_dim = check_positive_int(embedding_dim, "embedding_dim")
+        self.trunk_dim = self.feature_dim = positive_int.check(trunk_dim, "trunk_dim")
+        self.embedding_dim = positive_int.check(embedding_dim, "embedding_dim")
         self.head = nn.Linear(trunk_dim, embedding_dim)
         self.register_load_state_dict_pre_hook(_refuse_trunk_projection)
 
@@ -191,7 +192,7 @@ def build_backbone(
         vit_pooling: a ViT's feature: ``"cls"`` (its CLS token) or ``"cls+mean"`` (with the
             mean patch token, concatenated: twice the width).
     """
-    check_positive_int(embedding_dim, "embedding_dim")
+    positive_int.check(embedding_dim, "embedding_dim")
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if trainable_stages is not None and name not in EFFICIENTNET_BACKBONES:
@@ -203,13 +204,13 @@ def build_backbone(
         trunk, feature_dim = efficientnet_trunk(name, pretrained, trainable_stages)
     elif name in VIT_BACKBONES:
         trunk, feature_dim = vit_trunk(name, pretrained,
-                                       check_positive_int(image_size, "image_size"), vit_pooling)
+                                       positive_int.check(image_size, "image_size"), vit_pooling)
     elif name == "smallcnn":
         if pretrained is not None:
             raise naming(ValueError("smallcnn has no ImageNet weights to load from "
                                     "pretrained=PATH; use a ResNet or train from scratch"),
                          "pretrained")
-        trunk: nn.Module = SmallCNN(check_positive_int(in_channels, "in_channels"))
+        trunk: nn.Module = SmallCNN(positive_int.check(in_channels, "in_channels"))
         feature_dim = trunk.out_channels
     else:
         trunk, feature_dim = _resnet_trunk(name, pretrained, pooling)

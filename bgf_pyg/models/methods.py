@@ -40,7 +40,8 @@ def check_two_classes(labels: Tensor) -> None:
     if labels.numel() > 0 and bool((labels == labels[0]).all()):
         raise naming(ValueError(
             "labels: every sample of the batch has the same class, so a pair-based metric loss "
-            "has no negative pair; sample at least 2 classes per batch (classes_per_batch >= 2)"
+            "has no negative pair; sample at least 2 classes per batch (the sampler's "
+            "classes_per_batch >= 2)"
         ), "classes_per_batch")
 
 

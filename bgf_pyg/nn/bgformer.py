@@ -16,7 +16,8 @@ from torch_geometric.data import Data
 from torch_geometric.nn import GCNConv, GraphNorm
 
 from .. import defaults
-from ..checks import check_divides, check_positive_int, check_probability
+from ..checks import check_divides
+from ..domains import dropout_rate, positive_int, probability
 from .conv import BatchGraphConv
 from .label_propagation import SameLabelPropagation
 from .topk_attention import TopKAttention
@@ -101,12 +102,12 @@ class DualSSA(nn.Module):
         topk: int = defaults.K,
     ) -> None:
         super().__init__()
-        check_positive_int(channels, "channels")
-        check_positive_int(heads, "heads")
-        check_positive_int(topk, "topk")
+        positive_int.check(channels, "channels")
+        positive_int.check(heads, "heads")
+        positive_int.check(topk, "topk")
         check_divides(heads, channels)
-        check_probability(dropout, "dropout")
-        check_probability(lam, "lam", allow_one=True)
+        dropout_rate.check(dropout, "dropout")
+        probability.check(lam, "lam")
         if semantic_branch not in SEMANTIC_BRANCHES:
             raise ValueError(
                 f"semantic_branch must be one of {SEMANTIC_BRANCHES}, got {semantic_branch!r}"
@@ -225,9 +226,9 @@ class BGFormerLayer(nn.Module):
         **ssa_kwargs,
     ) -> None:
         super().__init__()
-        check_positive_int(channels, "channels")
-        check_positive_int(ffn_ratio, "ffn_ratio")
-        check_probability(dropout, "dropout")
+        positive_int.check(channels, "channels")
+        positive_int.check(ffn_ratio, "ffn_ratio")
+        dropout_rate.check(dropout, "dropout")
         self.channels = channels
         self.norm1 = GraphNorm(channels)
         self.attn = DualSSA(channels, heads=heads, dropout=dropout, lam=lam, **ssa_kwargs)
@@ -310,7 +311,7 @@ class BGFormer(nn.Module):
         **ssa_kwargs,
     ) -> None:
         super().__init__()
-        check_positive_int(num_layers, "num_layers")
+        positive_int.check(num_layers, "num_layers")
         self.channels = channels
         self.num_layers = num_layers
         self.heads = heads

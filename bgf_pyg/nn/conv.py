@@ -17,14 +17,8 @@ from torch_geometric.utils import (
     to_torch_csr_tensor,
 )
 
-from ..checks import (
-    check_channels,
-    check_edge_index,
-    check_features,
-    check_positive_int,
-    check_probability,
-    is_compiling,
-)
+from ..checks import check_channels, check_edge_index, check_features, is_compiling
+from ..domains import dropout_rate, positive_int
 from .kernels import csr_attention_supported
 from .kernels.ssa import (
     CHOOSING,
@@ -102,11 +96,11 @@ def _check_constructor_args(
         check_channels(in_channels[1], "in_channels[1]", lazy=True)
     else:
         check_channels(in_channels, "in_channels", lazy=True)
-    check_positive_int(out_channels, "out_channels")
-    check_positive_int(heads, "heads")
-    check_probability(dropout, "dropout")
+    positive_int.check(out_channels, "out_channels")
+    positive_int.check(heads, "heads")
+    dropout_rate.check(dropout, "dropout")
     if edge_dim is not None:
-        check_positive_int(edge_dim, "edge_dim")
+        positive_int.check(edge_dim, "edge_dim")
 
 
 class BatchGraphConv(MessagePassing):

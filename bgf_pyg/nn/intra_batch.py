@@ -17,13 +17,8 @@ from torch import Tensor, nn
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.utils import scatter, softmax
 
-from bgf_pyg.checks import (
-    check_divides,
-    check_edge_index,
-    check_features,
-    check_positive_int,
-    check_probability,
-)
+from bgf_pyg.checks import check_divides, check_edge_index, check_features
+from bgf_pyg.domains import dropout_rate, positive_int
 
 # Standard deviation of the classifier weights' normal init in the original code.
 _CLASSIFIER_INIT_STD = 0.001
@@ -84,10 +79,10 @@ class IntraBatchAttention(MessagePassing):
         self, channels: int, heads: int = 2, dropout: float = 0.1, zero_logit: bool = True
     ) -> None:
         super().__init__(aggr="add", node_dim=0)
-        self.channels = check_positive_int(channels, "channels")
-        self.heads = check_positive_int(heads, "heads")
+        self.channels = positive_int.check(channels, "channels")
+        self.heads = positive_int.check(heads, "heads")
         check_divides(heads, channels)
-        self.dropout = check_probability(dropout, "dropout")
+        self.dropout = dropout_rate.check(dropout, "dropout")
         self.zero_logit = zero_logit
         self.lin_query = nn.Linear(channels, channels)
         self.lin_key = nn.Linear(channels, channels)
@@ -141,7 +136,7 @@ class IntraBatchLayer(nn.Module):
         self, channels: int, heads: int = 2, dropout: float = 0.1, ffn_ratio: int = 4
     ) -> None:
         super().__init__()
-        check_positive_int(ffn_ratio, "ffn_ratio")
+        positive_int.check(ffn_ratio, "ffn_ratio")
         self.attn = IntraBatchAttention(channels, heads, dropout)
         self.lin1 = nn.Linear(channels, ffn_ratio * channels)
         self.lin2 = nn.Linear(ffn_ratio * channels, channels)
@@ -205,12 +200,12 @@ class IntraBatchMPN(nn.Module):
         cat: bool = False,
     ) -> None:
         super().__init__()
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        self.num_layers = check_positive_int(num_layers, "num_layers")
-        self.heads = check_positive_int(heads, "heads")
+        self.in_channels = positive_int.check(in_channels, "in_channels")
+        self.num_layers = positive_int.check(num_layers, "num_layers")
+        self.heads = positive_int.check(heads, "heads")
         check_divides(heads, in_channels, channels_name="in_channels")
-        check_probability(dropout, "dropout")
-        self.num_classes = None if num_classes is None else check_positive_int(
+        dropout_rate.check(dropout, "dropout")
+        self.num_classes = None if num_classes is None else positive_int.check(
             num_classes, "num_classes"
         )
         self.cat = cat

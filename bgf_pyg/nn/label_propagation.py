@@ -15,7 +15,8 @@ from torch_geometric.nn import MessagePassing
 from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.utils import degree, remove_self_loops
 
-from ..checks import check_edge_index, check_features, check_positive_int
+from ..checks import check_edge_index, check_features
+from ..domains import positive_int
 
 #: Weight of a node on itself in A_same + I (once from A_same's diagonal, once from I).
 SELF_WEIGHT = 2.0
@@ -37,7 +38,7 @@ class SameLabelPropagation(MessagePassing):
 
     def __init__(self, channels: int, bias: bool = True) -> None:
         super().__init__(aggr="add")
-        self.channels = check_positive_int(channels, "channels")
+        self.channels = positive_int.check(channels, "channels")
         self.lin = Linear(channels, channels, bias=bias, weight_initializer="glorot")
         self.reset_parameters()
 

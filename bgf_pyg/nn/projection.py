@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..checks import check_positive_int
+from ..domains import positive_int
 
 
 class ProjectedGraph(nn.Module):
@@ -40,11 +40,11 @@ class ProjectedGraph(nn.Module):
 
     def __init__(self, channels: int, graph: nn.Module) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
+        self.channels = positive_int.check(channels, "channels")
         if not isinstance(getattr(graph, "channels", None), int):
             raise TypeError(f"graph must have an int attribute channels (its width), got "
                             f"{type(graph).__name__}")
-        width = check_positive_int(graph.channels, "graph.channels")
+        width = positive_int.check(graph.channels, "graph.channels")
         self.lin_in = nn.Linear(channels, width)
         self.graph = graph
         self.lin_out = nn.Linear(width, channels)

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch_geometric.nn.dense.linear import Linear
 
 from .. import defaults
-from ..checks import check_features, check_labels, check_positive_int, check_probability
+from ..checks import check_features, check_labels
+from ..domains import dropout_rate, positive_int
 from ..knn import select_with_ties
 
 #: Default number of attention scores (heads × query rows × keys) computed at once (16 Mi).
@@ -86,13 +87,13 @@ class TopKAttention(nn.Module):
         chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__()
-        check_positive_int(in_channels, "in_channels")
-        check_positive_int(out_channels, "out_channels")
-        check_positive_int(heads, "heads")
-        check_positive_int(k, "k")
-        check_probability(dropout, "dropout")
+        positive_int.check(in_channels, "in_channels")
+        positive_int.check(out_channels, "out_channels")
+        positive_int.check(heads, "heads")
+        positive_int.check(k, "k")
+        dropout_rate.check(dropout, "dropout")
         if chunk_size is not None:
-            check_positive_int(chunk_size, "chunk_size")
+            positive_int.check(chunk_size, "chunk_size")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.heads = heads

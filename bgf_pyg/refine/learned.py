@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_features, check_positive_int
+from ..checks import check_features
+from ..domains import positive_int
 from ..knn import normalize_rows
 from ..nn.bgformer import BGFormer
 from ..nn.projection import ProjectedGraph
@@ -76,7 +77,7 @@ class BGFormerRefinement:
                              "refinement supports the cosine kNN visual graph ('knn') only")
         self.bgformer = bgformer
         self.head = head if head is not None else nn.Identity()
-        self.k = check_positive_int(k, "k")
+        self.k = positive_int.check(k, "k")
 
     @classmethod
     def from_method(cls, method: nn.Module, k: int | None = None) -> BGFormerRefinement:

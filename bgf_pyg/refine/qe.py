@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..checks import check_features, check_positive_int
+from ..checks import check_features
+from ..domains import positive_int
 from ..knn import normalize_rows
 from ..nn.kernels.sparse_cpu import csr_matrix
 from .common import (
@@ -59,9 +60,9 @@ class QueryExpansion:
     name = "qe"
 
     def __init__(self, k: int = 10, alpha: float = 3.0, rounds: int = 1) -> None:
-        self.k = check_positive_int(k, "k")
+        self.k = positive_int.check(k, "k")
         self.alpha = check_alpha(alpha)
-        self.rounds = check_positive_int(rounds, "rounds")
+        self.rounds = positive_int.check(rounds, "rounds")
 
     def refine(self, emb: Tensor, *, neighbors: Neighbors | None = None,
                chunk_size: int | None = None) -> Tensor:

@@ -13,8 +13,9 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from .. import distributed
-from ..checks import InputError, check_positive_int
+from ..checks import InputError
 from ..data import ClassBalancedBatchSampler
+from ..domains import positive_int
 from ..models import Method
 from ..run_folder import (
     BEST_CHECKPOINT,
@@ -42,7 +43,7 @@ class Checkpointer:
     def __init__(self, out: str | os.PathLike, config: dict | None = None,
                  every: int | None = None) -> None:
         self.out, self.config = Path(out), config
-        self.every = None if every is None else check_positive_int(every, "checkpoint_every")
+        self.every = None if every is None else positive_int.check(every, "checkpoint_every")
         self.main = distributed.is_main_process()
 
     @property

@@ -17,7 +17,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..checks import InputError, check_positive_int
+from ..checks import InputError
+from ..domains import positive_int
 from ..metrics import evaluate_retrieval, recall_at_k_query_gallery
 from ..models import Method
 from .checkpoint import Checkpointer
@@ -135,7 +136,7 @@ class Evaluator:
             raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
         self.method, self.device, self.progress = method, device, progress
         self.loader, self.gallery_loader, self.split = loader, gallery_loader, split
-        self.select_on, self.every = select_on, check_positive_int(every, "eval_every")
+        self.select_on, self.every = select_on, positive_int.check(every, "every")
         self.test_loader, self.test_gallery_loader = test_loader, test_gallery_loader
         #: Whether a best epoch is selected (there is something to select on).
         self.select_best = select_on != "last" and loader is not None

@@ -14,7 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..checks import InputError, NonFiniteError, check_positive_int, naming
+from ..checks import InputError, NonFiniteError, naming
+from ..domains import positive_int
 from .callbacks import CallbackList, FitCallback, run_callbacks
 from .checkpoint import Checkpointer
 from .errors import DivergenceError
@@ -169,7 +170,7 @@ def fit(
     folder and shows progress. A loss or embedding that stops being finite ends the run with a
     :class:`DivergenceError`.
     """
-    check_positive_int(epochs, "epochs")
+    positive_int.check(epochs, "epochs")
     checkpointer.check_loader(state.loader)
     evaluator = evaluator or Evaluator(state.method, state.precision.device)
     hooks = CallbackList(run_callbacks(checkpointer.out, evaluator.select_on)
