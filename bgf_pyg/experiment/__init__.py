@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from ..config import Config, as_record, checkpoint_config
+from ..config import EXECUTION_OPTIONS, Config, as_record, checkpoint_config
 from ..monitor import TensorBoardLogger
 from ..run_folder import check_run_folder
 from ..tables import (
@@ -146,8 +146,8 @@ def run(config: Config) -> Result:
     start = time.perf_counter()
     checkpointer = Checkpointer(out, {
         **checkpoint_config(config), "val_class_ids": splits.val_class_ids,
-        "threads": torch.get_num_threads(), "data_root": config.data_root,
-        "feature_cache": config.feature_cache}, every=config.checkpoint_every)
+        **{name: getattr(config, name) for name in sorted(EXECUTION_OPTIONS)},
+    }, every=config.checkpoint_every, uncompared=EXECUTION_OPTIONS)
     progress = False if config.no_progress else None
     evaluator = Evaluator(method, device, select_on=config.select_on, every=config.eval_every,
                           progress=show_progress(progress), **evaluation_plan(config, splits))
