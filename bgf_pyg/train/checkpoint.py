@@ -42,9 +42,10 @@ class Checkpointer:
 
     def __init__(self, out: str | os.PathLike, config: dict | None = None,
                  every: int | None = None, uncompared: Collection[str] = ()) -> None:
-        self.out, self.config, self.uncompared = Path(out), config, uncompared
+        self.out, self.config = Path(out), config
         self.every = None if every is None else check_positive_int(every, "checkpoint_every")
         self.main = distributed.is_main_process()
+        self.uncompared = uncompared
 
     @property
     def last(self) -> Path:
