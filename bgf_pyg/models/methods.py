@@ -197,6 +197,11 @@ class BGFormerMethod(Method):
     def bgformer(self) -> BGFormer | ProjectedGraph:
         return self.graph_loss.bgformer
 
+    @property
+    def visual_k(self) -> int:
+        """The visual neighbours of each sample: the kNN graph's k, or attention_topk's K."""
+        return self.graph_loss.k
+
     def graph_parameters(self) -> list[nn.Parameter]:
         return list(self.bgformer.parameters())
 
