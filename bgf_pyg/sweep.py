@@ -37,8 +37,7 @@ from .arguments import (
 from .checks import InputError
 from .config import OPTIONS, Config, resolve
 from .console import setup_logging
-from .experiment import run
-from .experiment.build import check_against_data, check_batch_graph_k
+from .experiment import check_against_training_split, run
 from .experiment.splits import config_splits
 from .options import positive_int, seed_int
 from .run_folder import LAST_CHECKPOINT, read_metrics
@@ -152,9 +151,9 @@ def check_distinct_values(parser: argparse.ArgumentParser, name: str,
 def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
                base: Sequence[str]) -> Config:
     """Every combination and seed is a valid ``bgf-train`` run selected on the validation split,
-    its options and its sampling checked against the dataset's classes (once per dataset and
-    validation split, before the first run starts; a bad one exits with code 2). Returns the
-    configuration of the runs' common options."""
+    its options checked against the training split as :func:`~bgf_pyg.experiment.run` checks
+    them (the split loaded once per dataset and validation split, before the first run starts;
+    a bad one exits with code 2). Returns the configuration of the runs' common options."""
     names = [name for name, _ in args.grid]
     if len(set(names)) != len(names):
         parser.error(f"--grid names an option twice: {names}")
@@ -182,8 +181,7 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
             if key not in training_splits:
                 training_splits[key] = config_splits(config, augment=False,
                                                      check_images="off").train
-            check_against_data(config, training_splits[key])
-            check_batch_graph_k(config, training_splits[key].num_classes)
+            check_against_training_split(config, training_splits[key])
         except USER_ERRORS as err:
             setting = " ".join(f"{k}={v}" for k, v in params.items())
             parser.error(f"--grid {setting}: {error_message(err, config)}")

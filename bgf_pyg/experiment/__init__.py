@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from .. import distributed
 from ..config import EXECUTION_OPTIONS, Config, as_record, checkpoint_config
@@ -114,6 +115,14 @@ def evaluation_plan(config: Config, splits: Splits) -> dict:
     return {"loader": eval_loader(config, splits.val), "split": "val", **test}
 
 
+def check_against_training_split(config: Config, train: Dataset) -> None:
+    """The checks of ``config`` against its training split (the sampling options, BGFormer's k
+    against the global batch), before anything is built: :func:`run` runs them before it builds
+    the method, ``bgf-sweep`` on every combination before its first run."""
+    check_against_data(config, train)
+    check_batch_graph_k(config, train.num_classes)
+
+
 def run(config: Config) -> Result:
     """Train and evaluate one method as ``config`` (from :func:`~bgf_pyg.config.configure`)
     says: the datasets, the method, its optimiser, :func:`~bgf_pyg.train.fit`, the final test
@@ -131,10 +140,9 @@ def run(config: Config) -> Result:
     generator = seed_all(config.seed)
     generator.manual_seed(config.seed + distributed.get_rank())  # per-rank worker augmentation
     splits = config_splits(config)
-    check_against_data(config, splits.train)
+    check_against_training_split(config, splits.train)
     log_random_backbone(config)
     method, splits = build_run_method(config, splits, device)
-    check_batch_graph_k(config, splits.train.num_classes)
     check_refine_request(config, method, splits)
     train = train_loader(config, splits.train, generator)  # its checks run before any training
     optimizer, scheduler = build_optimization(config, method)
