@@ -117,8 +117,8 @@ def evaluation_plan(config: Config, splits: Splits) -> dict:
 
 def check_against_training_split(config: Config, train: Dataset) -> None:
     """The checks of ``config`` against its training split (the sampling options, BGFormer's k
-    against the global batch), before anything is built: :func:`run` runs them before it builds
-    the method, ``bgf-sweep`` on every combination before its first run."""
+    against the global batch): :func:`run` runs them once the method is built (its weights files
+    read), before any training; ``bgf-sweep`` on every combination before its first run."""
     check_against_data(config, train)
     check_batch_graph_k(config, train.num_classes)
 
@@ -140,9 +140,9 @@ def run(config: Config) -> Result:
     generator = seed_all(config.seed)
     generator.manual_seed(config.seed + distributed.get_rank())  # per-rank worker augmentation
     splits = config_splits(config)
+    method, splits = build_run_method(config, splits, device)
     check_against_training_split(config, splits.train)
     log_random_backbone(config)
-    method, splits = build_run_method(config, splits, device)
     check_refine_request(config, method, splits)
     train = train_loader(config, splits.train, generator)  # its checks run before any training
     optimizer, scheduler = build_optimization(config, method)

@@ -181,7 +181,7 @@ class BGFormerMethod(Method):
         width = backbone.feature_dim if graph_dim is None else graph_dim
         bgformer: nn.Module = BGFormer(
             width, num_layers=num_layers, heads=heads, dropout=dropout, lam=lam,
-            semantic_branch=semantic_branch, visual_graph=visual_graph, topk=k,
+            semantic_branch=semantic_branch, visual_graph=visual_graph, k=k,
         )
         if graph_dim is not None:
             bgformer = ProjectedGraph(backbone.feature_dim, bgformer)
