@@ -234,8 +234,9 @@ def make_study(args: argparse.Namespace, folder: Path):
     # to its end, "random" for --trials settings (Optuna's RandomSampler would draw a finite
     # grid's settings again and spend trials on runs already done).
     sampler = optuna.samplers.GridSampler(dict(args.grid), seed=args.sampler_seed)
-    study = optuna.create_study(study_name=args.name, storage=f"sqlite:///{folder / STUDY_FILE}",
-                                sampler=sampler, direction="maximize", load_if_exists=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}")
+    study = optuna.create_study(study_name=args.name, storage=storage, sampler=sampler,
+                                direction="maximize", load_if_exists=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
@@ -245,9 +246,14 @@ def make_study(args: argparse.Namespace, folder: Path):
         raise InputError(f"{folder} holds study {args.name!r} of another grid ({first}); repeat "
                          "it to resume that study, or give another --name or --dir")
     study.set_user_attr("grid", grid)
+    # Failed through the storage, as optuna.storages.fail_stale_trials fails a heartbeat-stale
+    # trial: Study.tell would first hand the trial to the grid sampler, which stops the study
+    # (an error outside optimize) when the trial holds the grid's last setting.
+    study_id = storage.get_study_id_from_name(args.name)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        retry(study, study._storage.get_trial(trial._trial_id))
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        retry(study, storage.get_trial(trial_id))
     return study
 
 
