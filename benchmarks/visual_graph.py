@@ -52,7 +52,7 @@ def main() -> None:
     labels = torch.arange(args.classes).repeat_interleave(args.per_class)
     features = torch.randn(labels.numel(), args.channels)
     models = {form: BGFormer(args.channels, num_layers=args.layers, heads=args.heads, lam=0.3,
-                             semantic_branch="label_propagation", visual_graph=form, topk=args.k)
+                             semantic_branch="label_propagation", visual_graph=form, k=args.k)
               for form in ("knn", "attention_topk")}
     knn_graph = build_batch_graph(features, labels, args.k)
 

@@ -134,7 +134,10 @@ class Option:
     """What a field of :class:`Config` is: its help text, its value domain (``domain``: a
     :class:`~bgf_pyg.domains.Number` or a parser of text; ``choices``; ``nargs`` values), an
     on/off switch (``switch``: ``"on"`` has only ``--name``, ``"on_off"`` also ``--no-name``),
-    and where it applies (``scope``: alternatives, any one suffices; empty: everywhere)."""
+    where it applies (``scope``: alternatives, any one suffices; empty: everywhere), and whether
+    a resumed run may change it: ``resumable`` (every other option must match the checkpoint's)
+    or ``execution`` (it records how the run is executed, not what it computes: stored in the
+    checkpoint beside the others, never compared, so resumable too)."""
 
     help: str
     domain: Callable[[str], Any] | None = None
@@ -143,6 +146,8 @@ class Option:
     metavar: str | tuple[str, ...] | None = None
     switch: str | None = None
     scope: tuple[Scope | Owned, ...] = ()
+    resumable: bool = False
+    execution: bool = False
 
 
 def option(default: Any, help: str, **declaration: Any) -> Any:
@@ -153,9 +158,9 @@ def option(default: Any, help: str, **declaration: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
-def switch(help: str, *, negatable: bool = False, scope: tuple[Scope, ...] = ()) -> Any:
+def switch(help: str, *, negatable: bool = False, **declaration: Any) -> Any:
     """An on/off :class:`Config` field (off by default)."""
-    return option(False, help, switch="on_off" if negatable else "on", scope=scope)
+    return option(False, help, switch="on_off" if negatable else "on", **declaration)
 
 
 @dataclass(kw_only=True)
@@ -168,11 +173,11 @@ class Config:
               "override it", metavar="NAME")
     dataset: str = option(DATASETS.default, "benchmark (see below)", choices=DATASETS)
     data_root: str | None = option(None, "dataset folder (not for demo; see below)",
-                                   scope=ON_IMAGES)
+                                   scope=ON_IMAGES, execution=True)
     check_images: str = option(
         "header", "before training, open every image: read its header (about 0.02 ms an image "
                   "with a warm file cache), decode it (about 2 ms), or skip; missing files are "
-                  "always found", choices=IMAGE_CHECKS, scope=ON_IMAGES)
+                  "always found", choices=IMAGE_CHECKS, scope=ON_IMAGES, resumable=True)
     method: str = option(METHODS.default, "training method", choices=METHODS)
     loss: str = option(
         LOSSES.default, "metric loss of plain and bgformer (pce: Hyp-ViT's pairwise "
@@ -200,7 +205,7 @@ class Config:
     feature_cache: str | None = option(
         None, "folder of the cached features (--freeze-backbone) or prefix outputs "
               "(--train-tail) (default: <data-root>/.features)", metavar="DIR",
-        scope=(Scope(freeze_backbone=IS_SET), Scope(train_tail=IS_SET)))
+        scope=(Scope(freeze_backbone=IS_SET), Scope(train_tail=IS_SET)), execution=True)
     trainable_stages: int | None = option(
         None, f"efficientnet_lite0: train only its last N of {NUM_STAGES} stages (1: the head "
               f"convolution; {NUM_STAGES}: all), the others frozen (default: all train)",
@@ -227,7 +232,7 @@ class Config:
               "out-projection on the graph's side (the head and the test-time network never "
               "see it; default: the backbone's own width)",
         domain=positive_int, scope=OWNED)
-    epochs: int = option(30, "epochs to train in all", domain=positive_int)
+    epochs: int = option(30, "epochs to train in all", domain=positive_int, resumable=True)
     batch_size: int = option(32, "size of proxygml's random batches", domain=positive_int,
                              scope=(Scope(method=methods(balanced=False)),))
     classes_per_batch: int | None = option(
@@ -300,20 +305,22 @@ scope=OWNED)
               "40th epoch)", domain=positive_int, nargs="+", metavar="EPOCH")
     lr_gamma: float = option(0.1, "factor of each --lr-milestones step", domain=fraction,
                              scope=(Scope(lr_milestones=IS_SET),))
-    out: str | None = option(None, "run folder (when not given: runs/DATASET-METHOD-sSEED)")
+    out: str | None = option(None, "run folder (when not given: runs/DATASET-METHOD-sSEED)",
+                             resumable=True)
     resume: bool = switch("continue the run in --out from its last.pt (same options; --epochs "
-                          "may grow)")
+                          "may grow)", resumable=True)
     checkpoint_every: int | None = option(
         None, "also write last.pt every STEPS steps inside an epoch (P×M batches only), so "
               "--resume continues mid-epoch", domain=positive_int, metavar="STEPS",
-        scope=BALANCED)  # restarts a P×M sampler mid-epoch
+        scope=BALANCED, resumable=True)  # restarts a P×M sampler mid-epoch
     overwrite: bool = switch("replace the run already in --out (without it, such a folder is "
-                             "refused)")
+                             "refused)", resumable=True)
     device: str | None = option(
-        None, "cpu, cuda or cuda:N (when not given: cuda if available, else cpu)", domain=device)
+        None, "cpu, cuda or cuda:N (when not given: cuda if available, else cpu)", domain=device,
+        resumable=True)
     seed: int = option(0, "seeds every random choice", domain=seed_int)
     eval_every: int = option(5, "evaluate the selection split every N epochs (and after the "
-                                "last)", domain=positive_int)
+                                "last)", domain=positive_int, resumable=True)
     val_classes: int | float | None = option(
         None, "hold out this fraction (in (0, 1)) or number of the training classes as the "
               f"validation split; 0: none (when not given: {DEFAULT_VAL_FRACTION:g} of them with "
@@ -337,16 +344,17 @@ scope=OWNED)
         ["none"], "evaluate the selected weights (bgf-train: after training) with each of these "
                   "test-time refinements of the test set on its kNN graph, comma-separated: "
                   "none, qe (query expansion), bgformer (the trained BGFormer's visual branch); "
-                  "one results row each", domain=refinement_list, metavar="NAMES")
+                  "one results row each", domain=refinement_list, metavar="NAMES", resumable=True)
     refine_k: list[int] | None = option(
         None, "neighbours of the refinement; several values are a grid, chosen on the "
               "validation classes (default: qe 10, bgformer the training --k)",
-        domain=positive_int, nargs="+", metavar="K")
+        domain=positive_int, nargs="+", metavar="K", resumable=True)
     refine_alpha: list[float] | None = option(
         None, "query expansion's similarity exponent (0: plain mean); several values are a "
               "grid, chosen on the validation classes (default: 3)", domain=non_negative_float,
-        nargs="+", metavar="ALPHA")
-    num_workers: int = option(0, "DataLoader worker processes", domain=non_negative_int)
+        nargs="+", metavar="ALPHA", resumable=True)
+    num_workers: int = option(0, "DataLoader worker processes", domain=non_negative_int,
+                              resumable=True)
     no_augment: bool = switch("train on test-time transforms (no random augmentation)")
     image_size: int = option(224, f"crop side (and a ViT's input); --dataset emoji: {EMOJI_SIZE}",
                              domain=positive_int, scope=ON_IMAGES)
@@ -362,21 +370,21 @@ scope=OWNED)
         0.0, "probability of random erasing in training (intra-batch: 0.5)", domain=probability,
         scope=ON_IMAGES)
     amp: bool = switch("mixed precision (CUDA only)", negatable=True)
-    no_progress: bool = switch("no progress bars")
+    no_progress: bool = switch("no progress bars", resumable=True)
     tensorboard: bool = switch(
         "log losses, learning rates, metrics and BGFormer's attention entropy to "
         "<out>/tensorboard (needs the tensorboard package)")
     dist_timeout: float = option(
         distributed.DEFAULT_TIMEOUT_S, "under torchrun: how long a rank waits for the others "
                                        "before failing", domain=positive_float,
-        metavar="SECONDS")
+        metavar="SECONDS", resumable=True)
     threads: int | None = option(
         None, "CPU threads of torch's operations in this process; more than the free cores "
               "slows a run several times over on a shared machine, and results may differ in "
               "the last bits with the count (on CUDA it matters little). Auto: OMP_NUM_THREADS "
               "when set, else half the CPUs this process may use, divided among torchrun's "
               "processes on the node, at least 1 (default: %(default)s, the auto count here)",
-        domain=positive_int, metavar="N")
+        domain=positive_int, metavar="N", execution=True)
     #: The options :func:`configure` was given (what :meth:`replace` starts from); ``None``
     #: for a ``Config`` built directly (its fields are not resolved).
     given: dict | None = field(default=None, repr=False, compare=False)
@@ -621,11 +629,12 @@ def check_config(
             raise InputError(message)
 
 
-#: Options that may change when a run is resumed; every other one must match its checkpoint's.
-RESUMABLE = frozenset({"epochs", "eval_every", "resume", "overwrite", "out", "data_root", "device",
-                       "num_workers", "no_progress", "check_images", "checkpoint_every",
-                       "dist_timeout", "feature_cache", "refine", "refine_k", "refine_alpha",
-                       "threads"})
+#: Options that may change when a run is resumed (declared ``resumable`` or ``execution``);
+#: every other one must match its checkpoint's.
+RESUMABLE = frozenset(name for name, o in OPTIONS.items() if o.resumable or o.execution)
+#: Options that record how a run is executed (declared ``execution``): stored in its
+#: checkpoints beside :func:`checkpoint_config`, never compared on resume.
+EXECUTION_OPTIONS = frozenset(name for name, o in OPTIONS.items() if o.execution)
 
 
 def checkpoint_config(config: Config) -> dict[str, Any]:

@@ -35,11 +35,11 @@ from .checks import InputError, Name, show_value
 from .data import DATASETS
 from .domains import Number
 from .losses import LOSSES
-from .models import METHODS
+from .models import METHODS, BGFormerMethod
 from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES, import_efficientnet
 from .models.tail import tail_depth
 from .models.vit import VIT_BACKBONES, import_timm
-from .refine import REFINEMENTS
+from .refine import REFINEMENTS, BGFormerRefinement
 
 #: ``trainable_stages``: the last 1 to all of EfficientNet-Lite0's stages.
 stage_count = Number(int, low=1, high=NUM_STAGES)
@@ -274,12 +274,12 @@ def check_tensorboard(c, name: Name) -> str | None:
 
 
 def check_refine(c, name: Name) -> str | None:
-    refine = c.refine
-    if "bgformer" in refine and c.method != "bgformer":
-        return (f"{name('refine')} bgformer needs a trained BGFormer, and {name('method')} is "
+    refine, learned = c.refine, BGFormerRefinement.name
+    if learned in refine and not issubclass(METHODS[c.method].cls, BGFormerMethod):
+        return (f"{name('refine')} {learned} needs a trained BGFormer, and {name('method')} is "
                 f"{c.method}; use {name('refine')} none,qe")
-    if "bgformer" in refine and c.graph_dim is not None:
-        return (f"{name('refine')} bgformer does not support {name('graph_dim')}: the learned "
+    if learned in refine and c.graph_dim is not None:
+        return (f"{name('refine')} {learned} does not support {name('graph_dim')}: the learned "
                 "refinement runs the graph blocks at the features' own width, and these run "
                 f"between projections; use {name('refine')} none,qe or leave "
                 f"{name('graph_dim')} unset")
@@ -287,7 +287,7 @@ def check_refine(c, name: Name) -> str | None:
         return f"{name('refine_alpha')} has no effect here: it applies to {name('refine')} qe"
     if c.refine_k is not None and refine == ["none"]:
         return (f"{name('refine_k')} has no effect here: it applies to {name('refine')} qe or "
-                "bgformer")
+                f"{learned}")
     grid = len(c.refine_k or ()) > 1 or len(c.refine_alpha or ()) > 1
     if grid and not c.val_classes:
         return (f"{name('refine_k')} / {name('refine_alpha')}: a grid of settings is chosen on "

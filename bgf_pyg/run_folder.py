@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -137,24 +137,22 @@ def require_keys(state: Mapping, keys: tuple[str, ...], path: str | os.PathLike)
                          "training loop (or was written by an older version)")
 
 
-#: Keys of a checkpoint's configuration that record how the run was executed, not what it
-#: computes (the CPU thread count, the folders the data and the feature cache were read from):
-#: stored, never compared on resume.
-EXECUTION_KEYS = frozenset({"threads", "data_root", "feature_cache"})
-
-
 def check_config(
-    saved: Mapping | None, current: Mapping | None, path: str | os.PathLike
+    saved: Mapping | None,
+    current: Mapping | None,
+    path: str | os.PathLike,
+    uncompared: Collection[str] = (),
 ) -> None:
     """Refuse to resume from a checkpoint written with another configuration, naming every
-    differing option (:data:`EXECUTION_KEYS` aside). A checkpoint without a recorded
+    differing option (the keys ``uncompared`` aside: they record how the run was executed,
+    e.g. :data:`bgf_pyg.config.EXECUTION_OPTIONS`). A checkpoint without a recorded
     configuration is not compared."""
     if current is None:
         return
     if saved is None:
         log.warning("%s records no configuration; the options are not compared", path)
         return
-    differ = [k for k in sorted({*saved, *current} - EXECUTION_KEYS)
+    differ = [k for k in sorted({*saved, *current} - set(uncompared))
               if saved.get(k) != current.get(k)]
     if differ:
         def wording(name: Name) -> str:

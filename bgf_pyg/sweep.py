@@ -40,8 +40,7 @@ from .checks import InputError
 from .config import OPTIONS, Config, resolve
 from .console import setup_logging
 from .domains import positive_int, seed_int
-from .experiment import run
-from .experiment.build import check_against_data, check_batch_graph_k
+from .experiment import check_against_training_split, run
 from .experiment.splits import config_splits
 from .run_folder import LAST_CHECKPOINT, read_metrics
 from .tables import format_cell
@@ -154,9 +153,9 @@ def check_distinct_values(parser: argparse.ArgumentParser, name: str,
 def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
                base: Sequence[str]) -> Config:
     """Every combination and seed is a valid ``bgf-train`` run selected on the validation split,
-    its options and its sampling checked against the dataset's classes (once per dataset and
-    validation split, before the first run starts; a bad one exits with code 2). Returns the
-    configuration of the runs' common options."""
+    its options checked against the training split as :func:`~bgf_pyg.experiment.run` checks
+    them (the split loaded once per dataset and validation split, before the first run starts;
+    a bad one exits with code 2). Returns the configuration of the runs' common options."""
     names = [name for name, _ in args.grid]
     if len(set(names)) != len(names):
         parser.error(f"--grid names an option twice: {names}")
@@ -184,8 +183,7 @@ def check_plan(parser: argparse.ArgumentParser, args: argparse.Namespace,
             if key not in training_splits:
                 training_splits[key] = config_splits(config, augment=False,
                                                      check_images="off").train
-            check_against_data(config, training_splits[key])
-            check_batch_graph_k(config, training_splits[key].num_classes)
+            check_against_training_split(config, training_splits[key])
         except USER_ERRORS as err:
             setting = " ".join(f"{k}={v}" for k, v in params.items())
             parser.error(f"--grid {setting}: {error_message(err, config)}")
@@ -238,8 +236,9 @@ def make_study(args: argparse.Namespace, folder: Path):
     # to its end, "random" for --trials settings (Optuna's RandomSampler would draw a finite
     # grid's settings again and spend trials on runs already done).
     sampler = optuna.samplers.GridSampler(dict(args.grid), seed=args.sampler_seed)
-    study = optuna.create_study(study_name=args.name, storage=f"sqlite:///{folder / STUDY_FILE}",
-                                sampler=sampler, direction="maximize", load_if_exists=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}")
+    study = optuna.create_study(study_name=args.name, storage=storage, sampler=sampler,
+                                direction="maximize", load_if_exists=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
@@ -249,9 +248,14 @@ def make_study(args: argparse.Namespace, folder: Path):
         raise InputError(f"{folder} holds study {args.name!r} of another grid ({first}); repeat "
                          "it to resume that study, or give another --name or --dir")
     study.set_user_attr("grid", grid)
+    # Failed through the storage, as optuna.storages.fail_stale_trials fails a heartbeat-stale
+    # trial: Study.tell would first hand the trial to the grid sampler, which stops the study
+    # (an error outside optimize) when the trial holds the grid's last setting.
+    study_id = storage.get_study_id_from_name(args.name)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        retry(study, study._storage.get_trial(trial._trial_id))
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        retry(study, storage.get_trial(trial_id))
     return study
 
 

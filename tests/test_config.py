@@ -136,7 +136,7 @@ def test_configure_errors_name_the_field():
 SHARED = [
     (build_batch_graph, "k", defaults.K), (cosine_topk, "k", defaults.K),
     (BatchGraphLoss, "k", defaults.K), (BGFormerMethod, "k", defaults.K),
-    (BGFormer, "topk", defaults.K), (DualSSA, "topk", defaults.K),
+    (BGFormer, "k", defaults.K), (DualSSA, "k", defaults.K),
     (TopKAttention, "k", defaults.K),
     (BatchGraphLoss, "alpha", defaults.ALPHA), (BGFormerMethod, "alpha", defaults.ALPHA),
     (BGFormer, "lam", defaults.LAM), (BGFormerLayer, "lam", defaults.LAM),

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
 import pytest
 
+from bgf_pyg.arguments import error_message
 from bgf_pyg.cli import parse_args
+from bgf_pyg.experiment import run
 from bgf_pyg.run_folder import LAST_CHECKPOINT, read_metrics
 
 optuna = pytest.importorskip("optuna")
-from bgf_pyg.sweep import main  # noqa: E402  (needs optuna only when run)
+from bgf_pyg import sweep as sweep_module  # noqa: E402  (needs optuna only when run)
+from bgf_pyg.sweep import main  # noqa: E402
 
 TINY = ["--", "--method", "plain", "--epochs", "1", "--embedding-dim", "8",
         "--samples-per-class", "60", "--device", "cpu", "--no-augment"]
@@ -110,6 +114,33 @@ def test_plans_the_data_cannot_run_are_refused_before_any_run(tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bgf-sweep: error: --grid ") and fragment in err[0]
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("options", [
+    ["--classes-per-batch", "41"],  # 40 training classes
+    ["--method", "bgformer", "--k", "48"],  # the demo's 8 × 6 batch
+    ["--method", "proxygml", "--batch-size", "100000"],
+])
+def test_a_plan_is_refused_exactly_as_its_run_would_be(tmp_path, capsys, options):
+    """bgf-sweep's pre-run checks are the run's: the same refusal, in the same words."""
+    config = parse_args([*options, "--out", str(tmp_path / "run"), "--no-progress"])
+    with pytest.raises(ValueError) as refused:
+        run(config)
+    assert not (tmp_path / "run" / LAST_CHECKPOINT).exists()
+    argv = ["--name", "x", "--dir", str(tmp_path / "s"), "--grid", "lr=1e-3", "--", *options]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bgf-sweep: error: --grid lr=1e-3: {error_message(refused.value, config)}"]
+
+
+def test_the_sweep_reads_no_private_attribute():
+    """Optuna's public API only (its private ``study._storage`` and ``trial._trial_id`` may
+    change in any release)."""
+    tree = ast.parse(Path(sweep_module.__file__).read_text(encoding="utf-8"))
+    private = [f"line {node.lineno}: .{node.attr}" for node in ast.walk(tree)
+               if isinstance(node, ast.Attribute) and node.attr.startswith("_")
+               and not node.attr.startswith("__")]
+    assert private == []
 
 
 def test_on_off_options_take_true_and_false():

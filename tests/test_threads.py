@@ -15,6 +15,7 @@ import torch
 from bgf_pyg import options
 from bgf_pyg.checks import InputError
 from bgf_pyg.cli import main, parse_args
+from bgf_pyg.config import EXECUTION_OPTIONS
 from bgf_pyg.eval_cli import build_eval_parser
 from bgf_pyg.eval_cli import main as eval_main
 from bgf_pyg.experiment import use_threads
@@ -114,9 +115,9 @@ def test_a_run_records_its_threads_and_resumes_with_another_count(tmp_path, keep
 
 def test_the_thread_count_is_not_compared_on_resume():
     saved = {"--lr": 0.1, "threads": 2}
-    check_config(saved, {"--lr": 0.1, "threads": 1}, "last.pt")
+    check_config(saved, {"--lr": 0.1, "threads": 1}, "last.pt", EXECUTION_OPTIONS)
     with pytest.raises(InputError, match="--lr"):
-        check_config(saved, {"--lr": 0.2, "threads": 2}, "last.pt")
+        check_config(saved, {"--lr": 0.2, "threads": 2}, "last.pt", EXECUTION_OPTIONS)
 
 
 def load_script(folder: str, name: str):

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from .. import distributed
-from ..config import Config, as_record, checkpoint_config
+from ..config import EXECUTION_OPTIONS, Config, as_record, checkpoint_config
 from ..monitor import TensorBoardLogger
 from ..run_folder import check_run_folder
 from ..tables import (
@@ -114,6 +115,14 @@ def evaluation_plan(config: Config, splits: Splits) -> dict:
     return {"loader": eval_loader(config, splits.val), "split": "val", **test}
 
 
+def check_against_training_split(config: Config, train: Dataset) -> None:
+    """The checks of ``config`` against its training split (the sampling options, BGFormer's k
+    against the global batch): :func:`run` runs them once the method is built (its weights files
+    read), before any training; ``bgf-sweep`` on every combination before its first run."""
+    check_against_data(config, train)
+    check_batch_graph_k(config, train.num_classes)
+
+
 def run(config: Config) -> Result:
     """Train and evaluate one method as ``config`` (from :func:`~bgf_pyg.config.configure`)
     says: the datasets, the method, its optimiser, :func:`~bgf_pyg.train.fit`, the final test
@@ -131,10 +140,9 @@ def run(config: Config) -> Result:
     generator = seed_all(config.seed)
     generator.manual_seed(config.seed + distributed.get_rank())  # per-rank worker augmentation
     splits = config_splits(config)
-    check_against_data(config, splits.train)
-    log_random_backbone(config)
     method, splits = build_run_method(config, splits, device)
-    check_batch_graph_k(config, splits.train.num_classes)
+    check_against_training_split(config, splits.train)
+    log_random_backbone(config)
     check_refine_request(config, method, splits)
     train = train_loader(config, splits.train, generator)  # its checks run before any training
     optimizer, scheduler = build_optimization(config, method)
@@ -146,8 +154,8 @@ def run(config: Config) -> Result:
     start = time.perf_counter()
     checkpointer = Checkpointer(out, {
         **checkpoint_config(config), "val_class_ids": splits.val_class_ids,
-        "threads": torch.get_num_threads(), "data_root": config.data_root,
-        "feature_cache": config.feature_cache}, every=config.checkpoint_every)
+        **{name: getattr(config, name) for name in sorted(EXECUTION_OPTIONS)},
+    }, every=config.checkpoint_every, uncompared=EXECUTION_OPTIONS)
     progress = False if config.no_progress else None
     evaluator = Evaluator(method, device, select_on=config.select_on, every=config.eval_every,
                           progress=show_progress(progress), **evaluation_plan(config, splits))

@@ -8,7 +8,7 @@ import torch
 from .. import distributed
 from ..checks import naming
 from ..config import Config
-from ..refine.protocol import check_refinements, embed_split, evaluate_refinements, settings
+from ..refine.protocol import check_refinements, embed_split, evaluate_refinements
 from ..run_folder import append_metrics
 from .build import eval_loader
 from .splits import Splits
@@ -23,15 +23,8 @@ def check_refine_request(config: Config, method, splits: Splits) -> None:
                                 "the finished run with bgf-eval instead of under torchrun"),
                      "refine")
     sizes = [len(d) for d in (splits.test, splits.gallery, splits.val) if d is not None]
-    for name in config.refine:
-        for setting in settings(name, method, config.refine_k, config.refine_alpha):
-            if setting.get("k", 0) >= min(sizes):
-                raise naming(ValueError(
-                    f"refine_k={setting['k']} ({name}) must be smaller than the smallest set "
-                    f"refined ({min(sizes)} items): an item's neighbours are other items"),
-                    "refine_k")
     check_refinements(config.refine, method, config.refine_k, config.refine_alpha, sizes,
-                      splits.val is not None)
+                      splits.val is not None, k_parameter="refine_k")
 
 
 def evaluate_refine_request(config: Config, method, splits: Splits,

@@ -36,7 +36,7 @@ class BatchGraphLoss(BaseMetricLossFunction):
     ``visual_graph`` attribute is ``"attention_topk"`` (:class:`~bgf_pyg.nn.BGFormer` with its
     authors' dynamic top-K visual branch) chooses its visual neighbours itself: no kNN graph is
     built, it is called with ``visual_edge_index=None`` and the semantic edges, and ``k`` is not
-    read (its K is the BGFormer's ``topk``). A ``bgformer`` whose ``uses_semantic_edges`` is
+    read (its K is the BGFormer's ``k``). A ``bgformer`` whose ``uses_semantic_edges`` is
     :obj:`False` (λ = 1: no semantic branch) gets no semantic edges, and none are built. At test
     time the model is ``head(trunk(x))`` alone: the wrapper is training-only.
 

@@ -141,7 +141,7 @@ class BGFormerMethod(Method):
         width = backbone.feature_dim if graph_dim is None else graph_dim
         bgformer: nn.Module = BGFormer(
             width, num_layers=num_layers, heads=heads, dropout=dropout, lam=lam,
-            semantic_branch=semantic_branch, visual_graph=visual_graph, topk=k,
+            semantic_branch=semantic_branch, visual_graph=visual_graph, k=k,
         )
         if graph_dim is not None:
             bgformer = ProjectedGraph(backbone.feature_dim, bgformer)
@@ -156,6 +156,11 @@ class BGFormerMethod(Method):
     @property
     def bgformer(self) -> BGFormer | ProjectedGraph:
         return self.graph_loss.bgformer
+
+    @property
+    def visual_k(self) -> int:
+        """The visual neighbours of each sample: the kNN graph's k, or attention_topk's K."""
+        return self.graph_loss.k
 
     def graph_parameters(self) -> list[nn.Parameter]:
         return list(self.bgformer.parameters())

@@ -8,6 +8,7 @@ block follows the paper's description and the first author's related SGFormer mo
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -43,7 +44,33 @@ def _graphs_with_edges(
     return has.index_fill_(0, batch[edge_index[1]], True)[batch]
 
 
-class DualSSA(nn.Module):
+def _k_or_topk(k: int, topk: Optional[int], owner: type) -> int:
+    """``k``, or the value given under its former name ``topk`` (checked under that name, with a
+    ``DeprecationWarning``); a ``TypeError`` when both are given and differ."""
+    if topk is None:
+        return k
+    if k not in (defaults.K, topk):
+        raise TypeError(f"{owner.__name__} got k={k} and topk={topk}: topk is the former name of "
+                        "k; give k alone")
+    positive_int.check(topk, "topk")
+    warnings.warn(f"{owner.__name__}(topk=...) is deprecated: the parameter is now named k",
+                  DeprecationWarning, stacklevel=3)
+    return topk
+
+
+class _TopKAlias:
+    """The attribute ``topk``, the former name of ``k``, read with a ``DeprecationWarning``."""
+
+    k: int
+
+    @property
+    def topk(self) -> int:
+        warnings.warn(f"{type(self).__name__}.topk is deprecated: the attribute is now named k",
+                      DeprecationWarning, stacklevel=2)
+        return self.k
+
+
+class DualSSA(_TopKAlias, nn.Module):
     r"""Dual structure-constrained self-attention: one SSA branch per edge set, mixed by
     :math:`\lambda`, then an output projection.
 
@@ -82,11 +109,12 @@ class DualSSA(nn.Module):
         visual_graph (str, optional): ``"knn"``: the visual branch is SSA on the given
             ``visual_edge_index`` (a graph fixed for the batch, shared by heads and layers), or
             ``"attention_topk"``: the authors' dynamic top-K attention
-            (:class:`~bgf_pyg.nn.TopKAttention`), which keeps each query's ``topk`` largest
+            (:class:`~bgf_pyg.nn.TopKAttention`), which keeps each query's ``k`` largest
             attention scores among all nodes of its graph, per head, and reads no visual edges.
             (default: :obj:`"knn"`)
-        topk (int, optional): K of ``"attention_topk"`` (unused by ``"knn"``).
-            (default: :obj:`30`, the authors' runs)
+        k (int, optional): K of ``"attention_topk"`` (unused by ``"knn"``), the value that is
+            ``k`` in :class:`~bgf_pyg.losses.BatchGraphLoss`. ``topk=`` is its deprecated
+            former name. (default: :obj:`30`, the authors' runs)
     """
 
     def __init__(
@@ -99,12 +127,15 @@ class DualSSA(nn.Module):
         add_self_loops: bool = True,
         attention_path: str = "auto",
         visual_graph: str = "knn",
-        topk: int = defaults.K,
+        k: int = defaults.K,
+        *,
+        topk: Optional[int] = None,
     ) -> None:
         super().__init__()
+        k = _k_or_topk(k, topk, DualSSA)
         positive_int.check(channels, "channels")
         positive_int.check(heads, "heads")
-        positive_int.check(topk, "topk")
+        positive_int.check(k, "k")
         check_divides(heads, channels)
         dropout_rate.check(dropout, "dropout")
         probability.check(lam, "lam")
@@ -119,7 +150,7 @@ class DualSSA(nn.Module):
         self.lam = lam
         self.semantic_branch = semantic_branch
         self.visual_graph = visual_graph
-        self.topk = topk
+        self.k = k
 
         def attention() -> BatchGraphConv:
             return BatchGraphConv(
@@ -130,7 +161,7 @@ class DualSSA(nn.Module):
         if visual_graph == "knn":
             self.visual = attention()
         else:
-            self.visual = TopKAttention(channels, channels // heads, heads=heads, k=topk,
+            self.visual = TopKAttention(channels, channels // heads, heads=heads, k=k,
                                         dropout=dropout)
         self.semantic: nn.Module | None
         if lam == 1:  # weighs 0: neither built nor computed
@@ -213,7 +244,7 @@ class BGFormerLayer(nn.Module):
             (default: :obj:`0.`)
         lam (float, optional): Visual-branch weight of :class:`DualSSA`. (default: :obj:`0.5`)
         **ssa_kwargs: ``semantic_branch``, ``add_self_loops``, ``attention_path``,
-            ``visual_graph``, ``topk`` of :class:`DualSSA`.
+            ``visual_graph``, ``k`` of :class:`DualSSA`.
     """
 
     def __init__(
@@ -269,7 +300,7 @@ class BGFormerLayer(nn.Module):
         return f"{self.__class__.__name__}({self.channels}, heads={self.attn.heads})"
 
 
-class BGFormer(nn.Module):
+class BGFormer(_TopKAlias, nn.Module):
     r"""A stack of :class:`BGFormerLayer` blocks refining a batch's embeddings.
 
     ``forward`` takes tensors ``(x, visual_edge_index, semantic_edge_index, batch)`` or a
@@ -282,9 +313,9 @@ class BGFormer(nn.Module):
     - ``"knn"``: SSA on the given ``visual_edge_index``, e.g. the cosine kNN graph of the input
       features (:func:`~bgf_pyg.build_batch_graph`): fixed for the batch, shared by every head
       and layer. At test time: ``bgformer(x, knn_edge_index)``.
-    - ``"attention_topk"``: in every layer and head each node attends to the ``topk`` nodes of
+    - ``"attention_topk"``: in every layer and head each node attends to the ``k`` nodes of
       its graph with the largest attention scores :math:`q_i \cdot k_j / \sqrt{d}` (itself a
-      candidate; all of them when ``topk`` ≥ the graph's size), computed from that layer's own
+      candidate; all of them when ``k`` ≥ the graph's size), computed from that layer's own
       projections (:class:`~bgf_pyg.nn.TopKAttention`). ``visual_edge_index`` is not read (it may
       be ``None``): at test time ``bgformer(x)`` needs nothing but the features.
 
@@ -293,7 +324,9 @@ class BGFormer(nn.Module):
         num_layers (int, optional): Number of blocks. (default: :obj:`2`)
         heads, ffn_ratio, dropout, lam: as :class:`BGFormerLayer`.
         visual_graph (str, optional): ``"knn"`` or ``"attention_topk"``. (default: :obj:`"knn"`)
-        topk (int, optional): K of ``"attention_topk"``. (default: :obj:`30`)
+        k (int, optional): K of ``"attention_topk"``, the value that is ``k`` in
+            :class:`~bgf_pyg.losses.BatchGraphLoss` (``topk=``: its deprecated former name).
+            (default: :obj:`30`)
         \*\*ssa_kwargs: ``semantic_branch``, ``add_self_loops``, ``attention_path`` of
             :class:`DualSSA`.
     """
@@ -307,21 +340,24 @@ class BGFormer(nn.Module):
         dropout: float = 0.0,
         lam: float = defaults.LAM,
         visual_graph: str = "knn",
-        topk: int = defaults.K,
+        k: int = defaults.K,
+        *,
+        topk: Optional[int] = None,
         **ssa_kwargs,
     ) -> None:
         super().__init__()
+        k = _k_or_topk(k, topk, BGFormer)
         positive_int.check(num_layers, "num_layers")
         self.channels = channels
         self.num_layers = num_layers
         self.heads = heads
         self.layers = nn.ModuleList(
             BGFormerLayer(channels, heads, ffn_ratio, dropout, lam, visual_graph=visual_graph,
-                          topk=topk, **ssa_kwargs)
+                          k=k, **ssa_kwargs)
             for _ in range(num_layers)
         )
         self.visual_graph = visual_graph
-        self.topk = topk
+        self.k = k
 
     @property
     def uses_semantic_edges(self) -> bool:
@@ -365,7 +401,7 @@ class BGFormer(nn.Module):
 
 
 def _visual_graph_repr(module: nn.Module) -> str:
-    """``, visual_graph='attention_topk', topk=K`` for the top-K form, nothing for kNN."""
+    """``, visual_graph='attention_topk', k=K`` for the top-K form, nothing for kNN."""
     if module.visual_graph == "knn":
         return ""
-    return f", visual_graph={module.visual_graph!r}, topk={module.topk}"
+    return f", visual_graph={module.visual_graph!r}, k={module.k}"

@@ -17,16 +17,12 @@ from torch_geometric.utils import (
     to_torch_csr_tensor,
 )
 
-from ..checks import check_channels, check_edge_index, check_features, is_compiling
+from ..checks import check_channels, check_edge_index, check_features
 from ..domains import dropout_rate, positive_int
-from .kernels import csr_attention_supported
 from .kernels.ssa import (
-    CHOOSING,
     DENSE_PAIRS_PER_EDGE,  # noqa: F401  (read here by benchmarks/)
     Route,
-    dense_preferred,
     edge_messages,
-    regular_sources,
     select_path,
     ssa_attention,
     with_self_loops,
@@ -472,31 +468,6 @@ class BatchGraphConv(MessagePassing):
             self.lin_key(x_src).view(shape),
             self.lin_value(x_src).view(shape),
         )
-
-    # The rules as tests/nn pins them per layer (forward asks select_path, which applies them):
-    # whether a call takes the dense path, a kernel, or the regular layout (its sources).
-    def _use_dense(
-        self, edge_index: Tensor, edge_attr: OptTensor, num_src: int, num_dst: int
-    ) -> bool:
-        path = self._path(edge_attr)
-        return path == "dense" or (
-            path == "auto" and edge_attr is None
-            and dense_preferred(edge_index.size(1), num_src, num_dst, self.add_self_loops)
-        )
-
-    def _use_kernel(self, query: Tensor, edge_attr: OptTensor) -> bool:
-        path = self._path(edge_attr)
-        return path == "fused" or (
-            path in CHOOSING and edge_attr is None and not is_compiling()
-            and csr_attention_supported(query)
-        )
-
-    def _regular_sources(
-        self, edge_index: Tensor, edge_attr: OptTensor, num_src: int, num_dst: int
-    ) -> OptTensor:
-        if is_compiling() or (self.add_self_loops and edge_attr is not None):
-            return None
-        return regular_sources(edge_index, num_src, num_dst, self.add_self_loops)
 
     def __repr__(self) -> str:
         return (

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..checks import check_features
 from ..domains import positive_int
 from ..knn import normalize_rows
+from ..models.methods import BGFormerMethod
 from ..nn.bgformer import BGFormer
 from ..nn.projection import ProjectedGraph
 from .common import Neighbors, RefinedGallery, check_k, check_setting, first_neighbors
@@ -53,6 +54,18 @@ def _knn_edges(index: Tensor, offset: int = 0) -> Tensor:
     return torch.stack([index.reshape(-1), target])
 
 
+def check_trained_bgformer(method: nn.Module) -> None:
+    """Refuse a model the learned refinement cannot run on: it runs the BGFormer of a trained
+    :class:`~bgf_pyg.models.BGFormerMethod` at the features' own width (not between the
+    projections of ``graph_dim``). A ``ValueError`` naming ``method`` otherwise."""
+    if not isinstance(method, BGFormerMethod):
+        raise ValueError(f"method must be a BGFormerMethod (the learned refinement needs a "
+                         f"trained BGFormer), got {type(method).__name__}")
+    if isinstance(method.bgformer, ProjectedGraph):
+        raise ValueError("method has graph_dim set: its BGFormer runs between projections "
+                         "(a ProjectedGraph), which the learned refinement does not support")
+
+
 class BGFormerRefinement:
     """The learned refinement: ``normalise(head(BGFormer(f, kNN graph of f)))``.
 
@@ -82,16 +95,8 @@ class BGFormerRefinement:
     @classmethod
     def from_method(cls, method: nn.Module, k: int | None = None) -> BGFormerRefinement:
         """The refinement of a trained ``BGFormerMethod`` (``k``: default the method's own)."""
-        from ..models.methods import BGFormerMethod
-
-        if not isinstance(method, BGFormerMethod):
-            raise ValueError(f"method must be a BGFormerMethod (the learned refinement needs a "
-                             f"trained BGFormer), got {type(method).__name__}")
-        if isinstance(method.bgformer, ProjectedGraph):
-            raise ValueError("method has graph_dim set: its BGFormer runs between projections "
-                             "(a ProjectedGraph), which the learned refinement does not support")
-        return cls(method.bgformer, method.backbone.head,
-                   method.graph_loss.k if k is None else k)
+        check_trained_bgformer(method)
+        return cls(method.bgformer, method.backbone.head, method.visual_k if k is None else k)
 
     def _embed(self, x: Tensor) -> Tensor:
         emb = self.head(x)

@@ -20,13 +20,14 @@ from itertools import product
 import torch
 from torch import Tensor
 
+from ..checks import naming
 from ..knn import cosine_topk, normalize_rows
 from ..metrics import evaluate_retrieval, recall_at_k_query_gallery, retrieval_depth
-from ..models.methods import BGFormerMethod, Method
+from ..models.methods import Method
 from ..train import DEFAULT_KS, compute_embeddings
 from . import REFINEMENTS
 from .common import Neighbors
-from .learned import BGFormerRefinement
+from .learned import BGFormerRefinement, check_trained_bgformer
 from .qe import QueryExpansion
 
 #: Query expansion's setting when none is given (α = 3 as in the αQE literature).
@@ -69,7 +70,7 @@ def settings(name: str, method: Method, ks: Sequence[int] | None,
     if name == "none":
         return [{}]
     if name == BGFormerRefinement.name:
-        return [{"k": k} for k in (ks or [method.graph_loss.k])]
+        return [{"k": k} for k in (ks or [method.visual_k])]
     return [{"k": k, "alpha": float(a)}
             for k, a in product(ks or [DEFAULT_QE_K], alphas or [DEFAULT_QE_ALPHA])]
 
@@ -81,25 +82,40 @@ def check_refinements(
     alphas: Sequence[float] | None,
     set_sizes: Sequence[int],
     has_val: bool,
+    k_parameter: str | None = None,
 ) -> None:
     """Every refinement request that cannot run, as a ``ValueError`` naming the argument, before
-    any embedding is computed (``set_sizes``: the items of every set to be refined)."""
+    any embedding is computed (``set_sizes``: the items of every set to be refined;
+    ``k_parameter``: the name a caller gives ``ks``, see :func:`check_k_below_sets`)."""
     unknown = [r for r in refinements if r not in REFINEMENTS]
     if unknown or not refinements:
         raise ValueError(f"refinements must be names among {', '.join(REFINEMENTS)}, got "
                          f"{', '.join(map(repr, unknown)) or 'none'}")
-    if BGFormerRefinement.name in refinements and not isinstance(method, BGFormerMethod):
-        raise ValueError(f"refinements: {BGFormerRefinement.name!r} needs a trained BGFormer, "
-                         f"and this model is {type(method).__name__}; use 'qe' or 'none'")
-    grids = [settings(r, method, ks, alphas) for r in refinements]
-    if not has_val and any(len(g) > 1 for g in grids):
+    if BGFormerRefinement.name in refinements:
+        check_trained_bgformer(method)
+    grids = {r: settings(r, method, ks, alphas) for r in refinements}
+    if not has_val and any(len(g) > 1 for g in grids.values()):
         raise ValueError("refine_k / refine_alpha: a grid of settings is chosen on the "
                          "validation split, and this run has none; give one k and one alpha")
+    for name, grid in grids.items():
+        for setting in grid:
+            if "k" in setting:
+                check_k_below_sets(setting["k"], set_sizes, name, k_parameter)
+
+
+def check_k_below_sets(
+    k: int, set_sizes: Sequence[int], refinement: str, parameter: str | None = None
+) -> None:
+    """Refuse a ``k`` of ``refinement`` that is not below the smallest set refined (an item's k
+    neighbours are k other items): a ``ValueError`` saying ``k (K)``, or with ``parameter`` (the
+    name a caller gives k, e.g. ``refine_k``) ``refine_k=K (qe)`` and naming it."""
     smallest = min(set_sizes)
-    for setting in (s for g in grids for s in g):
-        if setting.get("k", 0) >= smallest:
-            raise ValueError(f"k ({setting['k']}) must be smaller than the smallest set refined "
-                             f"({smallest} items): an item's neighbours are other items")
+    if k < smallest:
+        return
+    where = f"k ({k})" if parameter is None else f"{parameter}={k} ({refinement})"
+    raise naming(ValueError(f"{where} must be smaller than the smallest set refined ({smallest} "
+                            "items): an item's neighbours are other items"),
+                 *(() if parameter is None else (parameter,)))
 
 
 def refiner(name: str, method: Method, setting: dict) -> QueryExpansion | BGFormerRefinement:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -34,17 +34,19 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     """``last.pt`` and ``best.pt`` of the run folder ``out``, each holding ``config`` (the run's
-    options, JSON-like): a resume with another configuration is refused. ``last.pt`` is written
+    options, JSON-like): a resume with another configuration is refused (its ``uncompared`` keys
+    aside, which record how the run is executed). ``last.pt`` is written
     after every epoch and, with ``every``, every ``every`` steps mid-epoch with the sampler's
     position (a :class:`~bgf_pyg.data.ClassBalancedBatchSampler` restarts there; bit-identical
     with ``num_workers=0``, since worker RNG states are not saved). Under ``torch.distributed``
     every rank calls each method (saving is a collective), rank 0 writes."""
 
     def __init__(self, out: str | os.PathLike, config: dict | None = None,
-                 every: int | None = None) -> None:
+                 every: int | None = None, uncompared: Collection[str] = ()) -> None:
         self.out, self.config = Path(out), config
         self.every = None if every is None else positive_int.check(every, "checkpoint_every")
         self.main = distributed.is_main_process()
+        self.uncompared = uncompared
 
     @property
     def last(self) -> Path:
@@ -74,7 +76,7 @@ class Checkpointer:
         saved = load_checkpoint(self.last)  # on the CPU: RNG states must stay CPU tensors
         require_keys(saved, RESUME_KEYS, self.last)
         self._check_world_size(saved)
-        check_config(saved.get("config"), self.config, self.last)
+        check_config(saved.get("config"), self.config, self.last, self.uncompared)
         try:
             state.load_state_dict(saved)
         except (RuntimeError, ValueError, KeyError) as err:  # size mismatch, missing keys

@@ -209,7 +209,7 @@ def test_lam_one_builds_no_semantic_edges(visual_graph, monkeypatch):
     torch.manual_seed(0)
     features, labels = batch(3)
     loss_fn, head = losses.MultiSimilarityLoss(), nn.Linear(FEAT, EMB)
-    bgformer = BGFormer(FEAT, heads=2, lam=1.0, visual_graph=visual_graph, topk=4)
+    bgformer = BGFormer(FEAT, heads=2, lam=1.0, visual_graph=visual_graph, k=4)
     visual = (None if visual_graph != "knn"
               else build_batch_graph(features.detach(), labels, 3).visual_edge_index)
     g = bgformer(features, visual, None)  # the visual branch alone, by construction

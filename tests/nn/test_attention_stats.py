@@ -74,7 +74,7 @@ def test_recorder_sees_the_top_k_branch():
     batch = torch.tensor([0, 0, 1, 0, 1, 0, 1, 0, 1, 1, 0])  # graphs of 6 and 5 nodes
     labels = torch.tensor([0, 1, 2, 0, 2, 1, 3, 0, 3, 2, 1])
     semantic = build_batch_graph(x, labels, k=1).semantic_edge_index
-    model = BGFormer(8, num_layers=2, heads=2, visual_graph="attention_topk", topk=6).train()
+    model = BGFormer(8, num_layers=2, heads=2, visual_graph="attention_topk", k=6).train()
     inputs = {}  # what each layer's top-K branch saw, for the reference
 
     def keep_input(layer: int):

@@ -16,8 +16,11 @@ from torch_geometric.explain.algorithm import AttentionExplainer
 from torch_geometric.nn import TransformerConv
 from torch_geometric.utils import to_torch_coo_tensor, to_torch_csc_tensor, to_torch_csr_tensor
 
+import bgf_pyg.nn.conv as conv_module
 from bgf_pyg.graph import knn_edges
 from bgf_pyg.nn import BatchGraphConv
+from bgf_pyg.nn.kernels.ssa import ssa_attention
+from tests.nn.routes import layer_route
 from tests.reference import ssa_reference
 
 
@@ -405,7 +408,7 @@ def test_nan_feature_reaches_exactly_its_attention_neighbourhood(path, add_self_
     conv = BatchGraphConv(6, 4, heads=2, add_self_loops=add_self_loops,
                           attention_path="sparse" if path == "knn" else path)
     if path == "knn":
-        assert conv._regular_sources(edge_index, None, 12, 12) is not None
+        assert layer_route(conv, x, edge_index, path="regular").source is not None
     clean = conv(x, edge_index)
     x[5, 2] = math.nan
     out = conv(x, edge_index)
@@ -514,13 +517,13 @@ def explain_setup(path):
     if path == "knn":
         model = TwoConvs("sparse")
         edge_index, _ = knn_edges(x, 4)
-        assert model.conv1._regular_sources(edge_index, None, 20, 20) is not None
+        assert layer_route(model.conv1, x, edge_index, path="regular").source is not None
     else:
         model = TwoConvs(path)
         edge_index = torch.stack([torch.randint(0, 20, (80,)), torch.randint(0, 20, (80,))])
         edge_index = edge_index[:, edge_index[0] != edge_index[1]]
     if path in ("dense", "auto"):
-        assert model.conv1._use_dense(edge_index, None, 20, 20)
+        assert layer_route(model.conv1, x, edge_index).path == "dense"
     return model.eval(), x, edge_index
 
 
@@ -639,12 +642,14 @@ def test_knn_fast_path_equals_generic_path(add_self_loops, edge_dim, concat):
         CHANNELS, OUT, heads=HEADS, concat=concat, add_self_loops=add_self_loops,
         edge_dim=edge_dim, root_weight=True, attention_path="sparse",
     ).double().train()  # dropout = 0: training mode changes nothing
-    assert conv._regular_sources(edge_index, edge_attr, NUM_NODES, NUM_NODES) is not None
+    edge_features = edge_attr is not None
+    assert layer_route(conv, x, edge_index, "regular", edge_features).source is not None
     out, ei, alpha, grads = run(conv, x, edge_index, edge_attr=edge_attr)
 
     # Reversed edge order is not sorted by target: the generic scatter-softmax path runs.
     reverse = edge_index.flip(1)
-    assert conv._regular_sources(reverse, edge_attr, NUM_NODES, NUM_NODES) is None
+    with pytest.raises(ValueError, match="'regular' needs the same number"):
+        layer_route(conv, x, reverse, "regular", edge_features)
     ref_attr = None if edge_attr is None else edge_attr.flip(0)
     ref_out, ref_ei, ref_alpha, ref_grads = run(conv, x, reverse, edge_attr=ref_attr)
 
@@ -661,9 +666,40 @@ def test_regular_layout_with_loops_and_added_loops_falls_back():
     # Existing loops must be replaced, not kept: the fast path declines, the result is unchanged.
     x, edge_index = knn_graph(loop=True)
     conv = BatchGraphConv(CHANNELS, OUT, heads=HEADS, attention_path="sparse").double()
-    assert conv._regular_sources(edge_index, None, NUM_NODES, NUM_NODES) is None
+    with pytest.raises(ValueError, match="'regular' needs the same number"):
+        layer_route(conv, x, edge_index, "regular")
     without_loops = edge_index[:, edge_index[0] != edge_index[1]]
     torch.testing.assert_close(conv(x, edge_index), conv(x, without_loops))
+
+
+@pytest.mark.parametrize(
+    ("path", "dtype", "edge_dim", "loops"),
+    [
+        ("auto", torch.float64, None, True),  # small graph: dense
+        ("auto", torch.float64, 2, False),  # edge features: the sparse choice
+        ("sparse", torch.float64, None, True),  # CPU float: csr
+        ("sparse", torch.bfloat16, None, False),  # no CPU kernel: regular
+        ("dense", torch.float64, 2, False),  # dense with edge features: the sparse choice
+        ("regular", torch.float64, None, False),
+        ("edges", torch.float64, None, True),
+    ],
+)
+def test_forward_runs_the_route_select_path_gives(monkeypatch, path, dtype, edge_dim, loops):
+    """The layer keeps no path rule of its own: what forward runs is select_path's answer."""
+    x, edge_index = knn_graph(loop=not loops)
+    x = x.to(dtype)
+    conv = BatchGraphConv(CHANNELS, OUT, heads=HEADS, add_self_loops=loops, edge_dim=edge_dim,
+                          attention_path=path).to(dtype)
+    edge_attr = None if edge_dim is None else torch.randn(edge_index.size(1), 2, dtype=dtype)
+    taken = []
+    monkeypatch.setattr(conv_module, "ssa_attention", lambda *args, path, **kwargs: (
+        taken.append(path.path), ssa_attention(*args, path=path, **kwargs))[1])
+    propagate = conv._propagate
+    monkeypatch.setattr(conv, "_propagate", lambda *args: (taken.append("edges"),
+                                                           propagate(*args))[1])
+    conv(x, edge_index, edge_attr)
+    asked = "sparse" if path == "dense" and edge_dim else path
+    assert taken == [layer_route(conv, x, edge_index, asked, edge_dim is not None).path]
 
 
 @pytest.mark.parametrize("path", ["dense", "auto"])
@@ -682,7 +718,7 @@ def test_dense_and_auto_equal_sparse(path, add_self_loops, concat):
     ).double()
     other = copy.deepcopy(sparse)
     other.attention_path = path
-    assert other._use_dense(edge_index, None, NUM_NODES, NUM_NODES)  # 100 pairs, ≥ 37 edges
+    assert layer_route(other, x, edge_index).path == "dense"  # 100 pairs, ≥ 37 edges
     out, ei, alpha, grads = run(other, x, edge_index)
     ref_out, ref_ei, ref_alpha, ref_grads = run(sparse, x, edge_index)
     torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
@@ -694,8 +730,8 @@ def test_dense_and_auto_equal_sparse(path, add_self_loops, concat):
 def test_auto_picks_sparse_for_large_sparse_graphs():
     conv = BatchGraphConv(CHANNELS, OUT, attention_path="auto")
     edge_index = torch.zeros(2, 10 * 4096, dtype=torch.long)
-    assert not conv._use_dense(edge_index, None, 4096, 4096)
-    assert conv._use_dense(edge_index[:, :640], None, 64, 64)
+    assert layer_route(conv, torch.zeros(4096, CHANNELS), edge_index).path != "dense"
+    assert layer_route(conv, torch.zeros(64, CHANNELS), edge_index[:, :640]).path == "dense"
 
 
 compile_available = pytest.mark.skipif(

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bgf_pyg.nn import BatchGraphConv
+from tests.nn.routes import layer_route
 from tests.reference import ssa_reference
 from tests.strategies import bounded
 
@@ -74,7 +75,7 @@ def test_every_attention_path_matches_the_edge_by_edge_reference(case):
         attention_path="sparse" if path == "knn" else path,
     ).double()
     if path == "knn":
-        assert conv._regular_sources(edge_index, None, n, n) is not None
+        assert layer_route(conv, x, edge_index, path="regular").source is not None
     out, (ei, alpha) = conv(x, edge_index, return_attention_weights=True)
 
     expected_ei = effective_edges(edge_index, n, case["add_self_loops"])

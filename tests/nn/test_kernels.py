@@ -7,6 +7,7 @@ import torch
 
 from bgf_pyg.nn import BatchGraphConv
 from bgf_pyg.nn.kernels import csr_attention, csr_attention_supported
+from tests.nn.routes import layer_route
 from tests.reference import ssa_reference
 
 
@@ -80,7 +81,7 @@ def test_conv_uses_kernel_and_equals_reference():
     x = torch.randn(8, 6, dtype=torch.float64)
     edge_index = random_graph(8, 8, 20)
     conv = BatchGraphConv(6, 4, heads=2, root_weight=True, attention_path="sparse").double()
-    assert conv._use_kernel(conv.lin_query(x), None)
+    assert layer_route(conv, x, edge_index).path == "csr"
     out, (ei, alpha) = conv(x, edge_index, return_attention_weights=True)
     shape = (-1, 2, 4)
     with torch.no_grad():  # ei: the edges with the layer's self-loops

@@ -148,7 +148,7 @@ def test_dual_ssa_mixes_the_top_k_branch_with_the_semantic_one():
     torch.manual_seed(4)
     graph = build_batch_graph(torch.randn(10, 8, dtype=torch.float64),
                               torch.randint(0, 3, (10,)), k=3)
-    module = DualSSA(8, heads=2, lam=0.3, visual_graph="attention_topk", topk=4).double()
+    module = DualSSA(8, heads=2, lam=0.3, visual_graph="attention_topk", k=4).double()
     visual = reference(module.visual, graph.x)
     semantic = branch_reference(module.semantic, graph.x, graph.semantic_edge_index)
     expected = F.linear(0.3 * visual + 0.7 * semantic, module.lin_out.weight, module.lin_out.bias)
@@ -160,9 +160,9 @@ def test_dual_ssa_mixes_the_top_k_branch_with_the_semantic_one():
 
 def test_bgformer_needs_only_the_features_and_batches_graphs():
     torch.manual_seed(5)
-    model = BGFormer(8, num_layers=2, heads=2, visual_graph="attention_topk", topk=4).eval()
+    model = BGFormer(8, num_layers=2, heads=2, visual_graph="attention_topk", k=4).eval()
     assert repr(model) == ("BGFormer(8, num_layers=2, heads=2, visual_graph='attention_topk', "
-                           "topk=4)")
+                           "k=4)")
     graphs = [build_batch_graph(torch.randn(n, 8), torch.randint(0, 3, (n,)), k=2)
               for n in (6, 9)]
     x = graphs[0].x
@@ -182,7 +182,7 @@ def test_batch_graph_loss_trains_without_building_a_knn_graph(monkeypatch):
     torch.manual_seed(6)
     labels = torch.arange(4).repeat_interleave(3)
     features = (torch.randn(12, 16) + labels.view(-1, 1)).requires_grad_()
-    bgformer = BGFormer(16, heads=4, visual_graph="attention_topk", topk=5, lam=0.5)
+    bgformer = BGFormer(16, heads=4, visual_graph="attention_topk", k=5, lam=0.5)
     criterion = BatchGraphLoss(losses.MultiSimilarityLoss(), bgformer, alpha=0.3)
     loss = criterion(features, labels)
     same = labels.view(-1, 1) == labels.view(1, -1)
@@ -203,12 +203,38 @@ def test_method_passes_k_as_the_top_k():
     trunk = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU())
     method = build_method("bgformer", EmbeddingNet(trunk, 16, 8), 4, k=7, heads=2,
                           visual_graph="attention_topk")
-    assert method.bgformer.visual_graph == "attention_topk" and method.bgformer.topk == 7
+    assert method.bgformer.visual_graph == "attention_topk" and method.bgformer.k == 7
     assert all(isinstance(layer.attn.visual, TopKAttention) and layer.attn.visual.k == 7
                for layer in method.bgformer.layers)
     loss = method(torch.randn(12, 10), torch.arange(4).repeat_interleave(3))
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_the_visual_k_has_one_name_from_the_method_to_the_attention():
+    trunk = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU())
+    method = build_method("bgformer", EmbeddingNet(trunk, 16, 8), 4, k=6, heads=2,
+                          visual_graph="attention_topk")
+    values = {method.visual_k, method.graph_loss.k, method.bgformer.k}
+    for layer in method.bgformer.layers:
+        values |= {layer.attn.k, layer.attn.visual.k}
+    assert values == {6}
+
+
+@pytest.mark.parametrize("cls", [BGFormer, DualSSA])
+def test_topk_is_a_deprecated_name_of_k(cls):
+    torch.manual_seed(0)
+    new = cls(8, heads=2, visual_graph="attention_topk", k=4)
+    with pytest.warns(DeprecationWarning, match=r"topk=...\) is deprecated.*now named k"):
+        old = cls(8, heads=2, visual_graph="attention_topk", topk=4)
+    assert old.k == 4 and repr(old) == repr(new)
+    with pytest.warns(DeprecationWarning, match="topk is deprecated"):
+        assert old.topk == 4
+    old.load_state_dict(new.state_dict())  # strict: the same parameters and buffers
+    x = torch.randn(6, 8)
+    torch.testing.assert_close(old(x), new(x))
+    with pytest.raises(TypeError, match="k=5 and topk=4: topk is the former name of k"):
+        cls(8, heads=2, visual_graph="attention_topk", k=5, topk=4)
 
 
 def test_cli_option_parses_and_reaches_the_method():

@@ -15,7 +15,7 @@ under the random column reads, which measured 2-3× faster on CPU (N = 4096, k =
 
 The operation is a ``torch.library`` custom op, so ``torch.compile`` could keep it as one opaque
 node; :class:`~bgf_pyg.nn.BatchGraphConv` nevertheless runs its gather form under compile, which
-inductor fuses into faster code (see ``BatchGraphConv._use_kernel``).
+inductor fuses into faster code (see ``ssa.select_path``).
 """
 
 from __future__ import annotations
