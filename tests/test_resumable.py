@@ -52,5 +52,5 @@ def test_a_run_stores_the_execution_options_and_resumes_with_others(tmp_path, ti
         name: getattr(config, name) for name in EXECUTION_OPTIONS}
     resumed = run(config.replace(resume=True, epochs=2, eval_every=2, threads=2))
     assert (resumed.start_epoch, resumed.epochs) == (1, 2)
-    with pytest.raises(InputError, match="--lr"):
+    with pytest.raises(InputError, match=r"\(lr 0.5 now, 0.001 in the checkpoint"):
         run(config.replace(resume=True, epochs=3, lr=0.5))
