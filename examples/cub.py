@@ -46,8 +46,8 @@ EXIT_FAILURE = 1
 def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=None, help="CUB_200_2011 folder; none: the demo set")
-    p.add_argument("--method", choices=(*METHODS, "all"), default="bgformer",
-                   help="one method, or all four one after the other")
+    p.add_argument("--method", choices=(*METHODS, "all"), default=METHODS.default,
+                   help="one method, or all of them one after the other")
     p.add_argument("--seeds", type=argument_type(seed_int), nargs="+", default=[0],
                    help="one run per seed")
     p.add_argument("--out", default=None,
