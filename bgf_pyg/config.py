@@ -89,7 +89,7 @@ def losses(**required: object) -> Callable[[], tuple[str, ...]]:
 def owners(registry: Registry, option: str) -> Callable[[], tuple[str, ...]]:
     """The names of ``registry`` whose entries declare ``option`` among their ``options``,
     read when a scope is checked."""
-    return lambda: tuple(name for name, entry in registry.items() if option in entry.options)
+    return lambda: registry.declaring(option)
 
 
 def backbones(**required: object) -> Callable[[], tuple[str, ...]]:

@@ -181,11 +181,6 @@ def tail_depth(name: str) -> tuple[int, str]:
     return entry.tail(name)
 
 
-def readers(parameter: str) -> tuple[str, ...]:
-    """The backbones whose entries read ``parameter`` of :func:`build_backbone`."""
-    return tuple(name for name, entry in BACKBONES.items() if parameter in entry.options)
-
-
 #: Parameters of :func:`build_backbone` refused, at a value other than their default, by a
 #: backbone that does not read them (``pooling`` is not: a method's default pooling is a
 #: ResNet's, and other backbones ignore it).
@@ -235,8 +230,8 @@ def build_backbone(
                                 "use a ResNet or train from scratch"), "pretrained")
     for parameter, default in REFUSED_UNREAD.items():
         if arguments[parameter] != default and parameter not in entry.options:
-            raise ValueError(f"{parameter} applies to {', '.join(readers(parameter))}, not to "
-                             f"{name!r}")
+            readers = ", ".join(BACKBONES.declaring(parameter))
+            raise ValueError(f"{parameter} applies to {readers}, not to {name!r}")
     trunk, feature_dim = entry.trunk(name, **{keyword: arguments[parameter]
                                               for parameter, keyword in entry.options.items()})
     return EmbeddingNet(trunk, feature_dim, embedding_dim)
