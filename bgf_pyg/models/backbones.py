@@ -88,18 +88,6 @@ def _refuse_trunk_projection(module: nn.Module, state_dict: dict, prefix: str, *
         )
 
 
-def _refuse_trunk_projection(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook: a state dict with ``proj.*`` (a projection between trunk and
-    head) is of an older network, ``head(proj(trunk(x)))``, which this one cannot reproduce."""
-    if any(key.startswith(prefix + "proj.") for key in state_dict):
-        raise ValueError(
-            f"the weights hold {prefix}proj, a projection between trunk and head that older "
-            "versions added with graph_dim; graph_dim now projects on the graph module's side "
-            "only (the test-time network is head(trunk(x))), so these weights do not fit: "
-            "evaluate them with the version that trained them, or train again"
-        )
-
-
 @dataclass(frozen=True)
 class BackboneEntry:
     """What a backbone is.
