@@ -55,9 +55,10 @@ from .domains import (
 from .losses import LOSSES
 from .losses.pce import SPACES
 from .models import BACKBONES, METHODS, OPTIMIZERS
-from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES
-from .models.tail import EFFICIENTNET_TAIL_DEPTH, TAIL_BACKBONES
-from .models.vit import VIT_BACKBONES, VIT_POOLINGS
+from .models.efficientnet import NUM_STAGES
+from .models.resnet import POOLINGS
+from .models.tail import EFFICIENTNET_TAIL_DEPTH
+from .models.vit import VIT_POOLINGS
 from .nn.bgformer import SEMANTIC_BRANCHES, VISUAL_GRAPHS
 from .options import (
     IS_SET,
@@ -69,13 +70,10 @@ from .options import (
     stage_count,
 )
 from .presets import load_preset
+from .registry import Registry
 from .train import SELECT_ON
 
 log = logging.getLogger("bgf_pyg")
-
-RESNETS = ("resnet50", "resnet18")
-PRETRAINED_BACKBONES = (*RESNETS, *VIT_BACKBONES, *EFFICIENTNET_BACKBONES)
-
 
 def methods(**required: object) -> Callable[[], tuple[str, ...]]:
     """The registered methods with the ``required`` entry properties, read when a scope is
@@ -88,6 +86,17 @@ def losses(**required: object) -> Callable[[], tuple[str, ...]]:
     return lambda: LOSSES.names(**required)
 
 
+def owners(registry: Registry, option: str) -> Callable[[], tuple[str, ...]]:
+    """The names of ``registry`` whose entries declare ``option`` among their ``options``,
+    read when a scope is checked."""
+    return lambda: registry.declaring(option)
+
+
+def backbones(**required: object) -> Callable[[], tuple[str, ...]]:
+    """The registered backbones with the ``required`` entry properties, read when checked."""
+    return lambda: BACKBONES.names(**required)
+
+
 def image_datasets() -> tuple[str, ...]:
     """The registered datasets of image files (read now)."""
     return DATASETS.names(images=True)
@@ -95,6 +104,8 @@ def image_datasets() -> tuple[str, ...]:
 
 ON_IMAGES = (Scope(dataset=image_datasets),)
 BALANCED = (Scope(method=methods(balanced=True)),)
+#: The backbones that load a ``pretrained`` weights file.
+WEIGHTS_FILE = owners(BACKBONES, "pretrained")
 
 
 @dataclass(frozen=True)
@@ -107,12 +118,9 @@ class Owned:
 
     def scopes(self, option: str) -> tuple[Scope, ...]:
         """The :class:`~bgf_pyg.options.Scope` alternatives of ``option``."""
-        def owners(registry) -> Callable[[], tuple[str, ...]]:
-            return lambda: tuple(n for n, entry in registry.items() if option in entry.options)
-
         when = dict(self.when)
-        return (Scope(method=owners(METHODS), **when),
-                Scope(method=methods(takes_loss=True), loss=owners(LOSSES), **when))
+        return (Scope(method=owners(METHODS, option), **when),
+                Scope(method=methods(takes_loss=True), loss=owners(LOSSES, option), **when))
 
 
 #: The scope of an option declared by methods' or losses' registry entries.
@@ -189,19 +197,19 @@ class Config:
                           scope=HYPERBOLIC)
     clip_r: float = option(2.3, "pce: feature clipping radius before the ball's exponential map",
                            domain=positive_float, scope=HYPERBOLIC)
-    backbone: str = option("resnet50", "image network (vit_* need the timm extra)",
+    backbone: str = option(BACKBONES.default, "image network (vit_* need the timm extra)",
                            choices=BACKBONES)
     pretrained: str | None = option(
         None, "local weights: a torchvision ResNet state dict, a timm / DINO checkpoint for a "
               "ViT (DINOv2: timm, Meta or Hugging Face layout), an EfficientNet-Lite0 state dict "
               "(default: random weights, "
               "efficientnet_lite0: the installed package's ImageNet weights; never downloaded)",
-        scope=(Scope(backbone=PRETRAINED_BACKBONES),))
+        scope=(Scope(backbone=WEIGHTS_FILE),))
     freeze_backbone: bool = switch(
         "keep the pretrained backbone fixed: its features of every image (the test-time "
         "transform and, unless --no-augment, its mirror image for training) are computed once, "
         "cached, and the head, graph module and loss train on them (fast on a CPU)",
-        scope=(Scope(dataset=image_datasets, backbone=PRETRAINED_BACKBONES),))
+        scope=(Scope(dataset=image_datasets, backbone=WEIGHTS_FILE),))
     feature_cache: str | None = option(
         None, "folder of the cached features (--freeze-backbone) or prefix outputs "
               "(--train-tail) (default: <data-root>/.features)", metavar="DIR",
@@ -209,7 +217,8 @@ class Config:
     trainable_stages: int | None = option(
         None, f"efficientnet_lite0: train only its last N of {NUM_STAGES} stages (1: the head "
               f"convolution; {NUM_STAGES}: all), the others frozen (default: all train)",
-        domain=stage_count, metavar="N", scope=(Scope(backbone=EFFICIENTNET_BACKBONES),))
+        domain=stage_count, metavar="N",
+        scope=(Scope(backbone=owners(BACKBONES, "trainable_stages")),))
     train_tail: int | None = option(
         None, "train only the tail of the pretrained backbone, from the output of its frozen "
               "prefix computed once per image and view and cached (as --freeze-backbone's "
@@ -217,16 +226,17 @@ class Config:
               f"{EFFICIENTNET_TAIL_DEPTH} MBConv stages and its head convolution, a ViT's last N "
               "blocks and its final norm (the same parameters as --trainable-stages N+1 or "
               "training N blocks, at a fraction of the cost on a CPU)", domain=positive_int,
-        metavar="N", scope=(Scope(dataset=image_datasets, backbone=TAIL_BACKBONES),))
+        metavar="N", scope=(Scope(dataset=image_datasets, backbone=backbones(trains_tail=True)),))
     backbone_lr: float | None = option(
         None, "learning rate of the backbone's trainable layers (default: --lr)",
         domain=positive_float)
     pooling: str | None = option("avg", "ResNet global pooling (intra-batch's original: max)",
-                                 choices=("avg", "max"), scope=(Scope(backbone=RESNETS),))
+                                 choices=POOLINGS,
+                                 scope=(Scope(backbone=owners(BACKBONES, "pooling")),))
     vit_pooling: str = option(
         "cls", "ViT feature: the CLS token after the final norm, or cls+mean: it and the mean "
                "patch token concatenated (twice the width; DINOv2's linear-evaluation feature)",
-        choices=VIT_POOLINGS, scope=(Scope(backbone=tuple(VIT_BACKBONES)),))
+        choices=VIT_POOLINGS, scope=(Scope(backbone=owners(BACKBONES, "vit_pooling")),))
     graph_dim: int | None = option(
         None, "BGFormer: run the graph blocks at this width, between an in- and an "
               "out-projection on the graph's side (the head and the test-time network never "

@@ -35,10 +35,9 @@ from .checks import InputError, Name, show_value
 from .data import DATASETS
 from .domains import Number
 from .losses import LOSSES
-from .models import METHODS, BGFormerMethod
-from .models.efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES, import_efficientnet
-from .models.tail import tail_depth
-from .models.vit import VIT_BACKBONES, import_timm
+from .models import BACKBONES, METHODS, BGFormerMethod
+from .models.backbones import tail_depth
+from .models.efficientnet import NUM_STAGES
 from .refine import REFINEMENTS, BGFormerRefinement
 
 #: ``trainable_stages``: the last 1 to all of EfficientNet-Lite0's stages.
@@ -200,17 +199,14 @@ def check_crop_scale(c, name: Name) -> str | None:
     return None
 
 
-#: The backbones an optional extra provides, and the import that names the extra when missing.
-BACKBONE_EXTRAS = ((VIT_BACKBONES, import_timm), (EFFICIENTNET_BACKBONES, import_efficientnet))
-
-
 def check_backbone_extra(c, name: Name) -> str | None:
-    for backbones, import_extra in BACKBONE_EXTRAS:
-        if c.backbone in backbones:
-            try:
-                import_extra()
-            except InputError as err:
-                return str(err)
+    """The backbone's optional extra (its entry's import check, which names it) is installed."""
+    import_extra = BACKBONES[c.backbone].extra
+    if import_extra is not None:
+        try:
+            import_extra()
+        except InputError as err:
+            return str(err)
     return None
 
 
@@ -231,7 +227,7 @@ def cached_regime_problem(c, name: Name, option: str, what_it_does: str, random_
                           cached: str) -> str | None:
     """The rules of a regime that caches what a fixed network computes (``freeze_backbone``:
     its features; ``train_tail``: its prefix's output): pretrained weights, no noise images."""
-    if c.pretrained is None and c.backbone not in EFFICIENTNET_BACKBONES:
+    if c.pretrained is None and not BACKBONES[c.backbone].packaged_weights:
         return (f"{name(option)} {what_it_does}, so {name('backbone')} {c.backbone} needs its "
                 f"{name('pretrained')} weights ({random_part} never train)")
     if c.outliers:

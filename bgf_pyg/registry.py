@@ -77,6 +77,11 @@ class Registry(Generic[Entry]):
         return tuple(name for name, entry in self._entries.items()
                      if all(getattr(entry, key) == value for key, value in required.items()))
 
+    def declaring(self, option: str) -> tuple[str, ...]:
+        """The names whose entries declare ``option`` among their ``options`` (what a method,
+        a loss or a backbone reads), e.g. ``BACKBONES.declaring("pretrained")``."""
+        return tuple(name for name, entry in self._entries.items() if option in entry.options)
+
     def view(self, attribute: str) -> Mapping[str, Any]:
         """A live read-only mapping: name → its entry's ``attribute``, for the entries where it
         is set (not empty or ``None``)."""

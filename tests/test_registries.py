@@ -1,11 +1,12 @@
-"""Adding a method, a loss or a dataset is one class and one registration: a toy method, a toy
-loss and a toy dataset, declared in this file alone, are choices of ``configure`` and of
-``bgf-train`` (parsed, in ``--help``, validated), train one epoch through ``experiment.run`` and
-the command line, and leave the registries as they were."""
+"""Adding a method, a loss, a dataset or a backbone is one class and one registration: a toy
+method, a toy loss, a toy dataset and a toy backbone, declared in this file alone, are choices of
+``configure`` and of ``bgf-train`` (parsed, in ``--help``, validated), train one epoch through
+``experiment.run`` and the command line, and leave the registries as they were."""
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,19 @@ from bgf_pyg.data import DATASETS, DatasetEntry
 from bgf_pyg.data.base import LabelledDataset, reindex
 from bgf_pyg.experiment import run
 from bgf_pyg.losses import LOSSES, LossEntry
-from bgf_pyg.models import METHODS, Method, MethodEntry
+from bgf_pyg.models import (
+    BACKBONES,
+    METHODS,
+    BackboneEntry,
+    Method,
+    MethodEntry,
+    backbone_normalization,
+    build_backbone,
+)
 from bgf_pyg.registry import Registry
 
 TOY_METHOD, TOY_LOSS, TOY_DATASET = "toy-centroid", "toy_margin", "toy_blobs"
+TOY_BACKBONE = "toy_convpool"
 
 
 class ToyCentroidMethod(Method):
@@ -72,6 +82,25 @@ class ToyBlobs(LabelledDataset):
 
     def load(self, index: int) -> Tensor:
         return self.images[index]
+
+
+TOY_WIDTH = 6
+
+
+class ToyConvPool(nn.Module):
+    """One 3×3 convolution to ``TOY_WIDTH`` channels, ReLU, then global average or max pooling."""
+
+    def __init__(self, in_channels: int, pooling: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, TOY_WIDTH, 3, padding=1)
+        self.pool = nn.AdaptiveMaxPool2d(1) if pooling == "max" else nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.pool(torch.relu(self.conv(images))).flatten(1)
+
+
+def toy_trunk(name: str, in_channels: int, pooling: str) -> tuple[nn.Module, int]:
+    return ToyConvPool(in_channels, pooling), TOY_WIDTH
 
 
 @pytest.fixture
@@ -134,7 +163,61 @@ def test_unregistering_restores_the_choices(toys):
     assert TOY_METHOD in METHODS and TOY_LOSS in LOSSES and TOY_DATASET in DATASETS
 
 
-@pytest.mark.parametrize("registry", [METHODS, LOSSES, DATASETS])
+@pytest.fixture
+def toy_backbone():
+    """The toy backbone registered for one test (it reads the dataset's channels and the ResNets'
+    ``pooling``), then removed."""
+    BACKBONES.register(TOY_BACKBONE, BackboneEntry(
+        toy_trunk, options={"in_channels": "in_channels", "pooling": "pooling"}))
+    yield
+    BACKBONES.unregister(TOY_BACKBONE)
+
+
+def test_the_toy_backbone_trains_one_epoch_on_the_demo_through_configure_and_run(toy_backbone,
+                                                                                   tmp_path):
+    result = run(configure(backbone=TOY_BACKBONE, pooling="max", method="plain",
+                           out=str(tmp_path / "run"), **SHORT))
+    assert 0 <= result.test_metrics["recall@1"] <= 1
+    model = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert model["backbone.trunk.conv.weight"].shape == (TOY_WIDTH, 1, 3, 3)  # the demo's 1 channel
+    assert model["backbone.head.weight"].shape == (result.config.embedding_dim, TOY_WIDTH)
+
+
+def test_the_toy_backbones_options_are_the_ones_it_reads(toy_backbone):
+    assert [s.describe(str) for s in SCOPES["pooling"]] == [
+        f"backbone resnet50|resnet18|{TOY_BACKBONE}"]
+    assert TOY_BACKBONE not in SCOPES["pretrained"][0].allowed("backbone")
+    with pytest.raises(InputError, match="pretrained has no effect here"):
+        configure(backbone=TOY_BACKBONE, pretrained="weights.pth")
+    with pytest.raises(InputError, match="train_tail has no effect here"):
+        configure(dataset="cub", data_root="unused", backbone=TOY_BACKBONE, train_tail=1)
+
+    net = build_backbone(TOY_BACKBONE, 4, pooling="max", in_channels=2)
+    assert isinstance(net.trunk.pool, nn.AdaptiveMaxPool2d) and net.trunk.conv.in_channels == 2
+    assert net(torch.randn(3, 2, 8, 8)).shape == (3, 4)
+    assert backbone_normalization(TOY_BACKBONE) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with pytest.raises(ValueError, match=f"{TOY_BACKBONE} has no ImageNet weights"):
+        build_backbone(TOY_BACKBONE, 4, pretrained="weights.pth")
+    with pytest.raises(ValueError, match=f"trainable_stages applies to efficientnet_lite0, not "
+                                         f"to '{TOY_BACKBONE}'"):
+        build_backbone(TOY_BACKBONE, 4, trainable_stages=1)
+
+
+def test_the_toy_backbone_through_bgf_train(toy_backbone, tmp_path, capsys):
+    assert main(["--help"]) == 0
+    assert TOY_BACKBONE in capsys.readouterr().out
+
+    assert main(["--backbone", TOY_BACKBONE, "--pooling", "max", "--method", "plain",
+                 "--epochs", "1", "--select-on", "last", "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert "| plain |" in capsys.readouterr().out
+
+    # validated: an option the toy does not read
+    assert main(["--backbone", TOY_BACKBONE, "--vit-pooling", "cls+mean"]) == 2
+    assert "--vit-pooling has no effect here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("registry", [METHODS, LOSSES, DATASETS, BACKBONES])
 def test_the_registries_are_what_they_were(registry):
     """No test leaves a toy behind (this runs after the toys' tests in file order)."""
     assert not any(name.startswith("toy") for name in registry)
@@ -154,10 +237,10 @@ def test_a_registry_refuses_a_taken_name_and_names_the_known_ones():
     assert registry.register("a", 3, replace=True) == 3 and registry["a"] == 3
 
 
-#: Modules that may spell a method, loss or dataset name: the registries (each entry's one
+#: Modules that may spell a method, loss, dataset or backbone name: the registries (each entry's one
 #: registration) and, by (module, name), the other things that share a name, with why.
 REGISTRY_MODULES = {"bgf_pyg/models/registry.py", "bgf_pyg/losses/registry.py",
-                    "bgf_pyg/data/registry.py"}
+                    "bgf_pyg/data/registry.py", "bgf_pyg/models/backbones.py"}
 SAME_WORD = {
     ("bgf_pyg/losses/batch_graph.py", "bgformer"): "BatchGraphLoss's parameter, in a message",
     ("bgf_pyg/refine/learned.py", "bgformer"): "the refinement's own name (--refine bgformer)",
@@ -165,21 +248,42 @@ SAME_WORD = {
 }
 
 
-def name_literals(root) -> list[tuple[str, int, str]]:
-    """Every string constant of the package equal to a registered name, outside the
-    registries, as (module, line, name)."""
-    names = set(METHODS) | set(LOSSES) | set(DATASETS)
+#: The backbones' own modules: the code that builds a backbone may spell its name (a table of
+#: architectures, a check of its argument, the weights a converter reads).
+BACKBONE_MODULES = {"bgf_pyg/models/resnet.py", "bgf_pyg/models/smallcnn.py",
+                    "bgf_pyg/models/vit.py", "bgf_pyg/models/dinov2.py",
+                    "bgf_pyg/models/dinov2_onnx.py", "bgf_pyg/models/efficientnet.py"}
+#: Backbone names spelled below the models' layer, which cannot import the registry, with why.
+BELOW_MODELS = {
+    ("bgf_pyg/data/registry.py", "smallcnn"): "the demo's defaults (data is layer 2, models 6)",
+}
+
+
+def name_literals(
+    root, names: Collection[str] | None = None,
+    allowed: Collection[tuple[str, str]] | None = None, own_modules: Collection[str] = (),
+) -> list[tuple[str, int, str]]:
+    """Every string constant of the package equal to one of ``names`` (default: a registered
+    method, loss or dataset), outside the registries, the ``own_modules`` and the ``allowed``
+    (module, name) pairs (default: :data:`SAME_WORD`), as (module, line, name)."""
+    names = set(METHODS) | set(LOSSES) | set(DATASETS) if names is None else names
+    allowed = SAME_WORD if allowed is None else allowed
     found = []
     for path in sorted(root.rglob("*.py")):
         module = path.relative_to(root.parent).as_posix()
-        if module in REGISTRY_MODULES:
+        if module in REGISTRY_MODULES or module in own_modules:
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if (isinstance(node, ast.Constant) and isinstance(node.value, str)
-                    and node.value in names and (module, node.value) not in SAME_WORD):
+                    and node.value in names and (module, node.value) not in allowed):
                 found.append((module, node.lineno, node.value))
     return found
 
 
 def test_no_method_loss_or_dataset_name_is_spelled_outside_its_registry():
     assert name_literals(Path(__file__).resolve().parents[1] / "bgf_pyg") == []
+
+
+def test_no_backbone_name_is_spelled_outside_its_registry_and_modules():
+    assert name_literals(Path(__file__).resolve().parents[1] / "bgf_pyg", set(BACKBONES),
+                         BELOW_MODELS, BACKBONE_MODULES) == []

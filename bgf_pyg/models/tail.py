@@ -26,15 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import naming
-from .efficientnet import EFFICIENTNET_BACKBONES, NUM_STAGES, EfficientNetLite0Trunk
-from .vit import VIT_BACKBONES, import_timm
+from .efficientnet import NUM_STAGES, EfficientNetLite0Trunk
+from .vit import VIT_ARCHITECTURES, import_timm
 
 #: EfficientNet-Lite0's MBConv stages: the cuts of its tail (the stem and head are not cuts).
 EFFICIENTNET_TAIL_DEPTH = NUM_STAGES - 2
 #: What a cut counts: EfficientNet-Lite0's stages, a ViT's blocks.
 EFFICIENTNET_UNIT, VIT_UNIT = "MBConv stages", "blocks"
-#: The backbones with a tail to train.
-TAIL_BACKBONES = (*EFFICIENTNET_BACKBONES, *VIT_BACKBONES)
 #: The attributes of timm's ``VisionTransformer`` that :class:`ViTTail` uses.
 VIT_ATTRIBUTES = ("patch_embed", "_pos_embed", "pos_drop", "patch_drop", "norm_pre", "blocks",
                   "norm", "forward_head", "cls_token", "pos_embed")
@@ -211,14 +209,15 @@ def tail_trunk(trunk: nn.Module, cut: int) -> TailTrunk:
                             "neither"), "train_tail")
 
 
+def efficientnet_tail_depth(name: str) -> tuple[int, str]:
+    """The largest ``train_tail`` of EfficientNet-Lite0 (backbone ``name``) and what it counts."""
+    return EFFICIENTNET_TAIL_DEPTH, EFFICIENTNET_UNIT
+
+
 @functools.cache
-def tail_depth(backbone: str) -> tuple[int, str]:
-    """The largest ``train_tail`` of backbone ``backbone`` and what it counts (a ViT's
-    architecture is built on the meta device to count its blocks: no memory, no weights)."""
-    if backbone in EFFICIENTNET_BACKBONES:
-        return EFFICIENTNET_TAIL_DEPTH, EFFICIENTNET_UNIT
-    if backbone not in VIT_BACKBONES:
-        raise ValueError(f"backbone must be one of {', '.join(TAIL_BACKBONES)}, got {backbone!r}")
+def vit_tail_depth(name: str) -> tuple[int, str]:
+    """The largest ``train_tail`` of the ViT backbone ``name`` and what it counts: its timm
+    architecture is built on the meta device to count its blocks (no memory, no weights)."""
     with torch.device("meta"):
-        model = import_timm().create_model(VIT_BACKBONES[backbone][0], num_classes=0)
+        model = import_timm().create_model(VIT_ARCHITECTURES[name], num_classes=0)
     return len(model.blocks), VIT_UNIT

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import InputError, naming
-from ..data.transforms import HALF_MEAN_STD, IMAGENET_MEAN, IMAGENET_STD
+from ..domains import positive_int
 from .dinov2 import (
     DEFAULT_GRID,
     DINOV2_BACKBONES,
@@ -42,13 +42,14 @@ from .weights import load_matching_state, weights_file
 
 log = logging.getLogger(__name__)
 
-#: Backbone name → (timm architecture, (mean, std) of its weight family).
-VIT_BACKBONES: dict[str, tuple[str, tuple[tuple[float, ...], tuple[float, ...]]]] = {
-    "vit_small_in21k": ("vit_small_patch16_224", HALF_MEAN_STD),
-    "vit_small_dino": ("vit_small_patch16_224", (IMAGENET_MEAN, IMAGENET_STD)),
-    "vit_base_in21k": ("vit_base_patch16_224", HALF_MEAN_STD),
-    "vit_base_dino": ("vit_base_patch16_224", (IMAGENET_MEAN, IMAGENET_STD)),
-    **{name: (arch, (IMAGENET_MEAN, IMAGENET_STD)) for name, arch in DINOV2_BACKBONES.items()},
+#: Backbone name → timm architecture (each name's weight family and normalisation: its entry in
+#: :data:`~bgf_pyg.models.BACKBONES`).
+VIT_ARCHITECTURES: dict[str, str] = {
+    "vit_small_in21k": "vit_small_patch16_224",
+    "vit_small_dino": "vit_small_patch16_224",
+    "vit_base_in21k": "vit_base_patch16_224",
+    "vit_base_dino": "vit_base_patch16_224",
+    **DINOV2_BACKBONES,
 }
 #: The feature of a ViT: its CLS token, or the CLS token and the mean patch token concatenated.
 VIT_POOLINGS = ("cls", "cls+mean")
@@ -198,12 +199,13 @@ def vit_trunk(
     takes other sides too), returning the feature ``pooling``; and that feature's width (CLS of
     ViT-S: 384, of ViT-B: 768; twice that with ``cls+mean``)."""
     timm = import_timm()
+    positive_int.check(image_size, "image_size")
     if name in DINOV2_BACKBONES:
         model = dinov2_trunk(name, pretrained, image_size)
     else:
         # With a weights file timm's own initialisation would be overwritten at once: skip it.
         init = "skip" if pretrained is not None else ""
-        model = timm.create_model(VIT_BACKBONES[name][0], pretrained=False, num_classes=0,
+        model = timm.create_model(VIT_ARCHITECTURES[name], pretrained=False, num_classes=0,
                                   img_size=image_size, weight_init=init)
         if pretrained is not None:
             load_vit_weights(model, pretrained)
