@@ -75,15 +75,11 @@ from .train import SELECT_ON
 
 log = logging.getLogger("bgf_pyg")
 
-def methods(**required: object) -> Callable[[], tuple[str, ...]]:
-    """The registered methods with the ``required`` entry properties, read when a scope is
-    checked (so a method registered later is covered)."""
-    return lambda: METHODS.names(**required)
 
-
-def losses(**required: object) -> Callable[[], tuple[str, ...]]:
-    """The registered losses with the ``required`` entry properties, read when checked."""
-    return lambda: LOSSES.names(**required)
+def names_of(registry: Registry, **required: object) -> Callable[[], tuple[str, ...]]:
+    """The names of ``registry`` whose entries have the ``required`` properties, read when a
+    scope is checked (so an entry registered later is covered)."""
+    return lambda: registry.names(**required)
 
 
 def owners(registry: Registry, option: str) -> Callable[[], tuple[str, ...]]:
@@ -92,18 +88,15 @@ def owners(registry: Registry, option: str) -> Callable[[], tuple[str, ...]]:
     return lambda: registry.declaring(option)
 
 
-def backbones(**required: object) -> Callable[[], tuple[str, ...]]:
-    """The registered backbones with the ``required`` entry properties, read when checked."""
-    return lambda: BACKBONES.names(**required)
-
-
 def image_datasets() -> tuple[str, ...]:
     """The registered datasets of image files (read now)."""
     return DATASETS.names(images=True)
 
 
 ON_IMAGES = (Scope(dataset=image_datasets),)
-BALANCED = (Scope(method=methods(balanced=True)),)
+BALANCED = (Scope(method=names_of(METHODS, balanced=True)),)
+#: The methods that train with a metric loss of :data:`~bgf_pyg.losses.LOSSES`.
+TAKES_LOSS = names_of(METHODS, takes_loss=True)
 #: The backbones that load a ``pretrained`` weights file.
 WEIGHTS_FILE = owners(BACKBONES, "pretrained")
 
@@ -120,7 +113,7 @@ class Owned:
         """The :class:`~bgf_pyg.options.Scope` alternatives of ``option``."""
         when = dict(self.when)
         return (Scope(method=owners(METHODS, option), **when),
-                Scope(method=methods(takes_loss=True), loss=owners(LOSSES, option), **when))
+                Scope(method=TAKES_LOSS, loss=owners(LOSSES, option), **when))
 
 
 #: The scope of an option declared by methods' or losses' registry entries.
@@ -190,7 +183,7 @@ class Config:
     loss: str = option(
         LOSSES.default, "metric loss of plain and bgformer (pce: Hyp-ViT's pairwise "
                         "cross-entropy, BGFormer's authors' loss)", choices=LOSSES,
-        scope=(Scope(method=methods(takes_loss=True)),))
+        scope=(Scope(method=TAKES_LOSS),))
     pce_space: str = option("sphere", "pce: similarity on the unit sphere or the Poincaré ball",
                             choices=SPACES, scope=OWNED)
     hyp_c: float = option(0.1, "pce: curvature of the ball", domain=positive_float,
@@ -226,7 +219,8 @@ class Config:
               f"{EFFICIENTNET_TAIL_DEPTH} MBConv stages and its head convolution, a ViT's last N "
               "blocks and its final norm (the same parameters as --trainable-stages N+1 or "
               "training N blocks, at a fraction of the cost on a CPU)", domain=positive_int,
-        metavar="N", scope=(Scope(dataset=image_datasets, backbone=backbones(trains_tail=True)),))
+        metavar="N",
+        scope=(Scope(dataset=image_datasets, backbone=names_of(BACKBONES, trains_tail=True)),))
     backbone_lr: float | None = option(
         None, "learning rate of the backbone's trainable layers (default: --lr)",
         domain=positive_float)
@@ -244,7 +238,7 @@ class Config:
         domain=positive_int, scope=OWNED)
     epochs: int = option(30, "epochs to train in all", domain=positive_int, resumable=True)
     batch_size: int = option(32, "size of proxygml's random batches", domain=positive_int,
-                             scope=(Scope(method=methods(balanced=False)),))
+                             scope=(Scope(method=names_of(METHODS, balanced=False)),))
     classes_per_batch: int | None = option(
         None, f"P of a P×M batch (when not given: {DEFAULT_CLASSES_PER_BATCH}, or every class "
               "when there are fewer)", domain=positive_int, scope=BALANCED)
@@ -294,11 +288,11 @@ scope=OWNED)
     proxy_lr: float | None = option(
         None, f"learning rate of the loss's proxies ({PROXY_LR_FACTOR:g} × --lr when not given)",
         domain=positive_float,
-        scope=(Scope(method=methods(proxies=True)),
-               Scope(method=methods(takes_loss=True), loss=losses(proxies=True))))
+        scope=(Scope(method=names_of(METHODS, proxies=True)),
+               Scope(method=TAKES_LOSS, loss=names_of(LOSSES, proxies=True))))
     graph_lr: float | None = option(
         None, "learning rate of the graph module (BGFormer, the MPN; default: --lr)",
-        domain=positive_float, scope=(Scope(method=methods(graph=True)),))
+        domain=positive_float, scope=(Scope(method=names_of(METHODS, graph=True)),))
     weight_decay: float = option(1e-4, "weight decay of the optimiser", domain=non_negative_float)
     optimizer: str = option("adamw", "adam: coupled L2 decay (ProxyGML); radam: decoupled "
                                      "(intra-batch)", choices=OPTIMIZERS)
