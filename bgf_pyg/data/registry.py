@@ -110,10 +110,7 @@ def build_dataset(
     ignored for an embedded one."""
     if name not in DATASETS:
         raise ValueError(f"name must be one of {tuple(DATASETS)}, got {name!r}")
-    entry = DATASETS[name]
-    if entry.images and root is None:
-        raise ValueError(f"dataset {name!r} needs a root folder, got None")
-    return entry.open(root, split, transform)
+    return DATASETS[name].open(root, split, transform)
 
 
 def build_transform(
