@@ -42,7 +42,7 @@ from bgf_pyg.experiment import run, use_threads
 from bgf_pyg.run_folder import LAST_CHECKPOINT, read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper beside this script
-from seeded_runs import load, mean_std, paired, run_name, save  # noqa: E402
+from seeded_runs import add_run_options, load, mean_std, paired, run_name, save  # noqa: E402
 
 #: Options every run shares: a 128-d embedding, 30 epochs, validation every 5.
 COMMON = {"dataset": "emoji", "embedding_dim": 128, "eval_every": 5, "no_progress": True}
@@ -97,11 +97,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--settings", default=None,
                    help="JSON of the sweep-chosen settings: {row: {option: value}}, or "
                         "{regime: {row: {option: value}}} for one regime's")
-    p.add_argument("--threads", type=argument_type(positive_int), default=None,
-                   help="threads of every run (default: the configuration's automatic count)")
-    p.add_argument("--runs", default="runs/emoji_tail", help="parent of the run folders")
-    p.add_argument("--out", default="benchmarks/results/emoji_tail.json")
-    p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
+    add_run_options(p, "runs/emoji_tail", "benchmarks/results/emoji_tail.json")
     p.add_argument("--first-verdict", default=FIRST_VERDICT,
                    help="the frozen-feature verdict's JSON, its rows shown beside (if present)")
     return p.parse_args(argv)

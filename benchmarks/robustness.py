@@ -35,6 +35,9 @@ from bgf_pyg.domains import positive_int, probability, seed_int
 from bgf_pyg.experiment import run
 from bgf_pyg.run_folder import LAST_CHECKPOINT, atomic_write
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper beside this script
+from seeded_runs import add_run_options  # noqa: E402
+
 #: Global batch of the demo runs (P × M), so full attention is k = batch − 1.
 DEMO_BATCH = DEMO_DEFAULTS["classes_per_batch"] * DEMO_DEFAULTS["samples_per_class"]
 #: name → (method, its options beyond the demo's)
@@ -59,11 +62,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--alpha", type=argument_type(probability), default=None,
                    help="BGFormer's α for both bgformer models (default: the demo's); with a "
                         "smaller α the graph term weighs more in the loss")
-    p.add_argument("--threads", type=argument_type(positive_int), default=None,
-                   help="threads of every run (default: the configuration's automatic count)")
-    p.add_argument("--runs", default="runs/robustness", help="parent of the run folders")
-    p.add_argument("--out", default="benchmarks/results/robustness_demo.json")
-    p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
+    add_run_options(p, "runs/robustness", "benchmarks/results/robustness_demo.json")
     return p.parse_args(argv)
 
 

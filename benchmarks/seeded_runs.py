@@ -6,12 +6,15 @@ this module."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from bgf_pyg.arguments import argument_type
+from bgf_pyg.domains import positive_int
 from bgf_pyg.run_folder import atomic_write
 
 
@@ -44,3 +47,13 @@ def save(path: Path, payload: dict) -> None:
     """Write ``payload`` as JSON, atomically (a killed benchmark leaves the last good file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
+
+
+def add_run_options(p: argparse.ArgumentParser, runs: str, out: str) -> None:
+    """The options every seeded benchmark shares: ``--threads``, ``--runs`` (default: ``runs``),
+    ``--out`` (default: ``out``, a JSON file) and ``--plot``."""
+    p.add_argument("--threads", type=argument_type(positive_int), default=None,
+                   help="threads of every run (default: the configuration's automatic count)")
+    p.add_argument("--runs", default=runs, help="parent of the run folders")
+    p.add_argument("--out", default=out)
+    p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
