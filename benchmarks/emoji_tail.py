@@ -168,6 +168,31 @@ def check_weights(args: argparse.Namespace) -> None:
         raise InputError(f"--dinov2-weights: {args.dinov2_weights} does not exist")
 
 
+def with_options(payload: dict) -> list[dict]:
+    """The payload's runs, each with the options it trained with (a run saved without them
+    takes its row's options in the payload's configuration)."""
+    models = payload.get("config", {}).get("models", {})
+    return [{"options": models.get(r["regime"], {}).get(r["model"]), **r}
+            for r in payload["runs"]]
+
+
+def finished_runs(out: Path, records: list[dict], plan: list[tuple], settings: dict) -> set:
+    """The runs of ``plan`` that ``out`` already holds. A run it holds with other options than
+    today's settings is refused: reusing it would report settings it did not train with, and
+    training it again would replace a result."""
+    planned = set(plan)
+    other = [r for r in records if (r["regime"], r["cut"], r["model"], r["seed"]) in planned
+             and r["options"] != row_options(settings, r["regime"], r["model"])]
+    if other:
+        r = other[0]
+        raise InputError(
+            f"--out: {out} holds {len(other)} run(s) trained with other options than "
+            f"--settings gives them (e.g. {label(r['regime'], r['cut'], r['model'])}, seed "
+            f"{r['seed']}: {r['options']}, now {row_options(settings, r['regime'], r['model'])})"
+            "; give another --out (and --runs), or remove those runs from the file")
+    return {(r["regime"], r["cut"], r["model"], r["seed"]) for r in records}
+
+
 def val_recall(out: Path, selected_epoch: int | None) -> float:
     """The validation R@1 of the selected epoch (what the cut is chosen on)."""
     val = [r for r in read_metrics(out) if r.get("split") == "val"]
@@ -284,17 +309,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_weights(args)
         settings = read_settings(args.settings)
         checked = [run_config(args, settings, *key) for key in plan]
+        previous = load(out)
+        records = with_options(previous)
+        done = finished_runs(out, records, plan, settings)
     except InputError as err:
         raise SystemExit(f"emoji_tail.py: error: {err}") from err
-    records = load(out)["runs"]
-    done = {(r["regime"], r["cut"], r["model"], r["seed"]) for r in records}
     setup_logging()
     use_threads(checked[0].threads)
+    models = previous.get("config", {}).get("models", {})
     payload = {"config": {"common": COMMON, "regimes": {r: REGIMES[r] for r in args.regimes},
                           "cuts": {r: regime_cuts(args, r) for r in args.regimes},
                           "epochs": args.epochs, "threads": checked[0].threads,
-                          "models": {r: {m: row_options(settings, r, m) for m in args.models}
-                                     for r in args.regimes}},
+                          "models": {**models, **{r: {**models.get(r, {}), **{
+                              m: row_options(settings, r, m) for m in args.models}}
+                              for r in args.regimes}}},
                "runs": records}
     for i, (key, config) in enumerate(zip(plan, checked, strict=True), 1):
         if key in done:
@@ -304,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         result = run(config)
         records.append({"regime": regime, "cut": cut, "model": model, "seed": seed,
+                        "options": row_options(settings, regime, model),
                         "wall_s": time.perf_counter() - start, **result.test_metrics,
                         "selected_epoch": result.selected_epoch,
                         "val_recall@1": val_recall(result.out, result.selected_epoch)})

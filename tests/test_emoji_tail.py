@@ -70,6 +70,17 @@ def test_a_tiny_verdict_runs_end_to_end_and_resumes(tmp_path, capsys, tiny_eval)
     assert tail.main(argv(tmp_path, "--cuts", "1", "2")) == 0  # every run is done: none runs
     assert "[1/4]" not in capsys.readouterr().err
     assert json.loads((tmp_path / "out.json").read_text())["runs"] == runs
+    assert all(r["options"] == tail.row_options(tail.read_settings(str(tmp_path / "settings.json")),
+                                                r["regime"], r["model"]) for r in runs)
+
+    # a run the file holds is reused only under the options it trained with
+    changed = [*argv(tmp_path, "--cuts", "1"), "--settings", str(tmp_path / "changed.json")]
+    (tmp_path / "changed.json").write_text(json.dumps({**SETTINGS, tail.PLAIN: {
+        **SETTINGS[tail.PLAIN], "lr": 1e-2}}))
+    with pytest.raises(SystemExit, match=r"--out: .* holds 2 run\(s\) trained with other options "
+                                         r"than --settings gives them \(e.g. efficientnet-tail"):
+        tail.main(changed)
+    assert json.loads((tmp_path / "out.json").read_text())["runs"] == runs
 
 
 def test_paired_differences_against_a_direct_computation():
