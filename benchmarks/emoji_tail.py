@@ -193,6 +193,21 @@ def finished_runs(out: Path, records: list[dict], plan: list[tuple], settings: d
     return {(r["regime"], r["cut"], r["model"], r["seed"]) for r in records}
 
 
+def merged_config(previous: dict, args: argparse.Namespace, settings: dict,
+                  threads: int) -> dict:
+    """The JSON's configuration: this call's regimes, cuts and rows laid over those of the
+    calls before it (their runs stay in the file)."""
+    models = previous.get("models", {})
+    cuts = previous.get("cuts", {})
+    return {"common": COMMON,
+            "regimes": {**previous.get("regimes", {}), **{r: REGIMES[r] for r in args.regimes}},
+            "cuts": {**cuts, **{r: sorted(set(cuts.get(r, [])) | set(regime_cuts(args, r)),
+                                          key=lambda cut: cut or 0) for r in args.regimes}},
+            "epochs": args.epochs, "threads": threads,
+            "models": {**models, **{r: {**models.get(r, {}), **{
+                m: row_options(settings, r, m) for m in args.models}} for r in args.regimes}}}
+
+
 def val_recall(out: Path, selected_epoch: int | None) -> float:
     """The validation R@1 of the selected epoch (what the cut is chosen on)."""
     val = [r for r in read_metrics(out) if r.get("split") == "val"]
@@ -312,17 +327,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = load(out)
         records = with_options(previous)
         done = finished_runs(out, records, plan, settings)
+        if previous.get("config", {}).get("epochs", args.epochs) != args.epochs:
+            raise InputError(f"--epochs: the runs in {out} trained "
+                             f"{previous['config']['epochs']} epochs, not {args.epochs}; give "
+                             "another --out (and --runs)")
     except InputError as err:
         raise SystemExit(f"emoji_tail.py: error: {err}") from err
     setup_logging()
     use_threads(checked[0].threads)
-    models = previous.get("config", {}).get("models", {})
-    payload = {"config": {"common": COMMON, "regimes": {r: REGIMES[r] for r in args.regimes},
-                          "cuts": {r: regime_cuts(args, r) for r in args.regimes},
-                          "epochs": args.epochs, "threads": checked[0].threads,
-                          "models": {**models, **{r: {**models.get(r, {}), **{
-                              m: row_options(settings, r, m) for m in args.models}}
-                              for r in args.regimes}}},
+    payload = {"config": merged_config(previous.get("config", {}), args, settings,
+                                       checked[0].threads),
                "runs": records}
     for i, (key, config) in enumerate(zip(plan, checked, strict=True), 1):
         if key in done:

@@ -80,7 +80,14 @@ def test_a_tiny_verdict_runs_end_to_end_and_resumes(tmp_path, capsys, tiny_eval)
     with pytest.raises(SystemExit, match=r"--out: .* holds 2 run\(s\) trained with other options "
                                          r"than --settings gives them \(e.g. efficientnet-tail"):
         tail.main(changed)
+    with pytest.raises(SystemExit, match=r"--epochs: the runs in .* trained 1 epochs, not 2"):
+        tail.main([*argv(tmp_path, "--cuts", "1"), "--epochs", "2"])
     assert json.loads((tmp_path / "out.json").read_text())["runs"] == runs
+    # a later call over part of the plan keeps the configuration of the runs before it
+    assert tail.main(argv(tmp_path, "--cuts", "1")) == 0
+    payload = json.loads((tmp_path / "out.json").read_text())
+    assert payload["runs"] == runs and payload["config"]["cuts"] == {"efficientnet-tail": [1, 2]}
+    assert {row["cut"] for row in payload["summary"]["efficientnet-tail"]} <= {1, 2}
 
 
 def test_paired_differences_against_a_direct_computation():
