@@ -274,11 +274,6 @@ def check_refine(c, name: Name) -> str | None:
     if learned in refine and not issubclass(METHODS[c.method].cls, BGFormerMethod):
         return (f"{name('refine')} {learned} needs a trained BGFormer, and {name('method')} is "
                 f"{c.method}; use {name('refine')} none,qe")
-    if learned in refine and c.graph_dim is not None:
-        return (f"{name('refine')} {learned} does not support {name('graph_dim')}: the learned "
-                "refinement runs the graph blocks at the features' own width, and these run "
-                f"between projections; use {name('refine')} none,qe or leave "
-                f"{name('graph_dim')} unset")
     if c.refine_alpha is not None and "qe" not in refine:
         return f"{name('refine_alpha')} has no effect here: it applies to {name('refine')} qe"
     if c.refine_k is not None and refine == ["none"]:

@@ -2,9 +2,11 @@
 
 This is the refined term of training (:class:`~bgf_pyg.losses.BatchGraphLoss`) without labels:
 the kNN graph of the backbone features (``k`` neighbours, no semantic edges, so
-:class:`~bgf_pyg.nn.bgformer.DualSSA` runs its visual branch alone), BGFormer, the model's head,
-L2-normalised. On CPU the attention runs as sparse-matrix products over the edges (its
-``attention_path="auto"`` takes the dense form only for small sets), never as an N × N matrix.
+:class:`~bgf_pyg.nn.bgformer.DualSSA` runs its visual branch alone), BGFormer (between its
+projections when the model was trained with ``graph_dim``: a
+:class:`~bgf_pyg.nn.projection.ProjectedGraph`), the model's head, L2-normalised. On CPU the
+attention runs as sparse-matrix products over the edges (its ``attention_path="auto"`` takes the
+dense form only for small sets), never as an N × N matrix.
 
 Only the cosine kNN visual graph is supported (a BGFormer whose ``visual_graph`` is another form
 is refused). ``GraphNorm`` normalises over the whole set, so the refinement of an item depends on
@@ -56,21 +58,20 @@ def _knn_edges(index: Tensor, offset: int = 0) -> Tensor:
 
 def check_trained_bgformer(method: nn.Module) -> None:
     """Refuse a model the learned refinement cannot run on: it runs the BGFormer of a trained
-    :class:`~bgf_pyg.models.BGFormerMethod` at the features' own width (not between the
-    projections of ``graph_dim``). A ``ValueError`` naming ``method`` otherwise."""
+    :class:`~bgf_pyg.models.BGFormerMethod`. A ``ValueError`` naming ``method`` otherwise."""
     if not isinstance(method, BGFormerMethod):
         raise ValueError(f"method must be a BGFormerMethod (the learned refinement needs a "
                          f"trained BGFormer), got {type(method).__name__}")
-    if isinstance(method.bgformer, ProjectedGraph):
-        raise ValueError("method has graph_dim set: its BGFormer runs between projections "
-                         "(a ProjectedGraph), which the learned refinement does not support")
 
 
 class BGFormerRefinement:
     """The learned refinement: ``normalise(head(BGFormer(f, kNN graph of f)))``.
 
     Args:
-        bgformer (BGFormer): The trained model (its ``visual_graph`` must be the kNN form).
+        bgformer (BGFormer or ProjectedGraph): The trained model (its ``visual_graph`` must be
+            the kNN form), or a :class:`~bgf_pyg.nn.projection.ProjectedGraph` around one (a model
+            trained with ``graph_dim``): the features are projected into it and out of it, and
+            the kNN graph is the features' own, as in training.
         head (callable, optional): The embedding head applied after it (``None``: identity).
         k (int): Neighbours of each item in the graph (training used the method's ``k``).
 
@@ -80,15 +81,23 @@ class BGFormerRefinement:
 
     name = "bgformer"
 
-    def __init__(self, bgformer: BGFormer, head: Callable[[Tensor], Tensor] | None,
-                 k: int) -> None:
-        if not isinstance(bgformer, BGFormer):
-            raise TypeError(f"bgformer must be a BGFormer, got {type(bgformer).__name__}")
-        visual_graph = getattr(bgformer, "visual_graph", "knn")
+    def __init__(self, bgformer: BGFormer | ProjectedGraph,
+                 head: Callable[[Tensor], Tensor] | None, k: int) -> None:
+        projected = bgformer if isinstance(bgformer, ProjectedGraph) else None
+        inner = projected.graph if projected is not None else bgformer
+        if not isinstance(inner, BGFormer):
+            raise TypeError(f"bgformer must be a BGFormer or a ProjectedGraph around one, got "
+                            f"{type(bgformer).__name__}"
+                            + (f" around {type(inner).__name__}" if projected else ""))
+        visual_graph = getattr(inner, "visual_graph", "knn")
         if visual_graph != "knn":
             raise ValueError(f"bgformer has visual_graph={visual_graph!r}; the learned "
                              "refinement supports the cosine kNN visual graph ('knn') only")
-        self.bgformer = bgformer
+        self.model = bgformer
+        self.bgformer = inner
+        self.project_in = projected.lin_in if projected is not None else nn.Identity()
+        self.project_out = projected.lin_out if projected is not None else nn.Identity()
+        self.channels = bgformer.channels
         self.head = head if head is not None else nn.Identity()
         self.k = positive_int.check(k, "k")
 
@@ -99,7 +108,7 @@ class BGFormerRefinement:
         return cls(method.bgformer, method.backbone.head, method.visual_k if k is None else k)
 
     def _embed(self, x: Tensor) -> Tensor:
-        emb = self.head(x)
+        emb = self.head(self.project_out(x))
         return normalize_rows(emb, dtype=emb.dtype)
 
     def refine(self, features: Tensor, *, neighbors: Neighbors | None = None,
@@ -112,13 +121,14 @@ class BGFormerRefinement:
     def refine_gallery(self, features: Tensor, *, neighbors: Neighbors | None = None,
                        chunk_size: int | None = None) -> RefinedGallery:
         """:meth:`refine`, keeping each layer's input and mid-layer state (what its two
-        ``GraphNorm`` saw) for :meth:`refine_queries`. ``neighbors``: a self-excluded search of
-        ``features`` at least ``k`` deep, if already run."""
-        check_features(features, "features", width=self.bgformer.channels, min_rows=2,
+        ``GraphNorm`` saw) for :meth:`refine_queries`, after the features themselves (what a
+        query searches). ``neighbors``: a self-excluded search of ``features`` at least ``k``
+        deep, if already run."""
+        check_features(features, "features", width=self.channels, min_rows=2,
                        purpose="to refine")
         check_k(self.k, features.size(0) - 1)
         _, index = first_neighbors(neighbors, features, None, self.k, chunk_size)
-        states: list[Tensor] = []
+        states: list[Tensor] = [features]
 
         def record(_module: nn.Module, args: tuple) -> None:
             states.append(args[0])
@@ -127,7 +137,7 @@ class BGFormerRefinement:
                  for layer in self.bgformer.layers for norm in (layer.norm1, layer.norm2)]
         try:
             with _evaluating(self.bgformer):
-                refined = self.bgformer(features, _knn_edges(index))
+                refined = self.bgformer(self.project_in(features), _knn_edges(index))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -142,22 +152,22 @@ class BGFormerRefinement:
         itself and to its ``k`` nearest gallery items (by cosine of the features) in that layer's
         gallery states, and is normalised with the gallery's statistics. ``neighbors``: the
         (Q, ≥ k) query → gallery lists, if already searched."""
-        gallery_features = gallery.states[0]
+        gallery_features, *layer_states = gallery.states
         check_features(features, "features", width=gallery_features.size(1), min_rows=1,
                        purpose="to refine")
         num_gallery = gallery_features.size(0)
         check_k(self.k, num_gallery, "the gallery")
-        if len(gallery.states) != 2 * len(self.bgformer.layers):
+        if len(layer_states) != 2 * len(self.bgformer.layers):
             raise ValueError("gallery was not refined by this model (it holds "
                              f"{len(gallery.states)} states, the model needs "
-                             f"{2 * len(self.bgformer.layers)})")
+                             f"{1 + 2 * len(self.bgformer.layers)})")
         check_setting(gallery, self.setting)
         _, index = first_neighbors(neighbors, features, gallery_features, self.k, chunk_size)
         edges = _knn_edges(index, offset=num_gallery)
-        x = features
+        x = self.project_in(features)
         with _evaluating(self.bgformer):
-            for layer, before, middle in zip(self.bgformer.layers, gallery.states[::2],
-                                             gallery.states[1::2], strict=True):
+            for layer, before, middle in zip(self.bgformer.layers, layer_states[::2],
+                                             layer_states[1::2], strict=True):
                 # Gallery rows first (their own GraphNorm), then the queries (the gallery's
                 # statistics); the gallery rows' outputs are not used.
                 h = torch.cat([layer.norm1(before), _normalize_like(layer.norm1, x, before)])
@@ -168,8 +178,8 @@ class BGFormerRefinement:
     @property
     def setting(self) -> tuple:
         """What a refined gallery's states depend on: the model (by identity) and k."""
-        return (self.name, ("model", f"{type(self.bgformer).__name__} at {id(self.bgformer):#x}"),
+        return (self.name, ("model", f"{type(self.model).__name__} at {id(self.model):#x}"),
                 ("k", self.k))
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({self.bgformer!r}, k={self.k})"
+        return f"{self.__class__.__name__}({self.model!r}, k={self.k})"

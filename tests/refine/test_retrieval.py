@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from bgf_pyg.cli import main as train_main
 from bgf_pyg.eval_cli import main as eval_main
@@ -17,7 +18,7 @@ from bgf_pyg.graph import build_batch_graph
 from bgf_pyg.knn import cosine_topk
 from bgf_pyg.metrics import evaluate_retrieval
 from bgf_pyg.models import build_backbone, build_method
-from bgf_pyg.nn import BGFormer
+from bgf_pyg.nn import BGFormer, ProjectedGraph
 from bgf_pyg.refine import BGFormerRefinement, QueryExpansion
 from bgf_pyg.refine.protocol import EvalSet, evaluate_refinements, refine_set
 
@@ -115,23 +116,28 @@ def test_bad_arguments_name_themselves():
     plain = build_method("plain", build_backbone("smallcnn", 8))
     with pytest.raises(ValueError, match="method must be a BGFormerMethod"):
         BGFormerRefinement.from_method(plain)
-    projected = build_method("bgformer", build_backbone("smallcnn", 8), heads=2, graph_dim=16)
-    with pytest.raises(ValueError, match="method has graph_dim set"):
-        BGFormerRefinement.from_method(projected)
+    with pytest.raises(TypeError, match="bgformer must be a BGFormer or a ProjectedGraph "
+                                        "around one, got ProjectedGraph around Linear"):
+        other = nn.Linear(4, 4)
+        other.channels = 4
+        BGFormerRefinement(ProjectedGraph(8, other), None, k=2)
 
 
 # ---------------------------------------------------------------------------- learned
 
 
-def bgformer_method(k: int = 4, lam: float = 0.5, dropout: float = 0.1):
+def bgformer_method(k: int = 4, lam: float = 0.5, dropout: float = 0.1,
+                    graph_dim: int | None = None):
     torch.manual_seed(3)
     return build_method("bgformer", build_backbone("smallcnn", 8), loss="multi_similarity",
-                        k=k, lam=lam, heads=2, num_layers=2, dropout=dropout)
+                        k=k, lam=lam, heads=2, num_layers=2, dropout=dropout,
+                        graph_dim=graph_dim)
 
 
+@pytest.mark.parametrize("graph_dim", [None, 16])
 @pytest.mark.parametrize("lam", [0.5, 1.0])
-def test_learned_equals_bgformer_visual_only_then_the_head(lam):
-    method = bgformer_method(lam=lam)
+def test_learned_equals_bgformer_visual_only_then_the_head(lam, graph_dim):
+    method = bgformer_method(lam=lam, graph_dim=graph_dim)
     method.train()  # the refinement runs in eval mode and gives the mode back
     features = torch.randn(25, method.backbone.feature_dim)
     ours = BGFormerRefinement.from_method(method).refine(features)
@@ -140,7 +146,14 @@ def test_learned_equals_bgformer_visual_only_then_the_head(lam):
     graph = build_batch_graph(features, None, k=4)  # the training graph, no labels
     assert graph.num_semantic_edges == 0
     with torch.no_grad():
-        expected = method.backbone.head(method.bgformer(graph))
+        if graph_dim is None:
+            refined = method.bgformer(graph)
+        else:  # between the projections, the kNN graph the features' own (as in training)
+            projected = method.bgformer
+            assert isinstance(projected, ProjectedGraph) and projected.graph.channels == 16
+            refined = projected.lin_out(projected.graph(projected.lin_in(features),
+                                                        graph.visual_edge_index))
+        expected = method.backbone.head(refined)
     torch.testing.assert_close(ours, expected / expected.norm(dim=1, keepdim=True))
 
 
@@ -167,7 +180,7 @@ def test_inductive_qe_is_the_query_row_of_the_transductive_refinement():
     torch.testing.assert_close(refined.embeddings, qe.refine(gallery), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("which", ["qe", "bgformer"])
+@pytest.mark.parametrize("which", ["qe", "bgformer", "bgformer, graph_dim"])
 def test_inductive_equals_transductive_on_the_gallerys_own_copy(which):
     """The gallery refined again as queries (its own copy), each query given its item's
     gallery neighbours without the item itself (the transductive graph), gives the
@@ -175,7 +188,7 @@ def test_inductive_equals_transductive_on_the_gallerys_own_copy(which):
     is normalised with the gallery's GraphNorm statistics, which are its own set's. Searched
     freely, a copy would also find its original (similarity 1), and differ."""
     torch.manual_seed(5)
-    method = bgformer_method(k=4)
+    method = bgformer_method(k=4, graph_dim=16 if which.endswith("graph_dim") else None)
     if which == "qe":
         refinement, x = QueryExpansion(k=4, alpha=1.0), torch.randn(20, 8)
     else:
@@ -302,14 +315,32 @@ def test_bgf_eval_reproduces_the_runs_refinements(tiny_run, capsys):
     assert {r["refine"] for r in records} == {"none", "qe", "bgformer"}
 
 
+def test_train_refines_with_a_projected_bgformer(tmp_path):
+    """``--graph-dim``: the learned refinement runs BGFormer between its projections, through
+    bgf-train and again through bgf-eval from the saved run."""
+    out = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert train_main([*TINY, "--graph-dim", "8", "--out", str(out),
+                           "--refine", "bgformer", "--refine-k", "3"]) == 0
+    assert "| bgformer, refine bgformer (k 3) |" in stdout.getvalue()
+    path = tmp_path / "eval.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert eval_main([str(out), "--refine", "bgformer", "--refine-k", "3", "--device",
+                          "cpu", "--json", str(path)]) == 0
+    trained = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in trained if r.get("refine") == "bgformer" and r["split"] == "test"]
+    evaluated = [r for r in json.loads(path.read_text())
+                 if r["refine"] == "bgformer" and r["split"] == "test"]
+    assert len(trained) == len(evaluated) == 1
+    assert evaluated[0]["recall@1"] == pytest.approx(trained[0]["recall@1"])
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["--refine", "rerank"], "expected comma-separated names among none, qe, bgformer"),
     (["--method", "plain", "--refine", "bgformer"], "--refine bgformer needs a trained BGFormer"),
     (["--refine", "qe", "--refine-k", "3", "5", "--select-on", "last"],
      "a grid of settings is chosen on the validation classes"),
     (["--refine-alpha", "1"], "--refine-alpha has no effect"),
-    (["--refine", "bgformer", "--graph-dim", "64"],
-     "--refine bgformer does not support --graph-dim"),
 ])
 def test_train_refine_bad_input(argv, fragment, capsys, tmp_path):
     code = train_main([*argv, "--out", str(tmp_path / "run"), "--no-progress"])
