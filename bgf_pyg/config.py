@@ -88,12 +88,9 @@ def owners(registry: Registry, option: str) -> Callable[[], tuple[str, ...]]:
     return lambda: registry.declaring(option)
 
 
-def image_datasets() -> tuple[str, ...]:
-    """The registered datasets of image files (read now)."""
-    return DATASETS.names(images=True)
-
-
-ON_IMAGES = (Scope(dataset=image_datasets),)
+#: The registered datasets of image files (read when a scope is checked).
+IMAGE_DATASETS = names_of(DATASETS, images=True)
+ON_IMAGES = (Scope(dataset=IMAGE_DATASETS),)
 BALANCED = (Scope(method=names_of(METHODS, balanced=True)),)
 #: The methods that train with a metric loss of :data:`~bgf_pyg.losses.LOSSES`.
 TAKES_LOSS = names_of(METHODS, takes_loss=True)
@@ -202,7 +199,7 @@ class Config:
         "keep the pretrained backbone fixed: its features of every image (the test-time "
         "transform and, unless --no-augment, its mirror image for training) are computed once, "
         "cached, and the head, graph module and loss train on them (fast on a CPU)",
-        scope=(Scope(dataset=image_datasets, backbone=WEIGHTS_FILE),))
+        scope=(Scope(dataset=IMAGE_DATASETS, backbone=WEIGHTS_FILE),))
     feature_cache: str | None = option(
         None, "folder of the cached features (--freeze-backbone) or prefix outputs "
               "(--train-tail) (default: <data-root>/.features)", metavar="DIR",
@@ -220,7 +217,7 @@ class Config:
               "blocks and its final norm (the same parameters as --trainable-stages N+1 or "
               "training N blocks, at a fraction of the cost on a CPU)", domain=positive_int,
         metavar="N",
-        scope=(Scope(dataset=image_datasets, backbone=names_of(BACKBONES, trains_tail=True)),))
+        scope=(Scope(dataset=IMAGE_DATASETS, backbone=names_of(BACKBONES, trains_tail=True)),))
     backbone_lr: float | None = option(
         None, "learning rate of the backbone's trainable layers (default: --lr)",
         domain=positive_float)
