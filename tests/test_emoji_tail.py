@@ -53,7 +53,7 @@ def test_a_tiny_verdict_runs_end_to_end_and_resumes(tmp_path, capsys, tiny_eval)
     for model, row in rows.items():
         val = {c: by_key[c, model]["val_recall@1"] for c in (1, 2)}
         cut = max(val, key=lambda c: (val[c], -c))  # the best validation R@1, ties: smaller
-        assert row["cut"] == cut and row["seeds"] == [0]
+        assert row["cut"] == cut and row["seeds"] == [0] and row["cut_chosen_on_seeds"] == [0]
         assert row["val_recall@1_by_cut"] == {str(c): v for c, v in val.items()}
         assert row["recall@1"] == [by_key[cut, model]["recall@1"], 0.0]
         assert row["wall_s"] == by_key[cut, model]["wall_s"]
@@ -142,6 +142,39 @@ def test_derived_rows_follow_the_settings_of_their_row(tmp_path):
                                                  "dinov2-tail": {tail.PLAIN: {"lr": 5e-4}}}))
     settings = tail.read_settings(str(tmp_path / "s.json"))
     detached = tail.row_options(settings, "efficientnet-tail", f"{tail.KNN}, detached")
-    assert detached == {**tail.ROWS[tail.KNN], "k": 7, "lr": 1e-3, "detach_graph_input": True}
+    assert detached == {**tail.ROWS[tail.KNN], "graph_dim": 128, "k": 7, "lr": 1e-3,
+                        "detach_graph_input": True}
+    # BGFormer's graph runs at the regime's width: projected to 128 beside EfficientNet-Lite0's
+    # 1,280-d trunk, at ViT-S's own 384 (no projection) in the DINOv2 regimes
+    for regime, width in (("efficientnet-tail", 128), ("dinov2-frozen", None),
+                          ("dinov2-tail", None)):
+        for row in (tail.CONTROL, tail.KNN, f"{tail.AUTHORS}, detached"):
+            assert tail.row_options(settings, regime, row)["graph_dim"] == width
+        assert "graph_dim" not in tail.row_options(settings, regime, tail.PLAIN)
     assert tail.row_options(settings, "dinov2-tail", tail.CONTROL)["lr"] == 5e-4
     assert tail.row_options(settings, "dinov2-frozen", tail.CONTROL)["lr"] == 3e-4
+
+
+def record(model: str, cut: int, seed: int, val: float) -> dict:
+    return {"regime": "efficientnet-tail", "model": model, "cut": cut, "seed": seed,
+            "val_recall@1": val, "recall@1": val / 2, "map@r": val / 4, "wall_s": 1.0}
+
+
+def test_a_cut_tried_on_fewer_seeds_is_chosen_on_the_seeds_it_shares():
+    # cut 2 ran seed 0 only: it is compared with cut 1 on seed 0, not on cut 1's mean
+    runs = [record(tail.PLAIN, 1, 0, 0.70), record(tail.PLAIN, 1, 1, 0.50),
+            record(tail.PLAIN, 1, 2, 0.50), record(tail.PLAIN, 2, 0, 0.65)]
+    assert tail.choose_cut(runs) == (1, {"1": 0.70, "2": 0.65}, [0])
+    runs[-1] = record(tail.PLAIN, 2, 0, 0.75)
+    cut, means, seeds = tail.choose_cut(runs)
+    assert (cut, seeds) == (2, [0]) and means == {"1": 0.70, "2": 0.75}
+    # no seed ran every cut: each cut's mean is over its own seeds
+    only_own = [record(tail.PLAIN, 1, 1, 0.5), record(tail.PLAIN, 2, 0, 0.6)]
+    cut, means, seeds = tail.choose_cut(only_own)
+    assert (cut, means, seeds) == (2, {"1": 0.5, "2": 0.6}, [])
+
+
+def test_a_regime_lists_its_rows_in_the_order_of_rows_whatever_order_they_ran_in():
+    ran = [record(m, 1, 0, 0.5) for m in (tail.KNN, "proxygml", tail.PLAIN, tail.CONTROL)]
+    rows = [row["model"] for row in tail.summarise_regime(ran)]
+    assert rows == [m for m in tail.ROWS if m in {r["model"] for r in ran}]
