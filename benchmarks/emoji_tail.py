@@ -253,7 +253,8 @@ def choose_cut(runs: list[dict]) -> tuple[int | None, dict, list[int]]:
 
 def summarise_regime(records: list[dict]) -> list[dict]:
     """One regime's rows, in ``ROWS``' order: each model at its chosen cut, mean ± std over
-    seeds, minus plain and minus the control, paired by seed."""
+    seeds, minus plain and minus the control, paired by seed (left out where no seed is
+    shared)."""
     by_model: dict[str, list[dict]] = {}
     for r in sorted(records, key=lambda r: list(ROWS).index(r["model"])):
         by_model.setdefault(r["model"], []).append(r)
@@ -269,7 +270,9 @@ def summarise_regime(records: list[dict]) -> list[dict]:
                      **{metric: mean_std([r[metric] for r in at_cut]) for metric in METRICS}})
     for row in rows:
         for against, key in ((PLAIN, "minus_plain_recall@1"), (CONTROL, "minus_control_recall@1")):
-            if against in chosen and row["model"] not in (against, PLAIN):
+            # a difference needs a seed both rows ran (a file may hold a row's other seeds only)
+            if (against in chosen and row["model"] not in (against, PLAIN)
+                    and chosen[against].keys() & chosen[row["model"]].keys()):
                 row[key] = paired({s: r["recall@1"] for s, r in chosen[row["model"]].items()},
                                   {s: r["recall@1"] for s, r in chosen[against].items()})
     return rows

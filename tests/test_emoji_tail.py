@@ -178,3 +178,14 @@ def test_a_regime_lists_its_rows_in_the_order_of_rows_whatever_order_they_ran_in
     ran = [record(m, 1, 0, 0.5) for m in (tail.KNN, "proxygml", tail.PLAIN, tail.CONTROL)]
     rows = [row["model"] for row in tail.summarise_regime(ran)]
     assert rows == [m for m in tail.ROWS if m in {r["model"] for r in ran}]
+
+
+def test_a_row_that_shares_no_seed_with_plain_or_the_control_has_no_difference():
+    # a call that trains one row's seed 1 into a file holding the control's seed 0 only
+    ran = [record(tail.CONTROL, 2, 0, 0.6), record("intra-batch", 2, 1, 0.7),
+           record(tail.PLAIN, 2, 2, 0.5)]
+    rows = {row["model"]: row for row in tail.summarise_regime(ran)}
+    assert "minus_plain_recall@1" not in rows["intra-batch"]
+    assert "minus_control_recall@1" not in rows["intra-batch"]
+    assert rows["intra-batch"]["seeds"] == [1]
+    assert tuple(rows["intra-batch"]["recall@1"]) == (0.35, 0.0)
