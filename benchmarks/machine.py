@@ -1,5 +1,5 @@
 """Which machine a benchmark ran on: the CPU and the kernels torch picked for it decide how float
-sums are ordered, so two machines train the same seed to different weights (and speeds)."""
+sums are ordered, so two machines may train the same seed to different weights (and speeds)."""
 
 from __future__ import annotations
 
