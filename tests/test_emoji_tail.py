@@ -192,3 +192,86 @@ def test_a_row_that_shares_no_seed_with_plain_or_the_control_has_no_difference()
     assert "minus_control_recall@1" not in rows["intra-batch"]
     assert rows["intra-batch"]["seeds"] == [1]
     assert tuple(rows["intra-batch"]["recall@1"]) == (0.35, 0.0)
+
+
+join = load_script("benchmarks", "emoji_tail_join")
+XEON = {"cpu_model": "Intel(R) Xeon(R) Processor", "cpu_capability": "AVX512", "torch": "2.14.1"}
+EPYC = {"cpu_model": "AMD EPYC", "cpu_capability": "AVX2", "torch": "2.14.1"}
+
+
+def part(tmp_path, name: str, *runs: dict, epochs: int = 30, **options) -> str:
+    """A one-call result file of ``emoji_tail.py`` holding ``runs`` (each trained with its row's
+    ``ROWS`` options, ``options`` laid over them)."""
+    models = {r["model"]: {**tail.ROWS[r["model"]], **options} for r in runs}
+    payload = {"config": {"common": tail.COMMON, "regimes": {"efficientnet-tail": {}},
+                          "cuts": {"efficientnet-tail": sorted({r["cut"] for r in runs})},
+                          "epochs": epochs, "threads": 1, "models": {"efficientnet-tail": models}},
+               "runs": [{**r, "options": models[r["model"]]} for r in runs]}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+def on(machine: dict, run: dict) -> dict:
+    return {**run, "machine": machine}
+
+
+def test_joined_parts_hold_every_run_once_with_the_summary_a_single_call_writes(tmp_path):
+    runs = [on(XEON, record(model, 1, seed, 0.5 + seed / 10 + (model == tail.KNN) / 20))
+            for model in (tail.PLAIN, tail.KNN) for seed in (0, 1)]
+    parts = [part(tmp_path, f"p{i}", run) for i, run in enumerate(runs)]
+    out = tmp_path / "joined.json"
+    none = str(tmp_path / "none.json")
+    assert join.main([*parts, "--out", str(out), "--first-verdict", none]) == 0
+    payload = json.loads(out.read_text())
+    assert sorted(map(join.run_key, payload["runs"])) == sorted(map(join.run_key, runs))
+    assert payload["config"]["models"]["efficientnet-tail"] == {
+        m: tail.ROWS[m] for m in (tail.PLAIN, tail.KNN)}
+    assert payload["summary"] == json.loads(json.dumps(tail.summarise(payload["runs"])))
+    knn = next(r for r in payload["summary"]["efficientnet-tail"] if r["model"] == tail.KNN)
+    assert knn["minus_plain_recall@1"]["per_seed"] == pytest.approx([0.025, 0.025])
+    assert (tmp_path / "joined.png").is_file()
+    # joining a file again, or into an --out that holds its runs, changes nothing
+    before = out.read_text()
+    assert join.main([parts[0], parts[0], "--out", str(out), "--first-verdict", none]) == 0
+    assert out.read_text() == before
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("other results", r"parts: efficientnet-tail-cut1-plain \(multi-similarity\), seed 0 is in "
+                      r".*a.json and in .*b.json with different results"),
+    ("other options", r"parts: efficientnet-tail 'plain \(multi-similarity\)' trained with "
+                      r".*'lr': 0.001.* in .*b.json but .*'lr': 0.0003.* in .*a.json"),
+    ("other epochs", r"parts: .*b.json has epochs 10, .*a.json has 30"),
+    ("other machines", r"--mixed-machines: the runs come from Intel\(R\) Xeon\(R\) Processor "
+                       r"\(AVX512, torch 2.14.1\): 1 run\(s\); AMD EPYC \(AVX2, torch 2.14.1\)"),
+    ("not a result", r"parts: .*b.json is not an emoji_tail.py result"),
+    ("corrupt", r"parts: cannot read .*b.json as JSON"),
+])
+def test_joining_refuses_parts_that_do_not_belong_together(tmp_path, case, message):
+    plain = on(XEON, record(tail.PLAIN, 1, 0, 0.5))
+    first = part(tmp_path, "a", plain)
+    second = {"other results": lambda: part(tmp_path, "b", {**plain, "recall@1": 0.3}),
+              "other options": lambda: part(tmp_path, "b", {**plain, "seed": 1}, lr=1e-3),
+              "other epochs": lambda: part(tmp_path, "b", {**plain, "seed": 1}, epochs=10),
+              "other machines": lambda: part(tmp_path, "b", on(EPYC, {**plain, "seed": 1})),
+              }.get(case)
+    if second is None:
+        (tmp_path / "b.json").write_text("[]" if case == "not a result" else '{"runs": [')
+        second = str(tmp_path / "b.json")
+    else:
+        second = second()
+    out = tmp_path / "joined.json"
+    with pytest.raises(SystemExit, match=rf"^emoji_tail_join.py: error: {message}"):
+        join.main([first, second, "--out", str(out)])
+    assert not out.exists()
+
+
+def test_mixed_machines_join_when_asked(tmp_path):
+    parts = [part(tmp_path, "a", on(XEON, record(tail.PLAIN, 1, 0, 0.5))),
+             part(tmp_path, "b", on(EPYC, record(tail.KNN, 1, 0, 0.6)))]
+    out = tmp_path / "joined.json"
+    assert join.main([*parts, "--out", str(out), "--mixed-machines",
+                      "--first-verdict", str(tmp_path / "none.json")]) == 0
+    assert {r["machine"]["cpu_model"] for r in json.loads(out.read_text())["runs"]} == {
+        XEON["cpu_model"], EPYC["cpu_model"]}
