@@ -228,11 +228,16 @@ def merged_config(previous: dict, args: argparse.Namespace, settings: dict,
     cuts = previous.get("cuts", {})
     return {"common": COMMON,
             "regimes": {**previous.get("regimes", {}), **{r: REGIMES[r] for r in args.regimes}},
-            "cuts": {**cuts, **{r: sorted(set(cuts.get(r, [])) | set(regime_cuts(args, r)),
-                                          key=lambda cut: cut or 0) for r in args.regimes}},
+            "cuts": {**cuts, **{r: joined_cuts(cuts.get(r, []), regime_cuts(args, r))
+                                for r in args.regimes}},
             "epochs": args.epochs, "threads": threads,
             "models": {**models, **{r: {**models.get(r, {}), **{
                 m: row_options(settings, r, m) for m in args.models}} for r in args.regimes}}}
+
+
+def joined_cuts(*cuts: Sequence[int | None]) -> list[int | None]:
+    """The cuts of several lists, each once, in order (None, a frozen backbone, first)."""
+    return sorted(set().union(*cuts), key=lambda cut: cut or 0)
 
 
 def val_recall(out: Path, selected_epoch: int | None) -> float:
@@ -346,6 +351,16 @@ def report(summary: dict[str, list[dict]], frozen: dict[str, list[float]]) -> No
             print(line)
 
 
+def write_verdict(out: Path, payload: dict, plot_path: str | None, frozen_path: str) -> None:
+    """Summarise ``payload``'s runs, save it at ``out`` with the first verdict's rows, draw the
+    plot (default: ``out`` with .png) and print the report."""
+    payload["summary"] = summary = summarise(payload["runs"])
+    payload["first_verdict"] = frozen = first_verdict(frozen_path)
+    save(out, payload)
+    plot(Path(plot_path) if plot_path else out.with_suffix(".png"), summary, frozen)
+    report(summary, frozen)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     out = Path(args.out)
@@ -381,11 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "machine": float_machine()})
         payload["summary"] = summarise(records)
         save(out, payload)
-    payload["summary"] = summary = summarise(records)
-    payload["first_verdict"] = frozen = first_verdict(args.first_verdict)
-    save(out, payload)
-    plot(Path(args.plot) if args.plot else out.with_suffix(".png"), summary, frozen)
-    report(summary, frozen)
+    write_verdict(out, payload, args.plot, args.first_verdict)
     return 0
 
 

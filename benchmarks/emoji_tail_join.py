@@ -28,16 +28,7 @@ from bgf_pyg.arguments import OneLineParser
 from bgf_pyg.checks import InputError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this script
-from emoji_tail import (  # noqa: E402
-    FIRST_VERDICT,
-    first_verdict,
-    label,
-    plot,
-    report,
-    summarise,
-    with_options,
-)
-from seeded_runs import save  # noqa: E402
+from emoji_tail import FIRST_VERDICT, joined_cuts, label, with_options, write_verdict  # noqa: E402
 
 #: Configuration entries every joined file must share: runs that differ in them do not compare.
 SHARED = ("common", "epochs", "threads")
@@ -95,8 +86,7 @@ def joined_config(parts: dict[Path, dict]) -> dict:
                                  f"{config[key]!r}: runs that differ in it do not compare")
         config["regimes"].update(own.get("regimes", {}))
         for regime, cuts in own.get("cuts", {}).items():
-            config["cuts"][regime] = sorted(set(config["cuts"].get(regime, [])) | set(cuts),
-                                            key=lambda cut: cut or 0)
+            config["cuts"][regime] = joined_cuts(config["cuts"].get(regime, []), cuts)
         rows = [(r["regime"], r["model"], r["options"]) for r in part["runs"]] + [
             (regime, model, options) for regime, models in own.get("models", {}).items()
             for model, options in models.items()]
@@ -143,12 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "runs": joined_runs(parts, args.mixed_machines)}
     except InputError as err:
         raise SystemExit(f"emoji_tail_join.py: error: {err}") from err
-    payload["summary"] = summary = summarise(payload["runs"])
-    payload["first_verdict"] = frozen = first_verdict(args.first_verdict)
-    save(out, payload)
-    plot(Path(args.plot) if args.plot else out.with_suffix(".png"), summary, frozen)
+    write_verdict(out, payload, args.plot, args.first_verdict)
     print(f"{out}: {len(payload['runs'])} runs from {len(parts)} file(s)", file=sys.stderr)
-    report(summary, frozen)
     return 0
 
 
